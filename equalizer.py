@@ -1,0 +1,78 @@
+"""Gradient-norm equalizer: every denoising step contributes to the update at the same scale.
+
+Paper §3 (temporal gradient equalizer); DESIGN.md §3. Conventions of sde.py.
+
+Why. A step's log-prob is log N(x'; μ(v), std²), averaged over elements, so
+
+    ∂ log p / ∂v = (∂μ/∂v) · (x' - μ) / std²,   with x' - μ = std·ε,
+
+and its size scales as  N_t = |∂μ/∂v| / std_t.  With HunyuanVideo's shifted 20-step schedule
+N_t spans about two orders of magnitude (std is tiny in the last, low-noise steps), so without
+correction a handful of late steps dominate the policy gradient. The equalizer multiplies step t's
+clipped policy loss by
+
+    S_t = median_τ(N_τ) / (N_t + ε),
+
+so S_t·N_t is the same constant for every step and median(S) = 1 (the overall learning rate is
+unchanged). S_t weighs the policy loss only, never the KL terms.
+
+∂μ/∂v per kernel (ŝ = -(x + (1-σ)v)/σ depends on v:  ∂ŝ/∂v = -(1-σ)/σ):
+
+    sage        -Δ - (V/2)·(1-σ)/σ
+    flow_grpo   -Δ - (g²Δ/2)·(1-σ)/σ
+    dance_grpo  -Δ - (η²Δ/2)·(1-σ)/σ
+    cps         -σ·(1-σ') + (1-σ)·√(σ'² - std²)
+
+Steps with std = 0 (the ODE, CPS's last step) carry no log-prob and get weight 0.
+"""
+import torch
+
+import sde
+
+# ε in S_t = median(N) / (N_t + ε): only guards a division; N_t is O(1) or larger for η ~ 0.5.
+EQUALIZER_EPS = 1e-8
+
+
+def mean_velocity_derivative(kernel, sigma, sigma_next, eta):
+    """∂μ/∂v of the kernel's mean (a scalar per step: the Jacobian is that times the identity)."""
+    sde.check_kernel(kernel)
+    sigma, sigma_next = torch.as_tensor(sigma, dtype=torch.float64), torch.as_tensor(sigma_next, dtype=torch.float64)
+    delta = sigma - sigma_next
+    if kernel == "cps":
+        std = sde.cps_std(sigma_next, eta)
+        # ∂/∂v [(1-σ')(x - σv) + √(σ'² - std²)(x + (1-σ)v)]
+        return -sigma * (1 - sigma_next) + (1 - sigma) * torch.sqrt(torch.clamp(sigma_next ** 2 - std ** 2, min=0))
+    variance = sde.step_std(kernel, sigma, sigma_next, eta) ** 2
+    # ∂/∂v [x - Δv + (variance/2)·ŝ] = -Δ - (variance/2)·(1-σ)/σ
+    return -delta - (variance / 2) * (1 - sigma) / sigma
+
+
+def gradient_scales(kernel, sigmas, eta):
+    """N_t = |∂μ/∂v| / std_t for each step t of the schedule.  Returns Tensor[N] (float64).
+
+    Steps with std_t = 0 get N_t = 0 (they carry no log-prob, hence no gradient).
+    """
+    sde.check_kernel(kernel)
+    sde.check_eta(eta)
+    sde.check_schedule(sigmas)
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    sigma, sigma_next = sigmas[:-1], sigmas[1:]
+    std = sde.step_std(kernel, sigma, sigma_next, eta).to(torch.float64)
+    derivative = mean_velocity_derivative(kernel, sigma, sigma_next, eta).abs()
+    return torch.where(std > 0, derivative / torch.where(std > 0, std, torch.ones_like(std)), torch.zeros_like(std))
+
+
+def equalizer_weights(kernel, sigmas, eta, eps=EQUALIZER_EPS):
+    """S_t = median_τ(N_τ) / (N_t + ε) over the stochastic steps, 0 for deterministic ones.
+
+    Returns Tensor[N] (float64). Raises ValueError if no step is stochastic (e.g. kernel "ode" or
+    η = 0): there is nothing to equalize and no policy gradient at all.
+    """
+    scales = gradient_scales(kernel, sigmas, eta)
+    stochastic = scales > 0
+    if not bool(stochastic.any()):
+        raise ValueError(f"kernel {kernel!r} with eta={eta} has no stochastic step: GRPO needs a kernel "
+                         f"with std > 0 (one of {[k for k in sde.KERNELS if k != 'ode']}) and eta > 0")
+    # torch.median returns the lower middle value for an even count; use the true median.
+    median = torch.quantile(scales[stochastic], 0.5)
+    return torch.where(stochastic, median / (scales + eps), torch.zeros_like(scales))

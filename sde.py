@@ -1,0 +1,250 @@
+"""Micro level of SAGE-GRPO: one stochastic sampling step of a flow-matching model.
+
+Paper: Zheng et al., "Manifold-Aware Exploration for Reinforcement Learning in Video Generation"
+(arXiv 2603.21872), §3 "precise manifold-aware SDE"; DESIGN.md §1-2.
+
+Conventions (fixed here, used by every other file)
+--------------------------------------------------
+* σ ∈ [0, 1] is the noise level: σ = 1 is pure noise, σ = 0 is data. Sampling runs
+  σ_0 = 1 > σ_1 > ... > σ_N = 0; one step goes σ -> σ' (`sigma_next`) with Δ = σ - σ' > 0.
+* x_σ = (1 - σ)·x_0 + σ·ε with ε ~ N(0, I)  (HunyuanVideo-1.5, diffusers FlowMatchEuler).
+* The model predicts the velocity v ≈ ε - x_0 (its timestep input is σ·1000), so dx/dσ = v and the
+  ODE (Euler) step is x' = x - Δ·v.
+* From v one reads off  x̂_0 = x - σ·v  (data estimate),  x̂_1 = x + (1 - σ)·v  (noise estimate),
+  and the score estimate ŝ = ∇ log p_σ(x) ≈ -x̂_1 / σ  (Tweedie: E[ε | x] = -σ·∇log p).
+* Every stochastic step is a Gaussian kernel x' ~ N(mean, std²·I). `std` is the standard deviation
+  **of the step itself** (it includes the √Δ where the method has one). We never call a variance a
+  std: `variance` always means std².
+* `log_prob` is the Gaussian log density of x' **averaged over latent elements** (one scalar per
+  sample), as in every peer implementation; it is why PPO clip ranges of 1e-4 are sensible.
+
+The kernels (DESIGN.md §2). All reduce to the Euler step x - Δ·v when η -> 0.
+
+    ode         std = 0                      mean = x - Δ·v
+    flow_grpo   std = g·√Δ, g = η·√(σ/(1-σ))  mean = x - Δ·v + (g²Δ/2)·ŝ
+    dance_grpo  std = η·√Δ                   mean = x - Δ·v + (η²Δ/2)·ŝ
+    cps         std = σ'·sin(ηπ/2)           mean = (1-σ')·x̂_0 + √(σ'² - std²)·x̂_1
+    sage        std = √V                     mean = x - Δ·v + (V/2)·ŝ
+
+SAGE replaces FlowGRPO's left-rectangle estimate g(σ)²·Δ of the injected variance by the exact
+integral of the same diffusion coefficient over the step (the paper's "logarithmic curvature
+correction"):
+
+    V(σ, σ') = ∫_{σ'}^{σ} η²·u/(1-u) du = η²·[ ln((1-σ')/(1-σ)) - Δ ].
+
+The integrand grows with u, so the left-rectangle value g(σ)²Δ always exceeds V, by about
+η²Δ²/(2(1-σ)²): FlowGRPO injects the most excess noise in the high-noise steps, which pushes
+rollouts off the data manifold.
+
+The σ = 1 singularity. Both g and V diverge at σ = 1 (the first step of every schedule).
+* flow_grpo: FlowGRPO evaluates g with σ_1 (the next sigma of the schedule) in the denominator at
+  σ = 1. Within one step that is `sigma_next`, so we do exactly that.
+* sage: the official SAGE-GRPO code clamps σ to 1 - 3e-3 in the logarithm; we integrate up to the
+  clamped value (`SAGE_SIGMA_MAX`), i.e. V(min(σ, σ_max), σ'), and keep the true Δ in the mean.
+
+Differences from the official code (deliberate): its flow_grpo returns g instead of g·√Δ as the
+std (its KL is then off by a factor Δ); its CPS log-prob is -(x'-μ)² with no normalisation. Here
+every kernel returns a proper (mean, std) and a proper Gaussian log-prob, and a zero-std step (CPS
+at σ' = 0, or the ODE) is deterministic: log_prob 0, never inf/NaN, and the equalizer gives it
+weight 0 so it is excluded from the policy loss.
+
+This module is pure torch: no I/O, no global state.
+"""
+import math
+
+import torch
+
+KERNELS = ("ode", "flow_grpo", "dance_grpo", "cps", "sage")
+
+# Clamp of σ inside SAGE's logarithm at σ = 1 (official SAGE-GRPO code: 1 - 3e-3).
+SAGE_SIGMA_MAX = 1.0 - 3e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: errors that say what was expected and what was found.
+
+def check_kernel(kernel):
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}: expected one of {KERNELS}")
+
+
+def check_eta(eta):
+    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+
+
+def check_schedule(sigmas):
+    """A sampling schedule must be 1-D, inside [0, 1] and strictly decreasing."""
+    sigmas = torch.as_tensor(sigmas)
+    if sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ValueError(f"sigmas must be a 1-D schedule of >= 2 values, got shape {tuple(sigmas.shape)}")
+    if not bool(((sigmas >= 0) & (sigmas <= 1)).all()):
+        raise ValueError(f"sigmas must lie in [0, 1], got min {sigmas.min().item():.4g}, max {sigmas.max().item():.4g}")
+    if not bool((sigmas[1:] < sigmas[:-1]).all()):
+        i = int(torch.nonzero(sigmas[1:] >= sigmas[:-1])[0])
+        raise ValueError(f"sigmas must be strictly decreasing (sigma = 1 is noise, 0 is data), "
+                         f"but sigmas[{i}] = {sigmas[i].item():.6g} <= sigmas[{i + 1}] = {sigmas[i + 1].item():.6g}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The schedule.
+
+def shifted_sigmas(num_steps, shift=5.0):
+    """σ_i = linspace(1, 0, N+1) shifted by σ <- s·σ / (1 + (s-1)·σ).  Returns Tensor[N+1], float64.
+
+    shift s = 5 is HunyuanVideo-1.5's setting for 480p text-to-video; s > 1 spends more steps at
+    high noise. Identical to diffusers FlowMatchEulerDiscreteScheduler(shift=s) with the final 0.
+    """
+    if not (isinstance(num_steps, int) and num_steps >= 1):
+        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+    if not (shift > 0):
+        raise ValueError(f"shift must be > 0, got {shift!r}")
+    sigmas = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    # σ <- s·σ / (1 + (s - 1)·σ)
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def _per_sample(sigma, x):
+    """A float or Tensor[B] of noise levels as a float32+ tensor of shape (B, 1, ..., 1) like x."""
+    sigma = torch.as_tensor(sigma, device=x.device)
+    dtype = torch.float64 if sigma.dtype == torch.float64 else torch.float32
+    sigma = sigma.to(dtype)
+    if sigma.ndim == 0:
+        sigma = sigma.expand(x.shape[0])
+    if sigma.shape != (x.shape[0],):
+        raise ValueError(f"sigma must be a float or a tensor of shape [B] = [{x.shape[0]}], got shape {tuple(sigma.shape)}")
+    return sigma.view(-1, *([1] * (x.ndim - 1)))
+
+
+def _check_step(sigma, sigma_next):
+    if not bool(((sigma_next >= 0) & (sigma_next < sigma) & (sigma <= 1)).all()):
+        raise ValueError("a step must go from sigma to a smaller sigma_next with 0 <= sigma_next < sigma <= 1; "
+                         f"got sigma = {sigma.flatten().tolist()[:4]}..., sigma_next = {sigma_next.flatten().tolist()[:4]}...")
+
+
+# ----------------------------------------------------------------------------------------------
+# What one velocity evaluation tells us about the clean sample, the noise and the score.
+
+def x0_estimate(x, velocity, sigma):
+    # x̂_0 = x - σ·v
+    return x - sigma * velocity
+
+
+def x1_estimate(x, velocity, sigma):
+    # x̂_1 = x + (1 - σ)·v
+    return x + (1 - sigma) * velocity
+
+
+def score_estimate(x, velocity, sigma):
+    # ŝ = -x̂_1 / σ   (exact for Gaussian data; tested in tests/test_sde.py)
+    return -x1_estimate(x, velocity, sigma) / sigma
+
+
+# ----------------------------------------------------------------------------------------------
+# Injected variance of each kernel (a variance, not a std).
+
+def flow_grpo_diffusion(sigma, sigma_next, eta):
+    """FlowGRPO's diffusion coefficient g = η·√(σ / (1 - σ)), with σ_1 in the denominator at σ = 1."""
+    sigma, sigma_next = torch.as_tensor(sigma), torch.as_tensor(sigma_next)
+    # FlowGRPO: at σ = 1 use the next sigma of the schedule in 1 - σ.
+    denominator_sigma = torch.where(sigma >= 1, sigma_next, sigma)
+    return eta * torch.sqrt(sigma / (1 - denominator_sigma))
+
+
+def flow_grpo_variance(sigma, sigma_next, eta):
+    # g²·Δ: the left-rectangle estimate of ∫ g(u)² du over the step.
+    return flow_grpo_diffusion(sigma, sigma_next, eta) ** 2 * (torch.as_tensor(sigma) - sigma_next)
+
+
+def sage_variance(sigma, sigma_next, eta, sigma_max=SAGE_SIGMA_MAX):
+    """Exact integrated variance V(σ, σ') = ∫_{σ'}^{σ} η²·u/(1-u) du = η²·[ln((1-σ')/(1-σ)) - Δ].
+
+    σ is clamped to `sigma_max` (< 1) so the first step of a schedule is finite.
+    """
+    sigma, sigma_next = torch.as_tensor(sigma), torch.as_tensor(sigma_next)
+    sigma = torch.clamp(sigma, max=sigma_max)
+    sigma_next = torch.minimum(sigma_next, sigma)
+    # V = η²·[ln(1 - σ') - ln(1 - σ) - (σ - σ')]; log1p keeps precision for small σ
+    return eta ** 2 * (torch.log1p(-sigma_next) - torch.log1p(-sigma) - (sigma - sigma_next))
+
+
+def dance_grpo_variance(sigma, sigma_next, eta):
+    # η²·Δ: DanceGRPO's constant diffusion coefficient.
+    return eta ** 2 * (torch.as_tensor(sigma) - sigma_next)
+
+
+def cps_std(sigma_next, eta):
+    # Coefficients-Preserving Sampling: std = σ'·sin(ηπ/2).
+    return torch.as_tensor(sigma_next) * math.sin(eta * math.pi / 2)
+
+
+def step_std(kernel, sigma, sigma_next, eta):
+    """The std of x' given x for one step σ -> σ' (same shape as sigma)."""
+    check_kernel(kernel)
+    sigma, sigma_next = torch.as_tensor(sigma), torch.as_tensor(sigma_next)
+    if kernel == "ode":
+        return torch.zeros_like(sigma)
+    if kernel == "cps":
+        return cps_std(sigma_next, eta).to(sigma.dtype)
+    variance = {"flow_grpo": flow_grpo_variance, "dance_grpo": dance_grpo_variance,
+                "sage": sage_variance}[kernel](sigma, sigma_next, eta)
+    return torch.sqrt(variance)
+
+
+# ----------------------------------------------------------------------------------------------
+# The transition kernel, its log density, and one sampled step.
+
+def transition(kernel, x, velocity, sigma, sigma_next, eta):
+    """Mean and std of x' ~ N(mean, std²·I) for one step σ -> σ' of `kernel`.
+
+    x, velocity: (B, ...); sigma, sigma_next: floats or Tensor[B].
+    Returns mean (B, ...) in x's dtype and std (B, 1, ..., 1) in float32 (float64 if sigma is).
+    """
+    check_kernel(kernel)
+    check_eta(eta)
+    if x.shape != velocity.shape:
+        raise ValueError(f"x and velocity must have the same shape, got {tuple(x.shape)} and {tuple(velocity.shape)}")
+    sigma, sigma_next = _per_sample(sigma, x), _per_sample(sigma_next, x)
+    _check_step(sigma, sigma_next)
+    delta = sigma - sigma_next
+    std = step_std(kernel, sigma, sigma_next, eta)
+
+    if kernel == "cps":
+        # μ = (1 - σ')·x̂_0 + √(σ'² - std²)·x̂_1: keeps the coefficients of x_0 and ε at (1-σ', σ').
+        noise_coefficient = torch.sqrt(torch.clamp(sigma_next ** 2 - std ** 2, min=0))
+        mean = (1 - sigma_next) * x0_estimate(x, velocity, sigma) + noise_coefficient * x1_estimate(x, velocity, sigma)
+    else:
+        # μ = x - Δ·v + (variance/2)·ŝ   (ode: variance 0, the Euler step)
+        mean = x - delta * velocity
+        if kernel != "ode":
+            mean = mean + (std ** 2 / 2) * score_estimate(x, velocity, sigma)
+    return mean.to(x.dtype), std
+
+
+def log_prob(x_next, mean, std):
+    """Gaussian log density of x' under N(mean, std²·I), averaged over elements.  Returns Tensor[B].
+
+    log N(x'; μ, std²) = -(x' - μ)² / (2·std²) - log std - ½·log 2π, per element, then the mean over
+    all non-batch dimensions. A zero-std (deterministic) sample gets log_prob 0: no inf/NaN, and no
+    gradient, so it never moves the policy.
+    """
+    x_next, mean = x_next.float(), mean.float()
+    std = torch.as_tensor(std, device=mean.device).float()
+    std = std.reshape(std.shape + (1,) * (mean.ndim - std.ndim)) if std.ndim else std
+    stochastic = std > 0
+    safe_std = torch.where(stochastic, std, torch.ones_like(std))
+    element_log_prob = (-(x_next - mean) ** 2 / (2 * safe_std ** 2)
+                        - torch.log(safe_std) - 0.5 * math.log(2 * math.pi))
+    element_log_prob = torch.where(stochastic, element_log_prob, torch.zeros_like(element_log_prob))
+    return element_log_prob.flatten(1).mean(dim=1)
+
+
+def step(kernel, x, velocity, sigma, sigma_next, eta, generator=None):
+    """Sample one step x' = mean + std·ε.  Returns (x_next, log_prob, mean, std).
+
+    `generator` makes the noise reproducible; it must live on x's device.
+    """
+    mean, std = transition(kernel, x, velocity, sigma, sigma_next, eta)
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    x_next = (mean + std.to(x.dtype) * noise).to(x.dtype)
+    return x_next, log_prob(x_next, mean, std), mean, std
