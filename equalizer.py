@@ -14,7 +14,7 @@ clipped policy loss by
     S_t = median_τ(N_τ) / (N_t + ε),
 
 so S_t·N_t is the same constant for every step and median(S) = 1 (the overall learning rate is
-unchanged). S_t weighs the policy loss only, never the KL terms.
+unchanged). The median is taken on a log scale (see `equalizer_weights`). S_t weighs the policy loss only, never the KL terms.
 
 ∂μ/∂v per kernel (ŝ = -(x + (1-σ)v)/σ depends on v:  ∂ŝ/∂v = -(1-σ)/σ):
 
@@ -73,6 +73,7 @@ def equalizer_weights(kernel, sigmas, eta, eps=EQUALIZER_EPS):
     if not bool(stochastic.any()):
         raise ValueError(f"kernel {kernel!r} with eta={eta} has no stochastic step: GRPO needs a kernel "
                          f"with std > 0 (one of {[k for k in sde.KERNELS if k != 'ode']}) and eta > 0")
-    # torch.median returns the lower middle value for an even count; use the true median.
-    median = torch.quantile(scales[stochastic], 0.5)
+    # Median on a log scale (N_t spans orders of magnitude): for an even number of steps it is the
+    # geometric mean of the two middle values, which makes median(S) = 1 exactly (up to ε).
+    median = torch.quantile(scales[stochastic].log(), 0.5).exp()
     return torch.where(stochastic, median / (scales + eps), torch.zeros_like(scales))

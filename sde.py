@@ -106,9 +106,9 @@ def shifted_sigmas(num_steps, shift=5.0):
 
 def _per_sample(sigma, x):
     """A float or Tensor[B] of noise levels as a float32+ tensor of shape (B, 1, ..., 1) like x."""
-    sigma = torch.as_tensor(sigma, device=x.device)
-    dtype = torch.float64 if sigma.dtype == torch.float64 else torch.float32
-    sigma = sigma.to(dtype)
+    sigma_dtype = sigma.dtype if torch.is_tensor(sigma) else torch.float64   # Python floats are doubles
+    dtype = torch.float64 if torch.float64 in (sigma_dtype, x.dtype) else torch.float32
+    sigma = torch.as_tensor(sigma, dtype=dtype, device=x.device)
     if sigma.ndim == 0:
         sigma = sigma.expand(x.shape[0])
     if sigma.shape != (x.shape[0],):
@@ -228,8 +228,9 @@ def log_prob(x_next, mean, std):
     all non-batch dimensions. A zero-std (deterministic) sample gets log_prob 0: no inf/NaN, and no
     gradient, so it never moves the policy.
     """
-    x_next, mean = x_next.float(), mean.float()
-    std = torch.as_tensor(std, device=mean.device).float()
+    dtype = torch.promote_types(x_next.dtype, torch.float32)      # at least fp32 (bf16 rollouts)
+    x_next, mean = x_next.to(dtype), mean.to(dtype)
+    std = torch.as_tensor(std, device=mean.device).to(dtype)
     std = std.reshape(std.shape + (1,) * (mean.ndim - std.ndim)) if std.ndim else std
     stochastic = std > 0
     safe_std = torch.where(stochastic, std, torch.ones_like(std))

@@ -62,8 +62,9 @@ def gaussian_kl(mean, ref_mean, std):
     """
     if mean.shape != ref_mean.shape:
         raise ValueError(f"mean and ref_mean must have the same shape, got {tuple(mean.shape)} and {tuple(ref_mean.shape)}")
-    mean, ref_mean = mean.float(), ref_mean.float()
-    std = torch.as_tensor(std, device=mean.device).float()
+    dtype = torch.promote_types(mean.dtype, torch.float32)        # at least fp32 (bf16 models)
+    mean, ref_mean = mean.to(dtype), ref_mean.to(dtype)
+    std = torch.as_tensor(std, device=mean.device).to(dtype)
     std = std.reshape(std.shape + (1,) * (mean.ndim - std.ndim)) if std.ndim else std
     stochastic = std > 0
     safe_std = torch.where(stochastic, std, torch.ones_like(std))
