@@ -1,0 +1,694 @@
+"""SAGE-GRPO post-training of HunyuanVideo-1.5 against the VideoAlign reward (DESIGN.md §4-7).
+
+One iteration, straight through (the banners in `main` follow it):
+
+    ROLLOUT    G videos per prompt with the SDE kernel (`--kernel sage`); a group may span ranks;
+               every sample has its own seed, a function of (seed, iteration, global sample index)
+    REWARD     decode, score with VideoAlign: r = w_vq·VQ + w_mq·MQ + w_ta·TA (NaN = failed video)
+    ADVANTAGE  all-gather the rewards, group statistics over the whole group (grpo.group_advantages)
+    UPDATE     equalized clipped policy loss + β·dual KL over the trained denoising steps (all N in a
+               per-sample random order by default), gradients accumulated over those steps;
+               `--updates_per_rollout` optimizer updates per rollout; a non-finite loss or gradient
+               skips the update
+    ANCHOR     hard copy policy -> anchor every `--anchor_period` optimizer updates
+    LOG        tqdm on rank 0 and a JSONL file (output_dir/metrics.jsonl); sample videos
+    CHECKPOINT atomic (temp dir + rename): diffusers-format transformer, optimizer, anchor, RNG,
+               sampler position; `--resume` continues exactly
+
+Launch (the data directory holds the diffusers-format HunyuanVideo-1.5 480p T2V checkpoint and the
+VideoAlign checkpoint, both local; nothing is ever downloaded):
+
+    # 1 GPU
+    python train.py --model_path ckpts/HunyuanVideo-1.5-480p_t2v --reward_path ckpts/VideoReward \\
+        --prompts prompts/example.txt --output_dir runs/sage
+    # 8 GPUs on one node (the paper's per-node setting)
+    torchrun --standalone --nproc_per_node 8 train.py --model_path ... --reward_path ... --prompts ...
+    # 8 nodes x 8 GPUs = 64 (the recommended setting): run on every node, NODE_RANK = 0..7,
+    # MASTER_ADDR = node 0's address; output_dir must be on a filesystem every node sees
+    torchrun --nnodes 8 --nproc_per_node 8 --node_rank $NODE_RANK --rdzv_id sage \\
+        --rdzv_backend c10d --rdzv_endpoint $MASTER_ADDR:29500 train.py --model_path ... (same flags)
+    # no weights, CPU: the same code on random tiny models built on the fly (gloo backend)
+    torchrun --standalone --nproc_per_node 2 train.py --tiny --max_iterations 4 --output_dir runs/tiny
+    # resume from the newest complete checkpoint in output_dir (same flags, plus --resume)
+    torchrun --standalone --nproc_per_node 8 train.py ... --resume
+
+Parallelism. Data parallel over ranks, parameters sharded with FSDP2 (`fully_shard` per transformer
+block, then the root) on an explicit 1-D device mesh; bf16 compute with fp32 master weights
+(MixedPrecisionPolicy) on CUDA; gradient checkpointing; the anchor is sharded the same way, in the
+compute dtype, and optionally offloaded to CPU (`--anchor_offload`, FSDP2's CPUOffloadPolicy). On
+CPU (gloo) FSDP2 works in torch 2.13 and is used unchanged, in fp32. No sequence parallelism (the
+official recipe uses sp=2); see the cost model in the README.
+
+Loss normalisation. The loss is the mean over the valid (sample, trained step) pairs of the
+*global* batch: each rank divides its sum by the global count and FSDP averages gradients over
+ranks, so 2 ranks x 2 videos gives the same update as 1 rank x 4 videos (tested).
+
+Departures from the official code (Tencent-Hunyuan/SAGE-GRPO post_train.py): AdamW instead of its
+default Muon; failed rewards are excluded instead of set to 0 (DESIGN.md §4); β follows the
+two-stage schedule instead of the official adaptive controller (DESIGN.md §5); no sequence
+parallelism.
+"""
+import argparse
+import ast
+import csv
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from tqdm import tqdm
+
+import equalizer
+import grpo
+import sde
+import trust_region
+
+
+@dataclass
+class Config:
+    # --- paths and run
+    model_path: str = ""
+    """local diffusers-format HunyuanVideo-1.5 directory (transformer/, vae/, text_encoder/, ...); never downloaded"""
+    reward_path: str = ""
+    """local VideoAlign (VideoReward) checkpoint directory; never downloaded"""
+    prompts: str = "prompts/example.txt"
+    """prompt file: .txt (one per line), .csv (column `prompt`) or .jsonl ({"prompt": ...})"""
+    output_dir: str = "runs/sage_grpo"
+    """checkpoints, metrics.jsonl and sample videos go here (shared filesystem for multi-node)"""
+    resume: bool = False
+    """continue exactly from the newest complete checkpoint in output_dir"""
+    tiny: bool = False
+    """random tiny HunyuanVideo-1.5 and VideoAlign built on the fly, CPU, gloo: the pipeline without weights"""
+    seed: int = 42
+    """base seed of prompt order, rollout noise and step order (official post_train.py: 42)"""
+    max_iterations: int = 10000
+    """number of rollout iterations (official max_steps 10000)"""
+    # --- sampling (rollouts)
+    num_steps: int = 20
+    """denoising steps N per rollout (paper / official grpo_sampling_steps 20)"""
+    shift: float = 5.0
+    """schedule shift s, σ <- sσ/(1+(s-1)σ) (HunyuanVideo-1.5 480p T2V; official infer_flow_shift_video 5)"""
+    eta: float = 0.5
+    """noise level η of the SDE kernel (paper / official eta 0.5)"""
+    kernel: str = "sage"
+    """transition kernel: sage | flow_grpo | dance_grpo | cps (sde.KERNELS; ode has no exploration)"""
+    cfg_scale: float = 6.0
+    """classifier-free guidance scale (official cfg_scale 6)"""
+    num_frames: int = 81
+    """video frames, 4k+1 (official sample_n_frames 81)"""
+    height: int = 352
+    """video height in pixels, multiple of 16 (official 480p bucket: 352x624)"""
+    width: int = 624
+    """video width in pixels, multiple of 16 (official 480p bucket: 352x624)"""
+    # --- GRPO
+    group_size: int = 4
+    """rollouts per prompt G (official num_generations 4)"""
+    videos_per_rank: int = 2
+    """rollouts each rank makes per iteration (official batch_size 2)"""
+    clip_range: float = grpo.CLIP_RANGE
+    """PPO clip ε on the per-step ratio (official clip_range 1e-4)"""
+    adv_clip: float = grpo.ADVANTAGE_CLIP
+    """advantage clamp (official adv_clip_max 5)"""
+    train_step_fraction: float = 1.0
+    """fraction of the N steps trained per sample, in a per-sample random order (official timestep_fraction 1.0)"""
+    equalizer: bool = True
+    """gradient-norm equalizer S_t on the policy loss (official use_grad_balancing True)"""
+    updates_per_rollout: int = 1
+    """optimizer updates per rollout; > 1 makes the clip and the step-wise KL act (official 1)"""
+    # --- trust region
+    kl_mode: str = "dual"
+    """none | fixed | step | moving | dual (official use_moving_KL + use_dual_kl = dual)"""
+    anchor_period: int = trust_region.ANCHOR_PERIOD
+    """optimizer updates between hard copies policy -> anchor (official update_ref_model_step 10)"""
+    kl_anchor_weight: float = trust_region.ANCHOR_WEIGHT
+    """weight of KL(π_θ‖π_anchor) in L_KL (official dual_kl_moving_weight 1.0)"""
+    kl_step_weight: float = trust_region.STEP_WEIGHT
+    """weight of KL(π_θ‖π_old) in L_KL (official dual_kl_step_weight 0.1)"""
+    beta_start: float = trust_region.BETA_START
+    """β before beta_switch_step (official kl_coef 1e-7)"""
+    beta_end: float = trust_region.BETA_END
+    """β from beta_switch_step on (official kl_weight 1e-5)"""
+    beta_switch_step: int = 100
+    """optimizer update at which β switches; our choice: the paper gives the two values, not the switch point"""
+    anchor_offload: bool = False
+    """keep the anchor's shards on CPU (FSDP2 CPUOffloadPolicy; official reference_mode_offload)"""
+    # --- reward
+    w_vq: float = 0.5
+    """weight of VideoAlign visual quality (paper setting B / official reward_weights VQ 0.5)"""
+    w_mq: float = 0.5
+    """weight of VideoAlign motion quality (official MQ 0.5)"""
+    w_ta: float = 1.0
+    """weight of VideoAlign text alignment (official TA 1.0)"""
+    # --- optimisation
+    lr: float = 1e-5
+    """AdamW learning rate (official learning_rate 1e-5)"""
+    weight_decay: float = 0.01
+    """AdamW weight decay (official 0.01)"""
+    grad_clip: float = 1.0
+    """global gradient-norm clip (official max_grad_norm 1.0)"""
+    lora_rank: int = 0
+    """0 = full fine-tune (official default); > 0 trains LoRA adapters of this rank (needs peft)"""
+    gradient_checkpointing: bool = True
+    """recompute block activations in backward (official enable_gradient_checkpointing)"""
+    # --- logging and checkpoints
+    checkpoint_every: int = 100
+    """iterations between checkpoints (official save_interval 100); the last iteration is always saved"""
+    sample_every: int = 50
+    """iterations between saved sample videos (official validation_interval 50); 0 = never"""
+
+
+def _field_docs(cls):
+    """{field: the string literal under it} (cleanrl-style field docs, reused as --help)."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+
+
+def parse_config(argv=None):
+    """Every Config field is a flag: --name value, booleans as --name / --no-name."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    docs = _field_docs(Config)
+    for field in dataclasses.fields(Config):
+        help = f"{docs.get(field.name, '')} (default: {field.default})"
+        if field.type is bool:
+            parser.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, default=field.default, help=help)
+        else:
+            parser.add_argument(f"--{field.name}", type=field.type, default=field.default, help=help)
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def tiny_config(cfg):
+    """--tiny: shrink the video so the whole pipeline runs on a CPU in seconds (user flags for paths kept)."""
+    return dataclasses.replace(cfg, num_steps=min(cfg.num_steps, 4), num_frames=min(cfg.num_frames, 5),
+                               height=min(cfg.height, 32), width=min(cfg.width, 32))
+
+
+# ------------------------------------------------------------------------------------------------
+# Input checks: every one runs before a model is loaded or a GPU touched.
+
+def load_prompts(path):
+    """Prompts from .txt (one per line), .csv (column `prompt`) or .jsonl ({"prompt": ...})."""
+    if not os.path.isfile(path):
+        raise ValueError(f"prompt file {path!r} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    with open(path, encoding="utf-8") as f:
+        if ext == ".txt":
+            prompts = [line.strip() for line in f]
+        elif ext == ".csv":
+            reader = csv.DictReader(f)
+            if "prompt" not in (reader.fieldnames or []):
+                raise ValueError(f"prompt file {path!r}: expected a CSV column 'prompt', found columns {reader.fieldnames}")
+            prompts = [row["prompt"].strip() for row in reader]
+        elif ext == ".jsonl":
+            prompts = [json.loads(line)["prompt"].strip() for line in f if line.strip()]
+        else:
+            raise ValueError(f"prompt file {path!r}: expected a .txt, .csv or .jsonl file, found {ext or 'no extension'!r}")
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError(f"prompt file {path!r} contains no prompts")
+    return prompts
+
+
+def check_config(cfg, world_size):
+    """Raise ValueError with what was expected and what was found; returns the prompts."""
+    if not cfg.tiny:
+        for name in ("model_path", "reward_path"):
+            path = getattr(cfg, name)
+            if not path:
+                raise ValueError(f"--{name} is required (a local directory; weights are never downloaded), or use --tiny")
+            if not os.path.isdir(path):
+                raise ValueError(f"--{name} {path!r} is not a directory")
+        if not os.path.isdir(os.path.join(cfg.model_path, "transformer")):
+            raise ValueError(f"--model_path {cfg.model_path!r} is not a diffusers HunyuanVideo-1.5 directory: "
+                             f"expected a 'transformer' subdirectory, found {sorted(os.listdir(cfg.model_path))[:8]}")
+    if cfg.kernel not in sde.KERNELS or cfg.kernel == "ode":
+        raise ValueError(f"unknown kernel {cfg.kernel!r}: expected one of {[k for k in sde.KERNELS if k != 'ode']} "
+                         "(ode has no noise, hence nothing to explore)")
+    trust_region.check_kl_mode(cfg.kl_mode)
+    if cfg.group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (a group of one has no baseline), got {cfg.group_size}")
+    if cfg.videos_per_rank < 1:
+        raise ValueError(f"videos_per_rank must be >= 1, got {cfg.videos_per_rank}")
+    videos = world_size * cfg.videos_per_rank
+    if videos % cfg.group_size:
+        raise ValueError(f"world_size x videos_per_rank = {world_size} x {cfg.videos_per_rank} = {videos} videos per "
+                         f"iteration cannot hold whole groups of group_size {cfg.group_size}: it must be a multiple of it")
+    if not 0 < cfg.train_step_fraction <= 1:
+        raise ValueError(f"train_step_fraction must be in (0, 1], got {cfg.train_step_fraction}")
+    if not cfg.eta > 0:
+        raise ValueError(f"eta must be > 0 for exploration, got {cfg.eta}")
+    if (cfg.num_frames - 1) % 4 or cfg.height % 16 or cfg.width % 16:
+        raise ValueError(f"video must be 4k+1 frames and a multiple of 16 pixels (VAE 4x temporal, 16x spatial), "
+                         f"got {cfg.num_frames} frames at {cfg.height}x{cfg.width}")
+    for name in ("num_steps", "updates_per_rollout", "anchor_period", "checkpoint_every", "max_iterations"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.lora_rank < 0:
+        raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tune), got {cfg.lora_rank}")
+    if cfg.lora_rank > 0:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise ValueError("--lora_rank > 0 needs the optional dependency peft (pip install peft)") from None
+    if cfg.resume and latest_checkpoint(cfg.output_dir) is None:
+        raise ValueError(f"--resume: no complete checkpoint (checkpoint-NNNNNN/) in {cfg.output_dir!r}")
+    return load_prompts(cfg.prompts)
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed plumbing.
+
+def setup_distributed(cfg):
+    """(rank, world_size, device, mesh). Without torchrun: a world of one (in-memory store, no port)."""
+    cuda = torch.cuda.is_available() and not cfg.tiny
+    if "RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    else:
+        device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    return dist.get_rank(), dist.get_world_size(), device, mesh
+
+
+def shard(transformer, mesh, param_dtype, offload=False):
+    """FSDP2: one shard group per transformer block, then the root (embedders, refiner, head)."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    offload_policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
+    for block in transformer.transformer_blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload_policy)
+    fully_shard(transformer, mesh=mesh, mp_policy=mp, offload_policy=offload_policy)
+    return transformer
+
+
+def all_gather_cat(x):
+    """Concatenate a [B, ...] tensor over ranks in rank order -> [W·B, ...]."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def all_reduce_sum(x):
+    x = x.clone()
+    dist.all_reduce(x)
+    return x
+
+
+class PromptSampler:
+    """Prompt indices per iteration, identical on every rank; a fresh permutation every epoch.
+
+    Each iteration takes `per_iteration` prompts (the global number of groups); an epoch is one
+    pass over the file; the order of epoch e is randperm(seed + e), so (epoch, position) is the
+    whole state and resuming continues the same sequence.
+    """
+
+    def __init__(self, num_prompts, per_iteration, seed):
+        self.num_prompts, self.per_iteration, self.seed = num_prompts, per_iteration, seed
+        self.epoch, self.position = 0, 0
+
+    def _order(self):
+        return torch.randperm(self.num_prompts, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+
+    def next_indices(self):
+        indices, order = [], self._order()
+        while len(indices) < self.per_iteration:
+            indices.append(order[self.position])
+            self.position += 1
+            if self.position == self.num_prompts:
+                self.epoch, self.position, order = self.epoch + 1, 0, None
+                order = self._order()
+        return indices
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state):
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
+def sample_seed(seed, iteration, index, videos_per_iteration):
+    """Seed of global sample `index` at `iteration`: independent of how samples are split over ranks."""
+    return seed * 1_000_003 + iteration * videos_per_iteration + index
+
+
+def trained_steps(seeds, num_steps, fraction):
+    """Per-sample random order of the N steps, first ceil(fraction·N) kept -> LongTensor [B, K]."""
+    keep = max(1, math.ceil(fraction * num_steps))
+    return torch.stack([torch.randperm(num_steps, generator=torch.Generator().manual_seed(s + 1))[:keep] for s in seeds])
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints: checkpoint-NNNNNN/ exists only once complete (written as .tmp, then renamed).
+
+def latest_checkpoint(output_dir):
+    if not os.path.isdir(output_dir):
+        return None
+    done = sorted(d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and not d.endswith(".tmp"))
+    return os.path.join(output_dir, done[-1]) if done else None
+
+
+def save_transformer(transformer, path, rank):
+    """Gather the full (fp32 master) state and write it in diffusers layout (rank 0)."""
+    from safetensors.torch import save_file
+    state = get_model_state_dict(transformer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        os.makedirs(path, exist_ok=True)
+        transformer.save_config(path)
+        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(path, "diffusion_pytorch_model.safetensors"))
+
+
+def save_checkpoint(cfg, iteration, trainer_state, policy, optimizer, anchor, rank):
+    """checkpoint-NNNNNN/: transformer/ (diffusers layout; with LoRA a sharded policy/ instead),
+    optimizer/ and anchor/ (sharded), rng.pt, trainer_state.json.  Written to .tmp, then renamed."""
+    final = os.path.join(cfg.output_dir, f"checkpoint-{iteration:06d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    if cfg.lora_rank > 0:  # adapters + frozen base, sharded; export merged weights yourself after training
+        dcp.save({"policy": get_model_state_dict(policy)}, checkpoint_id=os.path.join(tmp, "policy"))
+    else:
+        save_transformer(policy, os.path.join(tmp, "transformer"), rank)
+    # optimizer and anchor: sharded (each rank writes its shard), torch.distributed.checkpoint
+    dcp.save({"optimizer": get_optimizer_state_dict(policy, optimizer)}, checkpoint_id=os.path.join(tmp, "optimizer"))
+    if anchor is not None:
+        dcp.save({"anchor": get_model_state_dict(anchor.anchor)}, checkpoint_id=os.path.join(tmp, "anchor"))
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    rngs = [None] * dist.get_world_size()
+    dist.all_gather_object(rngs, rng)
+    if rank == 0:
+        torch.save(rngs, os.path.join(tmp, "rng.pt"))
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump({**trainer_state, "config": dataclasses.asdict(cfg)}, f, indent=1)
+    dist.barrier()
+    if rank == 0:
+        os.rename(tmp, final)  # atomic: until here the previous checkpoint is the newest complete one
+        for old in os.listdir(cfg.output_dir):
+            if old.startswith("checkpoint-") and not old.endswith(".tmp") and old < os.path.basename(final):
+                shutil.rmtree(os.path.join(cfg.output_dir, old))
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path, policy, optimizer, anchor, rank):
+    """Optimizer, anchor, RNG and trainer state from `path`; the policy weights too if they are sharded
+    (LoRA), otherwise they were loaded from path/transformer when the policy was built."""
+    if os.path.isdir(os.path.join(path, "policy")):
+        state = {"policy": get_model_state_dict(policy)}
+        dcp.load(state, checkpoint_id=os.path.join(path, "policy"))
+        set_model_state_dict(policy, state["policy"])
+    state = {"optimizer": get_optimizer_state_dict(policy, optimizer)}
+    dcp.load(state, checkpoint_id=os.path.join(path, "optimizer"))
+    set_optimizer_state_dict(policy, optimizer, state["optimizer"])
+    if anchor is not None:
+        state = {"anchor": get_model_state_dict(anchor.anchor)}
+        dcp.load(state, checkpoint_id=os.path.join(path, "anchor"))
+        set_model_state_dict(anchor.anchor, state["anchor"])
+    rngs = torch.load(os.path.join(path, "rng.pt"), weights_only=False)
+    if len(rngs) == dist.get_world_size():
+        torch.set_rng_state(rngs[rank]["torch"])
+        random.setstate(rngs[rank]["python"])
+        if torch.cuda.is_available() and rngs[rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(rngs[rank]["cuda"])
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        return json.load(f)
+
+
+def save_video(frames, path):
+    """frames: (F, H, W, 3) uint8. mp4 if imageio-ffmpeg is installed, otherwise a PNG grid of frames."""
+    try:
+        import imageio.v2 as imageio
+        import imageio_ffmpeg  # noqa: F401
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        imageio.mimwrite(path + ".mp4", list(frames.numpy()), fps=24)
+        return path + ".mp4"
+    except ImportError:
+        from PIL import Image
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        f, h, w, _ = frames.shape
+        cols = min(f, 8)
+        rows = math.ceil(f / cols)
+        grid = torch.zeros(rows * h, cols * w, 3, dtype=torch.uint8)
+        for i in range(f):
+            grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = frames[i]
+        Image.fromarray(grid.numpy()).save(path + ".png")
+        return path + ".png"
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+class PhaseTimer:
+    """Wall time per phase (synchronising CUDA so that time is not attributed to the wrong phase)."""
+
+    def __init__(self, device):
+        self.device, self.times, self.start = device, {}, None
+
+    def __call__(self, name):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if self.start is not None:
+            self.times[f"time_{self.start[0]}"] = now - self.start[1]
+        self.start = (name, now) if name else None
+
+
+# ------------------------------------------------------------------------------------------------
+
+def main(cfg):
+    prompts = check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # bad input fails here, before any model
+    import model as hunyuan  # heavy imports (diffusers, transformers) after the checks
+    import reward as videoalign
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    rank, world_size, device, mesh = setup_distributed(cfg)
+    try:
+        _train(cfg, prompts, rank, world_size, device, mesh, hunyuan, videoalign, HunyuanVideo15Transformer3DModel)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(cfg, prompts, rank, world_size, device, mesh, hunyuan, videoalign, Transformer):
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model_path, reward_path = cfg.model_path, cfg.reward_path
+    if cfg.tiny:  # random tiny models in the real on-disk layouts, loaded by the same code as real ones
+        model_path = model_path or os.path.join(cfg.output_dir, "tiny_hunyuan")
+        reward_path = reward_path or os.path.join(cfg.output_dir, "tiny_videoalign")
+        if rank == 0 and not os.path.isdir(model_path):
+            hunyuan.build_tiny_hunyuan(model_path)
+        if rank == 0 and not os.path.isdir(reward_path):
+            videoalign.build_tiny_videoalign(reward_path)
+        dist.barrier()
+        cfg = dataclasses.replace(cfg, num_frames=hunyuan.TINY_NUM_FRAMES, height=hunyuan.TINY_HEIGHT,
+                                  width=hunyuan.TINY_WIDTH)
+    compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    checkpoint = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    os.makedirs(cfg.output_dir, exist_ok=True)
+
+    # Frozen parts (text encoders, VAE) in the compute dtype; the policy in fp32 (master weights),
+    # from the checkpoint when resuming.
+    pipe = hunyuan.load_hunyuan(model_path, device="cpu", dtype=compute_dtype)
+    policy_path = checkpoint if checkpoint and cfg.lora_rank == 0 else model_path
+    policy = Transformer.from_pretrained(os.path.join(policy_path, "transformer"), torch_dtype=torch.float32)
+    pipe.pipeline.transformer = None  # the pipeline's copy is replaced by the sharded policy below
+    for module in (pipe.pipeline.text_encoder, pipe.pipeline.text_encoder_2, pipe.vae):
+        module.to(device)
+    if cfg.lora_rank > 0:
+        from peft import LoraConfig
+        policy.requires_grad_(False)
+        policy.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights=True,
+                                      target_modules=["to_q", "to_k", "to_v", "to_out.0",
+                                                      "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]))
+    else:
+        policy.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
+    w_anchor, _ = trust_region.kl_weights(cfg.kl_mode, cfg.kl_anchor_weight, cfg.kl_step_weight)
+    anchor_module = None
+    if w_anchor > 0:  # the anchor: same structure, compute dtype, sharded the same way (optionally on CPU)
+        import copy
+        anchor_module = copy.deepcopy(policy).to(compute_dtype).requires_grad_(False).eval()
+        shard(anchor_module.to(device), mesh, None, offload=cfg.anchor_offload)
+    shard(policy.to(device), mesh, compute_dtype if device.type == "cuda" else None)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    anchor = None
+    if anchor_module is not None:
+        anchor = trust_region.MovingAnchor(policy, trust_region.anchor_period_for(cfg.kl_mode, cfg.anchor_period),
+                                           anchor=anchor_module)
+    reward_model = videoalign.VideoAlignReward.from_pretrained(reward_path, device=device, dtype=compute_dtype)
+
+    group_size, videos_per_rank = cfg.group_size, cfg.videos_per_rank
+    videos_per_iteration = world_size * videos_per_rank
+    first = rank * videos_per_rank  # global index of this rank's first sample; samples of a group are contiguous
+    sampler = PromptSampler(len(prompts), videos_per_iteration // group_size, cfg.seed)
+    sigmas = sde.shifted_sigmas(cfg.num_steps, cfg.shift)  # (N+1,) σ_0 = 1 … σ_N = 0
+    latent_shape = pipe.latent_shape(cfg.num_frames, cfg.height, cfg.width)  # (C, F, H, W)
+    # S_t per step (equalizer) or 1 per stochastic step; 0 marks a deterministic step (no log-prob)
+    stochastic = sde.step_std(cfg.kernel, sigmas[:-1], sigmas[1:], cfg.eta) > 0
+    step_weights = (equalizer.equalizer_weights(cfg.kernel, sigmas, cfg.eta) if cfg.equalizer
+                    else stochastic.double()).float().to(device)
+    state = {"iteration": 0, "update_step": 0, "skipped_updates": 0}
+    if checkpoint:
+        state = load_checkpoint(checkpoint, policy, optimizer, anchor, rank)
+        sampler.load_state_dict(state["sampler"])
+        if anchor is not None:
+            anchor.last_refresh = state["anchor_last_refresh"]
+    metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if rank == 0 else None
+    if rank == 0:
+        print(f"SAGE-GRPO: world {world_size}, {videos_per_iteration} videos/iteration in groups of {group_size}, "
+              f"latent {tuple(latent_shape)}, {sum(p.numel() for p in trainable) / 1e6:.2f}M trainable, "
+              f"{'resuming ' + checkpoint if checkpoint else 'from ' + model_path}", flush=True)
+
+    bar = tqdm(range(state["iteration"], cfg.max_iterations), disable=rank != 0, initial=state["iteration"],
+               total=cfg.max_iterations, desc="iterations")
+    for iteration in bar:
+        timer = PhaseTimer(device)
+        # ======================================================================== ROLLOUT
+        timer("rollout")
+        group_prompts = [prompts[i] for i in sampler.next_indices()]  # one prompt per group, all ranks agree
+        sample_prompts = [group_prompts[(first + b) // group_size] for b in range(videos_per_rank)]
+        seeds = [sample_seed(cfg.seed, iteration, first + b, videos_per_iteration) for b in range(videos_per_rank)]
+        unique = list(dict.fromkeys(sample_prompts))  # encode each prompt once, reuse for its G rollouts
+        embeds = hunyuan.encode_prompts(pipe, unique, device=device, dtype=compute_dtype)
+        embeds = embeds.select([unique.index(p) for p in sample_prompts])
+        with torch.no_grad():
+            rollout = hunyuan.rollout(policy, embeds, seeds, latent_shape, sigmas, cfg.kernel, cfg.eta, cfg.cfg_scale)
+
+        # ======================================================================== REWARD
+        timer("reward")
+        frames = hunyuan.decode_latents(pipe.vae, rollout.final_latents)  # (B, F, 3, H, W) in [0, 1]
+        with torch.no_grad():
+            scores = reward_model(frames, sample_prompts)  # {"vq", "mq", "ta", ...}: Tensor[B], NaN = failed
+        # r = w_vq·VQ + w_mq·MQ + w_ta·TA  (paper setting B)
+        reward = (cfg.w_vq * scores["vq"] + cfg.w_mq * scores["mq"] + cfg.w_ta * scores["ta"]).float().to(device)
+
+        # ======================================================================== ADVANTAGE
+        timer("advantage")
+        rewards = all_gather_cat(reward)  # (W·B,) in global sample order: group g = rewards[gG:(g+1)G]
+        advantages = grpo.group_advantages(rewards, group_size, cfg.adv_clip)[first:first + videos_per_rank]
+        steps = trained_steps(seeds, cfg.num_steps, cfg.train_step_fraction).to(device)  # (B, K)
+        pair_weights = step_weights[steps]  # (B, K) S_t of each (sample, trained step)
+        valid = torch.isfinite(advantages)[:, None] & (pair_weights > 0)  # pairs that enter the loss
+        num_pairs = int(all_reduce_sum(valid.sum()))  # the loss is a mean over the pairs of the global batch
+
+        # ======================================================================== UPDATE
+        timer("update")
+        beta = trust_region.kl_coefficient(state["update_step"], cfg.beta_start, cfg.beta_end, cfg.beta_switch_step)
+        sums = torch.zeros(7, dtype=torch.float64)  # loss, policy loss, approx_kl, clip frac, kl_anchor, kl_step, pairs
+        ratio_dev = torch.zeros(cfg.num_steps, dtype=torch.float64)  # max |ρ − 1| per denoising step
+        grad_norms, skipped_now, refreshed = [], 0, False
+        for _ in range(cfg.updates_per_rollout if num_pairs else 0):
+            loss_finite = True
+            for k in range(steps.shape[1]):  # gradient accumulation over the trained steps
+                policy.set_requires_gradient_sync(k == steps.shape[1] - 1)
+                step = rollout.transitions(steps[:, k])
+                mean, std, log_prob = hunyuan.transition_log_prob(policy, embeds, step.latents, step.next_latents,
+                                                                  step.sigma, step.sigma_next, cfg.kernel, cfg.eta,
+                                                                  cfg.cfg_scale)
+                policy_loss, stats = grpo.clipped_policy_loss(log_prob, step.log_prob, advantages, pair_weights[:, k],
+                                                              cfg.clip_range)
+                anchor_mean = None
+                if anchor is not None:
+                    with torch.no_grad():
+                        anchor_mean, _, _ = hunyuan.transition_log_prob(anchor.anchor, embeds, step.latents,
+                                                                        step.next_latents, step.sigma, step.sigma_next,
+                                                                        cfg.kernel, cfg.eta, cfg.cfg_scale)
+                kl, kl_stats = trust_region.dual_kl(mean, std, anchor_mean, step.mean, cfg.kl_mode,
+                                                    cfg.kl_anchor_weight, cfg.kl_step_weight)
+                mask = valid[:, k]
+                kl_sum = torch.where(mask, kl, torch.zeros_like(kl)).sum()
+                # mean over the global valid pairs of  loss_it + β·L_KL;  × W undoes FSDP's gradient averaging
+                loss = (policy_loss * stats["num_valid_pairs"] + beta * kl_sum) * world_size / num_pairs
+                loss.backward()
+                loss_finite &= math.isfinite(loss.item())
+                with torch.no_grad():
+                    n = stats["num_valid_pairs"]
+                    anchor_kl = trust_region.gaussian_kl(mean, anchor_mean, std) if anchor_mean is not None else kl * 0
+                    step_kl = trust_region.gaussian_kl(mean, step.mean, std)
+                    sums += torch.tensor([loss.item() * num_pairs / world_size, policy_loss.item() * n,
+                                          stats["approx_kl"] * n, stats["clip_fraction"] * n,
+                                          anchor_kl[mask].sum().item(), step_kl[mask].sum().item(), n],
+                                         dtype=torch.float64)
+                    deviation = torch.where(mask, (log_prob - step.log_prob).exp().sub(1).abs(), 0).double().cpu()
+                    ratio_dev.scatter_reduce_(0, steps[:, k].cpu(), deviation, reduce="amax")
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            finite = int(all_reduce_sum(torch.tensor(int(loss_finite), device=device))) == world_size
+            if finite and math.isfinite(grad_norm):  # a non-finite loss or gradient never reaches the weights
+                optimizer.step()
+                state["update_step"] += 1
+                # ================================================================ ANCHOR
+                if anchor is not None:  # hard copy policy -> anchor every anchor_period optimizer updates
+                    refreshed |= anchor.update_if_due(state["update_step"])
+            else:
+                skipped_now += 1
+                state["skipped_updates"] += 1
+            optimizer.zero_grad(set_to_none=True)
+            grad_norms.append(grad_norm)
+
+        # ======================================================================== LOG
+        timer("log")
+        sums = all_reduce_sum(sums.to(device)).cpu()
+        ratio_dev = ratio_dev.to(device)
+        dist.all_reduce(ratio_dev, op=dist.ReduceOp.MAX)
+        pairs = max(sums[6].item(), 1.0)
+        stats = grpo.reward_stats(rewards.cpu(), group_size)
+        gathered = {k: all_gather_cat(scores[k].float().to(device)) for k in ("vq", "mq", "ta")}
+        all_advantages = grpo.group_advantages(rewards, group_size, cfg.adv_clip)
+        metrics = {
+            "iteration": iteration + 1, "update_step": state["update_step"], **stats,
+            **{k: v.nanmean().item() for k, v in gathered.items()},
+            "advantage_abs_mean": all_advantages.nan_to_num().abs().mean().item(),
+            "loss": sums[0].item() / pairs / max(cfg.updates_per_rollout, 1),
+            "policy_loss": sums[1].item() / pairs, "approx_kl": sums[2].item() / pairs,
+            "clip_fraction": sums[3].item() / pairs, "kl_anchor": sums[4].item() / pairs,
+            "kl_step": sums[5].item() / pairs, "beta": beta, "grad_norm": grad_norms[-1] if grad_norms else float("nan"),
+            "skipped_update": skipped_now, "skipped_updates_total": state["skipped_updates"],
+            "anchor_refreshed": refreshed, "ratio_max_dev_per_step": ratio_dev.cpu().tolist(),
+            **{k: round(v, 4) for k, v in timer.times.items()}, "peak_memory_gb": peak_memory_gb(device),
+        }
+        if rank == 0:
+            metrics_file.write(json.dumps(metrics) + "\n")
+            metrics_file.flush()
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['approx_kl']:.1e}",
+                            clip=f"{metrics['clip_fraction']:.2f}", skip=state["skipped_updates"])
+            if cfg.sample_every and iteration % cfg.sample_every == 0:
+                video = (frames[0].permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu()  # (F, H, W, 3)
+                save_video(video, os.path.join(cfg.output_dir, "samples", f"iter{iteration + 1:06d}"))
+
+        # ======================================================================== CHECKPOINT
+        timer(None)
+        if (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.max_iterations:
+            state.update(iteration=iteration + 1, sampler=sampler.state_dict(),
+                         anchor_last_refresh=anchor.last_refresh if anchor is not None else 0)
+            save_checkpoint(cfg, iteration + 1, state, policy, optimizer, anchor, rank)
+    if metrics_file:
+        metrics_file.close()
+
+
+if __name__ == "__main__":
+    main(parse_config())
