@@ -1,6 +1,6 @@
 """Gradient-norm equalizer: every denoising step contributes to the update at the same scale.
 
-Paper §3 (temporal gradient equalizer); DESIGN.md §3. Conventions of sde.py.
+Paper: micro level, the "gradient norm equalizer"; DESIGN.md §3. Conventions of sde.py.
 
 Why. A step's log-prob is log N(x'; μ(v), std²), averaged over elements, so
 

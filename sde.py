@@ -1,7 +1,8 @@
 """Micro level of SAGE-GRPO: one stochastic sampling step of a flow-matching model.
 
 Paper: Zheng et al., "Manifold-Aware Exploration for Reinforcement Learning in Video Generation"
-(arXiv 2603.21872), §3 "precise manifold-aware SDE"; DESIGN.md §1-2.
+(arXiv 2603.21872), micro level: the "precise manifold-aware SDE" with its logarithmic curvature
+correction; DESIGN.md §1-2.
 
 Conventions (fixed here, used by every other file)
 --------------------------------------------------
