@@ -1,0 +1,512 @@
+"""The policy: HunyuanVideo-1.5 as a stochastic sampler whose steps have log-probabilities.
+
+DESIGN.md §6 (video system) with the maths of §1-2 (sde.py). The policy of SAGE-GRPO is the
+text-to-video model HunyuanVideo-1.5 (diffusers `HunyuanVideo15Transformer3DModel`, 8.3B, 54
+blocks) sampled with classifier-free guidance. One rollout is a chain of Gaussian steps
+
+    x_{σ_0} ~ N(0, I),   x_{σ_{i+1}} ~ N(μ_i, std_i²·I),   (μ_i, std_i) = sde.transition(kernel,
+                                                                  x_{σ_i}, v_θ(x_{σ_i}, σ_i), σ_i, σ_{i+1}, η)
+
+whose velocity is the CFG combination of one batched forward pass
+
+    v_θ = v_uncond + s·(v_cond − v_uncond),      s = 6 (HunyuanVideo-1.5 480p t2v guider config),
+
+with timestep input σ·1000. GRPO needs, for every recorded step, log N(x_{σ_{i+1}}; μ_i, std_i²)
+(averaged over latent elements, sde.log_prob) both at rollout time (no gradient: π_old) and at
+update time (with gradient: π_θ); `rollout` records the first and `transition_log_prob` recomputes
+the second from the same recorded latents.
+
+What this file does, top to bottom
+----------------------------------
+* `load_hunyuan(path)`: the diffusers-format directory (what `HunyuanVideo15Pipeline.save_pretrained`
+  writes) -> `HunyuanVideo15Policy` (transformer, VAE, both text encoders, scheduler shift, guidance
+  scale). A directory with a missing piece fails before any weight is read, naming the piece.
+* `encode_prompts`: Qwen2.5-VL hidden states + byT5 glyph embeddings, conditional and unconditional,
+  computed once per prompt with the pipeline's own `encode_prompt` (so they are the diffusers ones
+  bit for bit) and reused for every rollout of a group and every step.
+* `cfg_velocity`: the guided velocity, conditional and unconditional in ONE transformer forward
+  (batch 2B); gradients flow through both halves.
+* `rollout`: N steps of any sde.py kernel from per-sample seeded noise -> `Rollout` (latents,
+  log-probs, means, stds, sigmas, seeds). `transition_log_prob`: the same step's (mean, std,
+  log_prob) recomputed with gradients for any per-sample step indices.
+* `decode_latents`: latents -> frames in [0, 1], (B, F, 3, H, W).
+* `build_tiny_hunyuan`: a complete random tiny HunyuanVideo-1.5 directory in the real layout (tests,
+  `--tiny` runs); weights are never downloaded.
+
+How the transformer is fed (matches `HunyuanVideo15Pipeline.__call__`, diffusers 0.42.1, T2V)
+---------------------------------------------------------------------------------------------
+* hidden_states = cat([x, zeros like x (image-condition latents), zeros (B, 1, F, H, W) (mask)],
+  dim=1): 2C+1 = 65 channels. For T2V both extra inputs are zero.
+* image_embeds = zeros (B, 729, image_embed_dim): the SigLIP slot, all-zero means "text to video"
+  and the transformer masks it out.
+* encoder_hidden_states(_2), encoder_attention_mask(_2): Qwen2.5-VL and byT5 embeddings with their
+  padding masks (the transformer reorders valid tokens first).
+* timestep = σ·1000 per sample, in the transformer's dtype.
+
+Differences from the diffusers pipeline (none change the numbers; tested in tests/test_model.py)
+* cond and uncond are one batch of 2B (the pipeline runs two forwards through its guider);
+* the latent state is kept in float32 between steps whatever the transformer dtype (the pipeline's
+  scheduler also steps in float32 but casts back to the model dtype after every step); only the
+  transformer input is cast;
+* the sampler is any sde.py kernel; with kernel "ode" it is the pipeline's Euler sampler.
+
+Known library issue: the HunyuanVideo-1.5 VAE of diffusers 0.42 fails on batch > 1, so
+`decode_latents` decodes one sample at a time.
+"""
+import dataclasses
+import os
+
+import torch
+from diffusers import (AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline,
+                       HunyuanVideo15Transformer3DModel)
+from diffusers.guiders import ClassifierFreeGuidance
+from tqdm.auto import tqdm
+
+import sde
+
+# ----------------------------------------------------------------------------------------------
+# Constants (each with where it comes from).
+
+# CFG scale s: HunyuanVideo-1.5 480p/720p t2v guider config (diffusers conversion script,
+# GUIDANCE_CONFIGS) and the SAGE-GRPO paper / official code's sampling setting.
+DEFAULT_GUIDANCE_SCALE = 6.0
+# Model timestep input = σ·1000: FlowMatchEulerDiscreteScheduler's num_train_timesteps (DESIGN §1).
+TIMESTEP_SCALE = 1000.0
+# SigLIP semantic tokens of the image-condition slot, all zero for T2V
+# (HunyuanVideo15Pipeline.vision_num_semantic_tokens in diffusers 0.42.1).
+IMAGE_EMBED_TOKENS = 729
+# Negative prompt for the unconditional branch: the pipeline's default (None -> "").
+DEFAULT_NEGATIVE_PROMPT = ""
+
+# What `HunyuanVideo15Pipeline.save_pretrained` writes: subfolder -> the file that must be in it.
+# Weights are checked separately (WEIGHT_SUFFIXES) for the four model subfolders.
+REQUIRED_FILES = {
+    "transformer": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "tokenizer": "tokenizer_config.json",
+    "text_encoder_2": "config.json",
+    "tokenizer_2": "tokenizer_config.json",
+    "scheduler": "scheduler_config.json",
+}
+MODEL_SUBFOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+# The tiny model of `build_tiny_hunyuan`: a video size that gives a (4, 3, 4, 4) latent.
+TINY_NUM_FRAMES = 5
+TINY_HEIGHT = 16
+TINY_WIDTH = 16
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading.
+
+@dataclasses.dataclass
+class HunyuanVideo15Policy:
+    """The loaded HunyuanVideo-1.5 components.
+
+    `pipeline` is the diffusers `HunyuanVideo15Pipeline` holding them all (text encoders,
+    tokenizers, VAE, scheduler); `transformer` is the trained policy network (the trainer may wrap
+    it, e.g. with FSDP2, and pass the wrapped module to `cfg_velocity` / `rollout`).
+    """
+    pipeline: HunyuanVideo15Pipeline
+    shift: float            # schedule shift s of σ <- sσ/(1+(s−1)σ), from scheduler/scheduler_config.json
+    guidance_scale: float   # CFG scale, from guider/guider_config.json (DEFAULT_GUIDANCE_SCALE without one)
+
+    @property
+    def transformer(self) -> HunyuanVideo15Transformer3DModel:
+        return self.pipeline.transformer
+
+    @property
+    def vae(self) -> AutoencoderKLHunyuanVideo15:
+        return self.pipeline.vae
+
+    def latent_shape(self, num_frames, height, width):
+        """(C, F, H, W) of the latent of a video of num_frames × height × width pixels.
+
+        As `HunyuanVideo15Pipeline.prepare_latents`: F = (frames − 1)/4 + 1, H = height/16, W = width/16
+        for the real VAE (4× temporal, 16× spatial, 32 channels); e.g. 81×352×624 -> (32, 21, 22, 39).
+        """
+        temporal = self.vae.temporal_compression_ratio
+        spatial = self.vae.spatial_compression_ratio
+        if (num_frames - 1) % temporal or height % spatial or width % spatial:
+            raise ValueError(f"video size must be (k·{temporal} + 1) frames × multiples of {spatial} pixels, "
+                             f"got {num_frames} frames × {height} × {width}")
+        return (self.vae.config.latent_channels, (num_frames - 1) // temporal + 1, height // spatial, width // spatial)
+
+
+def check_hunyuan_directory(path):
+    """Raise FileNotFoundError naming every missing piece of a diffusers-format HunyuanVideo-1.5 directory."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"HunyuanVideo-1.5 directory {path!r} does not exist (expected the diffusers-format "
+                                f"directory written by HunyuanVideo15Pipeline.save_pretrained)")
+    missing = []
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        missing.append("model_index.json")
+    for subfolder, required_file in REQUIRED_FILES.items():
+        folder = os.path.join(path, subfolder)
+        if not os.path.isdir(folder):
+            missing.append(f"{subfolder}/")
+            continue
+        if not os.path.isfile(os.path.join(folder, required_file)):
+            missing.append(f"{subfolder}/{required_file}")
+        if subfolder in MODEL_SUBFOLDERS and not any(name.endswith(WEIGHT_SUFFIXES) for name in os.listdir(folder)):
+            missing.append(f"{subfolder}/ weights (*.safetensors)")
+    if missing:
+        found = sorted(os.listdir(path))
+        raise FileNotFoundError(
+            f"HunyuanVideo-1.5 directory {path!r} is incomplete: missing {', '.join(missing)}. Expected the "
+            f"diffusers layout of HunyuanVideo15Pipeline.save_pretrained (model_index.json and "
+            f"{', '.join(s + '/' for s in REQUIRED_FILES)}, optionally guider/); found {found}.")
+
+
+def load_hunyuan(path, device="cpu", dtype=torch.bfloat16):
+    """Load HunyuanVideo-1.5 from a local diffusers-format directory.  Returns HunyuanVideo15Policy.
+
+    path:   e.g. the HunyuanVideo-1.5-Diffusers-480p_t2v directory (see README); never downloaded.
+    dtype:  dtype of every component (bf16 on GPU; float32 for CPU tests and parity checks).
+    """
+    check_hunyuan_directory(path)
+    scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(os.path.join(path, "scheduler"))
+    if scheduler_config.get("use_dynamic_shifting", False):
+        raise ValueError(f"{path}/scheduler uses dynamic (resolution-dependent) shifting; this code samples the "
+                         f"fixed-shift schedule σ <- sσ/(1+(s−1)σ) of HunyuanVideo-1.5 (use_dynamic_shifting = false)")
+    if scheduler_config.get("num_train_timesteps", TIMESTEP_SCALE) != TIMESTEP_SCALE:
+        raise ValueError(f"expected num_train_timesteps = {TIMESTEP_SCALE:g} in {path}/scheduler, "
+                         f"found {scheduler_config['num_train_timesteps']}")
+
+    # The guider only carries the CFG scale; a directory without one gets the default.
+    extra = {}
+    guider_dir = os.path.join(path, "guider")
+    if os.path.isdir(guider_dir):
+        guidance_scale = float(ClassifierFreeGuidance.load_config(guider_dir).get("guidance_scale", DEFAULT_GUIDANCE_SCALE))
+    else:
+        guidance_scale = DEFAULT_GUIDANCE_SCALE
+        extra["guider"] = ClassifierFreeGuidance(guidance_scale=guidance_scale)
+
+    pipeline = HunyuanVideo15Pipeline.from_pretrained(path, dtype=dtype, **extra).to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    for module in (pipeline.transformer, pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2):
+        module.eval().requires_grad_(False)  # the trainer re-enables gradients on the transformer
+    return HunyuanVideo15Policy(pipeline=pipeline, shift=float(scheduler_config.get("shift", 1.0)),
+                                guidance_scale=guidance_scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt embeddings: computed once per prompt, reused by all G rollouts and all N steps.
+
+@dataclasses.dataclass
+class PromptEmbeds:
+    """Text conditioning of B samples, conditional and unconditional (the negative prompt).
+
+    embeds (B, L, D) Qwen2.5-VL hidden states (L = 1000), mask (B, L); embeds_2 (B, L2, D2) byT5 glyph
+    embeddings (L2 = 256, all-zero with an all-zero mask when the prompt quotes no text), mask_2 (B, L2).
+    The negative_* fields are the same for the unconditional branch.
+    """
+    embeds: torch.Tensor
+    mask: torch.Tensor
+    embeds_2: torch.Tensor
+    mask_2: torch.Tensor
+    negative_embeds: torch.Tensor
+    negative_mask: torch.Tensor
+    negative_embeds_2: torch.Tensor
+    negative_mask_2: torch.Tensor
+
+    def _map(self, fn):
+        return PromptEmbeds(**{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+    def __len__(self):
+        return self.embeds.shape[0]
+
+    def select(self, index):
+        """Rows `index` (a LongTensor or list), e.g. one row per sample of a training micro-batch."""
+        index = torch.as_tensor(index, device=self.embeds.device, dtype=torch.long)
+        return self._map(lambda t: t.index_select(0, index))
+
+    def repeat_interleave(self, group_size):
+        """Each prompt `group_size` times in a row: prompts [a, b] -> samples [a, a, …, b, b, …] (GRPO groups)."""
+        return self._map(lambda t: t.repeat_interleave(group_size, dim=0))
+
+    def to(self, device=None, dtype=None):
+        """Move to device; cast the embeddings (not the masks' values, which stay 0/1) to dtype."""
+        return self._map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
+
+
+@torch.no_grad()
+def encode_prompts(policy, prompts, negative_prompt=DEFAULT_NEGATIVE_PROMPT, device=None, dtype=None):
+    """Encode B prompts (and the negative prompt, once) with the pipeline's own `encode_prompt`.
+
+    Returns PromptEmbeds with B rows; dtype defaults to the transformer's (as in the pipeline).
+    """
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    pipeline = policy.pipeline
+    device = device if device is not None else pipeline.transformer.device
+    dtype = dtype if dtype is not None else pipeline.transformer.dtype
+    embeds, mask, embeds_2, mask_2 = pipeline.encode_prompt(prompt=list(prompts), device=device, dtype=dtype,
+                                                            batch_size=len(prompts))
+    negative = pipeline.encode_prompt(prompt=[negative_prompt], device=device, dtype=dtype, batch_size=1)
+    # the negative prompt is the same for every sample: encode once, expand to B rows
+    negative_embeds, negative_mask, negative_embeds_2, negative_mask_2 = (t.expand(len(prompts), *t.shape[1:])
+                                                                          for t in negative)
+    return PromptEmbeds(embeds, mask, embeds_2, mask_2,
+                        negative_embeds.contiguous(), negative_mask.contiguous(),
+                        negative_embeds_2.contiguous(), negative_mask_2.contiguous())
+
+
+# ----------------------------------------------------------------------------------------------
+# The policy velocity.
+
+def _as_batch(sigma, batch_size, device):
+    """A float or Tensor[B] of noise levels -> float32 Tensor[B]."""
+    sigma = torch.as_tensor(sigma, device=device, dtype=torch.float32)
+    if sigma.ndim == 0:
+        sigma = sigma.expand(batch_size)
+    if sigma.shape != (batch_size,):
+        raise ValueError(f"sigma must be a float or a tensor of shape [B] = [{batch_size}], got shape {tuple(sigma.shape)}")
+    return sigma
+
+
+def cfg_velocity(transformer, latents, sigma, prompt_embeds, guidance_scale=DEFAULT_GUIDANCE_SCALE):
+    """Classifier-free-guided velocity  v = v_uncond + s·(v_cond − v_uncond), in ONE forward of batch 2B.
+
+    latents: (B, C, F, H, W) x_σ;  sigma: float or Tensor[B] (per-sample noise level);
+    prompt_embeds: PromptEmbeds with B rows.  Returns the velocity (B, C, F, H, W) in float32.
+    Differentiable in the transformer's parameters through both branches. With s = 1 (CFG-distilled
+    checkpoints) only the conditional branch is run.
+    """
+    if latents.ndim != 5:
+        raise ValueError(f"latents must be (B, C, F, H, W), got shape {tuple(latents.shape)}")
+    batch_size = latents.shape[0]
+    if len(prompt_embeds) != batch_size:
+        raise ValueError(f"prompt_embeds has {len(prompt_embeds)} rows but latents have batch {batch_size}")
+    model_dtype = next(transformer.parameters()).dtype
+    sigma = _as_batch(sigma, batch_size, latents.device)
+
+    # T2V input: [x, image-condition latents (0), image mask (0)] along channels  # (B, 2C+1, F, H, W)
+    x = latents.to(model_dtype)
+    condition = torch.zeros_like(x)
+    condition_mask = torch.zeros_like(x[:, :1])
+    model_input = torch.cat([x, condition, condition_mask], dim=1)
+    timestep = (sigma * TIMESTEP_SCALE).to(model_dtype)  # (B,)  σ·1000
+
+    use_cfg = guidance_scale != 1.0
+    e = prompt_embeds
+    if use_cfg:  # conditional rows first, then unconditional rows  # (2B, ...)
+        model_input = torch.cat([model_input, model_input])
+        timestep = torch.cat([timestep, timestep])
+        text, text_mask = torch.cat([e.embeds, e.negative_embeds]), torch.cat([e.mask, e.negative_mask])
+        glyph, glyph_mask = torch.cat([e.embeds_2, e.negative_embeds_2]), torch.cat([e.mask_2, e.negative_mask_2])
+    else:
+        text, text_mask, glyph, glyph_mask = e.embeds, e.mask, e.embeds_2, e.mask_2
+    image_embeds = torch.zeros(model_input.shape[0], IMAGE_EMBED_TOKENS, transformer.config.image_embed_dim,
+                               device=latents.device, dtype=model_dtype)  # all zero: text-to-video
+
+    velocity = transformer(hidden_states=model_input, timestep=timestep,
+                           encoder_hidden_states=text.to(model_dtype), encoder_attention_mask=text_mask,
+                           encoder_hidden_states_2=glyph.to(model_dtype), encoder_attention_mask_2=glyph_mask,
+                           image_embeds=image_embeds, return_dict=False)[0].float()
+    if not use_cfg:
+        return velocity
+    velocity_cond, velocity_uncond = velocity.chunk(2)
+    # v = v_uncond + s·(v_cond − v_uncond)
+    return velocity_uncond + guidance_scale * (velocity_cond - velocity_uncond)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollouts and their log-probabilities.
+
+@dataclasses.dataclass
+class Transition:
+    """Recorded steps x_t -> x_{t+1}, one (possibly different) step t per sample."""
+    latents: torch.Tensor       # (B, C, F, H, W) x_t
+    next_latents: torch.Tensor  # (B, C, F, H, W) x_{t+1}
+    sigma: torch.Tensor         # (B,) σ_t
+    sigma_next: torch.Tensor    # (B,) σ_{t+1}
+    log_prob: torch.Tensor      # (B,) log-prob under the rollout policy π_old
+    mean: torch.Tensor          # (B, C, F, H, W) μ under π_old (step-wise trust region)
+    std: torch.Tensor           # (B,) std of the step (0 for deterministic steps)
+
+
+@dataclasses.dataclass
+class Rollout:
+    """B sampled trajectories of N steps.
+
+    latents (B, N+1, C, F, H, W) x_{σ_0} … x_{σ_N} (float32; x_{σ_N} is the generated latent);
+    log_probs (B, N) log N(x_{σ_{i+1}}; μ_i, std_i²), element-averaged, 0 for deterministic steps;
+    means (B, N, C, F, H, W) μ_i; stds (B, N) std_i; sigmas (N+1,) σ_0 = 1 … σ_N = 0;
+    stochastic (N,) bool: which steps were sampled with the SDE kernel (the rest are ODE steps);
+    seeds (B,) the per-sample seeds that reproduce each sample.
+    """
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    means: torch.Tensor
+    stds: torch.Tensor
+    sigmas: torch.Tensor
+    stochastic: torch.Tensor
+    seeds: torch.Tensor
+
+    @property
+    def final_latents(self):
+        return self.latents[:, -1]  # (B, C, F, H, W)
+
+    def transitions(self, step_index):
+        """The recorded step t_b of every sample b: step_index is a LongTensor (B,) or an int."""
+        batch_size, num_steps = self.log_probs.shape
+        step_index = torch.as_tensor(step_index, dtype=torch.long, device=self.latents.device)
+        if step_index.ndim == 0:
+            step_index = step_index.expand(batch_size)
+        if step_index.shape != (batch_size,) or bool((step_index < 0).any() | (step_index >= num_steps).any()):
+            raise ValueError(f"step_index must be an int or a LongTensor of shape [{batch_size}] with values in "
+                             f"[0, {num_steps}), got {step_index.tolist()}")
+        rows = torch.arange(batch_size, device=step_index.device)
+        sigmas = self.sigmas.to(step_index.device)
+        return Transition(latents=self.latents[rows, step_index], next_latents=self.latents[rows, step_index + 1],
+                          sigma=sigmas[step_index], sigma_next=sigmas[step_index + 1],
+                          log_prob=self.log_probs[rows, step_index], mean=self.means[rows, step_index],
+                          std=self.stds[rows, step_index])
+
+
+def initial_noise(seeds, latent_shape, device):
+    """x_{σ_0} ~ N(0, I), one generator per sample so sample b depends only on seeds[b].
+
+    Same draws as `HunyuanVideo15Pipeline(generator=[torch.Generator(device).manual_seed(s) for s in seeds])`.
+    Returns the noise (B, C, F, H, W) and the generators (which go on to draw the step noise).
+    """
+    generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
+    noise = torch.cat([torch.randn((1, *latent_shape), generator=g, device=device, dtype=torch.float32)
+                       for g in generators])
+    return noise, generators
+
+
+@torch.no_grad()
+def rollout(transformer, prompt_embeds, seeds, latent_shape, sigmas, kernel="sage", eta=0.5,
+            guidance_scale=DEFAULT_GUIDANCE_SCALE, sde_window=None, progress=False):
+    """Sample B trajectories with the policy.  Returns Rollout.
+
+    prompt_embeds: PromptEmbeds with B rows (use .repeat_interleave(G) for groups);
+    seeds: B ints, one per sample (initial noise and every step's noise come from seeds[b] alone);
+    latent_shape: (C, F, H, W), see HunyuanVideo15Policy.latent_shape;
+    sigmas: Tensor[N+1] schedule, e.g. sde.shifted_sigmas(20, policy.shift);
+    kernel, eta: the sde.py transition kernel of the stochastic steps;
+    sde_window: (start, stop): only steps start ≤ i < stop use `kernel`, the others are ODE steps
+                (None: all steps stochastic).
+    """
+    sde.check_kernel(kernel)
+    sde.check_schedule(sigmas)
+    seeds = torch.as_tensor(list(seeds), dtype=torch.long)
+    if seeds.numel() != len(prompt_embeds):
+        raise ValueError(f"need one seed per sample: {len(prompt_embeds)} prompt rows, {seeds.numel()} seeds")
+    num_steps = len(sigmas) - 1
+    start, stop = sde_window if sde_window is not None else (0, num_steps)
+    if not 0 <= start < stop <= num_steps:
+        raise ValueError(f"sde_window must satisfy 0 <= start < stop <= {num_steps}, got {sde_window}")
+    stochastic = torch.zeros(num_steps, dtype=torch.bool)
+    stochastic[start:stop] = True
+    device = prompt_embeds.embeds.device
+
+    x, generators = initial_noise(seeds.tolist(), latent_shape, device)  # (B, C, F, H, W)
+    latents, log_probs, means, stds = [x], [], [], []
+    for i in tqdm(range(num_steps), disable=not progress, desc="rollout"):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        velocity = cfg_velocity(transformer, x, sigma, prompt_embeds, guidance_scale)
+        step_kernel = kernel if stochastic[i] else "ode"
+        # one sde.step per sample, each with its own generator: sample b's noise depends on seeds[b] only
+        steps = [sde.step(step_kernel, x[b:b + 1], velocity[b:b + 1], sigma, sigma_next, eta, generator=generators[b])
+                 for b in range(x.shape[0])]
+        x = torch.cat([s[0] for s in steps])
+        latents.append(x)
+        log_probs.append(torch.cat([s[1] for s in steps]))
+        means.append(torch.cat([s[2] for s in steps]))
+        stds.append(torch.cat([s[3].reshape(1) for s in steps]).float())
+    return Rollout(latents=torch.stack(latents, dim=1), log_probs=torch.stack(log_probs, dim=1),
+                   means=torch.stack(means, dim=1), stds=torch.stack(stds, dim=1),
+                   sigmas=torch.as_tensor(sigmas, dtype=torch.float64).cpu(), stochastic=stochastic, seeds=seeds)
+
+
+def transition_log_prob(transformer, prompt_embeds, latents, next_latents, sigma, sigma_next, kernel="sage", eta=0.5,
+                        guidance_scale=DEFAULT_GUIDANCE_SCALE):
+    """(mean, std, log_prob) of recorded steps x_σ -> x_σ' under the current policy, WITH gradients.
+
+    latents, next_latents: (B, C, F, H, W); sigma, sigma_next: Tensor[B] (each sample its own step);
+    prompt_embeds: PromptEmbeds with B rows.  Returns mean (B, C, F, H, W), std (B, 1, 1, 1, 1),
+    log_prob (B,). With the rollout's weights this reproduces Rollout.log_probs (on-policy ratio 1).
+    """
+    velocity = cfg_velocity(transformer, latents, sigma, prompt_embeds, guidance_scale)
+    mean, std = sde.transition(kernel, latents.float(), velocity, sigma, sigma_next, eta)
+    return mean, std, sde.log_prob(next_latents, mean, std)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding.
+
+@torch.no_grad()
+def decode_latents(vae, latents):
+    """Latents (B, C, F, H, W) -> frames (B, F_pixels, 3, H_pixels, W_pixels) in [0, 1], float32.
+
+    As the pipeline: divide by the VAE's scaling factor exactly once, decode to [−1, 1], map to [0, 1].
+    One sample at a time (the diffusers 0.42 HunyuanVideo-1.5 VAE fails at batch > 1).
+    """
+    if latents.ndim != 5:
+        raise ValueError(f"latents must be (B, C, F, H, W), got shape {tuple(latents.shape)}")
+    videos = []
+    for z in latents:
+        z = z[None].to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
+        videos.append(vae.decode(z, return_dict=False)[0].float())  # (1, 3, F, H, W) in [−1, 1]
+    video = torch.cat(videos)
+    # [−1, 1] -> [0, 1], frames first  # (B, F, 3, H, W)
+    return (video / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny random HunyuanVideo-1.5 in the real on-disk layout (tests, `train.py --tiny`).
+
+# Byte-level chat template in Qwen2.5's format (<|im_start|>role\ncontent<|im_end|>\n …).
+TINY_CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+                      "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_qwen_tokenizer():
+    """A byte-level Qwen2 BPE tokenizer built offline: the 256 byte symbols, no merges, Qwen's specials."""
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2Tokenizer
+    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], padding_side="right")  # Qwen2.5-VL pads on the right
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_hunyuan(path, seed=0):
+    """Write a complete random tiny HunyuanVideo-1.5 directory to `path` (≈ 20 MB, a few seconds).
+
+    Same classes and layout as the real checkpoint (loads with `load_hunyuan`); sizes from the diffusers
+    HunyuanVideo-1.5 pipeline tests: 4 latent channels, VAE 4× spatial / 2× temporal, one transformer
+    block; video TINY_NUM_FRAMES × TINY_HEIGHT × TINY_WIDTH -> latent (4, 3, 4, 4). Returns path.
+    """
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+    tokenizer = tiny_qwen_tokenizer()
+    tokenizer_2 = ByT5Tokenizer()  # byte-level, needs no files
+
+    torch.manual_seed(seed)
+    text_encoder = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, rope_theta=1e6,
+        rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id))
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=32, num_layers=1,
+                                             num_heads=2))
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=2 * 4 + 1, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_refiner_layers=1, mlp_ratio=2.0, text_embed_dim=16, text_embed_2_dim=32, image_embed_dim=12,
+        rope_axes_dim=(2, 2, 4), target_size=16, task_type="t2v")
+    vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(16, 16), layers_per_block=1,
+                                      spatial_compression_ratio=4, temporal_compression_ratio=2,
+                                      downsample_match_channel=False, upsample_match_channel=False)
+    pipeline = HunyuanVideo15Pipeline(
+        text_encoder=text_encoder.eval(), tokenizer=tokenizer, transformer=transformer.eval(), vae=vae.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),  # 480p t2v shift (DESIGN §1)
+        text_encoder_2=text_encoder_2.eval(), tokenizer_2=tokenizer_2,
+        guider=ClassifierFreeGuidance(guidance_scale=DEFAULT_GUIDANCE_SCALE))
+    pipeline.save_pretrained(path)
+    return path

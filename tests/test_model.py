@@ -1,0 +1,294 @@
+"""model.py: the HunyuanVideo-1.5 policy, checked against diffusers and against separate forwards.
+
+Every test runs on a tiny random HunyuanVideo-1.5 written in the real diffusers layout by
+`build_tiny_hunyuan` and loaded through `load_hunyuan` (the code path a user runs); no weights are
+downloaded. Comparisons are with independent computations: the diffusers `HunyuanVideo15Pipeline`
+itself, or transformer forwards assembled by hand.
+"""
+import copy
+import os
+
+import pytest
+import torch
+
+import model
+import sde
+
+PROMPTS = ["a red fox runs through snow", 'a shop sign that says "OPEN"']  # the 2nd exercises byT5
+SEEDS = [11, 12]
+STOCHASTIC_KERNELS = ["flow_grpo", "dance_grpo", "cps", "sage"]
+ETA = 0.7
+NUM_STEPS = 3
+VIDEO = dict(num_frames=model.TINY_NUM_FRAMES, height=model.TINY_HEIGHT, width=model.TINY_WIDTH)
+PARITY_ATOL = 1e-5  # fp32 parity bound with the diffusers pipeline (brief)
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return model.build_tiny_hunyuan(str(tmp_path_factory.mktemp("hunyuan") / "tiny"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_path):
+    return model.load_hunyuan(tiny_path, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def embeds(policy):
+    return model.encode_prompts(policy, PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def latent_shape(policy):
+    return policy.latent_shape(**VIDEO)
+
+
+@pytest.fixture(scope="module")
+def sage_rollout(policy, embeds, latent_shape):
+    """One stochastic rollout shared by the tests that only read it."""
+    return model.rollout(policy.transformer, embeds, SEEDS, latent_shape, sde.shifted_sigmas(NUM_STEPS, policy.shift),
+                         kernel="sage", eta=ETA)
+
+
+def pipeline_generators(seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def transformer_forward(transformer, latents, sigma, text, text_mask, glyph, glyph_mask):
+    """One plain forward as HunyuanVideo15Pipeline.__call__ feeds it for T2V (written out independently)."""
+    batch, channels, frames, height, width = latents.shape
+    hidden_states = torch.cat([latents, torch.zeros_like(latents), torch.zeros(batch, 1, frames, height, width)], dim=1)
+    image_embeds = torch.zeros(batch, 729, transformer.config.image_embed_dim)
+    return transformer(hidden_states=hidden_states, timestep=torch.full((batch,), sigma * 1000.0),
+                       encoder_hidden_states=text, encoder_attention_mask=text_mask,
+                       encoder_hidden_states_2=glyph, encoder_attention_mask_2=glyph_mask,
+                       image_embeds=image_embeds, return_dict=False)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading.
+
+def test_tiny_directory_loads_with_the_real_layout_and_configs(tiny_path, policy):
+    for subfolder in ["transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                      "scheduler", "guider"]:
+        assert os.path.isdir(os.path.join(tiny_path, subfolder))
+    assert os.path.isfile(os.path.join(tiny_path, "model_index.json"))
+    assert policy.shift == 5.0 and policy.guidance_scale == 6.0
+    assert type(policy.transformer).__name__ == "HunyuanVideo15Transformer3DModel"
+    assert type(policy.pipeline.text_encoder).__name__ == "Qwen2_5_VLTextModel"
+    assert type(policy.pipeline.text_encoder_2).__name__ == "T5EncoderModel"
+
+
+def write_skeleton(root):
+    """Empty files in the diffusers layout: enough for the layout check, which reads no weights."""
+    files = ["model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+             "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
+             "text_encoder/model.safetensors", "tokenizer/tokenizer_config.json", "text_encoder_2/config.json",
+             "text_encoder_2/model.safetensors", "tokenizer_2/tokenizer_config.json", "scheduler/scheduler_config.json"]
+    for name in files:
+        os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+        open(os.path.join(root, name), "w").close()
+
+
+def test_complete_layout_passes_the_directory_check(tmp_path):
+    write_skeleton(tmp_path)
+    model.check_hunyuan_directory(str(tmp_path))  # no exception
+
+
+@pytest.mark.parametrize("removed, named", [
+    ("vae", "vae/"),
+    ("tokenizer_2", "tokenizer_2/"),
+    ("text_encoder", "text_encoder/"),
+    ("scheduler/scheduler_config.json", "scheduler/scheduler_config.json"),
+    ("transformer/diffusion_pytorch_model.safetensors", "transformer/ weights"),
+    ("model_index.json", "model_index.json"),
+])
+def test_incomplete_directory_raises_an_error_naming_the_missing_piece(tmp_path, removed, named):
+    write_skeleton(tmp_path)
+    target = os.path.join(tmp_path, removed)
+    if os.path.isdir(target):
+        for name in os.listdir(target):
+            os.remove(os.path.join(target, name))
+        os.rmdir(target)
+    else:
+        os.remove(target)
+    with pytest.raises(FileNotFoundError, match="incomplete") as error:
+        model.load_hunyuan(str(tmp_path))
+    assert named in str(error.value)
+
+
+def test_missing_directory_raises_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        model.load_hunyuan(str(tmp_path / "nowhere"))
+
+
+def test_latent_shape_matches_the_pipeline(policy, latent_shape):
+    reference = policy.pipeline.prepare_latents(1, policy.vae.config.latent_channels, VIDEO["height"], VIDEO["width"],
+                                                VIDEO["num_frames"], torch.float32, "cpu", None)
+    assert latent_shape == tuple(reference.shape[1:]) == (4, 3, 4, 4)
+    with pytest.raises(ValueError, match="frames"):
+        policy.latent_shape(num_frames=6, height=16, width=16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with diffusers.
+
+def test_ode_rollout_matches_diffusers_pipeline(policy, embeds, latent_shape):
+    """Same seeds (hence the same initial latents), same prompts: our ODE rollout = the diffusers sampler."""
+    reference = policy.pipeline(prompt=PROMPTS, num_inference_steps=NUM_STEPS, generator=pipeline_generators(SEEDS),
+                                output_type="latent", **VIDEO).frames
+    ours = model.rollout(policy.transformer, embeds, SEEDS, latent_shape, sde.shifted_sigmas(NUM_STEPS, policy.shift),
+                         kernel="ode", guidance_scale=policy.guidance_scale)
+    difference = (ours.final_latents - reference).abs().max().item()
+    print(f"max |ours - diffusers| over final latents: {difference:.3g}")
+    assert difference <= PARITY_ATOL
+    assert reference.abs().max() > 0.1  # a non-trivial output
+
+
+def test_initial_noise_matches_the_pipeline_draws(policy, latent_shape):
+    noise, _ = model.initial_noise(SEEDS, latent_shape, "cpu")
+    reference = policy.pipeline.prepare_latents(len(SEEDS), latent_shape[0], VIDEO["height"], VIDEO["width"],
+                                                VIDEO["num_frames"], torch.float32, "cpu",
+                                                pipeline_generators(SEEDS))
+    assert torch.equal(noise, reference)
+
+
+def test_decoded_frames_match_the_pipeline_video(policy, embeds, latent_shape):
+    reference = policy.pipeline(prompt=PROMPTS[:1], num_inference_steps=2, generator=pipeline_generators(SEEDS[:1]),
+                                output_type="pt", **VIDEO).frames  # (1, F, 3, H, W) in [0, 1]
+    ours = model.rollout(policy.transformer, embeds.select([0]), SEEDS[:1], latent_shape,
+                         sde.shifted_sigmas(2, policy.shift), kernel="ode", guidance_scale=policy.guidance_scale)
+    frames = model.decode_latents(policy.vae, ours.final_latents)
+    assert frames.shape == reference.shape == (1, VIDEO["num_frames"], 3, VIDEO["height"], VIDEO["width"])
+    assert (frames - reference).abs().max() <= PARITY_ATOL
+
+
+def test_decode_returns_batched_frames_in_unit_interval(policy, latent_shape):
+    latents = 5 * torch.randn(2, *latent_shape, generator=torch.Generator().manual_seed(0))  # large: exercises clamp
+    frames = model.decode_latents(policy.vae, latents)
+    assert frames.shape == (2, VIDEO["num_frames"], 3, VIDEO["height"], VIDEO["width"])
+    assert frames.min() >= 0 and frames.max() <= 1
+    # per-sample decoding: row 1 is what a batch of one gives
+    assert torch.allclose(frames[1:], model.decode_latents(policy.vae, latents[1:]), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Classifier-free guidance.
+
+def test_cfg_velocity_equals_guidance_of_two_separate_forwards(policy, embeds, latent_shape):
+    latents = torch.randn(2, *latent_shape, generator=torch.Generator().manual_seed(1))
+    sigma, scale, e = 0.6, 6.0, embeds
+    with torch.no_grad():
+        ours = model.cfg_velocity(policy.transformer, latents, sigma, embeds, guidance_scale=scale)
+        cond = transformer_forward(policy.transformer, latents, sigma, e.embeds, e.mask, e.embeds_2, e.mask_2)
+        uncond = transformer_forward(policy.transformer, latents, sigma, e.negative_embeds, e.negative_mask,
+                                     e.negative_embeds_2, e.negative_mask_2)
+    assert torch.allclose(ours, uncond + scale * (cond - uncond), atol=1e-5)
+    assert not torch.allclose(cond, uncond, atol=1e-3)  # the two branches really differ
+
+
+def test_cfg_runs_exactly_one_transformer_forward_per_step(policy, embeds, latent_shape):
+    calls = []
+    handle = policy.transformer.register_forward_hook(lambda module, args, kwargs_output: calls.append(1))
+    try:
+        model.rollout(policy.transformer, embeds.select([0]), SEEDS[:1], latent_shape,
+                      sde.shifted_sigmas(2, policy.shift), kernel="sage", eta=ETA)
+    finally:
+        handle.remove()
+    assert len(calls) == 2
+
+
+def test_cfg_gradients_flow_through_both_branches(policy, embeds, latent_shape):
+    transformer = copy.deepcopy(policy.transformer).requires_grad_(True)
+    text = embeds.embeds.clone().requires_grad_(True)
+    negative_text = embeds.negative_embeds.clone().requires_grad_(True)
+    e = model.PromptEmbeds(text, embeds.mask, embeds.embeds_2, embeds.mask_2, negative_text, embeds.negative_mask,
+                           embeds.negative_embeds_2, embeds.negative_mask_2)
+    latents = torch.randn(2, *latent_shape, generator=torch.Generator().manual_seed(2))
+    velocity = model.cfg_velocity(transformer, latents, torch.tensor([0.9, 0.3]), e, guidance_scale=6.0)
+    velocity.square().mean().backward()
+    assert text.grad.abs().sum() > 0 and negative_text.grad.abs().sum() > 0
+    assert transformer.proj_out.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollouts.
+
+@pytest.mark.parametrize("kernel", STOCHASTIC_KERNELS)
+def test_same_seed_gives_the_same_sample_and_other_seeds_differ(policy, embeds, latent_shape, kernel):
+    """Rows 0 and 1 share prompt and seed, row 2 has another seed: one batch holds all three rollouts.
+
+    Identical rows of one batch agree to float32 round-off (~1e-6 after CFG's ×6), not bitwise; separate
+    calls are bitwise identical (test_a_sample_is_reproduced_by_its_seed_alone)."""
+    result = model.rollout(policy.transformer, embeds.select([1, 1, 1]), [5, 5, 6], latent_shape,
+                           sde.shifted_sigmas(2, policy.shift), kernel=kernel, eta=ETA)
+    assert torch.allclose(result.latents[0], result.latents[1], atol=1e-5, rtol=0)
+    assert torch.allclose(result.log_probs[0], result.log_probs[1], atol=1e-4, rtol=0)
+    assert not torch.allclose(result.final_latents[0], result.final_latents[2], atol=1e-3)
+    assert (result.stds[:, 0] > 0).all()  # the first step really is stochastic
+
+
+def test_rollout_shapes(sage_rollout, latent_shape):
+    assert sage_rollout.latents.shape == (2, NUM_STEPS + 1, *latent_shape)
+    assert sage_rollout.means.shape == (2, NUM_STEPS, *latent_shape)
+    assert sage_rollout.log_probs.shape == sage_rollout.stds.shape == (2, NUM_STEPS)
+    assert sage_rollout.sigmas.shape == (NUM_STEPS + 1,) and sage_rollout.seeds.tolist() == SEEDS
+    assert torch.isfinite(sage_rollout.log_probs).all()
+
+
+def test_a_sample_is_reproduced_by_its_seed_alone(policy, embeds, latent_shape, sage_rollout):
+    """Sample (prompt 1, seed 12): rerunning it alone repeats it exactly, and equals row 1 of the batch."""
+    sigmas = sde.shifted_sigmas(NUM_STEPS, policy.shift)
+    alone = model.rollout(policy.transformer, embeds.select([1]), SEEDS[1:], latent_shape, sigmas, kernel="sage", eta=ETA)
+    again = model.rollout(policy.transformer, embeds.select([1]), SEEDS[1:], latent_shape, sigmas, kernel="sage", eta=ETA)
+    assert torch.equal(alone.latents, again.latents) and torch.equal(alone.log_probs, again.log_probs)
+    assert torch.allclose(sage_rollout.latents[1:], alone.latents, atol=1e-5)
+
+
+def test_sde_window_leaves_the_other_steps_deterministic(policy, embeds, latent_shape):
+    result = model.rollout(policy.transformer, embeds.select([0]), SEEDS[:1], latent_shape,
+                           sde.shifted_sigmas(3, policy.shift), kernel="sage", eta=ETA, sde_window=(1, 2))
+    assert result.stochastic.tolist() == [False, True, False]
+    assert (result.stds[:, [0, 2]] == 0).all() and (result.log_probs[:, [0, 2]] == 0).all()
+    assert (result.stds[:, 1] > 0).all()
+    # a deterministic step lands exactly on its mean
+    assert torch.equal(result.latents[:, 1], result.means[:, 0])
+    with pytest.raises(ValueError, match="sde_window"):
+        model.rollout(policy.transformer, embeds, SEEDS, latent_shape, sde.shifted_sigmas(2, 5.0), sde_window=(1, 5))
+
+
+@pytest.mark.parametrize("kernel", ["sage", "cps"])
+def test_recorded_log_probs_equal_recomputed_transition_log_probs(policy, embeds, latent_shape, sage_rollout, kernel):
+    """On-policy consistency: with the rollout's weights, the update-time log-prob is the recorded one."""
+    result = sage_rollout if kernel == "sage" else model.rollout(
+        policy.transformer, embeds, SEEDS, latent_shape, sde.shifted_sigmas(NUM_STEPS, policy.shift), kernel=kernel,
+        eta=ETA)
+    transformer = copy.deepcopy(policy.transformer).requires_grad_(True)
+    step_index = torch.tensor([1, NUM_STEPS - 1])  # a different step per sample, as in training
+    recorded = result.transitions(step_index)
+    mean, std, log_prob = model.transition_log_prob(transformer, embeds, recorded.latents, recorded.next_latents,
+                                                    recorded.sigma, recorded.sigma_next, kernel=kernel, eta=ETA)
+    assert log_prob.shape == (2,) and log_prob.requires_grad
+    assert torch.allclose(log_prob, recorded.log_prob, atol=1e-4, rtol=0)
+    assert torch.allclose(torch.exp(log_prob - recorded.log_prob), torch.ones(2), atol=1e-4)
+    assert torch.allclose(mean, recorded.mean, atol=1e-5)
+    assert torch.allclose(std.flatten().float(), recorded.std, atol=1e-6)
+    log_prob.sum().backward()
+    assert transformer.proj_out.weight.grad.abs().sum() > 0
+
+
+def test_transitions_gather_each_samples_own_step(sage_rollout):
+    recorded = sage_rollout.transitions(torch.tensor([2, 0]))
+    assert torch.equal(recorded.latents[0], sage_rollout.latents[0, 2])
+    assert torch.equal(recorded.next_latents[1], sage_rollout.latents[1, 1])
+    assert torch.equal(recorded.mean[0], sage_rollout.means[0, 2])
+    assert recorded.sigma.tolist() == [sage_rollout.sigmas[2].item(), 1.0]
+    with pytest.raises(ValueError, match="step_index"):
+        sage_rollout.transitions(torch.tensor([0, NUM_STEPS]))
+
+
+def test_prompt_embeds_repeat_into_groups(embeds):
+    grouped = embeds.repeat_interleave(3)
+    assert len(grouped) == 6
+    assert torch.equal(grouped.embeds[2], embeds.embeds[0]) and torch.equal(grouped.embeds[3], embeds.embeds[1])
+    assert torch.equal(grouped.negative_embeds[5], embeds.negative_embeds[1])
