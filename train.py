@@ -61,6 +61,7 @@ import resource
 import shutil
 import sys
 import time
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -179,17 +180,20 @@ def _field_docs(cls):
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
 
 
-def parse_config(argv=None):
-    """Every Config field is a flag: --name value, booleans as --name / --no-name."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    docs = _field_docs(Config)
-    for field in dataclasses.fields(Config):
-        help = f"{docs.get(field.name, '')} (default: {field.default})"
+def parse_config(argv=None, cls=Config, description=__doc__):
+    """Every field of the config dataclass is a flag: --name value; booleans --name / --no-name; lists nargs."""
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
+    docs = _field_docs(cls)
+    for field in dataclasses.fields(cls):
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        help = f"{docs.get(field.name, '')} (default: {default})"
         if field.type is bool:
-            parser.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, default=field.default, help=help)
+            parser.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, default=default, help=help)
+        elif typing.get_origin(field.type) is list:
+            parser.add_argument(f"--{field.name}", nargs="*", type=typing.get_args(field.type)[0], default=default, help=help)
         else:
-            parser.add_argument(f"--{field.name}", type=field.type, default=field.default, help=help)
-    return Config(**vars(parser.parse_args(argv)))
+            parser.add_argument(f"--{field.name}", type=field.type, default=default, help=help)
+    return cls(**vars(parser.parse_args(argv)))
 
 
 def tiny_config(cfg):
@@ -203,6 +207,8 @@ def tiny_config(cfg):
 
 def load_prompts(path):
     """Prompts from .txt (one per line), .csv (column `prompt`) or .jsonl ({"prompt": ...})."""
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), path)):
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)  # the default, from any directory
     if not os.path.isfile(path):
         raise ValueError(f"prompt file {path!r} does not exist")
     ext = os.path.splitext(path)[1].lower()

@@ -1,0 +1,179 @@
+"""Evaluate HunyuanVideo-1.5 checkpoints side by side: deterministic ODE samples, scored by VideoAlign,
+CLIPScore and PickScore (DESIGN.md §6).
+
+Every model (the base transformer of --model_path, then each --checkpoints directory) samples the
+same prompts from the same seeded noise with the deterministic ODE (Euler) sampler, so the only
+difference between rows of the table is the transformer weights. Each video is decoded once and
+scored by
+    VideoAlign  VQ (visual quality), MQ (motion quality), TA (text alignment) and
+                overall = VQ + MQ + TA, the unweighted sum the paper's tables report
+                (SAGE-GRPO: −0.477 − 0.238 + 1.522 = 0.807); the training reward's 0.5/0.5/1.0
+                weighting is a training choice, not the reported metric;
+    CLIPScore   CLIP image-text similarity, averaged over frames;
+    PickScore   the PickScore CLIP model's image-text score, averaged over frames.
+Writes output_dir/results.json (per model and per sample), output_dir/results.md (one table, one
+row per model) and output_dir/videos/<model>/<prompt>_<seed>.mp4 (a PNG frame grid when
+imageio-ffmpeg is not installed).
+
+    # real weights, one GPU (all paths local; nothing is downloaded)
+    python eval.py --model_path ckpts/HunyuanVideo-1.5-480p_t2v --reward_path ckpts/VideoReward \\
+        --clip_path ckpts/clip-vit-large-patch14 --pickscore_path ckpts/PickScore_v1 \\
+        --checkpoints runs/sage/checkpoint-000500 --prompts prompts/example.txt --output_dir runs/eval
+    # no weights, CPU: random tiny models, e.g. on the checkpoint of a `train.py --tiny` run
+    python eval.py --tiny --model_path runs/tiny/tiny_hunyuan --checkpoints runs/tiny/checkpoint-000004
+"""
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+import sde
+from train import load_prompts, parse_config, save_video
+
+
+@dataclass
+class EvalConfig:
+    model_path: str = ""
+    """local diffusers-format HunyuanVideo-1.5 directory: the base model and the frozen VAE / text encoders"""
+    reward_path: str = ""
+    """local VideoAlign (VideoReward) checkpoint directory"""
+    clip_path: str = ""
+    """local CLIP directory for CLIPScore (e.g. openai/clip-vit-large-patch14, saved locally)"""
+    pickscore_path: str = ""
+    """local PickScore directory (yuvalkirstain/PickScore_v1, saved locally)"""
+    checkpoints: list[str] = field(default_factory=list)
+    """transformer directories to compare with the base (a train.py checkpoint-N/ or its transformer/)"""
+    prompts: str = "prompts/example.txt"
+    """prompt file (.txt / .csv / .jsonl, as train.py)"""
+    output_dir: str = "runs/eval"
+    """results.json, results.md and videos/ go here"""
+    tiny: bool = False
+    """random tiny HunyuanVideo-1.5, VideoAlign and CLIP models built on the fly, CPU"""
+    seed: int = 0
+    """seed of the first video of each prompt; prompt i, video j uses seed + 1000·i + j"""
+    videos_per_prompt: int = 1
+    """seeds per prompt"""
+    num_steps: int = 50
+    """ODE steps (HunyuanVideo15Pipeline default num_inference_steps 50)"""
+    shift: float = 5.0
+    """schedule shift (HunyuanVideo-1.5 480p T2V, as in training)"""
+    cfg_scale: float = 6.0
+    """classifier-free guidance scale (HunyuanVideo-1.5 480p T2V)"""
+    num_frames: int = 81
+    """frames, as the training rollouts (official sample_n_frames 81)"""
+    height: int = 352
+    """height in pixels (official 480p bucket 352x624)"""
+    width: int = 624
+    """width in pixels (official 480p bucket 352x624)"""
+    batch_size: int = 2
+    """videos sampled per forward batch"""
+
+
+def transformer_dir(path):
+    """Accept a checkpoint-N/ directory or a transformer directory; raise if it is neither."""
+    for candidate in (path, os.path.join(path, "transformer")):
+        if os.path.isfile(os.path.join(candidate, "config.json")) and any(
+                name.endswith(".safetensors") for name in os.listdir(candidate)):
+            return candidate
+    found = sorted(os.listdir(path)) if os.path.isdir(path) else "nothing (no such directory)"
+    raise ValueError(f"checkpoint {path!r}: expected a diffusers transformer directory (config.json + *.safetensors) "
+                     f"or a train.py checkpoint-N/ containing transformer/, found {found}")
+
+
+def model_names(paths):
+    """'base' then a short unique name per checkpoint (its checkpoint-N or directory name)."""
+    names = ["base"]
+    for path in paths:
+        parts = os.path.normpath(path).split(os.sep)
+        name = parts[-2] if parts[-1] == "transformer" and len(parts) > 1 else parts[-1]
+        names.append(name if name not in names else f"{name}_{len(names)}")
+    return names
+
+
+def markdown_table(results):
+    columns = ["vq", "mq", "ta", "overall", "clip_score", "pick_score"]
+    lines = ["| model | VQ | MQ | TA | VideoAlign overall | CLIPScore | PickScore |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['name']} | " + " | ".join(f"{r[c]:.4f}" for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(cfg):
+    prompts = load_prompts(cfg.prompts)  # bad input fails before any model is loaded
+    paths = [transformer_dir(p) for p in cfg.checkpoints]
+    if not cfg.tiny:
+        for name in ("model_path", "reward_path", "clip_path", "pickscore_path"):
+            if not os.path.isdir(getattr(cfg, name)):
+                raise ValueError(f"--{name} {getattr(cfg, name)!r} is not a directory (local weights only), or use --tiny")
+    import model as hunyuan
+    import reward as scorers
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    model_path, reward_path, clip_path, pick_path = cfg.model_path, cfg.reward_path, cfg.clip_path, cfg.pickscore_path
+    if cfg.tiny:  # random tiny models in the real layouts; tiny video size; same code path as real weights
+        tiny = os.path.join(cfg.output_dir, "tiny_models")
+        model_path = model_path or hunyuan.build_tiny_hunyuan(os.path.join(tiny, "hunyuan"))
+        reward_path = reward_path or scorers.build_tiny_videoalign(os.path.join(tiny, "videoalign"))
+        clip_path = clip_path or scorers.build_tiny_clip(os.path.join(tiny, "clip"))
+        pick_path = pick_path or clip_path
+        cfg = dataclasses.replace(cfg, num_frames=hunyuan.TINY_NUM_FRAMES, height=hunyuan.TINY_HEIGHT,
+                                  width=hunyuan.TINY_WIDTH, num_steps=min(cfg.num_steps, 4))
+    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.tiny else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    pipe = hunyuan.load_hunyuan(model_path, device="cpu", dtype=dtype)
+    pipe.pipeline.transformer = None  # each evaluated transformer is loaded below
+    for module in (pipe.pipeline.text_encoder, pipe.pipeline.text_encoder_2, pipe.vae):
+        module.to(device)
+    videoalign = scorers.VideoAlignReward.from_pretrained(reward_path, device=device, dtype=dtype)
+    clip_score = scorers.ClipScore.from_pretrained(clip_path, device=device, dtype=dtype)
+    pick_score = scorers.PickScore.from_pretrained(pick_path, device=device, dtype=dtype)
+    embeds = hunyuan.encode_prompts(pipe, prompts, device=device, dtype=dtype)
+    samples = [(i, j, cfg.seed + 1000 * i + j) for i in range(len(prompts)) for j in range(cfg.videos_per_prompt)]
+    sigmas = sde.shifted_sigmas(cfg.num_steps, cfg.shift)
+    latent_shape = pipe.latent_shape(cfg.num_frames, cfg.height, cfg.width)
+
+    results = []
+    for name, path in zip(model_names(paths), [os.path.join(model_path, "transformer")] + paths):
+        transformer = HunyuanVideo15Transformer3DModel.from_pretrained(path, torch_dtype=dtype).to(device).eval()
+        rows = []
+        for start in range(0, len(samples), cfg.batch_size):
+            batch = samples[start:start + cfg.batch_size]
+            batch_prompts = [prompts[i] for i, _, _ in batch]
+            with torch.no_grad():  # ODE sampler: the same noise gives the same video for the same weights
+                rollout = hunyuan.rollout(transformer, embeds.select([i for i, _, _ in batch]), [s for _, _, s in batch],
+                                          latent_shape, sigmas, kernel="ode", eta=0.0, guidance_scale=cfg.cfg_scale)
+                frames = hunyuan.decode_latents(pipe.vae, rollout.final_latents)  # (B, F, 3, H, W) in [0, 1]
+                va = videoalign(frames, batch_prompts)
+                clip, pick = clip_score(frames, batch_prompts), pick_score(frames, batch_prompts)
+            for b, (i, j, seed) in enumerate(batch):
+                slug = re.sub(r"[^a-z0-9]+", "_", prompts[i].lower())[:40].strip("_")
+                video = (frames[b].permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu()  # (F, H, W, 3)
+                file = save_video(video, os.path.join(cfg.output_dir, "videos", name, f"{i:03d}_{slug}_seed{seed}"))
+                vq, mq, ta = (float(va[k][b]) for k in ("vq", "mq", "ta"))
+                rows.append({"prompt": prompts[i], "seed": seed, "vq": vq, "mq": mq, "ta": ta, "overall": vq + mq + ta,
+                             "clip_score": float(clip[b]), "pick_score": float(pick[b]),
+                             "video": os.path.relpath(file, cfg.output_dir)})
+        del transformer
+        means = {k: torch.tensor([r[k] for r in rows]).nanmean().item()
+                 for k in ("vq", "mq", "ta", "overall", "clip_score", "pick_score")}
+        results.append({"name": name, "path": path, **means,
+                        "num_failed": sum(r["vq"] != r["vq"] for r in rows), "samples": rows})
+
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    with open(os.path.join(cfg.output_dir, "results.json"), "w") as f:
+        json.dump({"config": dataclasses.asdict(cfg), "models": results}, f, indent=1)
+    table = markdown_table(results)
+    with open(os.path.join(cfg.output_dir, "results.md"), "w") as f:
+        f.write(f"{len(samples)} videos per model, {cfg.num_steps} ODE steps, CFG {cfg.cfg_scale}, "
+                f"{cfg.num_frames} frames at {cfg.height}x{cfg.width}\n\n" + table)
+    print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_config(cls=EvalConfig, description=__doc__))
