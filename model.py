@@ -334,7 +334,7 @@ class Rollout:
 
     latents (B, N+1, C, F, H, W) x_{σ_0} … x_{σ_N} (float32; x_{σ_N} is the generated latent);
     log_probs (B, N) log N(x_{σ_{i+1}}; μ_i, std_i²), element-averaged, 0 for deterministic steps;
-    means (B, N, C, F, H, W) μ_i; stds (B, N) std_i; sigmas (N+1,) σ_0 = 1 … σ_N = 0;
+    means (B, N, C, F, H, W) μ_i; stds (B, N) std_i; sigmas (N+1,) float32, σ_0 = 1 … σ_N = 0;
     stochastic (N,) bool: which steps were sampled with the SDE kernel (the rest are ODE steps);
     seeds (B,) the per-sample seeds that reproduce each sample.
     """
@@ -405,15 +405,20 @@ def rollout(transformer, prompt_embeds, seeds, latent_shape, sigmas, kernel="sag
     stochastic[start:stop] = True
     device = prompt_embeds.embeds.device
 
+    # float32 schedule, the same numbers `Rollout.transitions` hands to `transition_log_prob` later, so the
+    # recomputed step is the recorded one to round-off (on-policy ratio 1)
+    sigmas = torch.as_tensor(sigmas).to(device=device, dtype=torch.float32)
     x, generators = initial_noise(seeds.tolist(), latent_shape, device)  # (B, C, F, H, W)
+    batch_size = x.shape[0]
     latents, log_probs, means, stds = [x], [], [], []
     for i in tqdm(range(num_steps), disable=not progress, desc="rollout"):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        sigma, sigma_next = sigmas[i].expand(batch_size), sigmas[i + 1].expand(batch_size)  # (B,)
         velocity = cfg_velocity(transformer, x, sigma, prompt_embeds, guidance_scale)
         step_kernel = kernel if stochastic[i] else "ode"
         # one sde.step per sample, each with its own generator: sample b's noise depends on seeds[b] only
-        steps = [sde.step(step_kernel, x[b:b + 1], velocity[b:b + 1], sigma, sigma_next, eta, generator=generators[b])
-                 for b in range(x.shape[0])]
+        steps = [sde.step(step_kernel, x[b:b + 1], velocity[b:b + 1], sigma[b:b + 1], sigma_next[b:b + 1], eta,
+                          generator=generators[b])
+                 for b in range(batch_size)]
         x = torch.cat([s[0] for s in steps])
         latents.append(x)
         log_probs.append(torch.cat([s[1] for s in steps]))
@@ -421,7 +426,7 @@ def rollout(transformer, prompt_embeds, seeds, latent_shape, sigmas, kernel="sag
         stds.append(torch.cat([s[3].reshape(1) for s in steps]).float())
     return Rollout(latents=torch.stack(latents, dim=1), log_probs=torch.stack(log_probs, dim=1),
                    means=torch.stack(means, dim=1), stds=torch.stack(stds, dim=1),
-                   sigmas=torch.as_tensor(sigmas, dtype=torch.float64).cpu(), stochastic=stochastic, seeds=seeds)
+                   sigmas=sigmas, stochastic=stochastic, seeds=seeds)
 
 
 def transition_log_prob(transformer, prompt_embeds, latents, next_latents, sigma, sigma_next, kernel="sage", eta=0.5,

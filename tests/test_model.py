@@ -269,8 +269,8 @@ def test_recorded_log_probs_equal_recomputed_transition_log_probs(policy, embeds
     mean, std, log_prob = model.transition_log_prob(transformer, embeds, recorded.latents, recorded.next_latents,
                                                     recorded.sigma, recorded.sigma_next, kernel=kernel, eta=ETA)
     assert log_prob.shape == (2,) and log_prob.requires_grad
-    assert torch.allclose(log_prob, recorded.log_prob, atol=1e-4, rtol=0)
-    assert torch.allclose(torch.exp(log_prob - recorded.log_prob), torch.ones(2), atol=1e-4)
+    assert torch.allclose(log_prob, recorded.log_prob, atol=1e-5, rtol=0)
+    assert torch.allclose(torch.exp(log_prob - recorded.log_prob), torch.ones(2), atol=1e-5)
     assert torch.allclose(mean, recorded.mean, atol=1e-5)
     assert torch.allclose(std.flatten().float(), recorded.std, atol=1e-6)
     log_prob.sum().backward()
