@@ -44,7 +44,8 @@ How the transformer is fed (matches `HunyuanVideo15Pipeline.__call__`, diffusers
 * timestep = σ·1000 per sample, in the transformer's dtype.
 
 Differences from the diffusers pipeline (none change the numbers; tested in tests/test_model.py)
-* cond and uncond are one batch of 2B (the pipeline runs two forwards through its guider);
+* cond and uncond are one batch of 2B (the pipeline runs two forwards through its guider; the
+  official SAGE-GRPO code batches them too, unconditional rows first);
 * the latent state is kept in float32 between steps whatever the transformer dtype (the pipeline's
   scheduler also steps in float32 but casts back to the model dtype after every step); only the
   transformer input is cast;
@@ -228,7 +229,8 @@ class PromptEmbeds:
         return self._map(lambda t: t.repeat_interleave(group_size, dim=0))
 
     def to(self, device=None, dtype=None):
-        """Move to device; cast the embeddings (not the masks' values, which stay 0/1) to dtype."""
+        """Move to device and cast the floating tensors to dtype (the pipeline's masks are floating 0/1
+        tensors too: exact in any float dtype)."""
         return self._map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
 
 
