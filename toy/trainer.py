@@ -21,11 +21,15 @@ Toy defaults that differ from the video setting (DESIGN.md §7), and why:
 * shift 1 (video: 5). The shift moves steps towards high noise to compensate for the redundancy of
   many pixels at high resolution; a 2-D point has none, so the plain linear schedule is the natural
   one (and the one the flow-matching pretraining saw uniformly).
-* lr 1e-3, clip range 0.05, β 1e-3 -> 1e-2 (video: 1e-5, 1e-4, 1e-7 -> 1e-5). The video log-prob
-  is a mean over ~10⁶ latent elements, so one update moves it by ~1e-4; here it is a mean over two
-  coordinates, ratios move by percents, and a tiny MLP trains in a few hundred steps, not thousands.
-  β keeps the same role and the same two-stage shape, scaled to where it is neither inert nor
-  dominant in the toy (toy/demo.py --ablation shows the KL modes side by side).
+* lr 1e-3, clip range 0.05 (video: 1e-5, 1e-4). The video log-prob is a mean over ~10⁶ latent
+  elements, so one update moves it by ~1e-4; here it is a mean over two coordinates, ratios move by
+  percents, and a tiny MLP trains in a few hundred steps, not thousands.
+* β 1 -> 10 at half the updates (video: 1e-7 -> 1e-5). Same role, same two-stage shape (small early
+  for exploration, larger later). The scale is the toy's own: the KL is an element mean over 2
+  coordinates instead of 10⁶ and the policy loss is O(1). A short sweep (sage + equalizer + dual,
+  FlowGRPO-style as the baseline) showed: β ≤ 0.3 early lets every KL mode drift far off the circle
+  (the reward is hacked), β ≥ 3 throughout makes the fixed KL freeze the pretrained model; 1 -> 10
+  is in between, and it was chosen before looking at the ablation grid.
 * updates_per_rollout 2 (official: 1): with one update per rollout the clip and the step-wise KL
   are both inert (ρ = 1 exactly), and the toy exists to show them.
 """
@@ -66,7 +70,7 @@ class Config:
     """groups per rollout batch, prompts alternating (2 prompts -> 4 groups each)"""
     group_size: int = 8
     """G rollouts per group (official: 4; the toy affords 8 for steadier advantages)"""
-    iterations: int = 120
+    iterations: int = 100
     """rollout batches"""
     updates_per_rollout: int = 2
     """optimizer updates on each rollout batch (official: 1, which leaves clip and step-KL inert)"""
@@ -84,9 +88,9 @@ class Config:
     """w_anchor of the dual KL (official: 1.0)"""
     step_weight: float = trust_region.STEP_WEIGHT
     """w_step of the dual KL (official: 0.1)"""
-    beta_start: float = 1e-3
+    beta_start: float = 1.0
     """β of the first stage (video: 1e-7; toy scale, see the module docstring)"""
-    beta_end: float = 1e-2
+    beta_end: float = 10.0
     """β of the second stage (video: 1e-5)"""
     beta_switch: float = 0.5
     """fraction of the updates after which β switches to beta_end"""
