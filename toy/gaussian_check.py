@@ -60,7 +60,7 @@ def table(s=0.01, eta=0.5, step_counts=(10, 20, 40), shift=1.0):
     (first step, and the largest over the other steps) of the middle step count."""
     n_mid = step_counts[len(step_counts) // 2]
     head = ("| kernel | " + " | ".join(f"final std, {n} steps" for n in step_counts)
-            + f" | one-step excess variance, first step ({n_mid} steps) | largest over the other steps |")
+            + f" | one-step excess variance, first step ({n_mid} steps) | largest |excess| over the other steps |")
     lines = [f"Gaussian data N(0, s²I), s = {s}, η = {eta}, shift {shift}: exact, no sampling "
              f"(the true final std is s = {s})", "", head, "|" + "---|" * (len(step_counts) + 3)]
     for kernel in KERNELS:

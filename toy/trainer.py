@@ -197,6 +197,14 @@ def train(config, pretrained, progress=None):
         old_log_prob, old_mean = trajectory.log_probs[t, sample], trajectory.means[t, sample]
         sigma, sigma_next = sigmas32[t], sigmas32[t + 1]                        # (M,)
         pair_labels, pair_advantages, pair_weights = labels[sample], advantages[sample], step_weights[t]
+        # log p_old and μ_old again, from the same batched forward the first update will make: the
+        # values recorded in the rollout differ from it by float rounding of a differently shaped
+        # matmul (~1e-7, logged as `old_log_prob_mismatch`); recomputing makes the on-policy ratio
+        # exactly 1 and the step-wise KL exactly 0 at the first update, as DESIGN.md §4-5 require.
+        with torch.no_grad():
+            velocity = guided_velocity(policy, x_t, sigma, pair_labels, config.cfg_scale)
+            old_mean, std = sde.transition(config.kernel, x_t, velocity, sigma, sigma_next, config.eta)
+            recorded_log_prob, old_log_prob = old_log_prob, sde.log_prob(x_next, old_mean, std)
 
         # ---------------- UPDATE
         for _ in range(config.updates_per_rollout):
@@ -230,6 +238,7 @@ def train(config, pretrained, progress=None):
         log("rollout_reward", rewards.view(E, -1).mean(1))
         log("rollout_off_manifold", distance_to_manifold(x_final).view(E, -1).mean(1))
         log("grad_norm", grad_norms.detach())
+        log("old_log_prob_mismatch", (recorded_log_prob - old_log_prob).abs().max().item())
         for key in ("approx_kl", "clip_fraction", "ratio_std"):
             log(key, stats[key])
         for key, value in kl_stats.items():

@@ -1,0 +1,110 @@
+"""The toy (toy/, DESIGN.md §8): its manifold, its pretrained model, its trainer and its demo."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import sde
+from toy import demo, gaussian_check
+from toy.manifold import RADIUS, distance_to_manifold, random_labels, sample_manifold
+from toy.pretrain import load_or_pretrain
+from toy.target_reward import best_on_manifold_reward, reward, targets
+from toy.trainer import Config, evaluate, train
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    torch.set_num_threads(1)   # tiny tensors: one thread is the fast setting (see toy/demo.py)
+    return load_or_pretrain()
+
+
+coordinate = st.floats(-4, 4, allow_nan=False)
+
+
+@given(coordinate, coordinate)
+def test_distance_to_manifold_matches_a_dense_polyline(x, y):
+    # brute force: the nearest of 100 000 points of the circle (spacing 6.3e-5, so the error of the
+    # brute force itself is < 1e-4)
+    theta = torch.linspace(0, 2 * math.pi, 100_001, dtype=torch.float64)
+    curve = RADIUS * torch.stack([torch.cos(theta), torch.sin(theta)], dim=-1)
+    point = torch.tensor([[x, y]], dtype=torch.float64)
+    brute_force = (curve - point).norm(dim=-1).min()
+    assert distance_to_manifold(point).item() == pytest.approx(brute_force.item(), abs=1e-4)
+
+
+def test_manifold_samples_lie_on_their_prompts_arc():
+    labels = random_labels(500, 2)
+    x = sample_manifold(labels, torch.Generator().manual_seed(0))
+    assert distance_to_manifold(x).max() < 1e-6
+    upper = x[:, 1] > 0
+    assert bool((upper == (labels == 0)).all())   # prompt 0: upper half circle, prompt 1: lower
+
+
+def test_reward_is_maximal_off_the_manifold():
+    labels = torch.tensor([0, 1])
+    on_circle = RADIUS * targets(labels) / targets(labels).norm(dim=-1, keepdim=True)
+    assert torch.allclose(reward(on_circle, labels), torch.full((2,), best_on_manifold_reward()))
+    assert torch.allclose(reward(targets(labels), labels), torch.zeros(2))   # the hack: off the circle
+
+
+def test_pretrained_ode_samples_lie_near_the_manifold(pretrained):
+    metrics, (x, labels) = evaluate(pretrained, Config(num_seeds=1, eval_samples=512))
+    # Threshold 0.03: N(0, I) noise lies 0.5 from the unit circle on average (E| |ε| - 1 | for a 2-D
+    # Gaussian), and a well-trained model's 20-step Euler samples measured 0.010; 0.03 leaves room
+    # for another platform's rounding and still fails a model that has not learnt the circle.
+    assert metrics["off_manifold"].item() < 0.03
+    noise = torch.randn(4096, 2, generator=torch.Generator().manual_seed(0))
+    assert distance_to_manifold(noise).mean() > 0.4
+    # and each prompt lands on its own arc
+    assert ((x[0, :, 1] > 0) == (labels[0] == 0)).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("kernel", ["flow_grpo", "dance_grpo", "cps", "sage"])
+def test_trainer_ratio_is_exactly_one_at_the_first_update(pretrained, kernel):
+    _, history = train(Config(kernel=kernel, iterations=1, num_seeds=2, num_groups=2, eval_every=100), pretrained)
+    assert history["first_update_ratio"] == (1.0, 0.0)
+
+
+def test_trainer_replicas_are_independent(pretrained):
+    # member 1 of a 2-replica run must not depend on member 0 (per-replica grad clip, own advantages)
+    _, history = train(Config(iterations=3, num_seeds=2, num_groups=2, eval_every=100, max_grad_norm=1e-3),
+                       pretrained)
+    assert history["grad_norm"].shape == (3, 2)
+    assert not torch.equal(history["grad_norm"][:, 0], history["grad_norm"][:, 1])
+
+
+def test_gaussian_check_exact_velocity_transports_noise_to_the_data():
+    # With the closed-form velocity, a fine Euler ODE maps N(0, 1) onto N(0, s²) (the marginal at σ=0)
+    s = 0.3
+    assert gaussian_check.final_std("ode", sde.shifted_sigmas(2000, 1.0), 0.0, s) == pytest.approx(s, rel=5e-3)
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.5, 0.9])
+def test_gaussian_check_velocity_is_the_conditional_mean_of_the_target(sigma):
+    # Monte Carlo: regress the flow-matching target ε − x_0 on x_σ; for Gaussian data the conditional
+    # mean is linear, so the least-squares slope is the closed-form coefficient
+    s, generator = 0.3, torch.Generator().manual_seed(0)
+    x0 = s * torch.randn(400_000, generator=generator, dtype=torch.float64)
+    noise = torch.randn(400_000, generator=generator, dtype=torch.float64)
+    x = (1 - sigma) * x0 + sigma * noise
+    slope = (x * (noise - x0)).mean() / (x * x).mean()
+    closed_form = gaussian_check.exact_velocity(torch.ones(1, dtype=torch.float64), sigma, s).item()
+    assert slope.item() == pytest.approx(closed_form, abs=0.02)
+
+
+def test_gaussian_check_sage_ends_nearer_the_thin_manifold_than_flow_grpo():
+    for n in (10, 20, 40):
+        sigmas = sde.shifted_sigmas(n, 1.0)
+        sage, flow = (gaussian_check.final_std(k, sigmas, 0.5, 0.01) for k in ("sage", "flow_grpo"))
+        assert sage < flow
+
+
+def test_fast_demo_runs_end_to_end_and_grpo_raises_the_reward(tmp_path):
+    pretrained_metrics, results = demo.main(["--fast", "--out", str(tmp_path)])
+    # the same evaluation noise for the pretrained policy and the trained ones (evaluate's fixed seed)
+    sage = results["SAGE-GRPO"][1]
+    assert sage["reward"].min() > pretrained_metrics["reward"].max() + 0.1
+    for name in ("rollouts_per_kernel", "injected_noise", "samples_before_after", "training_curves"):
+        picture = tmp_path / f"{name}.png"
+        assert picture.exists() and picture.stat().st_size > 10_000
