@@ -1,0 +1,875 @@
+"""The rewards: VideoAlign (VideoReward) for training, CLIPScore and PickScore for evaluation.
+
+DESIGN.md §6 (video system) and §7 (reward weights). SAGE-GRPO scores every rollout with
+VideoAlign's VideoReward (Liu et al., "Improving Video Generation with Human Feedback",
+arXiv 2501.13918; code KwaiVGI/VideoAlign): a Qwen2-VL-2B whose last hidden state is read by a
+linear reward head at three special tokens placed in the prompt,
+
+    h = Qwen2-VL(video, prompt)                       (B, L, D) last hidden states
+    r_k = W_k · h[pos(<|k_reward|>)]                  k ∈ {VQ, MQ, TA}; W: rm_head, (N, D), no bias
+    r̃_k = (r_k − mean_k) / std_k                       the checkpoint's own statistics (inference_config)
+    reward = w_VQ·r̃_VQ + w_MQ·r̃_MQ + w_TA·r̃_TA         paper setting B: w = (0.5, 0.5, 1.0)
+
+With N = 3 outputs, dimension k reads row k of the head at token k (the official "diagonal");
+with N = 1 the single row is read at all three tokens. VQ = visual quality, MQ = motion quality,
+TA = text alignment. The normalised scores are what the official `VideoVLMRewardInference.reward`
+returns with use_norm=True, and what the paper reports.
+
+What the reward model sees (the official inference path, re-derived here in torch)
+----------------------------------------------------------------------------------
+Frames arrive from the VAE decoder as float tensors (F, 3, H, W) in [0, 1]; there is no mp4 round
+trip. Each video then goes through exactly the steps the official pipeline applies to a decoded
+mp4 (qwen-vl-utils `fetch_video` in VideoAlign's `vision_process.py`, then the Qwen2-VL processor):
+
+1. Frame count (`sample_frame_indices`). At sampling rate f_s = 2 fps from a source at f fps
+   (HunyuanVideo-1.5 writes 24 fps), n = F/f·f_s, clamped to [4, ⌊min(768, F)⌋₂] and rounded to
+   a multiple of 2 (⌊·⌋₂: down to a multiple of 2; rounding is Python's round-half-to-even). The
+   kept frames are round(linspace(0, F − 1, n)). Example: 81 frames at 24 fps -> n = 6.75 -> 6,
+   frames 0, 16, 32, 48, 64, 80.
+2. Frame size (`frame_size`). Sides rounded to multiples of 28 (= patch 14 × merge 2); if the area
+   exceeds max_pixels (checkpoint: 448² = 200704) both sides shrink by √(HW/max_pixels) and are
+   floored to multiples of 28; if it is below min_pixels (qwen-vl-utils: 128·28²) they grow by
+   √(min_pixels/HW) and are ceiled. 352×624 -> 336×588. Resize: bicubic with antialiasing.
+3. CLIP normalisation: (x − mean)/std with the OpenAI CLIP mean/std (Qwen2-VL's preprocessor).
+4. Patchify (`patchify`, Qwen2-VL): frames grouped in pairs (temporal patch 2; an odd count repeats
+   the last frame), 14×14 patches, ordered so that each 2×2 block of patches (one merged visual
+   token) is contiguous: pixel_values_videos (T/2·H/14·W/14, 3·2·14·14) and video_grid_thw
+   (T/2, H/14, W/14). The prompt holds T/2·H/14·W/14 / 4 <|video_pad|> tokens.
+5. Text: the "detailed_special" template with the user prompt inserted, after the video, in
+   Qwen2-VL's chat format (default system prompt, generation prompt appended); batches are padded
+   on the right.
+
+Positions. VideoAlign was trained with transformers 4.45, where its reward model fed the text
+decoder `inputs_embeds` without position ids, so every token (video tokens included) got the
+plain sequential position 0, 1, 2, … in all three M-RoPE sections, not Qwen2-VL's 3-D video
+positions. We do the same, or the checkpoint would be scored off its training distribution.
+
+The checkpoint (`VideoAlignReward.from_pretrained`)
+--------------------------------------------------
+    VideoReward/
+        model_config.json           data_config, model_config, peft_lora_config, inference_config
+        checkpoint-<step>/          the highest step is used (or `step=`)
+            model.pth               the whole LoRA-wrapped model's state dict, or
+            adapter_model.safetensors + non_lora_state_dict.pth  (LoRA A/B + trained non-LoRA tensors)
+        Qwen/Qwen2-VL-2B-Instruct/  the base model (model_config.model_name_or_path; or base_model_path=):
+                                    config.json and tokenizer always; its weights for the adapter layout
+
+The LoRA deltas are merged into plain weights once at load time,
+
+    W = W_0 + s·B·A,  s = lora_alpha / r  (lora_alpha / √r with rsLoRA),   embeddings: W = W_0 + s·(B·A)ᵀ,
+
+and the keys are mapped from the PEFT wrapper and the transformers-4.45 Qwen2-VL layout
+(`base_model.model.model.layers…`, `base_model.model.visual…`) to the transformers-5 one
+(`model.language_model.layers…`, `model.visual…`). As in the official loader, the three reward
+tokens are added to the base tokenizer and the embedding matrix is cut (or grown) to its length.
+
+CLIPScore and PickScore (`ClipScore`, `PickScore`): a transformers `CLIPModel` scores `num_frames`
+frames sampled uniformly from each video, and the per-frame scores are averaged:
+
+    CLIPScore = mean_f 100·max(cos(e_img_f, e_txt), 0)      (torchmetrics / most T2V papers)
+    PickScore = mean_f exp(logit_scale)·cos(e_img_f, e_txt) (Kirstain et al. 2023, its inference code)
+
+Failures. A video whose frames are unusable (wrong shape, too few frames, NaN/inf) gets NaN for
+every score, with a warning; the others in the batch are scored as usual. Configuration errors
+(missing files, wrong layout, unknown template) raise and say what was expected and what was found.
+
+Differences from the official code (deliberate): no mp4 encode/decode (frames are not quantised
+to uint8 nor h264-compressed before resizing); LoRA is merged instead of kept as a PEFT wrapper;
+a failed video gives NaN (SAGE-GRPO's official fallback is -1 or NaN depending on the path);
+`forward` returns tensors, not Python floats.
+"""
+import glob
+import json
+import logging
+import math
+import os
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------------------------
+# Constants, each with its source.
+
+# The three reward tokens, in the order they appear in the prompt (VideoAlign train_reward.py).
+REWARD_TOKENS = ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")
+DIMENSIONS = ("vq", "mq", "ta")
+# Reward weights w_VQ, w_MQ, w_TA: paper setting B / official SAGE-GRPO reward_config (DESIGN §7).
+DEFAULT_WEIGHTS = (0.5, 0.5, 1.0)
+# HunyuanVideo-1.5 writes its videos at 24 fps (its pipeline's default export fps).
+DEFAULT_SOURCE_FPS = 24.0
+# Frame sampling (qwen-vl-utils as vendored in VideoAlign vision_process.py; fps 2 is also
+# VideoReward's data_config.fps).
+DEFAULT_SAMPLE_FPS = 2.0
+FRAME_FACTOR = 2
+FPS_MIN_FRAMES = 4
+FPS_MAX_FRAMES = 768
+# Frame size: VideoReward's data_config.max_frame_pixels (448² = 256·28²) and qwen-vl-utils'
+# VIDEO_MIN_PIXELS (128·28²), its default when the video element sets no min_pixels.
+DEFAULT_MAX_FRAME_PIXELS = 448 * 448
+DEFAULT_MIN_FRAME_PIXELS = 128 * 28 * 28
+MAX_ASPECT_RATIO = 200  # qwen-vl-utils / transformers smart_resize
+# OpenAI CLIP mean/std (Qwen2-VL's preprocessor_config.json: image_mean / image_std).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Qwen2-VL's chat template rendered for one user turn [video, text] with add_generation_prompt=True
+# (Qwen2-VL-2B-Instruct chat_template; the default system prompt is added when none is given).
+QWEN2VL_CHAT_FORMAT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                       "<|im_start|>user\n<|vision_start|>{video}<|vision_end|>{text}<|im_end|>\n"
+                       "<|im_start|>assistant\n")
+VIDEO_PAD_TOKEN = "<|video_pad|>"
+QWEN2VL_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                          "<|vision_pad|>", "<|image_pad|>", VIDEO_PAD_TOKEN)
+
+# VideoAlign prompt_template.py, template type "detailed_special" (VideoReward's data_config),
+# verbatim: the model was trained on exactly this text. Some lines end in two spaces (Markdown line
+# breaks) or one; they are part of the prompt and must survive editors that strip whitespace.
+DETAILED_SPECIAL_TEMPLATE = """
+You are tasked with evaluating a generated video based on three distinct criteria: Visual Quality, Motion Quality, and Text Alignment. Please provide a rating from 0 to 10 for each of the three categories, with 0 being the worst and 10 being the best. Each evaluation should be independent of the others.
+
+**Visual Quality:**  
+Evaluate the overall visual quality of the video, with a focus on static factors. The following sub-dimensions should be considered:
+- **Reasonableness:** The video should not contain any significant biological or logical errors, such as abnormal body structures or nonsensical environmental setups.
+- **Clarity:** Evaluate the sharpness and visibility of the video. The image should be clear and easy to interpret, with no blurring or indistinct areas.
+- **Detail Richness:** Consider the level of detail in textures, materials, lighting, and other visual elements (e.g., hair, clothing, shadows).
+- **Aesthetic and Creativity:** Assess the artistic aspects of the video, including the color scheme, composition, atmosphere, depth of field, and the overall creative appeal. The scene should convey a sense of harmony and balance.
+- **Safety:** The video should not contain harmful or inappropriate content, such as political, violent, or adult material. If such content is present, the image quality and satisfaction score should be the lowest possible. 
+
+Please provide the ratings of Visual Quality: <|VQ_reward|>
+END
+
+**Motion Quality:**  
+Assess the dynamic aspects of the video, with a focus on dynamic factors. Consider the following sub-dimensions:
+- **Stability:** Evaluate the continuity and stability between frames. There should be no sudden, unnatural jumps, and the video should maintain stable attributes (e.g., no fluctuating colors, textures, or missing body parts).
+- **Naturalness:** The movement should align with physical laws and be realistic. For example, clothing should flow naturally with motion, and facial expressions should change appropriately (e.g., blinking, mouth movements).
+- **Aesthetic Quality:** The movement should be smooth and fluid. The transitions between different motions or camera angles should be seamless, and the overall dynamic feel should be visually pleasing.
+- **Fusion:** Ensure that elements in motion (e.g., edges of the subject, hair, clothing) blend naturally with the background, without obvious artifacts or the feeling of cut-and-paste effects.
+- **Clarity of Motion:** The video should be clear and smooth in motion. Pay attention to any areas where the video might have blurry or unsteady sections that hinder visual continuity.
+- **Amplitude:** If the video is largely static or has little movement, assign a low score for motion quality.
+
+Please provide the ratings of Motion Quality: <|MQ_reward|>
+END
+
+**Text Alignment:**  
+Assess how well the video matches the textual prompt across the following sub-dimensions:
+- **Subject Relevance** Evaluate how accurately the subject(s) in the video (e.g., person, animal, object) align with the textual description. The subject should match the description in terms of number, appearance, and behavior.
+- **Motion Relevance:** Evaluate if the dynamic actions (e.g., gestures, posture, facial expressions like talking or blinking) align with the described prompt. The motion should match the prompt in terms of type, scale, and direction.
+- **Environment Relevance:** Assess whether the background and scene fit the prompt. This includes checking if real-world locations or scenes are accurately represented, though some stylistic adaptation is acceptable.  
+- **Style Relevance:** If the prompt specifies a particular artistic or stylistic style, evaluate how well the video adheres to this style.
+- **Camera Movement Relevance:** Check if the camera movements (e.g., following the subject, focus shifts) are consistent with the expected behavior from the prompt.
+
+Textual prompt - {text_prompt}
+Please provide the ratings of Text Alignment: <|TA_reward|>
+END
+"""
+SUPPORTED_TEMPLATE = "detailed_special"
+
+# Checkpoint file names (VideoAlign utils.load_model_from_checkpoint).
+MODEL_CONFIG_FILE = "model_config.json"
+FULL_CHECKPOINT_FILE = "model.pth"
+ADAPTER_FILE = "adapter_model.safetensors"
+NON_LORA_FILE = "non_lora_state_dict.pth"
+
+# CLIPScore = CLIPSCORE_SCALE·max(cos, 0): the torchmetrics convention, which is what T2V papers
+# report as "CLIPScore" (values ~20-35). Hessel et al.'s CLIP-S uses w = 2.5 instead of 100; only
+# the scale differs. PickScore uses the model's own exp(logit_scale) (≈ 100 for PickScore_v1).
+CLIPSCORE_SCALE = 100.0
+# Frames per video for CLIPScore / PickScore (uniformly spaced, first and last included): our choice.
+CLIP_NUM_FRAMES = 8
+CLIP_MAX_TEXT_TOKENS = 77  # CLIP's text context length
+
+
+# ----------------------------------------------------------------------------------------------
+# Frame preprocessing, pure torch (steps 1-4 of the module docstring).
+
+def _round_to(x, factor):
+    """Nearest multiple of `factor` (Python round: halves go to the even multiple)."""
+    return round(x / factor) * factor
+
+
+def sample_frame_indices(num_frames, fps, sample_fps=DEFAULT_SAMPLE_FPS, target_frames=None):
+    """Indices of the frames the reward model sees: round(linspace(0, F − 1, n)) (step 1).
+
+    n = F/fps·sample_fps clamped to [4, ⌊min(768, F)⌋₂] and rounded to a multiple of 2, or
+    `target_frames` rounded to a multiple of 2 when the checkpoint fixes the count
+    (data_config.num_frames). Raises ValueError when fewer than 2 frames would remain.
+    """
+    if fps <= 0 or sample_fps <= 0:
+        raise ValueError(f"fps and sample_fps must be > 0, got fps={fps}, sample_fps={sample_fps}")
+    if target_frames is not None:
+        n = _round_to(target_frames, FRAME_FACTOR)
+    else:
+        min_frames = math.ceil(FPS_MIN_FRAMES / FRAME_FACTOR) * FRAME_FACTOR
+        max_frames = math.floor(min(FPS_MAX_FRAMES, num_frames) / FRAME_FACTOR) * FRAME_FACTOR
+        n = num_frames / fps * sample_fps
+        n = _round_to(min(max(n, min_frames), max_frames), FRAME_FACTOR)
+    n = min(n, num_frames)
+    if n < FRAME_FACTOR:
+        raise ValueError(f"a video needs at least {FRAME_FACTOR} frames for the reward model, got {num_frames}")
+    return torch.linspace(0, num_frames - 1, n).round().long().tolist()
+
+
+def frame_size(height, width, min_pixels=DEFAULT_MIN_FRAME_PIXELS, max_pixels=DEFAULT_MAX_FRAME_PIXELS,
+               factor=28):
+    """(height, width) after resizing: multiples of `factor`, area within [min_pixels, max_pixels] (step 2)."""
+    if min(height, width) < 1 or max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(f"frame size {height}x{width}: expected positive sides with aspect ratio "
+                         f"<= {MAX_ASPECT_RATIO}")
+    h, w = max(factor, _round_to(height, factor)), max(factor, _round_to(width, factor))
+    if h * w > max_pixels:  # shrink by β = √(HW / max_pixels), floor to the grid
+        beta = math.sqrt(height * width / max_pixels)
+        h = math.floor(height / beta / factor) * factor
+        w = math.floor(width / beta / factor) * factor
+    elif h * w < min_pixels:  # grow by β = √(min_pixels / HW), ceil to the grid
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def patchify(frames, patch_size=14, temporal_patch_size=2, merge_size=2):
+    """Normalised frames (T, C, H, W) -> (pixel_values (T'·h·w, C·t·p·p), grid_thw (3,)) (step 4).
+
+    T' = T/t, h = H/p, w = W/p. Patch rows are ordered (t', h-block, w-block, h-in-block,
+    w-in-block) with merge_size² consecutive rows forming one merged visual token; each row is laid
+    out (C, t, p, p), the layout of Qwen2-VL's Conv3d patch embedding. An odd frame count repeats
+    the last frame (transformers' Qwen2-VL video processor does the same).
+    """
+    T, C, H, W = frames.shape
+    p, t, m = patch_size, temporal_patch_size, merge_size
+    if H % (p * m) or W % (p * m):
+        raise ValueError(f"frame size {H}x{W} must be a multiple of patch_size·merge_size = {p * m}")
+    if T % t:
+        frames = torch.cat([frames, frames[-1:].expand(t - T % t, C, H, W)])
+    grid_t, grid_h, grid_w = frames.shape[0] // t, H // p, W // p
+    x = frames.reshape(grid_t, t, C, grid_h // m, m, p, grid_w // m, m, p)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (t', h/m, w/m, m_h, m_w, C, t, p, p)
+    pixel_values = x.reshape(grid_t * grid_h * grid_w, C * t * p * p)
+    return pixel_values, torch.tensor([grid_t, grid_h, grid_w])
+
+
+def check_frames(frames):
+    """Raise ValueError unless `frames` is a finite float tensor (F, 3, H, W)."""
+    if not torch.is_tensor(frames) or frames.ndim != 4 or frames.shape[1] != 3 or frames.numel() == 0:
+        raise ValueError(f"expected frames (F, 3, H, W), got "
+                         f"{tuple(frames.shape) if torch.is_tensor(frames) else type(frames).__name__}")
+    if not torch.isfinite(frames).all():
+        raise ValueError("frames contain NaN or inf")
+
+
+def _as_video_list(frames, prompts):
+    """Tensor (B, F, 3, H, W) or list of (F, 3, H, W) -> list of B videos; checks len(prompts) == B."""
+    if torch.is_tensor(frames):
+        if frames.ndim != 5:
+            raise ValueError(f"frames must be (B, F, 3, H, W) or a list of (F, 3, H, W), got {tuple(frames.shape)}")
+        frames = list(frames)
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a list of strings, one per video, not a single string")
+    if len(frames) != len(prompts):
+        raise ValueError(f"got {len(frames)} videos but {len(prompts)} prompts")
+    return list(frames)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the official checkpoint.
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def find_checkpoint(path, step=None):
+    """The `checkpoint-<step>` directory to load: `step` if given, else the highest step."""
+    found = {}
+    for d in glob.glob(os.path.join(path, "checkpoint-*")):
+        tail = os.path.basename(d)[len("checkpoint-"):]
+        if os.path.isdir(d) and tail.isdigit():
+            found[int(tail)] = d
+    if not found:
+        raise FileNotFoundError(f"no checkpoint-<step>/ directory in {path}: expected the VideoReward layout "
+                                f"({MODEL_CONFIG_FILE} + checkpoint-<step>/), found {sorted(os.listdir(path))}")
+    if step is None:
+        return found[max(found)]
+    if step not in found:
+        raise FileNotFoundError(f"checkpoint-{step} not in {path}; available steps: {sorted(found)}")
+    return found[step]
+
+
+def canonical_key(key):
+    """Map a VideoAlign state-dict key to the transformers-5 Qwen2-VL layout (None: drop the key).
+
+    * PEFT wrapper: strip `base_model.model.` and the adapter name `.default`; a modules_to_save
+      copy becomes the module's own weight and its frozen `original_module` is dropped.
+    * transformers 4.45 layout -> 5: `visual.` -> `model.visual.`, `model.X` -> `model.language_model.X`
+      (the same renaming transformers applies to legacy Qwen2-VL checkpoints).
+    """
+    if key.startswith("base_model.model."):
+        key = key[len("base_model.model."):]
+    key = re.sub(r"\.default(?=\.|$)", "", key)
+    if ".original_module." in key:
+        return None
+    key = key.replace(".modules_to_save.", ".")
+    if key.startswith("visual."):
+        key = "model." + key
+    elif key.startswith("model.") and not key.startswith(("model.language_model.", "model.visual.")):
+        key = "model.language_model." + key[len("model."):]
+    return key
+
+
+def merge_lora(state, lora_scale):
+    """Fold LoRA pairs into plain weights, in place: W = W_0 + s·B·A (embedding: W_0 + s·(B·A)ᵀ).
+
+    `state` holds canonical keys; a LoRA-wrapped module P has `P.base_layer.weight` (or a plain
+    `P.weight` from the base model) and `P.lora_A.weight` / `P.lora_B.weight` (embeddings:
+    `P.lora_embedding_A` / `P.lora_embedding_B`). The merge is done in float32.
+    """
+    prefixes = {k[:-len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight")}
+    prefixes |= {k[:-len(".lora_embedding_A")] for k in state if k.endswith(".lora_embedding_A")}
+    for name in list(state):  # base_layer.* -> the module's own parameters
+        if ".base_layer." in name:
+            state[name.replace(".base_layer.", ".")] = state.pop(name)
+    for prefix in sorted(prefixes):
+        weight_key = prefix + ".weight"
+        if weight_key not in state:
+            raise KeyError(f"LoRA weights for {prefix} but no base weight {weight_key} in the checkpoint or base model")
+        w0 = state[weight_key]
+        if prefix + ".lora_A.weight" in state:
+            a, b = state.pop(prefix + ".lora_A.weight").float(), state.pop(prefix + ".lora_B.weight").float()
+            delta = b @ a  # (out, r) @ (r, in) = (out, in)
+        else:  # embedding: A (r, num_embeddings), B (dim, r); the table is (num_embeddings, dim)
+            a, b = state.pop(prefix + ".lora_embedding_A").float(), state.pop(prefix + ".lora_embedding_B").float()
+            delta = (b @ a).T
+        if delta.shape != w0.shape:
+            raise ValueError(f"LoRA delta for {prefix} has shape {tuple(delta.shape)}, base weight {tuple(w0.shape)}")
+        state[weight_key] = (w0.float() + lora_scale * delta).to(w0.dtype)
+    return state
+
+
+def _load_torch(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _read_safetensors_dir(path):
+    """All tensors of the *.safetensors files in `path` (a base model directory), canonical keys."""
+    from safetensors.torch import load_file
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in the base model directory {path}: the adapter layout "
+                                f"({ADAPTER_FILE} + {NON_LORA_FILE}) needs the base Qwen2-VL weights")
+    state = {}
+    for f in files:
+        state.update({canonical_key(k): v for k, v in load_file(f).items()})
+    return state
+
+
+def _read_checkpoint_tensors(checkpoint_dir):
+    """(layout, tensors with canonical keys) of one checkpoint-<step> directory."""
+    full, adapter, non_lora = (os.path.join(checkpoint_dir, f) for f in (FULL_CHECKPOINT_FILE, ADAPTER_FILE,
+                                                                         NON_LORA_FILE))
+    if os.path.isfile(full):
+        layout, raw = "full", _load_torch(full)
+    elif os.path.isfile(adapter) and os.path.isfile(non_lora):
+        from safetensors.torch import load_file
+        layout, raw = "adapter", {**_load_torch(non_lora), **load_file(adapter)}
+    else:
+        raise FileNotFoundError(f"{checkpoint_dir} holds neither {FULL_CHECKPOINT_FILE} nor {ADAPTER_FILE} + "
+                                f"{NON_LORA_FILE}; found {sorted(os.listdir(checkpoint_dir))}")
+    tensors = {}
+    for k, v in raw.items():
+        key = canonical_key(k)
+        if key is not None and not key.startswith("lm_head."):  # the LM head is unused by the reward
+            tensors[key] = v
+    return layout, tensors
+
+
+def _resolve_base_model(path, model_name_or_path, base_model_path):
+    """Directory of the base Qwen2-VL (config.json + tokenizer): argument, inside `path`, or as given."""
+    candidates = [base_model_path] if base_model_path else [os.path.join(path, model_name_or_path), model_name_or_path]
+    for c in candidates:
+        if c and os.path.isfile(os.path.join(c, "config.json")):
+            return c
+    raise FileNotFoundError(
+        f"base model {model_name_or_path!r} (model_config.json: model_name_or_path) not found: looked for "
+        f"config.json in {candidates}. Download it (weights are never downloaded by this code), e.g. "
+        f"`huggingface-cli download Qwen/Qwen2-VL-2B-Instruct --local-dir {os.path.join(path, 'Qwen/Qwen2-VL-2B-Instruct')}`,"
+        f" or pass base_model_path=")
+
+
+def _read_model_config(path):
+    """model_config.json -> (data_config, model_config, peft_lora_config, inference_config), validated."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"VideoAlign checkpoint directory {path} does not exist")
+    config_path = os.path.join(path, MODEL_CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} not found: expected the VideoReward layout ({MODEL_CONFIG_FILE} + "
+                                f"checkpoint-<step>/), found {sorted(os.listdir(path))}")
+    cfg = _read_json(config_path)
+    missing = [k for k in ("data_config", "model_config", "peft_lora_config") if k not in cfg]
+    if missing:
+        raise ValueError(f"{config_path} lacks {missing}; found keys {sorted(cfg)}")
+    data, model, lora = cfg["data_config"], cfg["model_config"], cfg["peft_lora_config"]
+    template = data.get("prompt_template_type")
+    if template != SUPPORTED_TEMPLATE:
+        raise ValueError(f"prompt_template_type {template!r} in {config_path}: only {SUPPORTED_TEMPLATE!r} "
+                         f"(the VideoReward release) is implemented")
+    if not model.get("use_special_tokens", False):
+        raise ValueError(f"{config_path}: expected model_config.use_special_tokens = true (reward read at "
+                         f"{REWARD_TOKENS}), found {model.get('use_special_tokens')}")
+    inference = cfg.get("inference_config")
+    if inference is None:
+        logger.warning("%s has no inference_config: VQ/MQ/TA are returned unnormalised", config_path)
+    return data, model, lora, inference
+
+
+# ----------------------------------------------------------------------------------------------
+# VideoAlign.
+
+class VideoAlignReward(nn.Module):
+    """VideoReward: Qwen2-VL + linear head at the three reward tokens -> normalised VQ, MQ, TA, reward.
+
+    Build with `from_pretrained`; call as `reward_model(frames, prompts, fps=24)`.
+    """
+
+    def __init__(self, backbone, rm_head, tokenizer, *, means=(0.0, 0.0, 0.0), stds=(1.0, 1.0, 1.0),
+                 weights=DEFAULT_WEIGHTS, sample_fps=DEFAULT_SAMPLE_FPS, target_frames=None,
+                 min_pixels=DEFAULT_MIN_FRAME_PIXELS, max_pixels=DEFAULT_MAX_FRAME_PIXELS,
+                 template=DETAILED_SPECIAL_TEMPLATE):
+        super().__init__()
+        if len(weights) != 3:
+            raise ValueError(f"weights must be (w_vq, w_mq, w_ta), got {weights}")
+        if min(stds) <= 0:
+            raise ValueError(f"reward stds must be > 0, got {stds}")
+        self.model = backbone  # transformers Qwen2VLModel
+        self.rm_head = rm_head  # nn.Linear(D, N), N = 1 or 3
+        self.tokenizer = tokenizer
+        self.means, self.stds = tuple(float(m) for m in means), tuple(float(s) for s in stds)  # float64, any dtype
+        self.weights = tuple(float(w) for w in weights)
+        self.sample_fps, self.target_frames = sample_fps, target_frames
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.template = template
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in REWARD_TOKENS + QWEN2VL_SPECIAL_TOKENS if t not in vocab]
+        if missing:
+            raise ValueError(f"tokenizer lacks the Qwen2-VL / reward tokens {missing}")
+        self.reward_token_ids = [vocab[t] for t in REWARD_TOKENS]
+        self.video_token_id = vocab[VIDEO_PAD_TOKEN]
+        if self.video_token_id != backbone.config.video_token_id:
+            raise ValueError(f"tokenizer's {VIDEO_PAD_TOKEN} id {self.video_token_id} differs from the model "
+                             f"config's video_token_id {backbone.config.video_token_id}")
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        vision = backbone.config.vision_config
+        self.patch_size, self.temporal_patch_size = vision.patch_size, vision.temporal_patch_size
+        self.merge_size = vision.spatial_merge_size
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, weights=DEFAULT_WEIGHTS,
+                        base_model_path=None, step=None):
+        """Load the official VideoReward directory (layout in the module docstring).
+
+        path: the directory with model_config.json and checkpoint-<step>/. base_model_path: the
+        base Qwen2-VL-2B-Instruct directory (default: model_config's model_name_or_path, looked up
+        inside `path` first). step: which checkpoint-<step> (default: the highest).
+        """
+        from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLModel
+        from transformers.initialization import no_init_weights
+
+        data, model_cfg, lora_cfg, inference = _read_model_config(path)
+        checkpoint_dir = find_checkpoint(path, step)
+        base = _resolve_base_model(path, model_cfg.get("model_name_or_path", ""), base_model_path)
+
+        # Tokenizer: the base one plus the three reward tokens, as VideoAlign's create_model_and_processor.
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        tokenizer.add_special_tokens({"additional_special_tokens": list(REWARD_TOKENS)})
+
+        layout, tensors = _read_checkpoint_tensors(checkpoint_dir)
+        state = {}
+        if layout == "adapter":  # base weights, embedding table resized to the tokenizer (resize_token_embeddings)
+            state = {k: v for k, v in _read_safetensors_dir(base).items() if not k.startswith("lm_head.")}
+            embed_key = "model.language_model.embed_tokens.weight"
+            table = state[embed_key]
+            if len(tokenizer) <= table.shape[0]:
+                state[embed_key] = table[:len(tokenizer)]
+            elif embed_key not in tensors and embed_key.replace(".weight", ".base_layer.weight") not in tensors:
+                raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the base embedding only "
+                                 f"{table.shape[0]} rows and the checkpoint does not provide the table")
+        state.update(tensors)
+        if lora_cfg.get("lora_enable", False) or any(".lora_" in k for k in state):
+            r, alpha = lora_cfg.get("lora_r"), lora_cfg.get("lora_alpha")
+            if not r or alpha is None:
+                raise ValueError(f"{path}/{MODEL_CONFIG_FILE}: LoRA weights present but peft_lora_config has "
+                                 f"lora_r={r}, lora_alpha={alpha}")
+            # s = α / r (PEFT), α / √r with rsLoRA
+            lora_scale = alpha / math.sqrt(r) if lora_cfg.get("use_rslora", False) else alpha / r
+            merge_lora(state, lora_scale)
+
+        head = state.pop("rm_head.weight", None)
+        if head is None:
+            raise KeyError(f"no reward head (rm_head.weight) in {checkpoint_dir}")
+        config = Qwen2VLConfig.from_pretrained(base)
+        config.text_config.vocab_size = state["model.language_model.embed_tokens.weight"].shape[0]
+        if len(tokenizer) > config.text_config.vocab_size:
+            raise ValueError(f"tokenizer has {len(tokenizer)} tokens, the embedding table "
+                             f"{config.text_config.vocab_size} rows")
+        config.text_config.use_cache = False
+        with no_init_weights():  # every parameter is overwritten below
+            backbone = Qwen2VLModel(config)
+        result = backbone.load_state_dict({k[len("model."):]: v for k, v in state.items()}, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise KeyError(f"{checkpoint_dir} does not match Qwen2-VL: missing {result.missing_keys[:5]} "
+                           f"({len(result.missing_keys)}), unexpected {result.unexpected_keys[:5]} "
+                           f"({len(result.unexpected_keys)})")
+        rm_head = nn.Linear(head.shape[1], head.shape[0], bias=False)
+        with torch.no_grad():
+            rm_head.weight.copy_(head)
+        if head.shape[0] not in (1, 3):
+            raise ValueError(f"rm_head has {head.shape[0]} outputs; expected 1 or 3 (VQ, MQ, TA)")
+        dims = ("VQ", "MQ", "TA")
+        means = tuple(inference[f"{d}_mean"] for d in dims) if inference else (0.0, 0.0, 0.0)
+        stds = tuple(inference[f"{d}_std"] for d in dims) if inference else (1.0, 1.0, 1.0)
+        model = cls(backbone, rm_head, tokenizer, means=means, stds=stds, weights=weights,
+                    sample_fps=data.get("fps") or DEFAULT_SAMPLE_FPS, target_frames=data.get("num_frames"),
+                    min_pixels=data.get("min_frame_pixels", DEFAULT_MIN_FRAME_PIXELS),
+                    max_pixels=data.get("max_frame_pixels") or DEFAULT_MAX_FRAME_PIXELS)
+        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+    # ---------------------------------------------------------------- inputs
+    def preprocess(self, frames, fps=DEFAULT_SOURCE_FPS):
+        """One video (F, 3, H, W) in [0, 1] -> (pixel_values_videos, video_grid_thw (3,)) (steps 1-4)."""
+        check_frames(frames)
+        frames = frames[sample_frame_indices(frames.shape[0], fps, self.sample_fps, self.target_frames)]
+        frames = frames.float().clamp(0, 1)
+        height, width = frame_size(frames.shape[-2], frames.shape[-1], self.min_pixels, self.max_pixels,
+                                   self.patch_size * self.merge_size)
+        if (height, width) != tuple(frames.shape[-2:]):
+            frames = F.interpolate(frames, size=(height, width), mode="bicubic", align_corners=False,
+                                   antialias=True).clamp(0, 1)
+        mean = torch.tensor(CLIP_MEAN, device=frames.device).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=frames.device).view(1, 3, 1, 1)
+        return patchify((frames - mean) / std, self.patch_size, self.temporal_patch_size, self.merge_size)
+
+    def prompt_text(self, prompt, num_video_tokens):
+        """Chat text for one video: template with the prompt, after num_video_tokens <|video_pad|> (step 5)."""
+        text = self.template.format(text_prompt=prompt)
+        return QWEN2VL_CHAT_FORMAT.format(video=VIDEO_PAD_TOKEN * num_video_tokens, text=text)
+
+    def build_inputs(self, videos, prompts, fps=DEFAULT_SOURCE_FPS):
+        """Lists of videos and prompts -> model inputs: input_ids, attention_mask (B, L) right-padded,
+        pixel_values_videos (ΣN, 1176), video_grid_thw (B, 3)."""
+        pixel_values, grids, ids = [], [], []
+        for video, prompt in zip(videos, prompts):
+            pv, grid = self.preprocess(video, fps)
+            num_video_tokens = int(grid.prod()) // self.merge_size ** 2
+            ids.append(self.tokenizer(self.prompt_text(prompt, num_video_tokens), add_special_tokens=False)["input_ids"])
+            pixel_values.append(pv)
+            grids.append(grid)
+        length = max(len(i) for i in ids)
+        input_ids = torch.full((len(ids), length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(ids), length), dtype=torch.long)
+        for b, i in enumerate(ids):
+            input_ids[b, :len(i)] = torch.tensor(i)
+            attention_mask[b, :len(i)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "pixel_values_videos": torch.cat(pixel_values), "video_grid_thw": torch.stack(grids)}
+
+    # ---------------------------------------------------------------- scoring
+    def raw_scores(self, input_ids, attention_mask, pixel_values_videos, video_grid_thw):
+        """Unnormalised (VQ, MQ, TA) per video, (B, 3) float32: the head at the three reward tokens."""
+        device = self.rm_head.weight.device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        embeds = self.model.get_input_embeddings()(input_ids)  # (B, L, D)
+        video_embeds = self.model.get_video_features(pixel_values_videos.to(device, self.model.visual.dtype),
+                                                     video_grid_thw.to(device)).pooler_output
+        video_embeds = torch.cat(video_embeds).to(embeds.dtype)  # (ΣN/4, D): one row per <|video_pad|>
+        video_mask = (input_ids == self.video_token_id)[..., None]
+        if video_mask.sum() != video_embeds.shape[0]:
+            raise ValueError(f"{int(video_mask.sum())} video tokens in the text but {video_embeds.shape[0]} video embeddings")
+        embeds = embeds.masked_scatter(video_mask, video_embeds)
+        # Sequential positions in all three M-RoPE sections, as VideoAlign was trained (docstring).
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
+        hidden = self.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                           position_ids=positions[None].expand(3, -1, -1),
+                                           use_cache=False).last_hidden_state  # (B, L, D)
+        token_ids = torch.tensor(self.reward_token_ids, device=device)
+        is_reward_token = input_ids[:, None, :] == token_ids[None, :, None]  # (B, 3, L)
+        if not (is_reward_token.sum(-1) == 1).all():
+            raise ValueError(f"every prompt must contain each of {REWARD_TOKENS} exactly once")
+        reward_hidden = hidden[torch.arange(len(hidden), device=device)[:, None], is_reward_token.int().argmax(-1)]
+        logits = self.rm_head(reward_hidden).float()  # (B, 3, N)
+        # N = 3: dimension k reads output k at token k; N = 1: the single output at each token.
+        return logits.diagonal(dim1=1, dim2=2) if logits.shape[-1] == 3 else logits[..., 0]
+
+    def combine(self, raw):
+        """(B, 3) raw scores -> dict of normalised vq, mq, ta and the weighted reward, each (B,)."""
+        means = torch.tensor(self.means, dtype=raw.dtype, device=raw.device)
+        stds = torch.tensor(self.stds, dtype=raw.dtype, device=raw.device)
+        normalised = (raw - means) / stds  # r̃_k = (r_k − mean_k) / std_k
+        scores = {name: normalised[:, k] for k, name in enumerate(DIMENSIONS)}
+        w_vq, w_mq, w_ta = self.weights
+        scores["reward"] = w_vq * scores["vq"] + w_mq * scores["mq"] + w_ta * scores["ta"]
+        return scores
+
+    @torch.no_grad()
+    def forward(self, frames, prompts, fps=DEFAULT_SOURCE_FPS):
+        """Score B videos. frames: (B, F, 3, H, W) in [0, 1] or a list of (F, 3, H, W); prompts: B strings;
+        fps: frame rate of the source videos. Returns {"vq", "mq", "ta", "reward"}, each float32 (B,)
+        on the model's device; NaN for a video that could not be scored (warning logged)."""
+        videos = _as_video_list(frames, prompts)
+        raw = torch.full((len(videos), 3), float("nan"), device=self.rm_head.weight.device)
+        valid = []
+        for b, video in enumerate(videos):
+            try:
+                check_frames(video)
+                sample_frame_indices(video.shape[0], fps, self.sample_fps, self.target_frames)
+                valid.append(b)
+            except ValueError as error:
+                logger.warning("VideoAlign: video %d gets NaN: %s", b, error)
+        if valid:
+            try:  # one batched forward for all valid videos
+                raw[valid] = self.raw_scores(**self.build_inputs([videos[b] for b in valid],
+                                                                 [prompts[b] for b in valid], fps))
+            except Exception as error:  # noqa: BLE001 - isolate the failing video(s), one at a time
+                logger.warning("VideoAlign: batched scoring failed (%s); scoring videos one by one", error)
+                for b in valid:
+                    try:
+                        raw[b] = self.raw_scores(**self.build_inputs([videos[b]], [prompts[b]], fps))[0]
+                    except Exception as single_error:  # noqa: BLE001
+                        logger.warning("VideoAlign: video %d gets NaN: %s", b, single_error)
+        return self.combine(raw)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIPScore and PickScore (evaluation).
+
+def _clip_frame_indices(num_frames, count):
+    """`count` frame indices spread uniformly over [0, num_frames − 1], ends included."""
+    return torch.linspace(0, num_frames - 1, min(count, num_frames)).round().long().tolist()
+
+
+class ClipScore(nn.Module):
+    """CLIPScore of each video: mean over sampled frames of 100·max(cos(image, text), 0).
+
+    `from_pretrained(path)`: a local transformers CLIPModel directory; `processor_path` holds the
+    image processor and tokenizer when they live elsewhere (PickScore_v1 uses the processor of
+    laion/CLIP-ViT-H-14-laion2B-s32B-b79K).
+    """
+
+    def __init__(self, model, image_processor, tokenizer, num_frames=CLIP_NUM_FRAMES):
+        super().__init__()
+        self.model, self.image_processor, self.tokenizer = model, image_processor, tokenizer
+        self.num_frames = num_frames
+
+    @classmethod
+    def from_pretrained(cls, path, processor_path=None, device="cpu", dtype=torch.float32, num_frames=CLIP_NUM_FRAMES):
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+        processor_path = processor_path or path
+        for d, need in ((path, "config.json"), (processor_path, "preprocessor_config.json")):
+            if not os.path.isfile(os.path.join(d, need)):
+                found = sorted(os.listdir(d)) if os.path.isdir(d) else "no such directory"
+                raise FileNotFoundError(f"{os.path.join(d, need)} not found (a local CLIP model directory with "
+                                        f"config.json, weights, preprocessor_config.json and tokenizer); found {found}")
+        model = CLIPModel.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
+        return cls(model, AutoImageProcessor.from_pretrained(processor_path),
+                   AutoTokenizer.from_pretrained(processor_path), num_frames)
+
+    def score(self, cosine):
+        """Per-frame score from cos(image, text); CLIPScore = 100·max(cos, 0)."""
+        return CLIPSCORE_SCALE * cosine.clamp(min=0)
+
+    def _video_score(self, video, text_embed):
+        check_frames(video)
+        frames = video[_clip_frame_indices(video.shape[0], self.num_frames)]
+        # uint8 HWC images, as CLIP's image processor expects (bicubic resize + centre crop + normalise)
+        images = list((frames.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        device, dtype = self.model.logit_scale.device, self.model.visual_projection.weight.dtype
+        image_embeds = self.model.get_image_features(pixel_values=pixel_values.to(device, dtype)).pooler_output
+        cosine = F.normalize(image_embeds.float(), dim=-1) @ text_embed  # (frames,)
+        return self.score(cosine).mean()
+
+    @torch.no_grad()
+    def forward(self, frames, prompts):
+        """frames: (B, F, 3, H, W) in [0, 1] or a list of (F, 3, H, W); prompts: B strings -> (B,) float32."""
+        videos = _as_video_list(frames, prompts)
+        device = self.model.logit_scale.device
+        text = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=CLIP_MAX_TEXT_TOKENS,
+                              return_tensors="pt").to(device)
+        text_embeds = F.normalize(self.model.get_text_features(**text).pooler_output.float(), dim=-1)  # (B, D)
+        scores = torch.full((len(videos),), float("nan"), device=device)
+        for b, video in enumerate(videos):
+            try:
+                scores[b] = self._video_score(video, text_embeds[b])
+            except Exception as error:  # noqa: BLE001 - one bad video must not stop the evaluation
+                logger.warning("%s: video %d gets NaN: %s", type(self).__name__, b, error)
+        return scores
+
+
+class PickScore(ClipScore):
+    """PickScore of each video: mean over sampled frames of exp(logit_scale)·cos(image, text)."""
+
+    def score(self, cosine):
+        return self.model.logit_scale.exp().float() * cosine
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny random checkpoints in the real layouts (tests, `train.py --tiny`). Weights are never downloaded.
+
+TINY_BASE_DIR = "tiny-Qwen2-VL"  # model_name_or_path of the tiny checkpoint, inside its directory
+TINY_LORA_R, TINY_LORA_ALPHA = 2, 6  # s = 3: a wrong scale cannot go unnoticed
+TINY_LORA_TARGETS = ("q_proj", "v_proj", "o_proj", "up_proj", "embed_tokens")
+# Means / stds of VideoReward's inference_config (as published with the checkpoint's config).
+TINY_INFERENCE_CONFIG = {"VQ_mean": 3.6757, "VQ_std": 2.2476, "MQ_mean": 1.1646, "MQ_std": 1.3811,
+                         "TA_mean": 2.8105, "TA_std": 2.5121}
+
+
+def tiny_qwen2_tokenizer(extra_text=""):
+    """A byte-level BPE Qwen2 tokenizer built offline: BPE merges learned from the reward template (so
+    prompts are a few hundred tokens, not thousands of bytes), plus Qwen2-VL's special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator([DETAILED_SPECIAL_TEMPLATE + extra_text], trainers.BpeTrainer(
+        vocab_size=1000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=bpe.get_vocab(), merges=merges, padding_side="right")
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN2VL_SPECIAL_TOKENS)})
+    return tokenizer
+
+
+def _tiny_lora_entries(key, weight, generator):
+    """Non-zero PEFT LoRA tensors for one target module, keys as PEFT names them ('default' adapter)."""
+    prefix = key[:-len(".weight")]
+    if "embed_tokens" in prefix:  # PEFT Embedding: A (r, num_embeddings), B (dim, r)
+        return {prefix + ".lora_embedding_A.default": torch.randn(TINY_LORA_R, weight.shape[0], generator=generator) * 0.1,
+                prefix + ".lora_embedding_B.default": torch.randn(weight.shape[1], TINY_LORA_R, generator=generator) * 0.1}
+    return {prefix + ".lora_A.default.weight": torch.randn(TINY_LORA_R, weight.shape[1], generator=generator) * 0.1,
+            prefix + ".lora_B.default.weight": torch.randn(weight.shape[0], TINY_LORA_R, generator=generator) * 0.1}
+
+
+def build_tiny_videoalign(path, layout="full", output_dim=3, seed=0):
+    """Write a tiny random VideoReward directory to `path` in the official layout; returns path.
+
+    layout "full": checkpoint-N/model.pth holds the whole LoRA-wrapped model (PEFT key names,
+    transformers-4.45 Qwen2-VL layout, rm_head as a modules_to_save copy); "adapter":
+    checkpoint-N/adapter_model.safetensors (LoRA A/B) + non_lora_state_dict.pth (rm_head and the
+    embedding table, which holds the trained reward-token rows), base weights in the base directory.
+    LoRA deltas are non-zero. The base model (`TINY_BASE_DIR`) is a random Qwen2-VL whose embedding
+    table has spare rows, as the real 2B has (151936 rows for 151657 tokens).
+    """
+    from safetensors.torch import save_file
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    if layout not in ("full", "adapter"):
+        raise ValueError(f"layout must be 'full' or 'adapter', got {layout!r}")
+    os.makedirs(path, exist_ok=True)
+    tokenizer = tiny_qwen2_tokenizer()
+    vocab = tokenizer.get_vocab()
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    config = Qwen2VLConfig(
+        text_config={"vocab_size": len(tokenizer) + 8, "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]}, "rope_theta": 1e6,
+                     "max_position_embeddings": 4096, "initializer_range": 0.1, "pad_token_id": tokenizer.pad_token_id,
+                     "bos_token_id": tokenizer.pad_token_id, "eos_token_id": vocab["<|im_end|>"]},
+        vision_config={"depth": 2, "embed_dim": 16, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2,
+                       "patch_size": 14, "temporal_patch_size": 2, "spatial_merge_size": 2,
+                       "initializer_range": 0.1},  # larger than 0.02 so that the video visibly moves the scores
+        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
+        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
+        tie_word_embeddings=True)
+    base = Qwen2VLForConditionalGeneration(config).eval()
+    base_dir = os.path.join(path, TINY_BASE_DIR)
+    base.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+
+    # The trained model, in transformers 4.45 names (model.layers…, visual…) wrapped by PEFT.
+    num_tokens = len(tokenizer) + len(REWARD_TOKENS)  # resize_token_embeddings(len(tokenizer)) after adding them
+    trained = {}
+    for key, value in base.state_dict().items():
+        if key.startswith("lm_head."):
+            continue
+        legacy = key.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
+        value = value.clone()
+        if legacy == "model.embed_tokens.weight":  # cut to the tokenizer; the reward-token rows are trained
+            value = value[:num_tokens]
+            value[-len(REWARD_TOKENS):] = torch.randn(len(REWARD_TOKENS), value.shape[1], generator=generator)
+        trained[legacy] = value
+    trained["rm_head.weight"] = torch.randn(output_dim, config.text_config.hidden_size, generator=generator) * 0.3
+
+    lora, full = {}, {}
+    for legacy, value in trained.items():
+        name = "base_model.model." + legacy
+        module = legacy[:-len(".weight")]
+        if legacy.startswith("model.") and legacy.endswith(".weight") and module.split(".")[-1] in TINY_LORA_TARGETS:
+            full[name.replace(".weight", ".base_layer.weight")] = value
+            entries = _tiny_lora_entries(name, value, generator)
+            full.update(entries)
+            lora.update(entries)
+        elif legacy == "rm_head.weight":  # modules_to_save: frozen original + trained copy
+            full["base_model.model.rm_head.original_module.weight"] = torch.zeros_like(value)
+            full["base_model.model.rm_head.modules_to_save.default.weight"] = value
+        else:
+            full[name] = value
+    full["base_model.model.lm_head.weight"] = trained["model.embed_tokens.weight"]  # tied, unused by the reward
+
+    checkpoint_dir = os.path.join(path, "checkpoint-12")
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    if layout == "full":
+        torch.save(full, os.path.join(checkpoint_dir, FULL_CHECKPOINT_FILE))
+    else:  # PEFT saves adapters without the adapter name; non-LoRA = trainable non-LoRA parameters
+        save_file({k.replace(".default", ""): v.contiguous() for k, v in lora.items()},
+                  os.path.join(checkpoint_dir, ADAPTER_FILE))
+        embed = "base_model.model.model.embed_tokens.base_layer.weight"
+        torch.save({"base_model.model.rm_head.modules_to_save.default.weight": trained["rm_head.weight"],
+                    embed: trained["model.embed_tokens.weight"]}, os.path.join(checkpoint_dir, NON_LORA_FILE))
+    os.makedirs(os.path.join(path, "checkpoint-3"), exist_ok=True)  # an older, empty step: the highest wins
+
+    model_config = {
+        "data_config": {"meta_data": "", "data_dir": "", "fps": DEFAULT_SAMPLE_FPS, "num_frames": None,
+                        "max_frame_pixels": 112 * 112, "min_frame_pixels": 56 * 56,  # tiny frames (our key)
+                        "eval_dim": ["VQ", "MQ", "TA"], "prompt_template_type": SUPPORTED_TEMPLATE,
+                        "sample_type": "uniform"},
+        "model_config": {"model_name_or_path": TINY_BASE_DIR, "output_dim": output_dim, "use_special_tokens": True,
+                         "reward_token": "special"},
+        "peft_lora_config": {"lora_enable": True, "vision_lora": False, "lora_r": TINY_LORA_R,
+                             "lora_alpha": TINY_LORA_ALPHA, "lora_dropout": 0.05,
+                             "lora_namespan_exclude": ["visual", "lm_head", "rm_head"], "use_rslora": False},
+        "inference_config": TINY_INFERENCE_CONFIG,
+    }
+    with open(os.path.join(path, MODEL_CONFIG_FILE), "w") as f:
+        json.dump(model_config, f, indent=2)
+    return path
+
+
+def build_tiny_clip(path, seed=0):
+    """Write a tiny random CLIPModel with its image processor and tokenizer to `path`; returns path."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
+    from tokenizers import pre_tokenizers
+    os.makedirs(path, exist_ok=True)
+    # CLIP's BPE over a byte alphabet with end-of-word symbols; no merges (text is one token per byte)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {s: i for i, s in enumerate(alphabet + [s + "</w>" for s in alphabet])}
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    with open(os.path.join(path, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(path, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt"))
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": CLIP_MAX_TEXT_TOKENS,
+                     "bos_token_id": vocab["<|startoftext|>"], "eos_token_id": vocab["<|endoftext|>"],
+                     "pad_token_id": vocab["<|endoftext|>"]},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=8)
+    CLIPModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
