@@ -51,8 +51,9 @@ The checkpoint (`VideoAlignReward.from_pretrained`)
         checkpoint-<step>/          the highest step is used (or `step=`)
             model.pth               the whole LoRA-wrapped model's state dict, or
             adapter_model.safetensors + non_lora_state_dict.pth  (LoRA A/B + trained non-LoRA tensors)
-        Qwen/Qwen2-VL-2B-Instruct/  the base model (model_config.model_name_or_path; or base_model_path=):
-                                    config.json and tokenizer always; its weights for the adapter layout
+        Qwen2-VL-2B-Instruct/       the base model (basename of model_config.model_name_or_path, or that
+                                    path itself, or base_model_path=): config.json and tokenizer always,
+                                    its weights only for the adapter layout
 
 The LoRA deltas are merged into plain weights once at load time,
 
@@ -387,15 +388,21 @@ def _read_checkpoint_tensors(checkpoint_dir):
 
 
 def _resolve_base_model(path, model_name_or_path, base_model_path):
-    """Directory of the base Qwen2-VL (config.json + tokenizer): argument, inside `path`, or as given."""
-    candidates = [base_model_path] if base_model_path else [os.path.join(path, model_name_or_path), model_name_or_path]
+    """Directory of the base Qwen2-VL (config.json + tokenizer): the argument if given, else
+    `path`/model_name_or_path, `path`/basename(model_name_or_path), model_name_or_path itself."""
+    if base_model_path:
+        candidates = [base_model_path]
+    else:
+        candidates = [os.path.join(path, model_name_or_path.lstrip("/")),
+                      os.path.join(path, os.path.basename(model_name_or_path.rstrip("/"))), model_name_or_path]
+        candidates = list(dict.fromkeys(candidates))
     for c in candidates:
         if c and os.path.isfile(os.path.join(c, "config.json")):
             return c
     raise FileNotFoundError(
         f"base model {model_name_or_path!r} (model_config.json: model_name_or_path) not found: looked for "
         f"config.json in {candidates}. Download it (weights are never downloaded by this code), e.g. "
-        f"`huggingface-cli download Qwen/Qwen2-VL-2B-Instruct --local-dir {os.path.join(path, 'Qwen/Qwen2-VL-2B-Instruct')}`,"
+        f"`huggingface-cli download Qwen/Qwen2-VL-2B-Instruct --local-dir {os.path.join(path, 'Qwen2-VL-2B-Instruct')}`,"
         f" or pass base_model_path=")
 
 
