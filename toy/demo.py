@@ -14,7 +14,6 @@ Experiments (DESIGN.md §8):
 The demo states, from the numbers it just computed, which claims of the paper reproduce here.
 """
 import argparse
-import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
+import equalizer
 import sde
 from toy import gaussian_check
 from toy.manifold import RADIUS, distance_to_manifold, random_labels
@@ -40,7 +40,9 @@ KERNELS = ("ode", "flow_grpo", "dance_grpo", "cps", "sage")
 GRPO_KERNELS = KERNELS[1:]
 KL_MODES = ("none", "fixed", "step", "moving", "dual")
 HEADLINE = {"FlowGRPO-style": dict(kernel="flow_grpo", equalizer=False, kl_mode="fixed"),
-            "SAGE-GRPO": dict(kernel="sage", equalizer=True, kl_mode="dual")}
+            "SAGE-GRPO": dict(kernel="sage", equalizer=True, kl_mode="dual"),
+            # reference: what the hackable reward does with no trust region at all
+            "SAGE-GRPO, no KL": dict(kernel="sage", equalizer=True, kl_mode="none")}
 
 
 @dataclass
@@ -79,7 +81,8 @@ def scatter(ax, x, labels, title):
     draw_circle(ax)
     ax.scatter(x[:, 0], x[:, 1], c=labels, cmap="coolwarm", s=2, alpha=0.5, vmin=0, vmax=1)
     t = targets(torch.arange(2))
-    ax.scatter(t[:, 0], t[:, 1], marker="*", s=120, c=["tab:blue", "tab:red"], edgecolors="k")
+    # hollow stars: a policy that hacks the reward piles its samples right on them
+    ax.scatter(t[:, 0], t[:, 1], marker="*", s=160, facecolors="none", edgecolors=["tab:blue", "tab:red"], zorder=3)
     ax.set_title(title, fontsize=9)
 
 
@@ -109,21 +112,25 @@ def experiment_1(model, settings, out):
         lines.append(f"| {k} | " + " | ".join(f"{distance[k, n]:.4f}" for n in settings.step_counts) + f" | {first_last} |")
 
     # pictures: rollouts per kernel (a row of scatter plots), and the paper's Fig. 1 analogue
-    fig, axes = plt.subplots(1, len(KERNELS), figsize=(3 * len(KERNELS), 3.5))
+    fig, axes = plt.subplots(1, len(KERNELS), figsize=(3 * len(KERNELS), 3.7))
     for ax, k in zip(axes, KERNELS):
         scatter(ax, samples[k, n_mid], labels, f"{k}: {n_mid} steps\noff-manifold {distance[k, n_mid]:.4f}")
     fig.tight_layout(), fig.savefig(out / "rollouts_per_kernel.png", dpi=110), plt.close(fig)
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 3.8))
     for k in KERNELS[1:]:
         left.plot(range(n_mid), stds[k], marker="o", ms=3, label=k)
+        scales = equalizer.gradient_scales(k, sigmas, settings.eta)
+        middle.plot(range(n_mid), torch.where(scales > 0, scales, torch.nan), marker="o", ms=3, label=k)
         right.plot(settings.step_counts, [distance[k, n] for n in settings.step_counts], marker="o", label=k)
     right.plot(settings.step_counts, [distance["ode", n] for n in settings.step_counts], "k--", label="ode")
     left.set(yscale="log", xlabel=f"step t ({n_mid} steps, σ: 1 → 0)", ylabel="std of the step",
              title=f"injected noise per step, η = {settings.eta}")
     right.set(yscale="log", xlabel="sampling steps", ylabel="mean distance to the circle",
               title="off-manifold distance of rollouts")
-    left.legend(fontsize=8), right.legend(fontsize=8)
+    middle.set(yscale="log", xlabel=f"step t ({n_mid} steps, σ: 1 → 0)", ylabel="N_t = |∂μ/∂v| / std",
+               title="gradient scale per step (the equalizer divides it out)")
+    left.legend(fontsize=8), middle.legend(fontsize=8), right.legend(fontsize=8)
     fig.tight_layout(), fig.savefig(out / "injected_noise.png", dpi=110), plt.close(fig)
     return distance, "\n".join(lines)
 
@@ -158,7 +165,7 @@ def experiment_2(model, settings, out):
               for name, (c, m, _, _) in results.items()]
 
     # samples before / after (seed 0), and training curves (mean ± std band over seeds)
-    fig, axes = plt.subplots(1, 1 + len(results), figsize=(3.4 * (1 + len(results)), 3.9))
+    fig, axes = plt.subplots(1, 1 + len(results), figsize=(3.2 * (1 + len(results)), 3.8))
     x, labels = pretrained_samples
     scatter(axes[0], x[0], labels[0], f"pretrained\nreward {pretrained_metrics['reward'][0]:.3f}, "
                                       f"off {pretrained_metrics['off_manifold'][0]:.3f}")
@@ -204,12 +211,22 @@ def ablation_verdicts(grid):
     mean = lambda m, key: m[key].mean().item()
     spread = lambda m: m["reward"].std(unbiased=False).item()
     pairs = [(grid[k, True, kl], grid[k, False, kl]) for k in GRPO_KERNELS for kl in KL_MODES]
-    lines = ["Claims of the paper, counted over the grid (a cell = kernel × KL mode):",
-             f"- Equalizer on vs off: lower off-manifold distance in "
-             f"{sum(mean(on, 'off_manifold') < mean(off, 'off_manifold') for on, off in pairs)}/{len(pairs)} cells, "
-             f"smaller spread of the reward over seeds in {sum(spread(on) < spread(off) for on, off in pairs)}/{len(pairs)}, "
-             f"higher projected reward in "
-             f"{sum(mean(on, 'projected_reward') > mean(off, 'projected_reward') for on, off in pairs)}/{len(pairs)}."]
+    # a difference counts when it exceeds TIE (the projected reward saturates at −0.600 in most cells)
+    TIE = 0.005
+    better = lambda a, b: sum(x < y - TIE for x, y in zip(a, b))
+    on_off = lambda key: ([mean(on, key) for on, _ in pairs], [mean(off, key) for _, off in pairs])
+    off_on, off_off = on_off("off_manifold")
+    proj_on, proj_off = on_off("projected_reward")
+    lines = ["Claims of the paper, counted over the grid (a cell = kernel × KL mode; differences under "
+             f"{TIE} count as ties):",
+             f"- Equalizer on vs off: nearer the circle in {better(off_on, off_off)}/{len(pairs)} cells (farther in "
+             f"{better(off_off, off_on)}); smaller spread of the reward over seeds in "
+             f"{sum(spread(on) < spread(off) - TIE for on, off in pairs)}/{len(pairs)} (larger in "
+             f"{sum(spread(off) < spread(on) - TIE for on, off in pairs)}); more on-circle reward in "
+             f"{better(proj_off, proj_on)}/{len(pairs)} (less in {better(proj_on, proj_off)})."]
+    lines.append("- Equalizer on / off with an anchor that moves (where it matters most), off-manifold distance: "
+                 + ", ".join(f"{k} {kl} {mean(grid[k, True, kl], 'off_manifold'):.3f} / {mean(grid[k, False, kl], 'off_manifold'):.3f}"
+                             for k in GRPO_KERNELS for kl in ("moving", "dual")) + ".")
     for use_equalizer in (True, False):
         cells = [(k, {kl: grid[k, use_equalizer, kl] for kl in KL_MODES}) for k in GRPO_KERNELS]
         beats_fixed = sum(mean(c["dual"], "projected_reward") > mean(c["fixed"], "projected_reward") for _, c in cells)
@@ -245,12 +262,16 @@ def verdicts(distance, pretrained, results, settings):
     lines.append(f"- SAGE injects less noise than FlowGRPO at {n_mid - len(more)}/{n_mid} steps"
                  + (f"; not at step(s) {more}: at σ = 1 SAGE integrates up to its clamp 1 − 3e-3 while FlowGRPO "
                     "substitutes σ_1 (the Gaussian table's first-step column shows the excess)." if more else "."))
-    flow, sage = (results[name][1] for name in HEADLINE)
+    flow, sage, free = (results[name][1] for name in ("FlowGRPO-style", "SAGE-GRPO", "SAGE-GRPO, no KL"))
     gain = lambda m: (m["projected_reward"].mean() - pretrained["projected_reward"].mean()).item()
+    off = lambda m: m["off_manifold"].mean().item()
+    reproduces = gain(sage) > gain(flow) and off(sage) < off(free) / 2
     lines.append(f"- Dual moving KL keeps the reward rising while limiting drift: SAGE-GRPO gains {gain(sage):+.3f} "
-                 f"of on-circle reward at off-manifold {sage['off_manifold'].mean():.3f}; FlowGRPO-style (fixed KL, "
-                 f"same β) gains {gain(flow):+.3f} at {flow['off_manifold'].mean():.3f}: "
-                 + ("REPRODUCES." if gain(sage) > gain(flow) and sage["off_manifold"].mean() < 0.1 else "DOES NOT REPRODUCE."))
+                 f"of on-circle reward at off-manifold {off(sage):.3f}, against {off(free):.3f} with no KL (the reward "
+                 f"hacked); FlowGRPO-style (fixed KL, same β) gains {gain(flow):+.3f} at {off(flow):.3f}: "
+                 + ("REPRODUCES." if reproduces else "DOES NOT REPRODUCE.")
+                 + (f" Note the fixed KL drifts least ({off(flow):.3f} vs {off(sage):.3f}): it buys that by hardly "
+                    "training." if off(flow) < off(sage) else ""))
     if sage["reward"].mean() > sage["projected_reward"].mean():
         lines.append(f"- Part of SAGE-GRPO's reward is hacked all the same: {sage['reward'].mean() - sage['projected_reward'].mean():+.3f} "
                      "comes from leaving the circle (reward minus projected reward); the moving anchor lets the drift "

@@ -34,7 +34,7 @@ Toy defaults that differ from the video setting (DESIGN.md §7), and why:
   are both inert (ρ = 1 exactly), and the toy exists to show them.
 """
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -128,11 +128,11 @@ def evaluate(model, config, seed=12345):
     members = model.members
     labels = random_labels(2 * members, config.eval_samples)                  # (E·2·n,) member-major
     generator = torch.Generator().manual_seed(seed)
-    noise_seed = torch.randn(2 * config.eval_samples, 2, generator=generator)
+    noise = torch.randn(2 * config.eval_samples, 2, generator=generator)
     sigmas = sde.shifted_sigmas(config.num_steps, config.shift)
     # every replica starts from the same noise, so replicas differ only by their weights
     trajectory = rollout(model, labels, sigmas, "ode", 0.0, generator, config.cfg_scale,
-                         noise=noise_seed.repeat(members, 1))
+                         noise=noise.repeat(members, 1))
     x = trajectory.states[-1]
     per_member = lambda t: t.view(members, -1).mean(dim=1)
     return {"reward": per_member(reward(x, labels)),
