@@ -146,8 +146,9 @@ def processor_pixel_values(frames):
     return pairs.reshape(-1, 3 * 2 * 14 * 14), torch.tensor([n // 2, h, w])
 
 
-def reference_scores(path, frame_lists, prompts, weights=reward.DEFAULT_WEIGHTS):
-    """Scores by hand: merged weights in a fresh Qwen2VLModel, transformers' forward, the official formulas."""
+def reference_scores(path, frame_lists, prompts, weights=reward.DEFAULT_WEIGHTS, sequential_positions=True):
+    """Scores by hand: merged weights in a fresh Qwen2VLModel, transformers' forward, the official formulas.
+    sequential_positions=False lets transformers compute Qwen2-VL's 3-D M-RoPE video positions instead."""
     cfg = json.load(open(os.path.join(path, "model_config.json")))
     state, _ = hand_merged_weights(path)
     head = state.pop("rm_head.weight")
@@ -170,9 +171,12 @@ def reference_scores(path, frame_lists, prompts, weights=reward.DEFAULT_WEIGHTS)
                 + "<|im_end|>\n<|im_start|>assistant\n")
         ids = torch.tensor([tokenizer(text)["input_ids"]])
         positions = torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, 1, -1)  # sequential, as VideoAlign trained
+        positions = positions if sequential_positions else None
         with torch.no_grad():
             hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=positions,
-                           pixel_values_videos=pixel_values, video_grid_thw=grid[None]).last_hidden_state[0]
+                           pixel_values_videos=pixel_values, video_grid_thw=grid[None],
+                           mm_token_type_ids=2 * (ids == config.video_token_id).int()  # 2 = video (for M-RoPE)
+                           ).last_hidden_state[0]
         scores = {}
         for k, (token, dim) in enumerate(zip(["<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>"], ["VQ", "MQ", "TA"])):
             h = hidden[(ids[0] == tokenizer.convert_tokens_to_ids(token)).nonzero()[0, 0]]
@@ -192,6 +196,15 @@ def test_scores_match_transformers_forward_on_merged_weights(checkpoints, models
     for key in ("vq", "mq", "ta", "reward"):
         torch.testing.assert_close(got[key], expected[key], atol=2e-5, rtol=0)
     assert got["vq"].std() > 1e-3  # the videos are told apart, so a mix-up could not pass
+
+
+def test_positions_are_sequential_not_mrope(checkpoints, models):
+    """VideoAlign's reward forward (transformers 4.45) gave every token position 0, 1, 2, …; Qwen2-VL's own
+    3-D video positions would change the scores, so the choice is visible and we follow the training one."""
+    frame_lists = [v[:4] for v in videos()][:2]
+    got = models["full"](frame_lists, PROMPTS[:2], fps=2.0)
+    mrope = reference_scores(checkpoints["full"], frame_lists, PROMPTS[:2], sequential_positions=False)
+    assert (got["reward"] - mrope["reward"]).abs().max() > 1e-3
 
 
 def test_full_and_adapter_layouts_give_the_same_scores(models):
@@ -463,6 +476,13 @@ def test_clipscore_and_pickscore_match_clipmodel_logits(clip_path):
     torch.testing.assert_close(clip_score(frame_lists, PROMPTS[:2]), expected_clip, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pick_score(frame_lists, PROMPTS[:2]), expected_pick, atol=1e-5, rtol=1e-5)
     assert (expected_clip >= 0).all() and expected_pick.abs().max() > 0
+
+
+def test_clipscore_clips_negative_cosines_and_pickscore_scales_by_logit_scale(clip_path):
+    cosine = torch.tensor([-0.5, 0.0, 0.25])
+    torch.testing.assert_close(reward.ClipScore.from_pretrained(clip_path).score(cosine), torch.tensor([0.0, 0.0, 25.0]))
+    pick = reward.PickScore.from_pretrained(clip_path)
+    torch.testing.assert_close(pick.score(cosine), pick.model.logit_scale.exp() * cosine)
 
 
 def test_clip_bad_video_gets_nan_only(clip_path):
