@@ -346,7 +346,7 @@ def merge_lora(state, lora_scale):
             delta = (b @ a).T
         if delta.shape != w0.shape:
             raise ValueError(f"LoRA delta for {prefix} has shape {tuple(delta.shape)}, base weight {tuple(w0.shape)}")
-        state[weight_key] = (w0.float() + lora_scale * delta).to(w0.dtype)
+        state[weight_key] = w0.float() + lora_scale * delta  # float32; the module's dtype decides later
     return state
 
 
@@ -402,7 +402,8 @@ def _resolve_base_model(path, model_name_or_path, base_model_path):
     raise FileNotFoundError(
         f"base model {model_name_or_path!r} (model_config.json: model_name_or_path) not found: looked for "
         f"config.json in {candidates}. Download it (weights are never downloaded by this code), e.g. "
-        f"`huggingface-cli download Qwen/Qwen2-VL-2B-Instruct --local-dir {os.path.join(path, 'Qwen2-VL-2B-Instruct')}`,"
+        f"`huggingface-cli download Qwen/Qwen2-VL-2B-Instruct "
+        f"--local-dir {os.path.join(path, 'Qwen2-VL-2B-Instruct')}`,"
         f" or pass base_model_path=")
 
 
@@ -523,8 +524,8 @@ class VideoAlignReward(nn.Module):
             raise ValueError(f"tokenizer has {len(tokenizer)} tokens, the embedding table "
                              f"{config.text_config.vocab_size} rows")
         config.text_config.use_cache = False
-        with no_init_weights():  # every parameter is overwritten below
-            backbone = Qwen2VLModel(config)
+        with no_init_weights(), torch.device(device):  # built in place, every parameter overwritten below
+            backbone = Qwen2VLModel._from_config(config, dtype=dtype)
         result = backbone.load_state_dict({k[len("model."):]: v for k, v in state.items()}, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise KeyError(f"{checkpoint_dir} does not match Qwen2-VL: missing {result.missing_keys[:5]} "
@@ -571,7 +572,8 @@ class VideoAlignReward(nn.Module):
         for video, prompt in zip(videos, prompts):
             pv, grid = self.preprocess(video, fps)
             num_video_tokens = int(grid.prod()) // self.merge_size ** 2
-            ids.append(self.tokenizer(self.prompt_text(prompt, num_video_tokens), add_special_tokens=False)["input_ids"])
+            text = self.prompt_text(prompt, num_video_tokens)
+            ids.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             pixel_values.append(pv)
             grids.append(grid)
         length = max(len(i) for i in ids)
@@ -594,7 +596,8 @@ class VideoAlignReward(nn.Module):
         video_embeds = torch.cat(video_embeds).to(embeds.dtype)  # (ΣN/4, D): one row per <|video_pad|>
         video_mask = (input_ids == self.video_token_id)[..., None]
         if video_mask.sum() != video_embeds.shape[0]:
-            raise ValueError(f"{int(video_mask.sum())} video tokens in the text but {video_embeds.shape[0]} video embeddings")
+            raise ValueError(f"{int(video_mask.sum())} video tokens in the text but "
+                             f"{video_embeds.shape[0]} video embeddings")
         embeds = embeds.masked_scatter(video_mask, video_embeds)
         # Sequential positions in all three M-RoPE sections, as VideoAlign was trained (docstring).
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
@@ -752,8 +755,9 @@ def _tiny_lora_entries(key, weight, generator):
     """Non-zero PEFT LoRA tensors for one target module, keys as PEFT names them ('default' adapter)."""
     prefix = key[:-len(".weight")]
     if "embed_tokens" in prefix:  # PEFT Embedding: A (r, num_embeddings), B (dim, r)
-        return {prefix + ".lora_embedding_A.default": torch.randn(TINY_LORA_R, weight.shape[0], generator=generator) * 0.1,
-                prefix + ".lora_embedding_B.default": torch.randn(weight.shape[1], TINY_LORA_R, generator=generator) * 0.1}
+        a = torch.randn(TINY_LORA_R, weight.shape[0], generator=generator) * 0.1
+        b = torch.randn(weight.shape[1], TINY_LORA_R, generator=generator) * 0.1
+        return {prefix + ".lora_embedding_A.default": a, prefix + ".lora_embedding_B.default": b}
     return {prefix + ".lora_A.default.weight": torch.randn(TINY_LORA_R, weight.shape[1], generator=generator) * 0.1,
             prefix + ".lora_B.default.weight": torch.randn(weight.shape[0], TINY_LORA_R, generator=generator) * 0.1}
 

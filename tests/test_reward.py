@@ -6,7 +6,6 @@ Every model is a tiny random one written in the official on-disk layout and load
 """
 import json
 import logging
-import math
 import os
 import shutil
 
@@ -93,9 +92,10 @@ def hand_merged_weights(path):
         for k, v in non_lora.items():
             k = k.removeprefix("base_model.model.").replace(".base_layer", "").replace(".modules_to_save.default", "")
             plain[legacy_to_v5(k)] = v
-        adapter = {k.removeprefix("base_model.model."): v for k, v in load_file(os.path.join(ckpt, "adapter_model.safetensors")).items()}
-        lora_a = {legacy_to_v5(k.split(".lora_")[0]): v for k, v in adapter.items() if "lora_A" in k or "lora_embedding_A" in k}
-        lora_b = {legacy_to_v5(k.split(".lora_")[0]): v for k, v in adapter.items() if "lora_B" in k or "lora_embedding_B" in k}
+        adapter = load_file(os.path.join(ckpt, "adapter_model.safetensors"))
+        adapter = {legacy_to_v5(k.removeprefix("base_model.model.")): v for k, v in adapter.items()}
+        lora_a = {k.split(".lora_")[0]: v for k, v in adapter.items() if "lora_A" in k or "lora_embedding_A" in k}
+        lora_b = {k.split(".lora_")[0]: v for k, v in adapter.items() if "lora_B" in k or "lora_embedding_B" in k}
     assert lora_a and lora_a.keys() == lora_b.keys()
     merged = dict(plain)
     for module, a in lora_a.items():
@@ -480,7 +480,8 @@ def test_clipscore_and_pickscore_match_clipmodel_logits(clip_path):
 
 def test_clipscore_clips_negative_cosines_and_pickscore_scales_by_logit_scale(clip_path):
     cosine = torch.tensor([-0.5, 0.0, 0.25])
-    torch.testing.assert_close(reward.ClipScore.from_pretrained(clip_path).score(cosine), torch.tensor([0.0, 0.0, 25.0]))
+    clip = reward.ClipScore.from_pretrained(clip_path)
+    torch.testing.assert_close(clip.score(cosine), torch.tensor([0.0, 0.0, 25.0]))  # 100·max(cos, 0)
     pick = reward.PickScore.from_pretrained(clip_path)
     torch.testing.assert_close(pick.score(cosine), pick.model.logit_scale.exp() * cosine)
 
