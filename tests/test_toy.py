@@ -108,3 +108,20 @@ def test_fast_demo_runs_end_to_end_and_grpo_raises_the_reward(tmp_path):
     for name in ("rollouts_per_kernel", "injected_noise", "samples_before_after", "training_curves"):
         picture = tmp_path / f"{name}.png"
         assert picture.exists() and picture.stat().st_size > 10_000
+
+
+def test_guided_velocity_combines_conditional_and_null_prompt(pretrained):
+    from toy.velocity import guided_velocity
+    model = pretrained.replicate(2)
+    x, sigma = torch.randn(8, 2, generator=torch.Generator().manual_seed(0)), torch.full((8,), 0.4)
+    labels = random_labels(4, 2)
+    v_cond, v_uncond = model(x, sigma, labels), model(x, sigma, torch.full_like(labels, model.num_prompts))
+    assert torch.allclose(guided_velocity(model, x, sigma, labels, 3.0), v_uncond + 3.0 * (v_cond - v_uncond), atol=1e-6)
+    assert torch.equal(guided_velocity(model, x, sigma, labels, 1.0), v_cond)
+
+
+def test_config_rejects_what_grpo_cannot_train():
+    with pytest.raises(ValueError, match="no stochastic step"):
+        Config(kernel="ode")
+    with pytest.raises(ValueError, match="unknown KL mode"):
+        Config(kl_mode="adaptive")

@@ -9,8 +9,9 @@ Experiments (DESIGN.md §8):
   1. Rollouts of the pretrained model per kernel at the same η and 10/20/40 steps: off-manifold
      distance next to the per-step injected noise (the paper's Fig. 1).
   2. GRPO with a hackable reward: FlowGRPO-style (flow_grpo kernel, no equalizer, fixed KL) versus
-     SAGE-GRPO (sage kernel, equalizer, dual moving KL); reward, reward projected onto the circle
-     (the part earned by moving along it) and off-manifold distance, mean ± std over seeds.
+     SAGE-GRPO (sage kernel, equalizer, dual moving KL), with SAGE-GRPO without any KL as the
+     reference for reward hacking; reward, reward projected onto the circle (the part earned by
+     moving along it) and off-manifold distance, mean ± (population) std over seeds.
 The demo states, from the numbers it just computed, which claims of the paper reproduce here.
 """
 import argparse
@@ -29,6 +30,7 @@ import torch
 
 import equalizer
 import sde
+import trust_region
 from toy import gaussian_check
 from toy.manifold import RADIUS, distance_to_manifold, random_labels
 from toy.pretrain import load_or_pretrain
@@ -36,9 +38,9 @@ from toy.rollout import rollout
 from toy.target_reward import targets
 from toy.trainer import Config, evaluate, train
 
-KERNELS = ("ode", "flow_grpo", "dance_grpo", "cps", "sage")
-GRPO_KERNELS = KERNELS[1:]
-KL_MODES = ("none", "fixed", "step", "moving", "dual")
+KERNELS = sde.KERNELS                  # ode, flow_grpo, dance_grpo, cps, sage
+GRPO_KERNELS = KERNELS[1:]             # the ODE has no log-prob to train
+KL_MODES = trust_region.KL_MODES       # none, fixed, step, moving, dual
 HEADLINE = {"FlowGRPO-style": dict(kernel="flow_grpo", equalizer=False, kl_mode="fixed"),
             "SAGE-GRPO": dict(kernel="sage", equalizer=True, kl_mode="dual"),
             # reference: what the hackable reward does with no trust region at all

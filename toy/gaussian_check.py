@@ -17,7 +17,7 @@ import torch
 
 import sde
 
-KERNELS = ("ode", "flow_grpo", "dance_grpo", "cps", "sage")
+KERNELS = sde.KERNELS
 
 
 def marginal_variance(sigma, s):
