@@ -18,9 +18,9 @@ One iteration, straight through (the banners in `main` follow it):
 Launch (the data directory holds the diffusers-format HunyuanVideo-1.5 480p T2V checkpoint and the
 VideoAlign checkpoint, both local; nothing is ever downloaded):
 
-    # 1 GPU
+    # 1 GPU (one group of G = 4 videos per iteration needs 4 videos on the one rank)
     python train.py --model_path ckpts/HunyuanVideo-1.5-480p_t2v --reward_path ckpts/VideoReward \\
-        --prompts prompts/example.txt --output_dir runs/sage
+        --prompts prompts/example.txt --output_dir runs/sage --videos_per_rank 4
     # 8 GPUs on one node (the paper's per-node setting)
     torchrun --standalone --nproc_per_node 8 train.py --model_path ... --reward_path ... --prompts ...
     # 8 nodes x 8 GPUs = 64 (the recommended setting): run on every node, NODE_RANK = 0..7,
@@ -67,6 +67,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -423,7 +424,9 @@ def load_checkpoint(path, policy, optimizer, anchor, rank):
         dcp.load(state, checkpoint_id=os.path.join(path, "policy"))
         set_model_state_dict(policy, state["policy"])
     state = {"optimizer": get_optimizer_state_dict(policy, optimizer)}
-    dcp.load(state, checkpoint_id=os.path.join(path, "optimizer"))
+    # partial: parameters that never had a gradient (e.g. the text-stream output of the last block,
+    # whose result nothing reads) have no Adam state in the checkpoint, and AdamW leaves them alone
+    dcp.load(state, checkpoint_id=os.path.join(path, "optimizer"), planner=DefaultLoadPlanner(allow_partial_load=True))
     set_optimizer_state_dict(policy, optimizer, state["optimizer"])
     if anchor is not None:
         state = {"anchor": get_model_state_dict(anchor.anchor)}

@@ -1,0 +1,246 @@
+"""train.py end to end on random tiny models (CPU, gloo): distributed equivalence, exact resume,
+atomic checkpoints, non-finite updates skipped, and input errors raised before any model is loaded.
+
+Every run is tiny (2 denoising steps, 5x16x16 video -> latent (4, 3, 4, 4), one transformer block);
+the learning rate is raised to 1e-3 so that one update is far above float noise.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+import grpo
+import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WEIGHTS = os.path.join("transformer", "diffusion_pytorch_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """A tiny HunyuanVideo-1.5 and a tiny VideoAlign, written once in the real on-disk layouts."""
+    import model
+    import reward
+    root = tmp_path_factory.mktemp("tiny_models")
+    return model.build_tiny_hunyuan(str(root / "hunyuan")), reward.build_tiny_videoalign(str(root / "videoalign"))
+
+
+def tiny_args(tiny_models, output_dir, **overrides):
+    options = {"model_path": tiny_models[0], "reward_path": tiny_models[1], "output_dir": str(output_dir),
+               "num_steps": 2, "group_size": 2, "videos_per_rank": 2, "lr": 1e-3, "sample_every": 0,
+               "max_iterations": 1, "checkpoint_every": 1, **overrides}
+    return ["--tiny"] + [item for key, value in options.items() for item in (f"--{key}", str(value))]
+
+
+def run(tiny_models, output_dir, *flags, **overrides):
+    train.main(train.parse_config(tiny_args(tiny_models, output_dir, **overrides) + list(flags)))
+
+
+def torchrun(nproc, tiny_models, output_dir, **overrides):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "train.py"] + tiny_args(tiny_models, output_dir, **overrides)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+
+def metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def optimizer_state(checkpoint, tmp_path):
+    """The sharded (DCP) optimizer state of a checkpoint as one plain dict."""
+    os.makedirs(tmp_path, exist_ok=True)
+    path = str(tmp_path / f"{os.path.basename(checkpoint)}_optimizer.pt")
+    dcp_to_torch_save(os.path.join(checkpoint, "optimizer"), path)
+    return torch.load(path, weights_only=False)["optimizer"]["state"]
+
+
+def relative_error(a, b):
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_rank_run(tiny_models, tmp_path_factory):
+    """torchrun, 2 ranks x 2 videos, one group of 4 spanning both ranks, 2 iterations."""
+    output_dir = tmp_path_factory.mktemp("two_ranks")
+    torchrun(2, tiny_models, output_dir, group_size=4, videos_per_rank=2, max_iterations=2, sample_every=1)
+    return output_dir
+
+
+def test_torchrun_two_ranks_trains_and_writes_a_diffusers_checkpoint(two_rank_run):
+    from diffusers import HunyuanVideo15Transformer3DModel
+    rows = metrics(two_rank_run)
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert all(r["update_step"] == i + 1 and r["skipped_update"] == 0 for i, r in enumerate(rows))
+    for key in ("reward_mean", "vq", "mq", "ta", "approx_kl", "clip_fraction", "kl_anchor", "kl_step", "beta",
+                "grad_norm", "zero_std_ratio", "num_failed_rewards", "time_rollout", "time_update", "peak_memory_gb"):
+        assert all(key in r for r in rows), key
+    assert rows[0]["ratio_max_dev_per_step"] and rows[0]["approx_kl"] < 1e-6  # on-policy: ratio 1
+    checkpoint = train.latest_checkpoint(str(two_rank_run))
+    assert os.path.basename(checkpoint) == "checkpoint-000002"
+    assert sorted(os.listdir(two_rank_run)) == ["checkpoint-000002", "metrics.jsonl", "samples"]  # older one removed
+    transformer = HunyuanVideo15Transformer3DModel.from_pretrained(os.path.join(checkpoint, "transformer"))
+    assert all(torch.isfinite(p).all() for p in transformer.parameters())
+    assert os.listdir(os.path.join(two_rank_run, "samples"))
+
+
+def test_two_ranks_update_like_one_rank_on_the_same_global_batch(two_rank_run, tiny_models, tmp_path):
+    # the same 4 videos (seeds are a function of the global sample index) on one rank, same 2 updates
+    run(tiny_models, tmp_path, group_size=4, videos_per_rank=4, max_iterations=2)
+    one, two = (train.latest_checkpoint(str(d)) for d in (tmp_path, two_rank_run))
+    base = load_file(os.path.join(tiny_models[0], WEIGHTS))
+    params_one, params_two = load_file(os.path.join(one, WEIGHTS)), load_file(os.path.join(two, WEIGHTS))
+    flat = lambda params: torch.cat([params[k].flatten() for k in sorted(base)])  # noqa: E731
+    assert (flat(params_one) - flat(base)).norm() > 1e-3 * flat(base).norm()  # the updates moved the weights
+    assert relative_error(flat(params_two), flat(params_one)) < 1e-5
+    # Adam's first moment is a running mean of the (clipped) gradient itself: the sharpest check of
+    # the loss normalisation over ranks (a factor 2 would give 0.5). Measured: 2e-5, the float noise
+    # of batch-4 vs batch-2 matmuls, amplified by the group normalisation of nearly equal rewards.
+    state_one, state_two = optimizer_state(one, tmp_path / "one"), optimizer_state(two, tmp_path / "two")
+    moment = lambda state: torch.cat([state[k]["exp_avg"].flatten() for k in sorted(state_one)])  # noqa: E731
+    assert relative_error(moment(state_two), moment(state_one)) < 1e-4
+
+
+def test_resume_after_two_iterations_ends_exactly_like_an_uninterrupted_run(tiny_models, tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    run(tiny_models, straight, max_iterations=4, checkpoint_every=2)
+    run(tiny_models, interrupted, max_iterations=2, checkpoint_every=2)  # the run stops (dies) after iteration 2
+    run(tiny_models, interrupted, "--resume", max_iterations=4, checkpoint_every=2)
+    a, b = (train.latest_checkpoint(str(d)) for d in (straight, interrupted))
+    assert os.path.basename(a) == os.path.basename(b) == "checkpoint-000004"
+    params_a, params_b = load_file(os.path.join(a, WEIGHTS)), load_file(os.path.join(b, WEIGHTS))
+    assert all(torch.equal(params_a[k], params_b[k]) for k in params_a)
+    state_a, state_b = optimizer_state(a, tmp_path / "a"), optimizer_state(b, tmp_path / "b")
+    assert all(torch.equal(state_a[k]["exp_avg_sq"], state_b[k]["exp_avg_sq"]) for k in state_a)
+    assert [r["reward_mean"] for r in metrics(straight)] == [r["reward_mean"] for r in metrics(interrupted)]
+
+
+def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tiny_models, tmp_path, monkeypatch):
+    run(tiny_models, tmp_path, max_iterations=1)
+    previous = load_file(os.path.join(tmp_path, "checkpoint-000001", WEIGHTS))
+
+    rename = os.rename
+
+    def crash(source, destination):  # all of checkpoint-000002.tmp is written, then the job dies
+        if os.path.basename(destination).startswith("checkpoint-"):
+            raise RuntimeError("killed during the checkpoint write")
+        rename(source, destination)
+    monkeypatch.setattr(train.os, "rename", crash)
+    with pytest.raises(RuntimeError, match="killed during the checkpoint write"):
+        run(tiny_models, tmp_path, "--resume", max_iterations=2)
+    monkeypatch.undo()
+
+    assert os.path.isdir(tmp_path / "checkpoint-000002.tmp")
+    assert train.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-000001")
+    reloaded = load_file(os.path.join(tmp_path, "checkpoint-000001", WEIGHTS))
+    assert all(torch.equal(previous[k], reloaded[k]) for k in previous)
+    run(tiny_models, tmp_path, "--resume", max_iterations=2)  # and training goes on from it
+    assert sorted(d for d in os.listdir(tmp_path) if d.startswith("checkpoint")) == ["checkpoint-000002"]
+
+
+def test_a_non_finite_loss_skips_the_update_and_never_writes_nan_weights(tiny_models, tmp_path, monkeypatch):
+    clipped_policy_loss = grpo.clipped_policy_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, stats = clipped_policy_loss(*args, **kwargs)
+        return loss * float("nan"), stats
+    monkeypatch.setattr(grpo, "clipped_policy_loss", nan_loss)
+    run(tiny_models, tmp_path, max_iterations=1)
+    (row,) = metrics(tmp_path)
+    assert row["skipped_update"] == 1 and row["update_step"] == 0
+    base = load_file(os.path.join(tiny_models[0], WEIGHTS))
+    saved = load_file(os.path.join(tmp_path, "checkpoint-000001", WEIGHTS))
+    assert all(torch.equal(base[k], saved[k]) for k in base)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: a clear ValueError before any model is loaded or a process group started.
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_model", r"--model_path '/nonexistent/hunyuan' is not a directory"),
+    ("not_diffusers", r"expected a 'transformer' subdirectory"),
+    ("missing_reward", r"--reward_path '/nonexistent/videoalign' is not a directory"),
+    ("group_too_big", r"1 x 2 = 2 videos per iteration cannot hold whole groups of group_size 4"),
+    ("unknown_kernel", r"unknown kernel 'euler'"),
+    ("ode_kernel", r"unknown kernel 'ode'.*ode has no noise"),
+    ("unknown_kl_mode", r"unknown KL mode 'adaptive'"),
+    ("empty_prompts", r"contains no prompts"),
+    ("csv_without_prompt_column", r"expected a CSV column 'prompt'"),
+    ("missing_prompts", r"prompt file '/nonexistent/prompts.txt' does not exist"),
+    ("resume_without_checkpoint", r"--resume: no complete checkpoint"),
+])
+def test_bad_input_raises_a_clear_error_before_any_work(case, message, tmp_path, monkeypatch):
+    def not_reached(*args):
+        raise AssertionError("the checks must run before the process group and the models")
+    monkeypatch.setattr(train, "setup_distributed", not_reached)
+    real = tmp_path / "model"
+    (real / "transformer").mkdir(parents=True)
+    args = {"missing_model": ["--model_path", "/nonexistent/hunyuan", "--reward_path", str(tmp_path)],
+            "not_diffusers": ["--model_path", str(tmp_path / "model" / "transformer"), "--reward_path", str(tmp_path)],
+            "missing_reward": ["--model_path", str(real), "--reward_path", "/nonexistent/videoalign"],
+            "group_too_big": ["--tiny", "--group_size", "4", "--videos_per_rank", "2"],
+            "unknown_kernel": ["--tiny", "--kernel", "euler"],
+            "ode_kernel": ["--tiny", "--kernel", "ode"],
+            "unknown_kl_mode": ["--tiny", "--kl_mode", "adaptive"],
+            "empty_prompts": ["--tiny", "--prompts", _write(tmp_path / "empty.txt", "\n  \n")],
+            "csv_without_prompt_column": ["--tiny", "--prompts", _write(tmp_path / "p.csv", "text\na cat\n")],
+            "missing_prompts": ["--tiny", "--prompts", "/nonexistent/prompts.txt"],
+            "resume_without_checkpoint": ["--tiny", "--resume", "--output_dir", str(tmp_path / "empty_run")],
+            }[case]
+    if "--group_size" not in args:
+        args += ["--group_size", "2"]  # the defaults (G = 4, 2 videos per rank) need 2 ranks
+    with pytest.raises(ValueError, match=message):
+        train.main(train.parse_config(args))
+
+
+# ------------------------------------------------------------------------------------------------
+# The small pieces.
+
+def test_every_config_field_is_a_command_line_flag():
+    cfg = train.parse_config(["--eta", "0.3", "--no-equalizer", "--kernel", "flow_grpo", "--lora_rank", "8",
+                              "--anchor_offload", "--kl_mode", "moving", "--train_step_fraction", "0.5"])
+    assert (cfg.eta, cfg.equalizer, cfg.kernel, cfg.lora_rank, cfg.anchor_offload, cfg.kl_mode,
+            cfg.train_step_fraction) == (0.3, False, "flow_grpo", 8, True, "moving", 0.5)
+    assert train.parse_config([]) == train.Config()
+    docs = train._field_docs(train.Config)
+    assert set(docs) == {f.name for f in train.dataclasses.fields(train.Config)} and all(docs.values())
+
+
+def test_prompt_sampler_reshuffles_every_epoch_deterministically_and_resumes():
+    sampler = train.PromptSampler(num_prompts=6, per_iteration=2, seed=0)
+    epochs = [sum((sampler.next_indices() for _ in range(3)), []) for _ in range(3)]
+    assert all(sorted(e) == list(range(6)) for e in epochs)  # every prompt once per epoch
+    assert epochs[0] != epochs[1] != epochs[2]
+    again = train.PromptSampler(6, 2, seed=0)
+    assert sum((again.next_indices() for _ in range(9)), []) == sum(epochs, [])
+    resumed = train.PromptSampler(6, 2, seed=0)
+    resumed.load_state_dict(train.PromptSampler(6, 2, seed=0).state_dict() | {"epoch": 1, "position": 2})
+    assert resumed.next_indices() == epochs[1][2:4]
+
+
+@pytest.mark.parametrize("ext, text", [(".txt", "a cat\n\na dog\n"), (".csv", "id,prompt\n1,a cat\n2,a dog\n"),
+                                       (".jsonl", '{"prompt": "a cat"}\n{"prompt": "a dog"}\n')])
+def test_prompt_files_in_three_formats(ext, text, tmp_path):
+    assert train.load_prompts(_write(tmp_path / f"p{ext}", text)) == ["a cat", "a dog"]
+
+
+def test_trained_steps_are_a_per_sample_random_order_of_a_fraction_of_the_steps():
+    steps = train.trained_steps([1, 2, 3], num_steps=20, fraction=1.0)
+    assert steps.shape == (3, 20) and all(sorted(row.tolist()) == list(range(20)) for row in steps)
+    assert not torch.equal(steps[0], steps[1])
+    assert train.trained_steps([1, 2, 3], 20, 0.25).shape == (3, 5)
+    assert torch.equal(train.trained_steps([1], 20, 0.25)[0], steps[0, :5])
