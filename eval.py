@@ -44,6 +44,8 @@ class EvalConfig:
     """local CLIP directory for CLIPScore (e.g. openai/clip-vit-large-patch14, saved locally)"""
     pickscore_path: str = ""
     """local PickScore directory (yuvalkirstain/PickScore_v1, saved locally)"""
+    pickscore_processor_path: str = ""
+    """its image processor + tokenizer (PickScore_v1 uses laion/CLIP-ViT-H-14-laion2B-s32B-b79K's); empty = pickscore_path"""
     checkpoints: list[str] = field(default_factory=list)
     """transformer directories to compare with the base (a train.py checkpoint-N/ or its transformer/)"""
     prompts: str = "prompts/example.txt"
@@ -131,7 +133,8 @@ def main(cfg):
         module.to(device)
     videoalign = scorers.VideoAlignReward.from_pretrained(reward_path, device=device, dtype=dtype)
     clip_score = scorers.ClipScore.from_pretrained(clip_path, device=device, dtype=dtype)
-    pick_score = scorers.PickScore.from_pretrained(pick_path, device=device, dtype=dtype)
+    pick_score = scorers.PickScore.from_pretrained(pick_path, processor_path=cfg.pickscore_processor_path or None,
+                                                   device=device, dtype=dtype)
     embeds = hunyuan.encode_prompts(pipe, prompts, device=device, dtype=dtype)
     samples = [(i, j, cfg.seed + 1000 * i + j) for i in range(len(prompts)) for j in range(cfg.videos_per_prompt)]
     sigmas = sde.shifted_sigmas(cfg.num_steps, cfg.shift)

@@ -76,7 +76,8 @@ def two_rank_run(tiny_models, tmp_path_factory):
     return output_dir
 
 
-def test_torchrun_two_ranks_trains_and_writes_a_diffusers_checkpoint(two_rank_run):
+def test_torchrun_two_ranks_trains_and_writes_a_checkpoint_that_eval_scores(two_rank_run, tiny_models, tmp_path):
+    import eval as evaluate
     from diffusers import HunyuanVideo15Transformer3DModel
     rows = metrics(two_rank_run)
     assert [r["iteration"] for r in rows] == [1, 2]
@@ -91,6 +92,12 @@ def test_torchrun_two_ranks_trains_and_writes_a_diffusers_checkpoint(two_rank_ru
     transformer = HunyuanVideo15Transformer3DModel.from_pretrained(os.path.join(checkpoint, "transformer"))
     assert all(torch.isfinite(p).all() for p in transformer.parameters())
     assert os.listdir(os.path.join(two_rank_run, "samples"))
+    prompts = _write(tmp_path / "prompts.txt", "a dog runs on a beach\na kite in the wind\n")
+    results = evaluate.main(train.parse_config(
+        ["--tiny", "--model_path", tiny_models[0], "--reward_path", tiny_models[1], "--checkpoints", checkpoint,
+         "--prompts", prompts, "--output_dir", str(tmp_path / "eval"), "--num_steps", "2"], cls=evaluate.EvalConfig))
+    assert [r["name"] for r in results] == ["base", "checkpoint-000002"]
+    assert all(r["num_failed"] == 0 and torch.isfinite(torch.tensor(r["overall"])) for r in results)
 
 
 def test_two_ranks_update_like_one_rank_on_the_same_global_batch(two_rank_run, tiny_models, tmp_path):
