@@ -669,7 +669,7 @@ def _train(cfg, prompts, rank, world_size, device, mesh, hunyuan, videoalign, Tr
         gathered = {k: all_gather_cat(scores[k].float().to(device)) for k in ("vq", "mq", "ta")}
         all_advantages = grpo.group_advantages(rewards, group_size, cfg.adv_clip)
         metrics = {
-            "iteration": iteration + 1, "update_step": state["update_step"], **stats,
+            "iteration": iteration + 1, "update_step": state["update_step"], "unix_time": time.time(), **stats,
             **{k: v.nanmean().item() for k, v in gathered.items()},
             "advantage_abs_mean": all_advantages.nan_to_num().abs().mean().item(),
             "loss": sums[0].item() / pairs / max(cfg.updates_per_rollout, 1),
