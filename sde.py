@@ -42,6 +42,9 @@ The σ = 1 singularity. Both g and V diverge at σ = 1 (the first step of every 
   σ = 1. Within one step that is `sigma_next`, so we do exactly that.
 * sage: the official SAGE-GRPO code clamps σ to 1 - 3e-3 in the logarithm; we integrate up to the
   clamped value (`SAGE_SIGMA_MAX`), i.e. V(min(σ, σ_max), σ'), and keep the true Δ in the mean.
+  Note the consequence: on the first step the clamped integral is *larger* than FlowGRPO's value
+  (η = 0.5, 20 steps: std 0.556 vs 0.500 with shift 5, 0.83 vs 0.50 with shift 1), so
+  "SAGE injects less noise than FlowGRPO" holds from the second step on, not on the first.
 
 Differences from the official code (deliberate): its flow_grpo returns g instead of g·√Δ as the
 std (its KL is then off by a factor Δ); its CPS log-prob is -(x'-μ)² with no normalisation. Here
