@@ -118,17 +118,25 @@ def test_two_ranks_update_like_one_rank_on_the_same_global_batch(two_rank_run, t
 
 
 def test_resume_after_two_iterations_ends_exactly_like_an_uninterrupted_run(tiny_models, tmp_path):
+    # every piece of state matters here: 2 updates per rollout (clip and step-wise KL act), a large β,
+    # the anchor refreshed after updates 3 and 6 (the checkpoint at update 4 holds the update-3 anchor)
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    run(tiny_models, straight, max_iterations=4, checkpoint_every=2)
-    run(tiny_models, interrupted, max_iterations=2, checkpoint_every=2)  # the run stops (dies) after iteration 2
-    run(tiny_models, interrupted, "--resume", max_iterations=4, checkpoint_every=2)
+    options = {"checkpoint_every": 2, "updates_per_rollout": 2, "anchor_period": 3, "beta_start": 1.0,
+               "beta_switch_step": 10 ** 6}
+    run(tiny_models, straight, max_iterations=4, **options)
+    run(tiny_models, interrupted, max_iterations=2, **options)  # the run stops (dies) after iteration 2
+    run(tiny_models, interrupted, "--resume", max_iterations=4, **options)
     a, b = (train.latest_checkpoint(str(d)) for d in (straight, interrupted))
     assert os.path.basename(a) == os.path.basename(b) == "checkpoint-000004"
     params_a, params_b = load_file(os.path.join(a, WEIGHTS)), load_file(os.path.join(b, WEIGHTS))
     assert all(torch.equal(params_a[k], params_b[k]) for k in params_a)
     state_a, state_b = optimizer_state(a, tmp_path / "a"), optimizer_state(b, tmp_path / "b")
     assert all(torch.equal(state_a[k]["exp_avg_sq"], state_b[k]["exp_avg_sq"]) for k in state_a)
-    assert [r["reward_mean"] for r in metrics(straight)] == [r["reward_mean"] for r in metrics(interrupted)]
+    rows_a, rows_b = metrics(straight), metrics(interrupted)
+    assert [r["reward_mean"] for r in rows_a] == [r["reward_mean"] for r in rows_b]
+    assert [r["kl_anchor"] for r in rows_a] == [r["kl_anchor"] for r in rows_b]
+    assert [r["anchor_refreshed"] for r in rows_a] == [False, True, True, False]  # after updates 3 and 6
+    assert rows_a[-1]["kl_anchor"] > 0 and rows_a[-1]["kl_step"] > 0
 
 
 def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tiny_models, tmp_path, monkeypatch):
