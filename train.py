@@ -148,6 +148,8 @@ class Config:
     """optimizer update at which β switches; our choice: the paper gives the two values, not the switch point"""
     anchor_offload: bool = False
     """keep the anchor's shards on CPU (FSDP2 CPUOffloadPolicy; official reference_mode_offload)"""
+    text_encoder_offload: bool = False
+    """keep the text encoders (Qwen2.5-VL-7B: 15 GB bf16) on CPU, on the GPU only while encoding prompts; our choice"""
     # --- reward
     w_vq: float = 0.5
     """weight of VideoAlign visual quality (paper setting B / official reward_weights VQ 0.5)"""
@@ -516,7 +518,8 @@ def _train(cfg, prompts, rank, world_size, device, mesh, hunyuan, videoalign, Tr
     policy_path = checkpoint if checkpoint and cfg.lora_rank == 0 else model_path
     policy = Transformer.from_pretrained(os.path.join(policy_path, "transformer"), torch_dtype=torch.float32)
     pipe.pipeline.transformer = None  # the pipeline's copy is replaced by the sharded policy below
-    for module in (pipe.pipeline.text_encoder, pipe.pipeline.text_encoder_2, pipe.vae):
+    text_encoders = (pipe.pipeline.text_encoder, pipe.pipeline.text_encoder_2)
+    for module in (pipe.vae,) + (() if cfg.text_encoder_offload else text_encoders):
         module.to(device)
     if cfg.lora_rank > 0:
         from peft import LoraConfig
@@ -562,7 +565,7 @@ def _train(cfg, prompts, rank, world_size, device, mesh, hunyuan, videoalign, Tr
     metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if rank == 0 else None
     if rank == 0:
         print(f"SAGE-GRPO: world {world_size}, {videos_per_iteration} videos/iteration in groups of {group_size}, "
-              f"latent {tuple(latent_shape)}, {sum(p.numel() for p in trainable) / 1e6:.2f}M trainable, "
+              f"latent {tuple(latent_shape)}, {sum(p.numel() for p in trainable) / 1e6:.3g}M trainable, "
               f"{'resuming ' + checkpoint if checkpoint else 'from ' + model_path}", flush=True)
 
     bar = tqdm(range(state["iteration"], cfg.max_iterations), disable=rank != 0, initial=state["iteration"],
@@ -575,8 +578,12 @@ def _train(cfg, prompts, rank, world_size, device, mesh, hunyuan, videoalign, Tr
         sample_prompts = [group_prompts[(first + b) // group_size] for b in range(videos_per_rank)]
         seeds = [sample_seed(cfg.seed, iteration, first + b, videos_per_iteration) for b in range(videos_per_rank)]
         unique = list(dict.fromkeys(sample_prompts))  # encode each prompt once, reuse for its G rollouts
+        for module in text_encoders if cfg.text_encoder_offload else ():
+            module.to(device)
         embeds = hunyuan.encode_prompts(pipe, unique, device=device, dtype=compute_dtype)
         embeds = embeds.select([unique.index(p) for p in sample_prompts])
+        for module in text_encoders if cfg.text_encoder_offload else ():
+            module.to("cpu")
         with torch.no_grad():
             rollout = hunyuan.rollout(policy, embeds, seeds, latent_shape, sigmas, cfg.kernel, cfg.eta, cfg.cfg_scale)
 

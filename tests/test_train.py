@@ -4,6 +4,7 @@ atomic checkpoints, non-finite updates skipped, and input errors raised before a
 Every run is tiny (2 denoising steps, 5x16x16 video -> latent (4, 3, 4, 4), one transformer block);
 the learning rate is raised to 1e-3 so that one update is far above float noise.
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -190,6 +191,19 @@ def test_a_non_finite_loss_skips_the_update_and_never_writes_nan_weights(tiny_mo
     assert all(torch.equal(base[k], saved[k]) for k in base)
 
 
+def test_lora_trains_only_the_adapters(tiny_models, tmp_path):
+    pytest.importorskip("peft")  # optional dependency
+    run(tiny_models, tmp_path, lora_rank=4)
+    path = str(tmp_path / "policy.pt")
+    dcp_to_torch_save(os.path.join(tmp_path, "checkpoint-000001", "policy"), path)
+    policy = torch.load(path, weights_only=False)["policy"]
+    base = load_file(os.path.join(tiny_models[0], WEIGHTS))
+    lora_b = [k for k in policy if "lora_B" in k]
+    assert lora_b and any(policy[k].abs().sum() > 0 for k in lora_b)  # B starts at 0 and was trained
+    frozen = {k.replace(".base_layer", ""): v for k, v in policy.items() if "lora_" not in k}
+    assert frozen.keys() == base.keys() and all(torch.equal(frozen[k], base[k]) for k in base)
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input: a clear ValueError before any model is loaded or a process group started.
 
@@ -210,8 +224,11 @@ def _write(path, text):
     ("csv_without_prompt_column", r"expected a CSV column 'prompt'"),
     ("missing_prompts", r"prompt file '/nonexistent/prompts.txt' does not exist"),
     ("resume_without_checkpoint", r"--resume: no complete checkpoint"),
+    ("lora_without_peft", r"--lora_rank > 0 needs the optional dependency peft"),
 ])
 def test_bad_input_raises_a_clear_error_before_any_work(case, message, tmp_path, monkeypatch):
+    if case == "lora_without_peft" and importlib.util.find_spec("peft") is not None:
+        pytest.skip("peft is installed")
     def not_reached(*args):
         raise AssertionError("the checks must run before the process group and the models")
     monkeypatch.setattr(train, "setup_distributed", not_reached)
@@ -228,6 +245,7 @@ def test_bad_input_raises_a_clear_error_before_any_work(case, message, tmp_path,
             "csv_without_prompt_column": ["--tiny", "--prompts", _write(tmp_path / "p.csv", "text\na cat\n")],
             "missing_prompts": ["--tiny", "--prompts", "/nonexistent/prompts.txt"],
             "resume_without_checkpoint": ["--tiny", "--resume", "--output_dir", str(tmp_path / "empty_run")],
+            "lora_without_peft": ["--tiny", "--lora_rank", "8"],
             }[case]
     if "--group_size" not in args:
         args += ["--group_size", "2"]  # the defaults (G = 4, 2 videos per rank) need 2 ranks
