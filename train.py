@@ -606,7 +606,9 @@ def _train(cfg, prompts, rank, world_size, device, mesh, hunyuan, videoalign, Tr
 
         # ======================================================================== UPDATE
         timer("update")
-        sums = torch.zeros(7, dtype=torch.float64)  # loss, policy loss, approx_kl, clip frac, kl_anchor, kl_step, pairs
+        # sums over (update, trained step, sample) pairs: loss, policy loss, approx_kl, clip fraction, kl_anchor,
+        # kl_step, number of pairs
+        sums = torch.zeros(7, dtype=torch.float64)
         ratio_dev = torch.zeros(cfg.num_steps, dtype=torch.float64)  # max |ρ − 1| per denoising step
         grad_norms, skipped_now, refreshed = [], 0, False
         beta = trust_region.kl_coefficient(state["update_step"], cfg.beta_start, cfg.beta_end, cfg.beta_switch_step)
@@ -629,7 +631,7 @@ def _train(cfg, prompts, rank, world_size, device, mesh, hunyuan, videoalign, Tr
                         anchor_mean, _, _ = hunyuan.transition_log_prob(anchor.anchor, embeds, step.latents,
                                                                         step.next_latents, step.sigma, step.sigma_next,
                                                                         cfg.kernel, cfg.eta, cfg.cfg_scale)
-                kl, kl_stats = trust_region.dual_kl(mean, std, anchor_mean, step.mean, cfg.kl_mode,
+                kl, _ = trust_region.dual_kl(mean, std, anchor_mean, step.mean, cfg.kl_mode,
                                                     cfg.kl_anchor_weight, cfg.kl_step_weight)
                 mask = valid[:, k]
                 kl_sum = torch.where(mask, kl, torch.zeros_like(kl)).sum()
@@ -675,7 +677,7 @@ def _train(cfg, prompts, rank, world_size, device, mesh, hunyuan, videoalign, Tr
             "iteration": iteration + 1, "update_step": state["update_step"], "unix_time": time.time(), **stats,
             **{k: v.nanmean().item() for k, v in gathered.items()},
             "advantage_abs_mean": all_advantages.nan_to_num().abs().mean().item(),
-            "loss": sums[0].item() / pairs / max(cfg.updates_per_rollout, 1),
+            "loss": sums[0].item() / pairs,
             "policy_loss": sums[1].item() / pairs, "approx_kl": sums[2].item() / pairs,
             "clip_fraction": sums[3].item() / pairs, "kl_anchor": sums[4].item() / pairs,
             "kl_step": sums[5].item() / pairs, "beta": beta, "grad_norm": grad_norms[-1] if grad_norms else float("nan"),
