@@ -18,9 +18,11 @@ imageio-ffmpeg is not installed).
     # real weights, one GPU (all paths local; nothing is downloaded)
     python eval.py --model_path ckpts/HunyuanVideo-1.5-480p_t2v --reward_path ckpts/VideoReward \\
         --clip_path ckpts/clip-vit-large-patch14 --pickscore_path ckpts/PickScore_v1 \\
+        --pickscore_processor_path ckpts/CLIP-ViT-H-14-laion2B-s32B-b79K \\
         --checkpoints runs/sage/checkpoint-000500 --prompts prompts/example.txt --output_dir runs/eval
     # no weights, CPU: random tiny models, e.g. on the checkpoint of a `train.py --tiny` run
-    python eval.py --tiny --model_path runs/tiny/tiny_hunyuan --checkpoints runs/tiny/checkpoint-000004
+    python eval.py --tiny --model_path runs/tiny/tiny_hunyuan --reward_path runs/tiny/tiny_videoalign \\
+        --checkpoints runs/tiny/checkpoint-000004 --output_dir runs/tiny_eval
 """
 import dataclasses
 import json

@@ -1,6 +1,6 @@
 """SAGE-GRPO post-training of HunyuanVideo-1.5 against the VideoAlign reward (DESIGN.md §4-7).
 
-One iteration, straight through (the banners in `main` follow it):
+One iteration, straight through (the banners in `_train` follow it):
 
     ROLLOUT    G videos per prompt with the SDE kernel (`--kernel sage`); a group may span ranks;
                every sample has its own seed, a function of (seed, iteration, global sample index)
@@ -28,7 +28,7 @@ VideoAlign checkpoint, both local; nothing is ever downloaded):
     torchrun --nnodes 8 --nproc_per_node 8 --node_rank $NODE_RANK --rdzv_id sage \\
         --rdzv_backend c10d --rdzv_endpoint $MASTER_ADDR:29500 train.py --model_path ... (same flags)
     # no weights, CPU: the same code on random tiny models built on the fly (gloo backend)
-    torchrun --standalone --nproc_per_node 2 train.py --tiny --max_iterations 4 --output_dir runs/tiny
+    torchrun --standalone --nproc_per_node 2 train.py --tiny --num_steps 4 --max_iterations 4 --output_dir runs/tiny
     # resume from the newest complete checkpoint in output_dir (same flags, plus --resume)
     torchrun --standalone --nproc_per_node 8 train.py ... --resume
 
