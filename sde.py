@@ -225,6 +225,15 @@ def transition(kernel, x, velocity, sigma, sigma_next, eta):
     return mean.to(x.dtype), std
 
 
+def broadcast_std(std, like):
+    """(stochastic, safe_std): std as a tensor broadcastable to `like` (in its dtype), the mask of
+    entries with std > 0, and std with the zero entries replaced by 1 so that divisions stay finite."""
+    std = torch.as_tensor(std, device=like.device).to(like.dtype)
+    std = std.reshape(std.shape + (1,) * (like.ndim - std.ndim)) if std.ndim else std
+    stochastic = std > 0
+    return stochastic, torch.where(stochastic, std, torch.ones_like(std))
+
+
 def log_prob(x_next, mean, std):
     """Gaussian log density of x' under N(mean, std²·I), averaged over elements.  Returns Tensor[B].
 
@@ -234,10 +243,7 @@ def log_prob(x_next, mean, std):
     """
     dtype = torch.promote_types(x_next.dtype, torch.float32)      # at least fp32 (bf16 rollouts)
     x_next, mean = x_next.to(dtype), mean.to(dtype)
-    std = torch.as_tensor(std, device=mean.device).to(dtype)
-    std = std.reshape(std.shape + (1,) * (mean.ndim - std.ndim)) if std.ndim else std
-    stochastic = std > 0
-    safe_std = torch.where(stochastic, std, torch.ones_like(std))
+    stochastic, safe_std = broadcast_std(std, mean)
     element_log_prob = (-(x_next - mean) ** 2 / (2 * safe_std ** 2)
                         - torch.log(safe_std) - 0.5 * math.log(2 * math.pi))
     element_log_prob = torch.where(stochastic, element_log_prob, torch.zeros_like(element_log_prob))

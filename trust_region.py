@@ -31,12 +31,14 @@ KL is high, the reverse of the usual controller; we do not implement it (DESIGN.
 KL modes compared in the ablation (`KL_MODES`): none, fixed (anchor never moves), step (step-wise
 only), moving (moving anchor only), dual (both).
 
-Pure torch apart from copying module parameters; no global state.
+Pure torch apart from copying module parameters; no global state. Uses sde.py's std broadcasting.
 """
 import copy
 import math
 
 import torch
+
+import sde
 
 KL_MODES = ("none", "fixed", "step", "moving", "dual")
 # Anchor refresh period in optimizer updates: paper / official `update_ref_model_step 10`.
@@ -65,10 +67,7 @@ def gaussian_kl(mean, ref_mean, std):
         raise ValueError(f"mean and ref_mean must have the same shape, got {tuple(mean.shape)} and {tuple(ref_mean.shape)}")
     dtype = torch.promote_types(mean.dtype, torch.float32)        # at least fp32 (bf16 models)
     mean, ref_mean = mean.to(dtype), ref_mean.to(dtype)
-    std = torch.as_tensor(std, device=mean.device).to(dtype)
-    std = std.reshape(std.shape + (1,) * (mean.ndim - std.ndim)) if std.ndim else std
-    stochastic = std > 0
-    safe_std = torch.where(stochastic, std, torch.ones_like(std))
+    stochastic, safe_std = sde.broadcast_std(std, mean)
     # KL = (μ_θ - μ_ref)² / (2·std²), per element
     element_kl = torch.where(stochastic, (mean - ref_mean) ** 2 / (2 * safe_std ** 2), torch.zeros_like(mean))
     return element_kl.flatten(1).mean(dim=1)
