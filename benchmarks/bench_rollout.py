@@ -70,6 +70,8 @@ def main():
     print(f"median rollout time over {args.runs} runs: {statistics.median(times):.3f} s "
           f"(min {min(times):.3f}, max {max(times):.3f}); per step {statistics.median(times) / args.steps * 1e3:.1f} ms")
     print(f"transformer forward passes per step: {len(forwards) / (args.runs * args.steps):g}")
+    print(f"text tokens per row: {embeds.mask.shape[1]} Qwen2.5-VL + {embeds.mask_2.shape[1]} byT5 + "
+          f"{model.IMAGE_EMBED_TOKENS} image slot (padding trimmed; the pipeline feeds 1000 + 256 + 729)")
 
 
 if __name__ == "__main__":

@@ -187,6 +187,32 @@ def test_cfg_velocity_equals_guidance_of_two_separate_forwards(policy, embeds, l
     assert not torch.allclose(cond, uncond, atol=1e-3)  # the two branches really differ
 
 
+@pytest.mark.parametrize("prompts", [PROMPTS, ["a cat", "a red fox runs through snow"]])  # 2nd: no glyph text
+def test_trimmed_prompt_embeds_give_the_velocity_of_the_padded_pipeline_inputs(policy, latent_shape, prompts):
+    """Dropping the masked padding (text, glyph, the 729-token image slot) leaves the velocity unchanged."""
+    padded = model.encode_prompts(policy, prompts, trim_padding=False)
+    trimmed = model.encode_prompts(policy, prompts)
+    real = lambda mask: int(mask.sum(1).max())  # noqa: E731
+    assert padded.mask.shape[1] == 1000 and padded.mask_2.shape[1] == 256  # the pipeline's padding
+    assert trimmed.mask.shape[1] == max(real(padded.mask), real(padded.negative_mask)) < 1000
+    assert trimmed.mask_2.shape[1] == max(real(padded.mask_2), real(padded.negative_mask_2)) < 256
+    for name in ("embeds", "embeds_2", "negative_embeds", "negative_embeds_2"):  # the real tokens, in order
+        mask_name = name.replace("embeds", "mask")
+        for row in range(len(prompts)):
+            keep, kept = getattr(padded, mask_name)[row].bool(), getattr(trimmed, mask_name)[row].bool()
+            assert torch.equal(getattr(padded, name)[row][keep], getattr(trimmed, name)[row][kept])
+    latents = torch.randn(2, *latent_shape, generator=torch.Generator().manual_seed(3))
+    sigma, scale, e = 0.7, 6.0, padded
+    with torch.no_grad():
+        ours = model.cfg_velocity(policy.transformer, latents, sigma, trimmed, guidance_scale=scale)
+        cond = transformer_forward(policy.transformer, latents, sigma, e.embeds, e.mask, e.embeds_2, e.mask_2)
+        uncond = transformer_forward(policy.transformer, latents, sigma, e.negative_embeds, e.negative_mask,
+                                     e.negative_embeds_2, e.negative_mask_2)
+    reference = uncond + scale * (cond - uncond)
+    print(f"max |trimmed - padded| velocity: {(ours - reference).abs().max().item():.3g}")
+    assert (ours - reference).abs().max() <= PARITY_ATOL
+
+
 def test_cfg_runs_exactly_one_transformer_forward_per_step(policy, embeds, latent_shape):
     calls = []
     handle = policy.transformer.register_forward_hook(lambda module, args, kwargs_output: calls.append(1))
