@@ -168,11 +168,13 @@ def check_hunyuan_directory(path):
             f"{', '.join(s + '/' for s in REQUIRED_FILES)}, optionally guider/); found {found}.")
 
 
-def load_hunyuan(path, device="cpu", dtype=torch.bfloat16):
+def load_hunyuan(path, device="cpu", dtype=torch.bfloat16, load_transformer=True):
     """Load HunyuanVideo-1.5 from a local diffusers-format directory.  Returns HunyuanVideo15Policy.
 
     path:   e.g. the HunyuanVideo-1.5-Diffusers-480p_t2v directory (see README); never downloaded.
     dtype:  dtype of every component (bf16 on GPU; float32 for CPU tests and parity checks).
+    load_transformer: False leaves `pipeline.transformer` None, for a caller that builds the policy
+            itself (train.py: read once, in fp32, on rank 0 only).
     """
     check_hunyuan_directory(path)
     scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(os.path.join(path, "scheduler"))
@@ -192,10 +194,13 @@ def load_hunyuan(path, device="cpu", dtype=torch.bfloat16):
         guidance_scale = DEFAULT_GUIDANCE_SCALE
         extra["guider"] = ClassifierFreeGuidance(guidance_scale=guidance_scale)
 
+    if not load_transformer:
+        extra["transformer"] = None
     pipeline = HunyuanVideo15Pipeline.from_pretrained(path, dtype=dtype, **extra).to(device)
     pipeline.set_progress_bar_config(disable=True)
     for module in (pipeline.transformer, pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2):
-        module.eval().requires_grad_(False)  # the trainer re-enables gradients on the transformer
+        if module is not None:
+            module.eval().requires_grad_(False)  # the trainer re-enables gradients on the transformer
     return HunyuanVideo15Policy(pipeline=pipeline, shift=float(scheduler_config.get("shift", 1.0)),
                                 guidance_scale=guidance_scale)
 

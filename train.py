@@ -37,7 +37,9 @@ block, then the root) on an explicit 1-D device mesh; bf16 compute with fp32 mas
 (MixedPrecisionPolicy) on CUDA; gradient checkpointing; the anchor is sharded the same way, in the
 compute dtype, and optionally offloaded to CPU (`--anchor_offload`, FSDP2's CPUOffloadPolicy). On
 CPU (gloo) FSDP2 works in torch 2.13 and is used unchanged, in fp32. No sequence parallelism (the
-official recipe uses sp=2); see the cost model in the README.
+official recipe uses sp=2); see the cost model in the README. Loading (`load_policy`): only rank 0
+reads the fp32 transformer (33 GB for 8.3B); the others build it on the meta device, shard it and
+receive their shards from rank 0, so a node holds one full host copy, not one per rank.
 
 Loss normalisation. The loss is the mean over the valid (sample, trained step) pairs of the
 *global* batch: each rank divides its sum by the global count and FSDP averages gradients over
@@ -50,6 +52,7 @@ parallelism.
 """
 import argparse
 import ast
+import copy
 import csv
 import dataclasses
 import inspect
@@ -300,6 +303,49 @@ def shard(transformer, mesh, param_dtype, offload=False):
     return transformer
 
 
+def load_policy(Transformer, path, cfg, mesh, device, rank, compute_dtype):
+    """The sharded fp32 policy and (if the KL mode has one) the sharded anchor, from path/transformer.
+
+    Rank 0 alone reads the weights (fp32, CPU); every rank builds the module on the meta device
+    (no memory), shards it, allocates only its own shards (to_empty) and receives them from rank 0
+    (set_model_state_dict with broadcast_from_rank0). The anchor is built the same way and filled from
+    the policy's shards by MovingAnchor.refresh, so host memory holds one full copy, on rank 0.
+    Returns (policy, anchor_module or None).
+    """
+    def prepare(transformer):  # identical on every rank: LoRA adapters or full fine-tune, checkpointing
+        if cfg.lora_rank > 0:
+            from peft import LoraConfig
+            transformer.requires_grad_(False)
+            transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights=True,
+                                               target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj",
+                                                               "add_k_proj", "add_v_proj", "to_add_out"]))
+        else:
+            transformer.requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        return transformer
+
+    path = os.path.join(path, "transformer")
+    # rank 0's module holds the LoRA initialisation too, so every rank receives the same adapters
+    full_state = prepare(Transformer.from_pretrained(path, torch_dtype=torch.float32)).state_dict() if rank == 0 else {}
+    with torch.device("meta"):
+        policy = prepare(Transformer.from_config(Transformer.load_config(path)))
+    uninitialised = sorted(set(dict(policy.named_buffers())) - set(policy.state_dict()))
+    if uninitialised:  # to_empty leaves them garbage and the broadcast does not carry them
+        raise NotImplementedError(f"non-persistent buffers {uninitialised[:5]} would not be initialised by the "
+                                  f"rank-0 broadcast load")
+    w_anchor, _ = trust_region.kl_weights(cfg.kl_mode, cfg.kl_anchor_weight, cfg.kl_step_weight)
+    anchor_module = None
+    if w_anchor > 0:  # same structure, compute dtype, sharded the same way (optionally on CPU)
+        anchor_module = copy.deepcopy(policy).to(compute_dtype).requires_grad_(False).eval()
+        shard(anchor_module, mesh, None, offload=cfg.anchor_offload)
+        anchor_module.to_empty(device="cpu" if cfg.anchor_offload else device)  # values: MovingAnchor.refresh
+    shard(policy, mesh, compute_dtype if device.type == "cuda" else None)
+    policy.to_empty(device=device)
+    set_model_state_dict(policy, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return policy, anchor_module
+
+
 def all_gather_cat(x):
     """Concatenate a [B, ...] tensor over ranks in rank order -> [W·B, ...]."""
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
@@ -513,31 +559,14 @@ def _train(cfg, prompts, rank, world_size, device, mesh, hunyuan, videoalign, Tr
     os.makedirs(cfg.output_dir, exist_ok=True)
 
     # Frozen parts (text encoders, VAE) in the compute dtype; the policy in fp32 (master weights),
-    # from the checkpoint when resuming.
-    pipe = hunyuan.load_hunyuan(model_path, device="cpu", dtype=compute_dtype)
+    # from the checkpoint when resuming. The pipeline is loaded without its transformer: the policy's
+    # weights are read once, by rank 0 (load_policy).
+    pipe = hunyuan.load_hunyuan(model_path, device="cpu", dtype=compute_dtype, load_transformer=False)
     policy_path = checkpoint if checkpoint and cfg.lora_rank == 0 else model_path
-    policy = Transformer.from_pretrained(os.path.join(policy_path, "transformer"), torch_dtype=torch.float32)
-    pipe.pipeline.transformer = None  # the pipeline's copy is replaced by the sharded policy below
+    policy, anchor_module = load_policy(Transformer, policy_path, cfg, mesh, device, rank, compute_dtype)
     text_encoders = (pipe.pipeline.text_encoder, pipe.pipeline.text_encoder_2)
     for module in (pipe.vae,) + (() if cfg.text_encoder_offload else text_encoders):
         module.to(device)
-    if cfg.lora_rank > 0:
-        from peft import LoraConfig
-        policy.requires_grad_(False)
-        policy.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights=True,
-                                      target_modules=["to_q", "to_k", "to_v", "to_out.0",
-                                                      "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]))
-    else:
-        policy.requires_grad_(True)
-    if cfg.gradient_checkpointing:
-        policy.enable_gradient_checkpointing()
-    w_anchor, _ = trust_region.kl_weights(cfg.kl_mode, cfg.kl_anchor_weight, cfg.kl_step_weight)
-    anchor_module = None
-    if w_anchor > 0:  # the anchor: same structure, compute dtype, sharded the same way (optionally on CPU)
-        import copy
-        anchor_module = copy.deepcopy(policy).to(compute_dtype).requires_grad_(False).eval()
-        shard(anchor_module.to(device), mesh, None, offload=cfg.anchor_offload)
-    shard(policy.to(device), mesh, compute_dtype if device.type == "cuda" else None)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     anchor = None

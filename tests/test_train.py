@@ -103,6 +103,45 @@ def test_torchrun_two_ranks_trains_and_writes_a_checkpoint_that_eval_scores(two_
     assert all(r["num_failed"] == 0 and torch.isfinite(torch.tensor(r["overall"])) for r in results)
 
 
+def broadcast_load_worker(model_path, output_dir):
+    """Run under torchrun (see the test below): load the policy as train.py does, check it on every rank."""
+    import model
+    import trust_region
+    from diffusers import HunyuanVideo15Transformer3DModel as Transformer
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    cfg = train.Config(tiny=True, model_path=model_path, output_dir=output_dir)
+    rank, world_size, device, mesh = train.setup_distributed(cfg)
+    policy, anchor_module = train.load_policy(Transformer, model_path, cfg, mesh, device, rank, torch.float32)
+    trust_region.MovingAnchor(policy, anchor=anchor_module)  # fills the anchor from the policy's shards
+    disk = Transformer.from_pretrained(os.path.join(model_path, "transformer"), torch_dtype=torch.float32)
+    reference = disk.state_dict()
+    assert world_size == 2 and not list(disk.buffers())  # no buffers for to_empty to leave uninitialised
+    for module in (policy, anchor_module):
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))  # every rank
+        assert full.keys() == reference.keys()
+        assert max((full[k] - reference[k]).abs().max().item() for k in reference) == 0
+    # the same forward, sharded and plain (each rank its own input: the ranks are really independent)
+    generator = torch.Generator().manual_seed(rank)
+    latents = torch.randn(1, 4, 3, 4, 4, generator=generator)  # the tiny model's latent (C, F, H, W)
+    text, glyph = (torch.randn(2, 7, dim, generator=generator) for dim in (16, 32))  # cond, negative
+    embeds = model.PromptEmbeds(text[:1], torch.ones(1, 7), glyph[:1], torch.ones(1, 7),
+                                text[1:], torch.ones(1, 7), glyph[1:], torch.ones(1, 7))
+    with torch.no_grad():
+        sharded = model.cfg_velocity(policy, latents, 0.6, embeds)
+        plain = model.cfg_velocity(disk, latents, 0.6, embeds)
+    assert torch.equal(sharded, plain), (sharded - plain).abs().max()
+    torch.distributed.destroy_process_group()
+
+
+def test_broadcast_load_gives_every_rank_the_weights_on_disk_and_the_plain_forward(tiny_models, tmp_path):
+    """Rank 0 reads the weights, rank 1 builds on the meta device: afterwards both hold the disk weights."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+               tiny_models[0], str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+
 def test_two_ranks_update_like_one_rank_on_the_same_global_batch(two_rank_run, tiny_models, tmp_path):
     # the same 4 videos (seeds are a function of the global sample index) on one rank, same 2 updates
     run(tiny_models, tmp_path, group_size=4, videos_per_rank=4, max_iterations=2)
@@ -290,3 +329,7 @@ def test_trained_steps_are_a_per_sample_random_order_of_a_fraction_of_the_steps(
     assert not torch.equal(steps[0], steps[1])
     assert train.trained_steps([1, 2, 3], 20, 0.25).shape == (3, 5)
     assert torch.equal(train.trained_steps([1], 20, 0.25)[0], steps[0, :5])
+
+
+if __name__ == "__main__":  # the torchrun worker of test_broadcast_load_gives_every_rank_the_weights_on_disk_...
+    broadcast_load_worker(*sys.argv[1:])
