@@ -552,8 +552,10 @@ def _train(cfg, prompts, rank, world_size, device, mesh, hunyuan, videoalign, Tr
         if rank == 0 and not os.path.isdir(reward_path):
             videoalign.build_tiny_videoalign(reward_path)
         dist.barrier()
-        cfg = dataclasses.replace(cfg, num_frames=hunyuan.TINY_NUM_FRAMES, height=hunyuan.TINY_HEIGHT,
-                                  width=hunyuan.TINY_WIDTH)
+        if (cfg.num_frames, cfg.height, cfg.width) == (Config.num_frames, Config.height, Config.width):
+            # the real model's video size is far too big for a CPU: use the tiny one unless the user chose a size
+            cfg = dataclasses.replace(cfg, num_frames=hunyuan.TINY_NUM_FRAMES, height=hunyuan.TINY_HEIGHT,
+                                      width=hunyuan.TINY_WIDTH)
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     checkpoint = latest_checkpoint(cfg.output_dir) if cfg.resume else None
     os.makedirs(cfg.output_dir, exist_ok=True)

@@ -2,6 +2,12 @@
 
     python benchmarks/bench_train.py                  # tiny random models, CPU, 1 process (gloo, FSDP2)
     python benchmarks/bench_train.py --runs 5 --steps 4 --kl_mode none
+    python benchmarks/bench_train.py --frames 9 --height 64 --width 64   # more tokens per video
+
+The tiny model's transformer calls cost milliseconds, so the fixed per-iteration cost of the rest
+(optimizer step on sharded parameters, FSDP hooks, gradient clipping, log-probs, prompt encoding,
+logging) weighs far more than it will next to the real model's minutes of transformer work; a
+larger tiny video (`--frames/--height/--width`) shows the ratio as transformer work grows.
 
 Numerator: the wall time of one train.py iteration on the tiny models (the time between two
 consecutive rows of metrics.jsonl: every phase, no checkpoint write in between), median over
@@ -54,6 +60,9 @@ def main():
     parser.add_argument("--steps", type=int, default=4, help="denoising steps N (all trained)")
     parser.add_argument("--videos", type=int, default=2, help="videos per rank = group size")
     parser.add_argument("--kl_mode", default="dual")
+    parser.add_argument("--frames", type=int, default=model.TINY_NUM_FRAMES, help="video frames (4k+1)")
+    parser.add_argument("--height", type=int, default=model.TINY_HEIGHT, help="video height in pixels")
+    parser.add_argument("--width", type=int, default=model.TINY_WIDTH, help="video width in pixels")
     args = parser.parse_args()
     torch.set_num_threads(1)  # shared CPUs: one thread is the least noisy
 
@@ -65,7 +74,8 @@ def main():
             "--tiny", "--model_path", hunyuan_path, "--reward_path", reward_path, "--output_dir", out,
             "--num_steps", str(args.steps), "--group_size", str(args.videos), "--videos_per_rank", str(args.videos),
             "--kl_mode", args.kl_mode, "--max_iterations", str(args.runs + 1),
-            "--checkpoint_every", str(10 ** 9), "--sample_every", "0"]))
+            "--checkpoint_every", str(10 ** 9), "--sample_every", "0",
+            "--num_frames", str(args.frames), "--height", str(args.height), "--width", str(args.width)]))
         with open(os.path.join(out, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]
         # wall time of iteration i = time between the metrics rows of i-1 and i (no checkpoint in between)
@@ -80,14 +90,15 @@ def main():
         transformer.enable_gradient_checkpointing()
         prompts = ["a cat"] * args.videos
         embeds = model.encode_prompts(pipe, prompts)
-        latent_shape = pipe.latent_shape(model.TINY_NUM_FRAMES, model.TINY_HEIGHT, model.TINY_WIDTH)
+        latent_shape = pipe.latent_shape(args.frames, args.height, args.width)
         sigmas = sde.shifted_sigmas(args.steps, 5.0)
         anchor = args.kl_mode in ("fixed", "moving", "dual")
         bare_iteration(transformer, embeds, latent_shape, sigmas, 6.0, anchor)  # warm-up
         bare = statistics.median(bare_iteration(transformer, embeds, latent_shape, sigmas, 6.0, anchor)
                                  for _ in range(args.runs))
 
-    print(f"tiny GRPO iteration ({args.steps} steps, {args.videos} videos, kl_mode {args.kl_mode}), "
+    print(f"tiny GRPO iteration ({args.steps} steps, {args.videos} videos, kl_mode {args.kl_mode}, "
+          f"{args.frames}x{args.height}x{args.width} video = latent {tuple(latent_shape)}), "
           f"median of {args.runs}, 1 CPU thread")
     print(f"  train.py iteration, all phases        {total:8.3f} s")
     print(f"  train.py iteration, without reward    {without_reward:8.3f} s")
