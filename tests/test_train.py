@@ -214,6 +214,49 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tin
     assert sorted(d for d in os.listdir(tmp_path) if d.startswith("checkpoint")) == ["checkpoint-000002"]
 
 
+KILLED_MID_WRITE = """
+import os, sys, time
+sys.path.insert(0, {repo!r})
+import safetensors.torch
+import train
+
+def torn_write_then_hang(tensors, path, *args, **kwargs):
+    # what a SIGKILL in the middle of writing the weights leaves: a torn file inside checkpoint-N.tmp
+    with open(path, "wb") as f:
+        f.write(b"torn")
+    open({marker!r}, "w").close()
+    time.sleep(600)
+
+safetensors.torch.save_file = torn_write_then_hang
+train.main(train.parse_config(sys.argv[1:]))
+"""
+
+
+def test_a_sigkill_in_the_middle_of_a_checkpoint_write_leaves_the_previous_one_loadable(tiny_models, tmp_path):
+    run(tiny_models, tmp_path, max_iterations=1)
+    previous = load_file(os.path.join(tmp_path, "checkpoint-000001", WEIGHTS))
+    # a second process resumes, and is SIGKILLed while it writes checkpoint-000002's weights
+    marker = tmp_path.parent / (tmp_path.name + "-writing")
+    script = tmp_path.parent / (tmp_path.name + "-killed_mid_write.py")
+    script.write_text(KILLED_MID_WRITE.format(repo=REPO, marker=str(marker)))
+    process = subprocess.Popen([sys.executable, str(script)] + tiny_args(tiny_models, tmp_path, max_iterations=2)
+                               + ["--resume"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+
+    torn = tmp_path / "checkpoint-000002.tmp" / WEIGHTS
+    assert torn.read_bytes() == b"torn"                       # the kill really left a half-written checkpoint
+    assert train.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-000001")
+    reloaded = load_file(os.path.join(tmp_path, "checkpoint-000001", WEIGHTS))
+    assert all(torch.equal(previous[k], reloaded[k]) for k in previous)
+    run(tiny_models, tmp_path, "--resume", max_iterations=2)  # training goes on from the intact one
+    assert sorted(d for d in os.listdir(tmp_path) if d.startswith("checkpoint")) == ["checkpoint-000002"]
+
+
 def test_a_non_finite_loss_skips_the_update_and_never_writes_nan_weights(tiny_models, tmp_path, monkeypatch):
     clipped_policy_loss = grpo.clipped_policy_loss
 
