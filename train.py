@@ -96,6 +96,8 @@ class Config:
     """checkpoints, metrics.jsonl and sample videos go here (shared filesystem for multi-node)"""
     resume: bool = False
     """continue exactly from the newest complete checkpoint in output_dir"""
+    allow_config_change: bool = False
+    """with --resume, accept flags that differ from the checkpoint's (otherwise an error lists them)"""
     tiny: bool = False
     """random tiny HunyuanVideo-1.5 and VideoAlign built on the fly, CPU, gloo: the pipeline without weights"""
     seed: int = 42
@@ -272,7 +274,29 @@ def check_config(cfg, world_size):
             raise ValueError("--lora_rank > 0 needs the optional dependency peft (pip install peft)") from None
     if cfg.resume and latest_checkpoint(cfg.output_dir) is None:
         raise ValueError(f"--resume: no complete checkpoint (checkpoint-NNNNNN/) in {cfg.output_dir!r}")
+    if cfg.resume and not cfg.allow_config_change:
+        check_resume_config(cfg, latest_checkpoint(cfg.output_dir))
     return load_prompts(cfg.prompts)
+
+
+# Flags that may change between a run and its resumption without breaking "continues exactly".
+RESUMABLE_CHANGES = {"resume", "allow_config_change", "max_iterations", "checkpoint_every", "sample_every",
+                     "output_dir", "model_path", "reward_path", "prompts", "text_encoder_offload", "anchor_offload"}
+
+
+def check_resume_config(cfg, checkpoint):
+    """A resumed run must use the checkpoint's settings: list every flag that differs."""
+    with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+        saved = json.load(f).get("config", {})
+    if cfg.tiny:  # --tiny stores the tiny video size it substituted for the defaults
+        saved.update({k: getattr(cfg, k) for k in ("num_frames", "height", "width")
+                      if getattr(cfg, k) == getattr(Config, k)})
+    changed = {k: (saved[k], v) for k, v in dataclasses.asdict(cfg).items()
+               if k in saved and k not in RESUMABLE_CHANGES and saved[k] != v}
+    if changed:
+        listing = ", ".join(f"--{k} {new!r} (checkpoint: {old!r})" for k, (old, new) in sorted(changed.items()))
+        raise ValueError(f"--resume from {checkpoint!r} with different settings: {listing}; "
+                         "use the checkpoint's flags, or add --allow_config_change to continue anyway")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -257,6 +257,16 @@ def test_a_sigkill_in_the_middle_of_a_checkpoint_write_leaves_the_previous_one_l
     assert sorted(d for d in os.listdir(tmp_path) if d.startswith("checkpoint")) == ["checkpoint-000002"]
 
 
+def test_resuming_with_different_settings_is_an_error_that_lists_them(tiny_models, tmp_path):
+    run(tiny_models, tmp_path, max_iterations=1)
+    with pytest.raises(ValueError, match=r"--eta 0.7 \(checkpoint: 0.5\).*--kernel 'flow_grpo' \(checkpoint: 'sage'\)"):
+        run(tiny_models, tmp_path, "--resume", max_iterations=2, kernel="flow_grpo", eta=0.7)
+    # a longer run is not a different setting, and --allow_config_change overrides the check
+    train.check_config(train.parse_config(tiny_args(tiny_models, tmp_path, max_iterations=9) + ["--resume"]), 1)
+    train.check_config(train.parse_config(tiny_args(tiny_models, tmp_path, max_iterations=2, kernel="flow_grpo")
+                                          + ["--resume", "--allow_config_change"]), 1)
+
+
 def test_a_non_finite_loss_skips_the_update_and_never_writes_nan_weights(tiny_models, tmp_path, monkeypatch):
     clipped_policy_loss = grpo.clipped_policy_loss
 
