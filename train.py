@@ -176,6 +176,8 @@ class Config:
     # --- logging and checkpoints
     checkpoint_every: int = 100
     """iterations between checkpoints (official save_interval 100); the last iteration is always saved"""
+    keep_checkpoints: int = 1
+    """newest complete checkpoints kept; older ones are deleted once a newer one is complete (ours: disk)"""
     sample_every: int = 50
     """iterations between saved sample videos (official validation_interval 50); 0 = never"""
 
@@ -262,7 +264,7 @@ def check_config(cfg, world_size):
     if (cfg.num_frames - 1) % 4 or cfg.height % 16 or cfg.width % 16:
         raise ValueError(f"video must be 4k+1 frames and a multiple of 16 pixels (VAE 4x temporal, 16x spatial), "
                          f"got {cfg.num_frames} frames at {cfg.height}x{cfg.width}")
-    for name in ("num_steps", "updates_per_rollout", "anchor_period", "checkpoint_every", "max_iterations"):
+    for name in ("num_steps", "updates_per_rollout", "anchor_period", "checkpoint_every", "keep_checkpoints", "max_iterations"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.lora_rank < 0:
@@ -280,8 +282,8 @@ def check_config(cfg, world_size):
 
 
 # Flags that may change between a run and its resumption without breaking "continues exactly".
-RESUMABLE_CHANGES = {"resume", "allow_config_change", "max_iterations", "checkpoint_every", "sample_every",
-                     "output_dir", "model_path", "reward_path", "prompts", "text_encoder_offload", "anchor_offload"}
+RESUMABLE_CHANGES = {"resume", "allow_config_change", "max_iterations", "checkpoint_every", "keep_checkpoints",
+                     "sample_every", "output_dir", "model_path", "reward_path", "prompts", "text_encoder_offload", "anchor_offload"}
 
 
 def check_resume_config(cfg, checkpoint):
@@ -474,9 +476,9 @@ def save_checkpoint(cfg, iteration, trainer_state, policy, optimizer, anchor, ra
     dist.barrier()
     if rank == 0:
         os.rename(tmp, final)  # atomic: until here the previous checkpoint is the newest complete one
-        for old in os.listdir(cfg.output_dir):
-            if old.startswith("checkpoint-") and not old.endswith(".tmp") and old < os.path.basename(final):
-                shutil.rmtree(os.path.join(cfg.output_dir, old))
+        complete = sorted(d for d in os.listdir(cfg.output_dir) if d.startswith("checkpoint-") and not d.endswith(".tmp"))
+        for old in complete[:-cfg.keep_checkpoints]:
+            shutil.rmtree(os.path.join(cfg.output_dir, old))
     dist.barrier()
     return final
 

@@ -212,6 +212,8 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tin
     assert all(torch.equal(previous[k], reloaded[k]) for k in previous)
     run(tiny_models, tmp_path, "--resume", max_iterations=2)  # and training goes on from it
     assert sorted(d for d in os.listdir(tmp_path) if d.startswith("checkpoint")) == ["checkpoint-000002"]
+    run(tiny_models, tmp_path, "--resume", max_iterations=4, keep_checkpoints=2)  # retention
+    assert sorted(d for d in os.listdir(tmp_path) if d.startswith("checkpoint")) == ["checkpoint-000003", "checkpoint-000004"]
 
 
 KILLED_MID_WRITE = """
