@@ -175,15 +175,21 @@ def test_decode_returns_batched_frames_in_unit_interval(policy, latent_shape):
 # ---------------------------------------------------------------------------------------------
 # Classifier-free guidance.
 
+def guidance_of_two_separate_forwards(transformer, latents, sigma, e, scale):
+    """(v_uncond + s·(v_cond − v_uncond), v_cond, v_uncond) from two unbatched forwards, by hand."""
+    with torch.no_grad():
+        cond = transformer_forward(transformer, latents, sigma, e.embeds, e.mask, e.embeds_2, e.mask_2)
+        uncond = transformer_forward(transformer, latents, sigma, e.negative_embeds, e.negative_mask,
+                                     e.negative_embeds_2, e.negative_mask_2)
+    return uncond + scale * (cond - uncond), cond, uncond
+
+
 def test_cfg_velocity_equals_guidance_of_two_separate_forwards(policy, embeds, latent_shape):
     latents = torch.randn(2, *latent_shape, generator=torch.Generator().manual_seed(1))
-    sigma, scale, e = 0.6, 6.0, embeds
     with torch.no_grad():
-        ours = model.cfg_velocity(policy.transformer, latents, sigma, embeds, guidance_scale=scale)
-        cond = transformer_forward(policy.transformer, latents, sigma, e.embeds, e.mask, e.embeds_2, e.mask_2)
-        uncond = transformer_forward(policy.transformer, latents, sigma, e.negative_embeds, e.negative_mask,
-                                     e.negative_embeds_2, e.negative_mask_2)
-    assert torch.allclose(ours, uncond + scale * (cond - uncond), atol=1e-5)
+        ours = model.cfg_velocity(policy.transformer, latents, 0.6, embeds, guidance_scale=6.0)
+    reference, cond, uncond = guidance_of_two_separate_forwards(policy.transformer, latents, 0.6, embeds, 6.0)
+    assert torch.allclose(ours, reference, atol=1e-5)
     assert not torch.allclose(cond, uncond, atol=1e-3)  # the two branches really differ
 
 
@@ -202,13 +208,9 @@ def test_trimmed_prompt_embeds_give_the_velocity_of_the_padded_pipeline_inputs(p
             keep, kept = getattr(padded, mask_name)[row].bool(), getattr(trimmed, mask_name)[row].bool()
             assert torch.equal(getattr(padded, name)[row][keep], getattr(trimmed, name)[row][kept])
     latents = torch.randn(2, *latent_shape, generator=torch.Generator().manual_seed(3))
-    sigma, scale, e = 0.7, 6.0, padded
     with torch.no_grad():
-        ours = model.cfg_velocity(policy.transformer, latents, sigma, trimmed, guidance_scale=scale)
-        cond = transformer_forward(policy.transformer, latents, sigma, e.embeds, e.mask, e.embeds_2, e.mask_2)
-        uncond = transformer_forward(policy.transformer, latents, sigma, e.negative_embeds, e.negative_mask,
-                                     e.negative_embeds_2, e.negative_mask_2)
-    reference = uncond + scale * (cond - uncond)
+        ours = model.cfg_velocity(policy.transformer, latents, 0.7, trimmed, guidance_scale=6.0)
+    reference, _, _ = guidance_of_two_separate_forwards(policy.transformer, latents, 0.7, padded, 6.0)
     print(f"max |trimmed - padded| velocity: {(ours - reference).abs().max().item():.3g}")
     assert (ours - reference).abs().max() <= PARITY_ATOL
 
