@@ -438,14 +438,27 @@ def latest_checkpoint(output_dir):
     return os.path.join(output_dir, done[-1]) if done else None
 
 
-def save_transformer(transformer, path, rank):
-    """Gather the full (fp32 master) state and write it in diffusers layout (rank 0)."""
+# Largest safetensors file of a saved transformer (diffusers' own save_pretrained default): the 8.3B
+# fp32 policy becomes 7 shards + an index instead of one 33 GB file.
+MAX_SHARD_SIZE = "5GB"
+
+
+def save_transformer(transformer, path, rank, max_shard_size=MAX_SHARD_SIZE):
+    """Gather the full (fp32 master) state and write it in diffusers layout (rank 0): safetensors
+    shards and, when there is more than one, the index diffusers' from_pretrained reads."""
+    from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
     state = get_model_state_dict(transformer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         os.makedirs(path, exist_ok=True)
         transformer.save_config(path)
-        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(path, "diffusion_pytorch_model.safetensors"))
+        split = split_torch_state_dict_into_shards(state, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                                                   max_shard_size=max_shard_size)
+        for filename, keys in split.filename_to_tensors.items():
+            save_file({k: state[k].contiguous() for k in keys}, os.path.join(path, filename))
+        if split.is_sharded:
+            with open(os.path.join(path, "diffusion_pytorch_model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, f, indent=1)
 
 
 def save_checkpoint(cfg, iteration, trainer_state, policy, optimizer, anchor, rank):

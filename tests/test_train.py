@@ -269,6 +269,18 @@ def test_resuming_with_different_settings_is_an_error_that_lists_them(tiny_model
                                           + ["--resume", "--allow_config_change"]), 1)
 
 
+def test_a_transformer_saved_in_shards_loads_with_diffusers_like_the_single_file(two_rank_run, tmp_path):
+    from diffusers import HunyuanVideo15Transformer3DModel
+    single = HunyuanVideo15Transformer3DModel.from_pretrained(os.path.join(two_rank_run, "checkpoint-000002", "transformer"))
+    train.save_transformer(single, str(tmp_path / "sharded"), rank=0, max_shard_size="2MB")
+    files = sorted(os.listdir(tmp_path / "sharded"))
+    assert "diffusion_pytorch_model.safetensors.index.json" in files
+    assert sum(f.endswith(".safetensors") for f in files) > 1
+    sharded = HunyuanVideo15Transformer3DModel.from_pretrained(str(tmp_path / "sharded"))
+    a, b = single.state_dict(), sharded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_non_finite_loss_skips_the_update_and_never_writes_nan_weights(tiny_models, tmp_path, monkeypatch):
     clipped_policy_loss = grpo.clipped_policy_loss
 
