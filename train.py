@@ -342,6 +342,7 @@ def load_policy(Transformer, path, cfg, mesh, device, rank, compute_dtype):
         if cfg.lora_rank > 0:
             from peft import LoraConfig
             transformer.requires_grad_(False)
+            # lora_alpha = r: the adapter adds B·A unscaled (LORA_SCALE = alpha / r = 1) at any rank
             transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights=True,
                                                target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj",
                                                                "add_k_proj", "add_v_proj", "to_add_out"]))
@@ -441,14 +442,38 @@ def latest_checkpoint(output_dir):
 # Largest safetensors file of a saved transformer (diffusers' own save_pretrained default): the 8.3B
 # fp32 policy becomes 7 shards + an index instead of one 33 GB file.
 MAX_SHARD_SIZE = "5GB"
+# LoRA scale alpha / r of the adapters train.py adds (lora_alpha = r, our choice): merged as W + B·A.
+LORA_SCALE = 1.0
 
 
-def save_transformer(transformer, path, rank, max_shard_size=MAX_SHARD_SIZE):
+def merge_lora(state, scale):
+    """PEFT LoRA state -> plain weights: W <- W + scale·B·A for every adapted layer, adapters dropped.
+
+    PEFT keys: `<layer>.base_layer.weight|bias`, `<layer>.lora_A.default.weight` (r, in),
+    `<layer>.lora_B.default.weight` (out, r); scale = lora_alpha / r."""
+    merged = {}
+    for key, value in state.items():
+        if ".lora_A." in key or ".lora_B." in key:
+            continue
+        if ".base_layer." in key:
+            layer, suffix = key.split(".base_layer.")
+            if suffix == "weight":
+                lora_a, lora_b = state[f"{layer}.lora_A.default.weight"], state[f"{layer}.lora_B.default.weight"]
+                value = value + scale * (lora_b.float() @ lora_a.float()).to(value.dtype)
+            key = f"{layer}.{suffix}"
+        merged[key] = value
+    return merged
+
+
+def save_transformer(transformer, path, rank, max_shard_size=MAX_SHARD_SIZE, lora_scale=None):
     """Gather the full (fp32 master) state and write it in diffusers layout (rank 0): safetensors
-    shards and, when there is more than one, the index diffusers' from_pretrained reads."""
+    shards and, when there is more than one, the index diffusers' from_pretrained reads. With LoRA
+    (`lora_scale` = alpha / r) the adapters are merged in, so the result is a plain transformer."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
     state = get_model_state_dict(transformer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if lora_scale is not None:
+        state = merge_lora(state, lora_scale)
     if rank == 0:
         os.makedirs(path, exist_ok=True)
         transformer.save_config(path)
@@ -470,10 +495,10 @@ def save_checkpoint(cfg, iteration, trainer_state, policy, optimizer, anchor, ra
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    if cfg.lora_rank > 0:  # adapters + frozen base, sharded; export merged weights yourself after training
+    if cfg.lora_rank > 0:  # adapters + frozen base, sharded, for --resume; transformer/ gets the merged weights
         dcp.save({"policy": get_model_state_dict(policy)}, checkpoint_id=os.path.join(tmp, "policy"))
-    else:
-        save_transformer(policy, os.path.join(tmp, "transformer"), rank)
+    save_transformer(policy, os.path.join(tmp, "transformer"), rank,
+                     lora_scale=LORA_SCALE if cfg.lora_rank > 0 else None)
     # optimizer and anchor: sharded (each rank writes its shard), torch.distributed.checkpoint
     dcp.save({"optimizer": get_optimizer_state_dict(policy, optimizer)}, checkpoint_id=os.path.join(tmp, "optimizer"))
     if anchor is not None:

@@ -307,6 +307,22 @@ def test_lora_trains_only_the_adapters(tiny_models, tmp_path):
     assert lora_b and any(policy[k].abs().sum() > 0 for k in lora_b)  # B starts at 0 and was trained
     frozen = {k.replace(".base_layer", ""): v for k, v in policy.items() if "lora_" not in k}
     assert frozen.keys() == base.keys() and all(torch.equal(frozen[k], base[k]) for k in base)
+    # transformer/ holds the merged weights: they equal PEFT's own merge of the same adapters
+    from diffusers import HunyuanVideo15Transformer3DModel
+    from peft import LoraConfig
+    reference = HunyuanVideo15Transformer3DModel.from_pretrained(os.path.dirname(os.path.join(tiny_models[0], WEIGHTS)))
+    reference.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj",
+                                                                       "add_k_proj", "add_v_proj", "to_add_out"]))
+    missing, unexpected = reference.load_state_dict(policy, strict=False)
+    assert not unexpected and not [k for k in missing if "lora_" in k]
+    for module in reference.modules():
+        if hasattr(module, "merge") and hasattr(module, "base_layer"):
+            module.merge()                                                   # peft: W += scale·B·A in place
+    expected = {k.replace(".base_layer", ""): v for k, v in reference.state_dict().items() if "lora_" not in k}
+    saved = HunyuanVideo15Transformer3DModel.from_pretrained(os.path.join(tmp_path, "checkpoint-000001", "transformer"))
+    assert saved.state_dict().keys() == expected.keys()
+    assert max((saved.state_dict()[k] - expected[k]).abs().max().item() for k in expected) < 1e-6
+    assert any(not torch.equal(saved.state_dict()[k], base[k]) for k in base)  # the adapters changed something
 
 
 # ------------------------------------------------------------------------------------------------
