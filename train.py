@@ -547,6 +547,36 @@ def load_checkpoint(path, policy, optimizer, anchor, rank):
         return json.load(f)
 
 
+# The panels of curves.png: (title, metrics.jsonl keys drawn in it).
+CURVE_PANELS = (("reward", ("reward_mean", "vq", "mq", "ta")), ("KL terms", ("kl_anchor", "kl_step", "approx_kl")),
+                ("clip fraction", ("clip_fraction",)), ("gradient norm", ("grad_norm",)),
+                ("groups with equal rewards", ("zero_std_ratio",)), ("seconds per phase", ("time_rollout", "time_reward",
+                                                                                          "time_update")))
+
+
+def plot_metrics(metrics_path, png_path):
+    """metrics.jsonl -> a PNG of the curves practitioners watch, one panel each, written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    rows = list({r["iteration"]: r for r in rows}.values())  # a resumed run may have logged an iteration twice
+    figure, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for axis, (title, keys) in zip(axes.flat, CURVE_PANELS):
+        for key in keys:
+            points = [(r["iteration"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if points:
+                axis.plot(*zip(*points), marker="." if len(points) < 30 else None, label=key)
+        axis.set_title(title)
+        axis.set_xlabel("iteration")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(png_path + ".tmp.png", dpi=80)
+    plt.close(figure)
+    os.replace(png_path + ".tmp.png", png_path)
+
+
 def save_video(frames, path):
     """frames: (F, H, W, 3) uint8. mp4 if imageio-ffmpeg is installed, otherwise a PNG grid of frames."""
     try:
@@ -795,6 +825,8 @@ def _train(cfg, prompts, rank, world_size, device, mesh, hunyuan, videoalign, Tr
             state.update(iteration=iteration + 1, sampler=sampler.state_dict(),
                          anchor_last_refresh=anchor.last_refresh if anchor is not None else 0)
             save_checkpoint(cfg, iteration + 1, state, policy, optimizer, anchor, rank)
+            if rank == 0:
+                plot_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), os.path.join(cfg.output_dir, "curves.png"))
     if metrics_file:
         metrics_file.close()
 

@@ -77,6 +77,13 @@ def two_rank_run(tiny_models, tmp_path_factory):
     return output_dir
 
 
+def test_training_curves_are_drawn_from_the_metrics(two_rank_run):
+    from PIL import Image
+    image = Image.open(two_rank_run / "curves.png")
+    assert image.size == (13 * 80, int(6.5 * 80))
+    assert len(image.convert("L").getcolors(maxcolors=10 ** 6)) > 10  # drawn, not blank
+
+
 def test_torchrun_two_ranks_trains_and_writes_a_checkpoint_that_eval_scores(two_rank_run, tiny_models, tmp_path):
     import eval as evaluate
     from diffusers import HunyuanVideo15Transformer3DModel
@@ -90,7 +97,7 @@ def test_torchrun_two_ranks_trains_and_writes_a_checkpoint_that_eval_scores(two_
     assert all(r["ratio_max_dev_per_step"] == [0.0, 0.0] and r["approx_kl"] == 0 for r in rows)
     checkpoint = train.latest_checkpoint(str(two_rank_run))
     assert os.path.basename(checkpoint) == "checkpoint-000002"
-    assert sorted(os.listdir(two_rank_run)) == ["checkpoint-000002", "metrics.jsonl", "samples"]  # older one removed
+    assert sorted(os.listdir(two_rank_run)) == ["checkpoint-000002", "curves.png", "metrics.jsonl", "samples"]  # older one removed
     transformer = HunyuanVideo15Transformer3DModel.from_pretrained(os.path.join(checkpoint, "transformer"))
     assert all(torch.isfinite(p).all() for p in transformer.parameters())
     assert os.listdir(os.path.join(two_rank_run, "samples"))
