@@ -88,24 +88,24 @@ def anchor_period_for(mode, anchor_period=ANCHOR_PERIOD):
 
 def dual_kl(mean, std, anchor_mean=None, old_mean=None, mode="dual",
             anchor_weight=ANCHOR_WEIGHT, step_weight=STEP_WEIGHT):
-    """L_KL = w_anchor·KL(π_θ ‖ π_anchor) + w_step·KL(π_θ ‖ π_old).  Returns (Tensor[B], stats).
+    """L_KL = w_anchor·KL(π_θ ‖ π_anchor) + w_step·KL(π_θ ‖ π_old).  Returns (Tensor[B], terms).
 
     mean: the policy's μ_θ with gradients; anchor_mean: μ_anchor from the anchor model on the same
-    x (no gradient); old_mean: μ_old recorded in the rollout. A term whose weight is 0 in `mode`
-    needs no input (pass None).
+    x (no gradient); old_mean: μ_old recorded in the rollout. `terms` holds the per-sample KL,
+    Tensor[B], of every reference given ("kl_anchor", "kl_step"), also one whose weight is 0 in
+    `mode` (for logging). A term with a weight > 0 in `mode` needs its reference.
     """
     w_anchor, w_step = kl_weights(mode, anchor_weight, step_weight)
     total = torch.zeros(mean.shape[0], device=mean.device)
-    stats = {}
+    terms = {}
     for name, weight, reference in (("kl_anchor", w_anchor, anchor_mean), ("kl_step", w_step, old_mean)):
-        if weight == 0:
-            continue
         if reference is None:
-            raise ValueError(f"KL mode {mode!r} uses {name} (weight {weight}) but its reference mean is None")
-        kl = gaussian_kl(mean, reference.detach(), std)
-        stats[name] = kl.mean().item()
-        total = total + weight * kl
-    return total, stats
+            if weight != 0:
+                raise ValueError(f"KL mode {mode!r} uses {name} (weight {weight}) but its reference mean is None")
+            continue
+        terms[name] = gaussian_kl(mean, reference.detach(), std)
+        total = total + weight * terms[name]
+    return total, terms
 
 
 def kl_coefficient(step, beta_start=BETA_START, beta_end=BETA_END, switch_step=None):

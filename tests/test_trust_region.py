@@ -83,10 +83,11 @@ def test_dual_kl_combines_the_two_terms_with_their_weights():
     mean, anchor_mean, old_mean = torch.zeros(2, 3), torch.ones(2, 3), 2 * torch.ones(2, 3)
     std = 1.0
     # KL_anchor = 1/2, KL_step = 4/2 per element
-    total, stats = tr.dual_kl(mean, std, anchor_mean, old_mean, "dual", 1.0, 0.1)
+    total, terms = tr.dual_kl(mean, std, anchor_mean, old_mean, "dual", 1.0, 0.1)
     torch.testing.assert_close(total, torch.full((2,), 0.5 + 0.1 * 2.0))
-    assert stats == {"kl_anchor": 0.5, "kl_step": 2.0}
-    assert tr.dual_kl(mean, std, anchor_mean, old_mean, "none")[0].abs().sum() == 0
+    assert {name: kl.tolist() for name, kl in terms.items()} == {"kl_anchor": [0.5, 0.5], "kl_step": [2.0, 2.0]}
+    total, terms = tr.dual_kl(mean, std, anchor_mean, old_mean, "none")
+    assert total.abs().sum() == 0 and set(terms) == {"kl_anchor", "kl_step"}  # still measured, for the logs
     torch.testing.assert_close(tr.dual_kl(mean, std, None, old_mean, "step", 1.0, 0.1)[0], torch.full((2,), 0.2))
     torch.testing.assert_close(tr.dual_kl(mean, std, anchor_mean, None, "moving", 1.0, 0.1)[0], torch.full((2,), 0.5))
     with pytest.raises(ValueError, match="kl_step"):
