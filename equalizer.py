@@ -77,3 +77,15 @@ def equalizer_weights(kernel, sigmas, eta, eps=EQUALIZER_EPS):
     # geometric mean of the two middle values, which makes median(S) = 1 exactly (up to ε).
     median = torch.quantile(scales[stochastic].log(), 0.5).exp()
     return torch.where(stochastic, median / (scales + eps), torch.zeros_like(scales))
+
+
+def step_weights(kernel, sigmas, eta, equalize=True):
+    """The weight of each step's policy loss, Tensor[N] (float64): S_t with the equalizer on, else 1
+    for every stochastic step; 0 for deterministic steps either way (they carry no log-prob)."""
+    if equalize:
+        return equalizer_weights(kernel, sigmas, eta)
+    sde.check_kernel(kernel)
+    sde.check_eta(eta)
+    sde.check_schedule(sigmas)
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    return (sde.step_std(kernel, sigmas[:-1], sigmas[1:], eta) > 0).double()

@@ -68,6 +68,14 @@ def test_deterministic_cps_last_step_gets_zero_weight():
     assert weights[-1] == 0 and bool((weights[:-1] > 0).all())
 
 
+def test_without_the_equalizer_every_stochastic_step_weighs_one():
+    sigmas = sde.shifted_sigmas(20, 5.0)
+    expected = torch.ones(20, dtype=torch.float64)
+    torch.testing.assert_close(equalizer.step_weights("sage", sigmas, 0.5, equalize=False), expected)
+    expected[-1] = 0  # CPS's last step (σ' = 0) is deterministic
+    torch.testing.assert_close(equalizer.step_weights("cps", sigmas, 0.5, equalize=False), expected)
+
+
 def test_invalid_arguments_raise_clear_errors():
     sigmas = sde.shifted_sigmas(10, 5.0)
     with pytest.raises(ValueError, match="no stochastic step"):
