@@ -157,10 +157,8 @@ def train(config, pretrained, progress=None):
     E, B, N = config.num_seeds, config.num_groups * config.group_size, config.num_steps
     generator = torch.Generator().manual_seed(config.seed)
     sigmas = sde.shifted_sigmas(N, config.shift)                               # (N+1,) float64
-    stds = sde.step_std(config.kernel, sigmas[:-1], sigmas[1:], config.eta)    # (N,)
     # S_t (DESIGN.md §3); without the equalizer every stochastic step weighs 1, deterministic ones 0
-    step_weights = (equalizer.equalizer_weights(config.kernel, sigmas, config.eta) if config.equalizer
-                    else (stds > 0).double()).float()
+    step_weights = equalizer.step_weights(config.kernel, sigmas, config.eta, config.equalizer).float()
     sigmas32 = sigmas.float()   # the rollout passes python floats, which torch reads as float32
     train_steps = config.train_steps or N
     total_updates = config.iterations * config.updates_per_rollout
@@ -168,6 +166,7 @@ def train(config, pretrained, progress=None):
 
     policy = pretrained.replicate(E).train().requires_grad_(True)
     anchor = trust_region.MovingAnchor(policy, trust_region.anchor_period_for(config.kl_mode, config.anchor_period))
+    uses_anchor = trust_region.kl_weights(config.kl_mode, config.anchor_weight, config.step_weight)[0] > 0
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
     labels = random_labels(E * config.num_groups, config.group_size)           # (E·B,) member-major
     history, update = {"config": asdict(config)}, 0
@@ -207,18 +206,18 @@ def train(config, pretrained, progress=None):
             recorded_log_prob, old_log_prob = old_log_prob, sde.log_prob(x_next, old_mean, std)
 
         # ---------------- UPDATE
+        anchor_mean = None  # μ_anchor of the pairs: one anchor forward per rollout, again only after a refresh
         for _ in range(config.updates_per_rollout):
             velocity = guided_velocity(policy, x_t, sigma, pair_labels, config.cfg_scale)
             mean, std = sde.transition(config.kernel, x_t, velocity, sigma, sigma_next, config.eta)
             log_prob = sde.log_prob(x_next, mean, std)                         # (M,)
             policy_loss, stats = grpo.clipped_policy_loss(log_prob, old_log_prob, pair_advantages,
                                                           pair_weights, config.clip_range)
-            anchor_mean = None
-            if config.kl_mode in ("fixed", "moving", "dual"):
+            if uses_anchor and anchor_mean is None:
                 with torch.no_grad():
                     anchor_velocity = guided_velocity(anchor.anchor, x_t, sigma, pair_labels, config.cfg_scale)
                     anchor_mean, _ = sde.transition(config.kernel, x_t, anchor_velocity, sigma, sigma_next, config.eta)
-            kl, kl_stats = trust_region.dual_kl(mean, std, anchor_mean, old_mean, config.kl_mode,
+            kl, kl_terms = trust_region.dual_kl(mean, std, anchor_mean, old_mean, config.kl_mode,
                                                 config.anchor_weight, config.step_weight)
             beta = trust_region.kl_coefficient(update, config.beta_start, config.beta_end, beta_switch)
             # mean over (sample, step) pairs; × E so each replica's gradient is its own mean
@@ -230,7 +229,8 @@ def train(config, pretrained, progress=None):
             update += 1
 
             # ---------------- ANCHOR: hard copy of the policy every anchor_period updates
-            anchor.update_if_due(update)
+            if anchor.update_if_due(update):
+                anchor_mean = None
             if update == 1:
                 history["first_update_ratio"] = (stats["ratio_mean"], stats["ratio_std"])
 
@@ -241,8 +241,8 @@ def train(config, pretrained, progress=None):
         log("old_log_prob_mismatch", (recorded_log_prob - old_log_prob).abs().max().item())
         for key in ("approx_kl", "clip_fraction", "ratio_std"):
             log(key, stats[key])
-        for key, value in kl_stats.items():
-            log(key, value)
+        for key, value in kl_terms.items():   # every KL whose reference exists, weighted or not
+            log(key, value.mean().item())
         if (iteration + 1) % config.eval_every == 0 or iteration == 0:
             metrics, _ = evaluate(policy, config)
             log("eval_iteration", iteration + 1)
