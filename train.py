@@ -60,6 +60,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import time
@@ -245,8 +246,9 @@ def check_config(cfg, world_size):
         if not os.path.isdir(os.path.join(cfg.model_path, "transformer")):
             raise ValueError(f"--model_path {cfg.model_path!r} is not a diffusers HunyuanVideo-1.5 directory: "
                              f"expected a 'transformer' subdirectory, found {sorted(os.listdir(cfg.model_path))[:8]}")
-    if cfg.kernel not in sde.KERNELS or cfg.kernel == "ode":
-        raise ValueError(f"unknown kernel {cfg.kernel!r}: expected one of {[k for k in sde.KERNELS if k != 'ode']} "
+    sde.check_kernel(cfg.kernel)
+    if cfg.kernel == "ode":
+        raise ValueError(f"unknown kernel 'ode' for training: expected one of {[k for k in sde.KERNELS if k != 'ode']} "
                          "(ode has no noise, hence nothing to explore)")
     trust_region.check_kl_mode(cfg.kl_mode)
     if cfg.group_size < 2:
@@ -406,8 +408,8 @@ class PromptSampler:
         while len(indices) < self.per_iteration:
             indices.append(order[self.position])
             self.position += 1
-            if self.position == self.num_prompts:
-                self.epoch, self.position, order = self.epoch + 1, 0, None
+            if self.position == self.num_prompts:  # next epoch, next permutation
+                self.epoch, self.position = self.epoch + 1, 0
                 order = self._order()
         return indices
 
@@ -446,25 +448,6 @@ MAX_SHARD_SIZE = "5GB"
 LORA_SCALE = 1.0
 
 
-def merge_lora(state, scale):
-    """PEFT LoRA state -> plain weights: W <- W + scale·B·A for every adapted layer, adapters dropped.
-
-    PEFT keys: `<layer>.base_layer.weight|bias`, `<layer>.lora_A.default.weight` (r, in),
-    `<layer>.lora_B.default.weight` (out, r); scale = lora_alpha / r."""
-    merged = {}
-    for key, value in state.items():
-        if ".lora_A." in key or ".lora_B." in key:
-            continue
-        if ".base_layer." in key:
-            layer, suffix = key.split(".base_layer.")
-            if suffix == "weight":
-                lora_a, lora_b = state[f"{layer}.lora_A.default.weight"], state[f"{layer}.lora_B.default.weight"]
-                value = value + scale * (lora_b.float() @ lora_a.float()).to(value.dtype)
-            key = f"{layer}.{suffix}"
-        merged[key] = value
-    return merged
-
-
 def save_transformer(transformer, path, rank, max_shard_size=MAX_SHARD_SIZE, lora_scale=None):
     """Gather the full (fp32 master) state and write it in diffusers layout (rank 0): safetensors
     shards and, when there is more than one, the index diffusers' from_pretrained reads. With LoRA
@@ -472,8 +455,9 @@ def save_transformer(transformer, path, rank, max_shard_size=MAX_SHARD_SIZE, lor
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
     state = get_model_state_dict(transformer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if lora_scale is not None:
-        state = merge_lora(state, lora_scale)
+    if lora_scale is not None:  # PEFT keys name the adapter (`lora_A.default.weight`): drop it, then fold
+        from reward import merge_lora
+        state = merge_lora({re.sub(r"\.default(?=\.|$)", "", k): v for k, v in state.items()}, lora_scale)
     if rank == 0:
         os.makedirs(path, exist_ok=True)
         transformer.save_config(path)
@@ -678,9 +662,7 @@ def _train(cfg, prompts, rank, world_size, device, mesh, hunyuan, videoalign, Tr
     sigmas = sde.shifted_sigmas(cfg.num_steps, cfg.shift)  # (N+1,) σ_0 = 1 … σ_N = 0
     latent_shape = pipe.latent_shape(cfg.num_frames, cfg.height, cfg.width)  # (C, F, H, W)
     # S_t per step (equalizer) or 1 per stochastic step; 0 marks a deterministic step (no log-prob)
-    stochastic = sde.step_std(cfg.kernel, sigmas[:-1], sigmas[1:], cfg.eta) > 0
-    step_weights = (equalizer.equalizer_weights(cfg.kernel, sigmas, cfg.eta) if cfg.equalizer
-                    else stochastic.double()).float().to(device)
+    step_weights = equalizer.step_weights(cfg.kernel, sigmas, cfg.eta, cfg.equalizer).float().to(device)
     state = {"iteration": 0, "update_step": 0, "skipped_updates": 0}
     if checkpoint:
         state = load_checkpoint(checkpoint, policy, optimizer, anchor, rank)
@@ -723,7 +705,8 @@ def _train(cfg, prompts, rank, world_size, device, mesh, hunyuan, videoalign, Tr
         # ======================================================================== ADVANTAGE
         timer("advantage")
         rewards = all_gather_cat(reward)  # (W·B,) in global sample order: group g = rewards[gG:(g+1)G]
-        advantages = grpo.group_advantages(rewards, group_size, cfg.adv_clip)[first:first + videos_per_rank]
+        all_advantages = grpo.group_advantages(rewards, group_size, cfg.adv_clip)  # (W·B,) NaN = failed reward
+        advantages = all_advantages[first:first + videos_per_rank]
         steps = trained_steps(seeds, cfg.num_steps, cfg.train_step_fraction).to(device)  # (B, K)
         pair_weights = step_weights[steps]  # (B, K) S_t of each (sample, trained step)
         valid = torch.isfinite(advantages)[:, None] & (pair_weights > 0)  # pairs that enter the loss
@@ -736,6 +719,8 @@ def _train(cfg, prompts, rank, world_size, device, mesh, hunyuan, videoalign, Tr
         sums = torch.zeros(7, dtype=torch.float64)
         ratio_dev = torch.zeros(cfg.num_steps, dtype=torch.float64)  # max |ρ − 1| per denoising step
         grad_norms, skipped_now, refreshed = [], 0, False
+        anchor_means = {}  # μ_anchor per trained step k: the anchor forward is reused by every update of this
+                           # rollout, until the anchor is refreshed
         beta = trust_region.kl_coefficient(state["update_step"], cfg.beta_start, cfg.beta_end, cfg.beta_switch_step)
         for _ in range(cfg.updates_per_rollout if num_pairs else 0):
             beta = trust_region.kl_coefficient(state["update_step"], cfg.beta_start, cfg.beta_end, cfg.beta_switch_step)
@@ -750,13 +735,14 @@ def _train(cfg, prompts, rank, world_size, device, mesh, hunyuan, videoalign, Tr
                                                                   cfg.cfg_scale)
                 policy_loss, stats = grpo.clipped_policy_loss(log_prob, step.log_prob, advantages, pair_weights[:, k],
                                                               cfg.clip_range)
-                anchor_mean = None
-                if anchor is not None:
+                if anchor is not None and k not in anchor_means:
                     with torch.no_grad():
-                        anchor_mean, _, _ = hunyuan.transition_log_prob(anchor.anchor, embeds, step.latents,
-                                                                        step.next_latents, step.sigma, step.sigma_next,
-                                                                        cfg.kernel, cfg.eta, cfg.cfg_scale)
-                kl, _ = trust_region.dual_kl(mean, std, anchor_mean, step.mean, cfg.kl_mode,
+                        anchor_means[k], _, _ = hunyuan.transition_log_prob(anchor.anchor, embeds, step.latents,
+                                                                            step.next_latents, step.sigma,
+                                                                            step.sigma_next, cfg.kernel, cfg.eta,
+                                                                            cfg.cfg_scale)
+                # the step-wise term is always measured (μ_old is recorded), weighted only in its modes
+                kl, kl_terms = trust_region.dual_kl(mean, std, anchor_means.get(k), step.mean, cfg.kl_mode,
                                                     cfg.kl_anchor_weight, cfg.kl_step_weight)
                 mask = valid[:, k]
                 kl_sum = torch.where(mask, kl, torch.zeros_like(kl)).sum()
@@ -766,11 +752,10 @@ def _train(cfg, prompts, rank, world_size, device, mesh, hunyuan, videoalign, Tr
                 loss_finite &= math.isfinite(loss.item())
                 with torch.no_grad():
                     n = stats["num_valid_pairs"]
-                    anchor_kl = trust_region.gaussian_kl(mean, anchor_mean, std) if anchor_mean is not None else kl * 0
-                    step_kl = trust_region.gaussian_kl(mean, step.mean, std)
+                    anchor_kl = kl_terms.get("kl_anchor", torch.zeros_like(kl))
                     sums += torch.tensor([loss.item() * num_pairs / world_size, policy_loss.item() * n,
                                           stats["approx_kl"] * n, stats["clip_fraction"] * n,
-                                          anchor_kl[mask].sum().item(), step_kl[mask].sum().item(), n],
+                                          anchor_kl[mask].sum().item(), kl_terms["kl_step"][mask].sum().item(), n],
                                          dtype=torch.float64)
                     deviation = torch.where(mask, (log_prob - step.log_prob).exp().sub(1).abs(), 0).double().cpu()
                     ratio_dev.scatter_reduce_(0, steps[:, k].cpu(), deviation, reduce="amax")
@@ -781,8 +766,9 @@ def _train(cfg, prompts, rank, world_size, device, mesh, hunyuan, videoalign, Tr
                 optimizer.step()
                 state["update_step"] += 1
                 # ================================================================ ANCHOR
-                if anchor is not None:  # hard copy policy -> anchor every anchor_period optimizer updates
-                    refreshed |= anchor.update_if_due(state["update_step"])
+                if anchor is not None and anchor.update_if_due(state["update_step"]):  # hard copy every period
+                    refreshed = True
+                    anchor_means.clear()  # a new anchor: its means must be recomputed
             else:
                 skipped_now += 1
                 state["skipped_updates"] += 1
@@ -797,7 +783,6 @@ def _train(cfg, prompts, rank, world_size, device, mesh, hunyuan, videoalign, Tr
         pairs = max(sums[6].item(), 1.0)
         stats = grpo.reward_stats(rewards.cpu(), group_size)
         gathered = {k: all_gather_cat(scores[k].float().to(device)) for k in ("vq", "mq", "ta")}
-        all_advantages = grpo.group_advantages(rewards, group_size, cfg.adv_clip)
         metrics = {
             "iteration": iteration + 1, "update_step": state["update_step"], "unix_time": time.time(), **stats,
             **{k: v.nanmean().item() for k, v in gathered.items()},
