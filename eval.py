@@ -129,8 +129,8 @@ def main(cfg):
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
-    pipe = hunyuan.load_hunyuan(model_path, device="cpu", dtype=dtype)
-    pipe.pipeline.transformer = None  # each evaluated transformer is loaded below
+    # text encoders, VAE, scheduler only: each evaluated transformer, the base one included, is loaded below
+    pipe = hunyuan.load_hunyuan(model_path, device="cpu", dtype=dtype, load_transformer=False)
     for module in (pipe.pipeline.text_encoder, pipe.pipeline.text_encoder_2, pipe.vae):
         module.to(device)
     videoalign = scorers.VideoAlignReward.from_pretrained(reward_path, device=device, dtype=dtype)
