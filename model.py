@@ -301,16 +301,6 @@ def encode_prompts(policy, prompts, negative_prompt=DEFAULT_NEGATIVE_PROMPT, dev
 # ----------------------------------------------------------------------------------------------
 # The policy velocity.
 
-def _as_batch(sigma, batch_size, device):
-    """A float or Tensor[B] of noise levels -> float32 Tensor[B]."""
-    sigma = torch.as_tensor(sigma, device=device, dtype=torch.float32)
-    if sigma.ndim == 0:
-        sigma = sigma.expand(batch_size)
-    if sigma.shape != (batch_size,):
-        raise ValueError(f"sigma must be a float or a tensor of shape [B] = [{batch_size}], got shape {tuple(sigma.shape)}")
-    return sigma
-
-
 def cfg_velocity(transformer, latents, sigma, prompt_embeds, guidance_scale=DEFAULT_GUIDANCE_SCALE):
     """Classifier-free-guided velocity  v = v_uncond + s·(v_cond − v_uncond), in ONE forward of batch 2B.
 
@@ -325,7 +315,7 @@ def cfg_velocity(transformer, latents, sigma, prompt_embeds, guidance_scale=DEFA
     if len(prompt_embeds) != batch_size:
         raise ValueError(f"prompt_embeds has {len(prompt_embeds)} rows but latents have batch {batch_size}")
     model_dtype = next(transformer.parameters()).dtype
-    sigma = _as_batch(sigma, batch_size, latents.device)
+    sigma = sde.per_sample(sigma, latents).flatten().float()  # (B,): a float or Tensor[B], validated by sde.py
 
     # T2V input: [x, image-condition latents (0), image mask (0)] along channels  # (B, 2C+1, F, H, W)
     x = latents.to(model_dtype)

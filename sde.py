@@ -108,7 +108,7 @@ def shifted_sigmas(num_steps, shift=5.0):
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
-def _per_sample(sigma, x):
+def per_sample(sigma, x):
     """A float or Tensor[B] of noise levels as a float32+ tensor of shape (B, 1, ..., 1) like x."""
     sigma_dtype = sigma.dtype if torch.is_tensor(sigma) else torch.float64   # Python floats are doubles
     dtype = torch.float64 if torch.float64 in (sigma_dtype, x.dtype) else torch.float32
@@ -208,7 +208,7 @@ def transition(kernel, x, velocity, sigma, sigma_next, eta):
     check_eta(eta)
     if x.shape != velocity.shape:
         raise ValueError(f"x and velocity must have the same shape, got {tuple(x.shape)} and {tuple(velocity.shape)}")
-    sigma, sigma_next = _per_sample(sigma, x), _per_sample(sigma_next, x)
+    sigma, sigma_next = per_sample(sigma, x), per_sample(sigma_next, x)
     _check_step(sigma, sigma_next)
     delta = sigma - sigma_next
     std = step_std(kernel, sigma, sigma_next, eta)
