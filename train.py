@@ -749,11 +749,12 @@ def _train(cfg, prompts, rank, world_size, device, mesh, hunyuan, videoalign, Tr
                 # mean over the global valid pairs of  loss_it + β·L_KL;  × W undoes FSDP's gradient averaging
                 loss = (policy_loss * stats["num_valid_pairs"] + beta * kl_sum) * world_size / num_pairs
                 loss.backward()
-                loss_finite &= math.isfinite(loss.item())
+                loss_value = loss.item()  # one device sync per step, for the skip test and the logs
+                loss_finite &= math.isfinite(loss_value)
                 with torch.no_grad():
                     n = stats["num_valid_pairs"]
                     anchor_kl = kl_terms.get("kl_anchor", torch.zeros_like(kl))
-                    sums += torch.tensor([loss.item() * num_pairs / world_size, policy_loss.item() * n,
+                    sums += torch.tensor([loss_value * num_pairs / world_size, policy_loss.item() * n,
                                           stats["approx_kl"] * n, stats["clip_fraction"] * n,
                                           anchor_kl[mask].sum().item(), kl_terms["kl_step"][mask].sum().item(), n],
                                          dtype=torch.float64)
