@@ -1,5 +1,5 @@
 """Evaluate HunyuanVideo-1.5 checkpoints side by side: deterministic ODE samples, scored by VideoAlign,
-CLIPScore and PickScore (DESIGN.md §6).
+CLIPScore and PickScore.
 
 Every model (the base transformer of --model_path, then each --checkpoints directory) samples the
 same prompts from the same seeded noise with the deterministic ODE (Euler) sampler, so the only
@@ -28,12 +28,16 @@ import dataclasses
 import json
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 
 import torch
 
+import model
+import reward
 import sde
-from train import load_prompts, parse_config, save_video
+import tiny
+from train import load_prompts, parse_config, resolve_sampling, save_video
 
 
 @dataclass
@@ -62,16 +66,16 @@ class EvalConfig:
     """seeds per prompt"""
     num_steps: int = 50
     """ODE steps (HunyuanVideo15Pipeline default num_inference_steps 50)"""
-    shift: float = 5.0
-    """schedule shift (HunyuanVideo-1.5 480p T2V, as in training)"""
-    cfg_scale: float = 6.0
-    """classifier-free guidance scale (HunyuanVideo-1.5 480p T2V)"""
-    num_frames: int = 81
-    """frames, as the training rollouts (official sample_n_frames 81)"""
-    height: int = 352
-    """height in pixels (official 480p bucket 352x624)"""
-    width: int = 624
-    """width in pixels (official 480p bucket 352x624)"""
+    shift: typing.Optional[float] = None
+    """schedule shift; default: the base checkpoint's scheduler config (480p T2V: 5), as in training"""
+    cfg_scale: typing.Optional[float] = None
+    """classifier-free guidance scale; default: the base checkpoint's guider config (480p T2V: 6)"""
+    num_frames: typing.Optional[int] = None
+    """frames; default 81 as the training rollouts (official sample_n_frames), 5 with --tiny"""
+    height: typing.Optional[int] = None
+    """height in pixels; default 352 (official 480p bucket 352x624), 16 with --tiny"""
+    width: typing.Optional[int] = None
+    """width in pixels; default 624 (official 480p bucket 352x624), 16 with --tiny"""
     batch_size: int = 2
     """videos sampled per forward batch"""
 
@@ -113,31 +117,31 @@ def main(cfg):
         for name in ("model_path", "reward_path", "clip_path", "pickscore_path"):
             if not os.path.isdir(getattr(cfg, name)):
                 raise ValueError(f"--{name} {getattr(cfg, name)!r} is not a directory (local weights only), or use --tiny")
-    import model as hunyuan
-    import reward as scorers
     from diffusers import HunyuanVideo15Transformer3DModel
 
     model_path, reward_path, clip_path, pick_path = cfg.model_path, cfg.reward_path, cfg.clip_path, cfg.pickscore_path
-    if cfg.tiny:  # random tiny models in the real layouts; tiny video size; same code path as real weights
-        tiny = os.path.join(cfg.output_dir, "tiny_models")
-        model_path = model_path or hunyuan.build_tiny_hunyuan(os.path.join(tiny, "hunyuan"))
-        reward_path = reward_path or scorers.build_tiny_videoalign(os.path.join(tiny, "videoalign"))
-        clip_path = clip_path or scorers.build_tiny_clip(os.path.join(tiny, "clip"))
+    if cfg.tiny:  # random tiny models in the real layouts, the same code path as real weights (tiny.py)
+        tiny_paths = tiny.tiny_model_paths(os.path.join(cfg.output_dir, "tiny_models"), hunyuan=model_path,
+                                      videoalign=reward_path, clip=clip_path)
+        model_path, reward_path, clip_path = tiny_paths["hunyuan"], tiny_paths["videoalign"], tiny_paths["clip"]
         pick_path = pick_path or clip_path
-        cfg = dataclasses.replace(cfg, num_frames=hunyuan.TINY_NUM_FRAMES, height=hunyuan.TINY_HEIGHT,
-                                  width=hunyuan.TINY_WIDTH, num_steps=min(cfg.num_steps, 4))
+    cfg = dataclasses.replace(cfg, **dict(zip(("num_frames", "height", "width"),
+                                              tiny.video_size(cfg.num_frames, cfg.height, cfg.width, cfg.tiny))))
+    cfg, sources = resolve_sampling(cfg, model_path)  # shift and CFG scale: the base checkpoint's unless given
+    print(f"eval: shift {cfg.shift:g} ({sources['shift']}), CFG scale {cfg.cfg_scale:g} ({sources['cfg_scale']}), "
+          f"{cfg.num_steps} ODE steps, {cfg.num_frames} frames at {cfg.height}x{cfg.width}", flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     # text encoders, VAE, scheduler only: each evaluated transformer, the base one included, is loaded below
-    pipe = hunyuan.load_hunyuan(model_path, device="cpu", dtype=dtype, load_transformer=False)
+    pipe = model.load_hunyuan(model_path, device="cpu", dtype=dtype, load_transformer=False)
     for module in (pipe.pipeline.text_encoder, pipe.pipeline.text_encoder_2, pipe.vae):
         module.to(device)
-    videoalign = scorers.VideoAlignReward.from_pretrained(reward_path, device=device, dtype=dtype)
-    clip_score = scorers.ClipScore.from_pretrained(clip_path, device=device, dtype=dtype)
-    pick_score = scorers.PickScore.from_pretrained(pick_path, processor_path=cfg.pickscore_processor_path or None,
+    videoalign = reward.VideoAlignReward.from_pretrained(reward_path, device=device, dtype=dtype)
+    clip_score = reward.ClipScore.from_pretrained(clip_path, device=device, dtype=dtype)
+    pick_score = reward.PickScore.from_pretrained(pick_path, processor_path=cfg.pickscore_processor_path or None,
                                                    device=device, dtype=dtype)
-    embeds = hunyuan.encode_prompts(pipe, prompts, device=device, dtype=dtype)
+    embeds = model.encode_prompts(pipe, prompts, device=device, dtype=dtype)
     samples = [(i, j, cfg.seed + 1000 * i + j) for i in range(len(prompts)) for j in range(cfg.videos_per_prompt)]
     sigmas = sde.shifted_sigmas(cfg.num_steps, cfg.shift)
     latent_shape = pipe.latent_shape(cfg.num_frames, cfg.height, cfg.width)
@@ -149,12 +153,12 @@ def main(cfg):
         for start in range(0, len(samples), cfg.batch_size):
             batch = samples[start:start + cfg.batch_size]
             batch_prompts = [prompts[i] for i, _, _ in batch]
-            with torch.no_grad():  # ODE sampler: the same noise gives the same video for the same weights
-                rollout = hunyuan.rollout(transformer, embeds.select([i for i, _, _ in batch]), [s for _, _, s in batch],
-                                          latent_shape, sigmas, kernel="ode", eta=0.0, guidance_scale=cfg.cfg_scale)
-                frames = hunyuan.decode_latents(pipe.vae, rollout.final_latents)  # (B, F, 3, H, W) in [0, 1]
-                va = videoalign(frames, batch_prompts)
-                clip, pick = clip_score(frames, batch_prompts), pick_score(frames, batch_prompts)
+            # ODE sampler: the same noise gives the same video for the same weights (all calls run without grad)
+            rollout = model.rollout(transformer, embeds.select([i for i, _, _ in batch]), [s for _, _, s in batch],
+                                    latent_shape, sigmas, kernel="ode", eta=0.0, guidance_scale=cfg.cfg_scale)
+            frames = model.decode_latents(pipe.vae, rollout.final_latents)  # (B, F, 3, H, W) in [0, 1]
+            va = videoalign(frames, batch_prompts)
+            clip, pick = clip_score(frames, batch_prompts), pick_score(frames, batch_prompts)
             for b, (i, j, seed) in enumerate(batch):
                 slug = re.sub(r"[^a-z0-9]+", "_", prompts[i].lower())[:40].strip("_")
                 video = (frames[b].permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu()  # (F, H, W, 3)

@@ -2,7 +2,7 @@
 
 Paper: Zheng et al., "Manifold-Aware Exploration for Reinforcement Learning in Video Generation"
 (arXiv 2603.21872), micro level: the "precise manifold-aware SDE" with its logarithmic curvature
-correction; DESIGN.md §1-2.
+correction.
 
 Conventions (fixed here, used by every other file)
 --------------------------------------------------
@@ -19,7 +19,7 @@ Conventions (fixed here, used by every other file)
 * `log_prob` is the Gaussian log density of x' **averaged over latent elements** (one scalar per
   sample), as in every peer implementation; it is why PPO clip ranges of 1e-4 are sensible.
 
-The kernels (DESIGN.md §2). All reduce to the Euler step x - Δ·v when η -> 0.
+The kernels. All reduce to the Euler step x - Δ·v when η -> 0.
 
     ode         std = 0                      mean = x - Δ·v
     flow_grpo   std = g·√Δ, g = η·√(σ/(1-σ))  mean = x - Δ·v + (g²Δ/2)·ŝ
@@ -33,8 +33,9 @@ correction"):
 
     V(σ, σ') = ∫_{σ'}^{σ} η²·u/(1-u) du = η²·[ ln((1-σ')/(1-σ)) - Δ ].
 
-The integrand grows with u, so the left-rectangle value g(σ)²Δ always exceeds V, by about
-η²Δ²/(2(1-σ)²): FlowGRPO injects the most excess noise in the high-noise steps, which pushes
+The integrand grows with u, so the left-rectangle value g(σ)²Δ always exceeds V, by exactly
+g²Δ - V = η²·(r - ln(1 + r)) with r = Δ/(1-σ)  (≈ η²r²/2 for a small step, an estimate that
+overstates the excess by up to 1.7× on the large steps of a 20-step schedule): FlowGRPO injects the most excess noise in the high-noise steps, which pushes
 rollouts off the data manifold.
 
 The σ = 1 singularity. Both g and V diverge at σ = 1 (the first step of every schedule).
@@ -58,7 +59,10 @@ import math
 
 import torch
 
+# Transition kernels: the deterministic Euler step and the four stochastic kernels GRPO can train with
+# (the ODE has no noise, hence no log-prob and nothing to explore).
 KERNELS = ("ode", "flow_grpo", "dance_grpo", "cps", "sage")
+STOCHASTIC_KERNELS = KERNELS[1:]
 
 # Clamp of σ inside SAGE's logarithm at σ = 1 (official SAGE-GRPO code: 1 - 3e-3).
 SAGE_SIGMA_MAX = 1.0 - 3e-3

@@ -1,7 +1,7 @@
 """Macro level of SAGE-GRPO: the dual trust region (a moving anchor and a step-wise constraint).
 
-Paper: macro level, the "dual trust region" (periodic moving anchor + step-wise constraint);
-DESIGN.md §5. Conventions of sde.py.
+Paper: macro level, the "dual trust region" (periodic moving anchor + step-wise constraint).
+Conventions of sde.py.
 
 KL of two step kernels. The policy and a reference model share the kernel's std at a given step
 (it depends only on σ, σ', η), so the KL of the Gaussians N(μ_θ, std²I) and N(μ_ref, std²I) is

@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import model  # noqa: E402
 import reward  # noqa: E402
 import sde  # noqa: E402
+import tiny  # noqa: E402
 import train  # noqa: E402
 
 
@@ -60,15 +61,15 @@ def main():
     parser.add_argument("--steps", type=int, default=4, help="denoising steps N (all trained)")
     parser.add_argument("--videos", type=int, default=2, help="videos per rank = group size")
     parser.add_argument("--kl_mode", default="dual")
-    parser.add_argument("--frames", type=int, default=model.TINY_NUM_FRAMES, help="video frames (4k+1)")
-    parser.add_argument("--height", type=int, default=model.TINY_HEIGHT, help="video height in pixels")
-    parser.add_argument("--width", type=int, default=model.TINY_WIDTH, help="video width in pixels")
+    parser.add_argument("--frames", type=int, default=tiny.TINY_NUM_FRAMES, help="video frames (4k+1)")
+    parser.add_argument("--height", type=int, default=tiny.TINY_HEIGHT, help="video height in pixels")
+    parser.add_argument("--width", type=int, default=tiny.TINY_WIDTH, help="video width in pixels")
     args = parser.parse_args()
     torch.set_num_threads(1)  # shared CPUs: one thread is the least noisy
 
     with tempfile.TemporaryDirectory() as root:
-        hunyuan_path = model.build_tiny_hunyuan(os.path.join(root, "hunyuan"))
-        reward_path = reward.build_tiny_videoalign(os.path.join(root, "videoalign"))
+        hunyuan_path = tiny.build_tiny_hunyuan(os.path.join(root, "hunyuan"))
+        reward_path = tiny.build_tiny_videoalign(os.path.join(root, "videoalign"))
         out = os.path.join(root, "run")
         train.main(train.parse_config([
             "--tiny", "--model_path", hunyuan_path, "--reward_path", reward_path, "--output_dir", out,

@@ -13,13 +13,12 @@ import train
 def tiny(tmp_path_factory):
     """Tiny HunyuanVideo-1.5, VideoAlign and CLIP in their real layouts, a 2-prompt file, and a
     'trained' checkpoint: the base transformer with perturbed weights in a checkpoint-N/transformer dir."""
-    import model
-    import reward
+    import tiny as builders
     from diffusers import HunyuanVideo15Transformer3DModel
     root = tmp_path_factory.mktemp("tiny_eval")
-    paths = {"model_path": model.build_tiny_hunyuan(str(root / "hunyuan")),
-             "reward_path": reward.build_tiny_videoalign(str(root / "videoalign")),
-             "clip_path": reward.build_tiny_clip(str(root / "clip"))}
+    paths = {"model_path": builders.build_tiny_hunyuan(str(root / "hunyuan")),
+             "reward_path": builders.build_tiny_videoalign(str(root / "videoalign")),
+             "clip_path": builders.build_tiny_clip(str(root / "clip"))}
     transformer = HunyuanVideo15Transformer3DModel.from_pretrained(os.path.join(paths["model_path"], "transformer"))
     torch.manual_seed(0)
     with torch.no_grad():

@@ -12,20 +12,20 @@ import pytest
 import torch
 
 import model
+import tiny
 import sde
 
 PROMPTS = ["a red fox runs through snow", 'a shop sign that says "OPEN"']  # the 2nd exercises byT5
 SEEDS = [11, 12]
-STOCHASTIC_KERNELS = ["flow_grpo", "dance_grpo", "cps", "sage"]
 ETA = 0.7
 NUM_STEPS = 3
-VIDEO = dict(num_frames=model.TINY_NUM_FRAMES, height=model.TINY_HEIGHT, width=model.TINY_WIDTH)
+VIDEO = dict(num_frames=tiny.TINY_NUM_FRAMES, height=tiny.TINY_HEIGHT, width=tiny.TINY_WIDTH)
 PARITY_ATOL = 1e-5  # fp32 parity bound with the diffusers pipeline (brief)
 
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
-    return model.build_tiny_hunyuan(str(tmp_path_factory.mktemp("hunyuan") / "tiny"), seed=0)
+    return tiny.build_tiny_hunyuan(str(tmp_path_factory.mktemp("hunyuan") / "tiny"), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +242,7 @@ def test_cfg_gradients_flow_through_both_branches(policy, embeds, latent_shape):
 # ---------------------------------------------------------------------------------------------
 # Rollouts.
 
-@pytest.mark.parametrize("kernel", STOCHASTIC_KERNELS)
+@pytest.mark.parametrize("kernel", sde.STOCHASTIC_KERNELS)
 def test_same_seed_gives_the_same_sample_and_other_seeds_differ(policy, embeds, latent_shape, kernel):
     """Rows 0 and 1 share prompt and seed, row 2 has another seed: one batch holds all three rollouts.
 
@@ -294,8 +294,7 @@ def test_recorded_log_probs_equal_recomputed_transition_log_probs(policy, embeds
     transformer = copy.deepcopy(policy.transformer).requires_grad_(True)
     step_index = torch.tensor([1, NUM_STEPS - 1])  # a different step per sample, as in training
     recorded = result.transitions(step_index)
-    mean, std, log_prob = model.transition_log_prob(transformer, embeds, recorded.latents, recorded.next_latents,
-                                                    recorded.sigma, recorded.sigma_next, kernel=kernel, eta=ETA)
+    mean, std, log_prob = model.transition_log_prob(transformer, embeds, recorded, kernel=kernel, eta=ETA)
     assert log_prob.shape == (2,) and log_prob.requires_grad
     assert torch.allclose(log_prob, recorded.log_prob, atol=1e-5, rtol=0)
     assert torch.allclose(torch.exp(log_prob - recorded.log_prob), torch.ones(2), atol=1e-5)

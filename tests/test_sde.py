@@ -10,7 +10,6 @@ from hypothesis import given, strategies as st
 
 import sde
 
-STOCHASTIC = [k for k in sde.KERNELS if k != "ode"]
 
 
 @st.composite
@@ -41,7 +40,7 @@ def test_all_kernels_reduce_to_euler_at_zero_eta(kernel, pair):
     assert bool((std == 0).all())
 
 
-@pytest.mark.parametrize("kernel", STOCHASTIC)
+@pytest.mark.parametrize("kernel", sde.STOCHASTIC_KERNELS)
 def test_all_kernels_approach_euler_as_eta_vanishes(kernel):
     x, velocity = torch.randn(2, 8, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)
     sigma, sigma_next = 0.6, 0.5
@@ -94,7 +93,7 @@ def test_singular_first_step_is_finite_and_uses_named_clamp():
         assert torch.isfinite(mean).all() and torch.isfinite(std).all()
 
 
-@pytest.mark.parametrize("kernel", STOCHASTIC)
+@pytest.mark.parametrize("kernel", sde.STOCHASTIC_KERNELS)
 def test_sampled_steps_have_the_returned_mean_and_std(kernel):
     torch.manual_seed(0)
     n = 200_000

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+import distributed
 import grpo
 import train
 
@@ -25,10 +26,9 @@ WEIGHTS = os.path.join("transformer", "diffusion_pytorch_model.safetensors")
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     """A tiny HunyuanVideo-1.5 and a tiny VideoAlign, written once in the real on-disk layouts."""
-    import model
-    import reward
+    import tiny
     root = tmp_path_factory.mktemp("tiny_models")
-    return model.build_tiny_hunyuan(str(root / "hunyuan")), reward.build_tiny_videoalign(str(root / "videoalign"))
+    return tiny.build_tiny_hunyuan(str(root / "hunyuan")), tiny.build_tiny_videoalign(str(root / "videoalign"))
 
 
 def tiny_args(tiny_models, output_dir, **overrides):
@@ -95,7 +95,7 @@ def test_torchrun_two_ranks_trains_and_writes_a_checkpoint_that_eval_scores(two_
         assert all(key in r for r in rows), key
     # on-policy (one update per rollout): the recomputed log-probs equal the recorded ones, ρ = 1 exactly
     assert all(r["ratio_max_dev_per_step"] == [0.0, 0.0] and r["approx_kl"] == 0 for r in rows)
-    checkpoint = train.latest_checkpoint(str(two_rank_run))
+    checkpoint = distributed.latest_checkpoint(str(two_rank_run))
     assert os.path.basename(checkpoint) == "checkpoint-000002"
     assert sorted(os.listdir(two_rank_run)) == ["checkpoint-000002", "curves.png", "metrics.jsonl", "samples"]  # older one removed
     transformer = HunyuanVideo15Transformer3DModel.from_pretrained(os.path.join(checkpoint, "transformer"))
@@ -115,9 +115,8 @@ def broadcast_load_worker(model_path, output_dir):
     import trust_region
     from diffusers import HunyuanVideo15Transformer3DModel as Transformer
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    cfg = train.Config(tiny=True, model_path=model_path, output_dir=output_dir)
-    rank, world_size, device, mesh = train.setup_distributed(cfg)
-    policy, anchor_module = train.load_policy(Transformer, model_path, cfg, mesh, device, rank, torch.float32)
+    rank, world_size, device, mesh = distributed.setup(use_cuda=False)
+    policy, anchor_module = distributed.load_policy(model_path, mesh, device, rank, torch.float32)
     trust_region.MovingAnchor(policy, anchor=anchor_module)  # fills the anchor from the policy's shards
     disk = Transformer.from_pretrained(os.path.join(model_path, "transformer"), torch_dtype=torch.float32)
     reference = disk.state_dict()
@@ -151,7 +150,7 @@ def test_broadcast_load_gives_every_rank_the_weights_on_disk_and_the_plain_forwa
 def test_two_ranks_update_like_one_rank_on_the_same_global_batch(two_rank_run, tiny_models, tmp_path):
     # the same 4 videos (seeds are a function of the global sample index) on one rank, same 2 updates
     run(tiny_models, tmp_path, group_size=4, videos_per_rank=4, max_iterations=2)
-    one, two = (train.latest_checkpoint(str(d)) for d in (tmp_path, two_rank_run))
+    one, two = (distributed.latest_checkpoint(str(d)) for d in (tmp_path, two_rank_run))
     base = load_file(os.path.join(tiny_models[0], WEIGHTS))
     params_one, params_two = load_file(os.path.join(one, WEIGHTS)), load_file(os.path.join(two, WEIGHTS))
     flat = lambda params: torch.cat([params[k].flatten() for k in sorted(base)])  # noqa: E731
@@ -184,7 +183,7 @@ def test_a_run_killed_after_iteration_two_resumes_exactly_like_an_uninterrupted_
     process.wait()
     assert not os.path.isdir(interrupted / "checkpoint-000004")
     run(tiny_models, interrupted, "--resume", **options)
-    a, b = (train.latest_checkpoint(str(d)) for d in (straight, interrupted))
+    a, b = (distributed.latest_checkpoint(str(d)) for d in (straight, interrupted))
     assert os.path.basename(a) == os.path.basename(b) == "checkpoint-000004"
     params_a, params_b = load_file(os.path.join(a, WEIGHTS)), load_file(os.path.join(b, WEIGHTS))
     assert all(torch.equal(params_a[k], params_b[k]) for k in params_a)
@@ -208,13 +207,13 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tin
         if os.path.basename(destination).startswith("checkpoint-"):
             raise RuntimeError("killed during the checkpoint write")
         rename(source, destination)
-    monkeypatch.setattr(train.os, "rename", crash)
+    monkeypatch.setattr(distributed.os, "rename", crash)
     with pytest.raises(RuntimeError, match="killed during the checkpoint write"):
         run(tiny_models, tmp_path, "--resume", max_iterations=2)
     monkeypatch.undo()
 
     assert os.path.isdir(tmp_path / "checkpoint-000002.tmp")
-    assert train.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-000001")
+    assert distributed.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-000001")
     reloaded = load_file(os.path.join(tmp_path, "checkpoint-000001", WEIGHTS))
     assert all(torch.equal(previous[k], reloaded[k]) for k in previous)
     run(tiny_models, tmp_path, "--resume", max_iterations=2)  # and training goes on from it
@@ -259,7 +258,7 @@ def test_a_sigkill_in_the_middle_of_a_checkpoint_write_leaves_the_previous_one_l
 
     torn = tmp_path / "checkpoint-000002.tmp" / WEIGHTS
     assert torn.read_bytes() == b"torn"                       # the kill really left a half-written checkpoint
-    assert train.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-000001")
+    assert distributed.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-000001")
     reloaded = load_file(os.path.join(tmp_path, "checkpoint-000001", WEIGHTS))
     assert all(torch.equal(previous[k], reloaded[k]) for k in previous)
     run(tiny_models, tmp_path, "--resume", max_iterations=2)  # training goes on from the intact one
@@ -279,7 +278,7 @@ def test_resuming_with_different_settings_is_an_error_that_lists_them(tiny_model
 def test_a_transformer_saved_in_shards_loads_with_diffusers_like_the_single_file(two_rank_run, tmp_path):
     from diffusers import HunyuanVideo15Transformer3DModel
     single = HunyuanVideo15Transformer3DModel.from_pretrained(os.path.join(two_rank_run, "checkpoint-000002", "transformer"))
-    train.save_transformer(single, str(tmp_path / "sharded"), rank=0, max_shard_size="2MB")
+    distributed.save_transformer(single, str(tmp_path / "sharded"), rank=0, max_shard_size="2MB")
     files = sorted(os.listdir(tmp_path / "sharded"))
     assert "diffusion_pytorch_model.safetensors.index.json" in files
     assert sum(f.endswith(".safetensors") for f in files) > 1
@@ -359,7 +358,7 @@ def test_bad_input_raises_a_clear_error_before_any_work(case, message, tmp_path,
         monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` then raises ImportError
     def not_reached(*args):
         raise AssertionError("the checks must run before the process group and the models")
-    monkeypatch.setattr(train, "setup_distributed", not_reached)
+    monkeypatch.setattr(distributed, "setup", not_reached)
     real = tmp_path / "model"
     (real / "transformer").mkdir(parents=True)
     args = {"missing_model": ["--model_path", "/nonexistent/hunyuan", "--reward_path", str(tmp_path)],
