@@ -76,3 +76,29 @@ def test_eval_without_tiny_needs_local_weight_directories(tmp_path):
     cfg = evaluate.EvalConfig(model_path=str(tmp_path / "nope"), prompts=str(tmp_path / "p.txt"))
     with pytest.raises(ValueError, match=r"--model_path .* is not a directory \(local weights only\)"):
         evaluate.main(cfg)
+
+
+def test_eval_uses_the_checkpoints_sampling_settings_and_every_size_flag_given(tiny, tmp_path, monkeypatch):
+    """--tiny changes only the defaults: no silent cap on the steps, explicit sizes kept, shift / CFG
+    from the base checkpoint unless given."""
+    import model
+    import tiny as builders
+    root, paths = tiny
+    base = builders.build_tiny_hunyuan(str(tmp_path / "shift3"), shift=3.0, guidance_scale=4.0)
+    calls = []
+    rollout = model.rollout
+
+    def recording(transformer, embeds, seeds, latent_shape, sigmas, **kwargs):
+        calls.append((torch.as_tensor(sigmas).clone(), kwargs["guidance_scale"], tuple(latent_shape)))
+        return rollout(transformer, embeds, seeds, latent_shape, sigmas, **kwargs)
+    monkeypatch.setattr(model, "rollout", recording)
+    args = eval_args(tiny, tmp_path / "out", []) + ["--model_path", base, "--num_steps", "6", "--num_frames", "9"]
+    evaluate.main(train.parse_config(args, cls=evaluate.EvalConfig))
+    sigmas, guidance_scale, latent_shape = calls[0]
+    assert len(sigmas) == 7  # 6 steps, as asked (--tiny used to cap them at 4)
+    expected = 3.0 * torch.linspace(1, 0, 7) / (1 + 2.0 * torch.linspace(1, 0, 7))  # shift 3, by hand
+    assert torch.allclose(sigmas.float(), expected) and guidance_scale == 4.0
+    assert latent_shape == (4, 5, 4, 4)  # 9 frames -> (9 - 1)/2 + 1 = 5 latent frames (tiny VAE: 2x temporal)
+    with open(tmp_path / "out" / "results.json") as f:
+        saved = json.load(f)["config"]
+    assert (saved["num_steps"], saved["num_frames"], saved["shift"], saved["cfg_scale"]) == (6, 9, 3.0, 4.0)

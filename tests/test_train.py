@@ -332,6 +332,61 @@ def test_lora_trains_only_the_adapters(tiny_models, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# One source for every setting.
+
+def record_rollouts(monkeypatch, module):
+    """Wrap module.rollout so that every call's schedule and CFG scale are recorded."""
+    calls, rollout = [], module.rollout
+
+    def recording(transformer, embeds, seeds, latent_shape, sigmas, kernel="sage", eta=0.5, guidance_scale=6.0, **kw):
+        calls.append({"sigmas": torch.as_tensor(sigmas).clone(), "guidance_scale": guidance_scale,
+                      "latent_shape": tuple(latent_shape)})
+        return rollout(transformer, embeds, seeds, latent_shape, sigmas, kernel, eta, guidance_scale, **kw)
+    monkeypatch.setattr(module, "rollout", recording)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def shift3_model(tmp_path_factory):
+    """A tiny HunyuanVideo-1.5 whose scheduler says shift 3 and whose guider says CFG 4 (the real one: 5, 6)."""
+    import tiny
+    return tiny.build_tiny_hunyuan(str(tmp_path_factory.mktemp("shift3") / "hunyuan"), shift=3.0, guidance_scale=4.0)
+
+
+def test_a_run_samples_with_the_checkpoints_shift_and_cfg_scale_unless_flags_override(shift3_model, tiny_models,
+                                                                                      tmp_path, monkeypatch, capsys):
+    import model
+    calls = record_rollouts(monkeypatch, model)
+    run((shift3_model, tiny_models[1]), tmp_path / "from_checkpoint")
+    # the schedule re-derived by hand: σ_i = linspace(1, 0, 3), shifted with s = 3 -> [1, 0.75, 0]
+    assert torch.allclose(calls[-1]["sigmas"].float(), torch.tensor([1.0, 0.75, 0.0]))
+    assert calls[-1]["guidance_scale"] == 4.0
+    assert "shift 3 (the checkpoint's scheduler config), CFG scale 4 (the checkpoint's guider config)" in capsys.readouterr().out
+    with open(tmp_path / "from_checkpoint" / "checkpoint-000001" / "trainer_state.json") as f:
+        saved = json.load(f)["config"]
+    assert (saved["shift"], saved["cfg_scale"]) == (3.0, 4.0)  # what the run used, not None
+    run((shift3_model, tiny_models[1]), tmp_path / "overridden", shift=1.0, cfg_scale=2.5)
+    assert torch.allclose(calls[-1]["sigmas"].float(), torch.tensor([1.0, 0.5, 0.0])) and calls[-1]["guidance_scale"] == 2.5
+    assert "shift 1 (--shift), CFG scale 2.5 (--cfg_scale)" in capsys.readouterr().out
+
+
+def test_the_reward_weights_are_applied_once_by_the_reward_model(tiny_models, tmp_path):
+    run(tiny_models, tmp_path, "--reward_weights", "vq=0", "ta=2")
+    (row,) = metrics(tmp_path)
+    # every sample's reward is 0·VQ + 0.5·MQ (default kept) + 2·TA, so the means obey the same sum
+    assert row["reward_mean"] == pytest.approx(0.5 * row["mq"] + 2.0 * row["ta"], rel=1e-5, abs=1e-6)
+    assert row["reward_mean"] != pytest.approx(0.5 * row["vq"] + 0.5 * row["mq"] + row["ta"], rel=1e-3)
+
+
+def test_the_video_size_is_each_flag_given_else_the_tiny_or_the_official_default():
+    import tiny
+    assert tiny.video_size(tiny=False) == (81, 352, 624)
+    assert tiny.video_size(tiny=True) == (tiny.TINY_NUM_FRAMES, tiny.TINY_HEIGHT, tiny.TINY_WIDTH)
+    assert tiny.video_size(9, None, 32, tiny=True) == (9, tiny.TINY_HEIGHT, 32)
+    assert tiny.video_size(None, 480, None, tiny=False) == (81, 480, 624)
+
+
+# ------------------------------------------------------------------------------------------------
 # Bad input: a clear ValueError before any model is loaded or a process group started.
 
 def _write(path, text):
@@ -352,6 +407,9 @@ def _write(path, text):
     ("missing_prompts", r"prompt file '/nonexistent/prompts.txt' does not exist"),
     ("resume_without_checkpoint", r"--resume: no complete checkpoint"),
     ("lora_without_peft", r"--lora_rank > 0 needs the optional dependency peft"),
+    ("tiny_missing_model", r"--tiny --model_path '/nonexistent/tiny' does not exist"),
+    ("nan_reward_weight", r"reward weight 'vq=nan': expected a finite number"),
+    ("unknown_reward_weight", r"reward weight 'aesthetics=1': expected name=value with name one of \['vq', 'mq', 'ta'\]"),
 ])
 def test_bad_input_raises_a_clear_error_before_any_work(case, message, tmp_path, monkeypatch):
     if case == "lora_without_peft":  # hide peft whether or not it is installed
@@ -373,6 +431,9 @@ def test_bad_input_raises_a_clear_error_before_any_work(case, message, tmp_path,
             "missing_prompts": ["--tiny", "--prompts", "/nonexistent/prompts.txt"],
             "resume_without_checkpoint": ["--tiny", "--resume", "--output_dir", str(tmp_path / "empty_run")],
             "lora_without_peft": ["--tiny", "--lora_rank", "8"],
+            "tiny_missing_model": ["--tiny", "--model_path", "/nonexistent/tiny"],
+            "nan_reward_weight": ["--tiny", "--reward_weights", "vq=nan"],
+            "unknown_reward_weight": ["--tiny", "--reward_weights", "aesthetics=1"],
             }[case]
     if "--group_size" not in args:
         args += ["--group_size", "2"]  # the defaults (G = 4, 2 videos per rank) need 2 ranks
