@@ -601,7 +601,8 @@ CURVE_PANELS = (("reward", ("reward_mean", "vq", "mq", "ta")), ("KL terms", ("kl
 
 
 def plot_metrics(metrics_path, png_path):
-    """metrics.jsonl -> a PNG of the curves practitioners watch, one panel each, written atomically."""
+    """metrics.jsonl -> a PNG of the curves practitioners watch, one panel each, written atomically.
+    Returns what was drawn, read back from the figure: {(panel title, metric): (iterations, values)}."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -619,8 +620,11 @@ def plot_metrics(metrics_path, png_path):
         axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(png_path + ".tmp.png", dpi=80)
+    drawn = {(axis.get_title(), line.get_label()): (list(line.get_xdata()), list(line.get_ydata()))
+             for axis in axes.flat for line in axis.get_lines()}
     plt.close(figure)
     os.replace(png_path + ".tmp.png", png_path)
+    return drawn
 
 
 def save_video(frames, path):

@@ -26,7 +26,7 @@ Two references, two jobs:
 β follows the paper's two-stage schedule: small early (exploration), larger later. The official
 script passes kl_coef = 1e-7 and kl_weight = 1e-5; the step at which the stage changes is a config
 value (`switch_step`). The official code also has an adaptive controller that *lowers* β when the
-KL is high, the reverse of the usual controller; we do not implement it (DESIGN.md §5).
+KL is high, the reverse of the usual controller; we do not implement it.
 
 KL modes compared in the ablation (`KL_MODES`): none, fixed (anchor never moves), step (step-wise
 only), moving (moving anchor only), dual (both).

@@ -55,7 +55,7 @@ def test_equalized_scales_are_constant_and_median_weight_is_one(kernel, num_step
 
 
 def test_unequalized_scales_span_about_two_orders_of_magnitude_on_the_video_schedule():
-    # DESIGN §3: with the shifted 20-step schedule N_t spans ~100x; this is why the equalizer exists
+    # with the shifted 20-step schedule N_t spans ~100x; this is why the equalizer exists
     sigmas = sde.shifted_sigmas(20, 5.0)
     for kernel in ("flow_grpo", "sage"):
         scales = equalizer.gradient_scales(kernel, sigmas, 0.5)

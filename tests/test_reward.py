@@ -6,6 +6,7 @@ Every model is a tiny random one written in the official on-disk layout and load
 """
 import json
 import logging
+import math
 import os
 import shutil
 
@@ -484,7 +485,10 @@ def test_clipscore_clips_negative_cosines_and_pickscore_scales_by_logit_scale(cl
     clip = reward.ClipScore.from_pretrained(clip_path)
     torch.testing.assert_close(clip.score(cosine), torch.tensor([0.0, 0.0, 25.0]))  # 100·max(cos, 0)
     pick = reward.PickScore.from_pretrained(clip_path)
-    torch.testing.assert_close(pick.score(cosine), pick.model.logit_scale.exp() * cosine)
+    with torch.no_grad():
+        pick.model.logit_scale.fill_(math.log(100.0))  # PickScore_v1's learned temperature: exp(t) = 100
+    # 100·cos, negative cosines kept (a logit, not clipped like CLIPScore)
+    torch.testing.assert_close(pick.score(cosine), torch.tensor([-50.0, 0.0, 25.0]))
 
 
 def test_clip_bad_video_gets_nan_only(clip_path):

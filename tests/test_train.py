@@ -77,11 +77,28 @@ def two_rank_run(tiny_models, tmp_path_factory):
     return output_dir
 
 
-def test_training_curves_are_drawn_from_the_metrics(two_rank_run):
+def test_training_curves_are_drawn_from_the_metrics(tmp_path):
     from PIL import Image
-    image = Image.open(two_rank_run / "curves.png")
+    rows = [{"iteration": 1, "reward_mean": 0.1, "grad_norm": 3.0}, {"iteration": 2, "reward_mean": 0.5},
+            {"iteration": 3, "reward_mean": 0.2, "grad_norm": float("nan")},
+            {"iteration": 2, "reward_mean": 0.4, "grad_norm": 2.0},  # iteration 2 again, after a resume: it wins
+            {"iteration": 4, "reward_mean": 0.9, "vq": "n/a"}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = train.plot_metrics(str(tmp_path / "metrics.jsonl"), str(tmp_path / "curves.png"))
+    assert drawn[("reward", "reward_mean")] == ([1, 2, 3, 4], [0.1, 0.4, 0.2, 0.9])
+    xs, ys = drawn[("gradient norm", "grad_norm")]  # a NaN is drawn as a gap, a missing value is skipped
+    assert xs == [1, 2, 3] and ys[:2] == [3.0, 2.0] and ys[2] != ys[2]
+    assert ("reward", "vq") not in drawn and ("KL terms", "kl_step") not in drawn  # nothing numeric to draw
+    image = Image.open(tmp_path / "curves.png")
     assert image.size == (13 * 80, int(6.5 * 80))
     assert len(image.convert("L").getcolors(maxcolors=10 ** 6)) > 10  # drawn, not blank
+
+
+def test_a_run_draws_its_curves_from_its_own_metrics(two_rank_run):
+    drawn = train.plot_metrics(str(two_rank_run / "metrics.jsonl"), str(two_rank_run / "curves_again.png"))
+    rewards = [r["reward_mean"] for r in metrics(two_rank_run)]
+    assert drawn[("reward", "reward_mean")] == ([1, 2], rewards)
+    os.remove(two_rank_run / "curves_again.png")
 
 
 def test_torchrun_two_ranks_trains_and_writes_a_checkpoint_that_eval_scores(two_rank_run, tiny_models, tmp_path):

@@ -4,7 +4,7 @@
     python toy/demo.py --ablation   # + the full grid of experiment 2 -> toy/out/ablation.md (minutes)
     python toy/demo.py --fast       # a few seconds: the setting tests/test_toy.py runs
 
-Experiments (DESIGN.md §8):
+Experiments:
   0. Gaussian data, exact: the excess variance each kernel injects on a thin manifold.
   1. Rollouts of the pretrained model per kernel at the same η and 10/20/40 steps: off-manifold
      distance next to the per-step injected noise (the paper's Fig. 1).
