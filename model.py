@@ -374,7 +374,7 @@ class Rollout:
     latents (B, N+1, C, F, H, W) x_{σ_0} … x_{σ_N} (float32; x_{σ_N} is the generated latent);
     log_probs (B, N) log N(x_{σ_{i+1}}; μ_i, std_i²), element-averaged, 0 for deterministic steps;
     means (B, N, C, F, H, W) μ_i; stds (B, N) std_i; sigmas (N+1,) float32, σ_0 = 1 … σ_N = 0;
-    stochastic (N,) bool: which steps were sampled with the SDE kernel (the rest are ODE steps);
+    stochastic (N,) bool: which steps were sampled with the stochastic transition kernel (the rest are ODE steps);
     seeds (B,) the per-sample seeds that reproduce each sample.
     """
     latents: torch.Tensor

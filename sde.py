@@ -19,7 +19,7 @@ Conventions (fixed here, used by every other file)
 * `log_prob` is the Gaussian log density of x' **averaged over latent elements** (one scalar per
   sample), as in every peer implementation; it is why PPO clip ranges of 1e-4 are sensible.
 
-The kernels. All reduce to the Euler step x - Δ·v when η -> 0.
+The transition kernels (one name everywhere: `kernel`, from `KERNELS`). All reduce to the Euler step x - Δ·v when η -> 0.
 
     ode         std = 0                      mean = x - Δ·v
     flow_grpo   std = g·√Δ, g = η·√(σ/(1-σ))  mean = x - Δ·v + (g²Δ/2)·ŝ

@@ -2,7 +2,7 @@
 
 One iteration, straight through (the banners in `main` follow it):
 
-    ROLLOUT    G videos per prompt with the SDE kernel (`--kernel sage`); a group may span ranks;
+    ROLLOUT    G videos per prompt with a stochastic transition kernel (`--kernel sage`); a group may span ranks;
                every sample has its own seed, a function of (seed, iteration, global sample index)
     REWARD     decode, score with VideoAlign: r = w_vq·VQ + w_mq·MQ + w_ta·TA (NaN = failed video)
     ADVANTAGE  all-gather the rewards, group statistics over the whole group (grpo.group_advantages)
@@ -104,9 +104,9 @@ class Config:
     """schedule shift s, σ <- sσ/(1+(s-1)σ); default: the checkpoint's scheduler config (480p T2V: 5, = official
     infer_flow_shift_video)"""
     eta: float = 0.5
-    """noise level η of the SDE kernel (paper / official eta 0.5)"""
+    """noise level η of the transition kernel (paper / official eta 0.5)"""
     kernel: str = "sage"
-    """transition kernel: sage | flow_grpo | dance_grpo | cps (sde.KERNELS; ode has no exploration)"""
+    """stochastic transition kernel: sage | flow_grpo | dance_grpo | cps (sde.STOCHASTIC_KERNELS)"""
     cfg_scale: typing.Optional[float] = None
     """classifier-free guidance scale; default: the checkpoint's guider config (480p T2V: 6, = official cfg_scale)"""
     num_frames: typing.Optional[int] = None

@@ -3,7 +3,7 @@
 Paper: macro level, the "dual trust region" (periodic moving anchor + step-wise constraint).
 Conventions of sde.py.
 
-KL of two step kernels. The policy and a reference model share the kernel's std at a given step
+KL of two transition kernels. The policy and a reference model share the kernel's std at a given step
 (it depends only on σ, σ', η), so the KL of the Gaussians N(μ_θ, std²I) and N(μ_ref, std²I) is
 closed form. Averaged over elements, like the log-prob:
 
