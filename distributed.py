@@ -30,11 +30,14 @@ newest complete one). It holds
 and `--resume` continues bit-identically (tested after a real SIGKILL).
 """
 import copy
+import datetime
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -60,17 +63,20 @@ MAX_SHARD_SIZE = "5GB"
 # ------------------------------------------------------------------------------------------------
 # Process group, sharding, loading.
 
-def setup(use_cuda):
-    """Start the process group -> (rank, world_size, device, mesh). use_cuda False: gloo on CPU."""
+def setup(use_cuda, timeout_minutes=30.0):
+    """Start the process group -> (rank, world_size, device, mesh). use_cuda False: gloo on CPU.
+    A collective that waits longer than timeout_minutes raises (torch's own process-group timeout)."""
     cuda = use_cuda and torch.cuda.is_available()
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if "RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None, timeout=timeout)
     else:
         device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     return dist.get_rank(), dist.get_world_size(), device, mesh
 
@@ -82,6 +88,11 @@ def shard(transformer, mesh, param_dtype, offload=False):
     for block in transformer.transformer_blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload_policy)
     fully_shard(transformer, mesh=mesh, mp_policy=mp, offload_policy=offload_policy)
+    # FSDP2 warns on every forward that the root returns a view (diffusers' unpatchify reshapes): an
+    # in-place op on that output would skip the backward all-gather. Nothing modifies it in place
+    # (model.cfg_velocity's first op is an out-of-place .float()), and the 2 ranks = 1 rank test checks
+    # the gradients, so the warning is silenced here, once, for this module's messages only.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     return transformer
 
 
@@ -148,14 +159,109 @@ def all_reduce(x, op=dist.ReduceOp.SUM):
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoints: checkpoint-NNNNNN/ exists only once complete (written as .tmp, then renamed).
+# Checkpoints. output_dir is treated as a small database: only the run's own numbered checkpoints
+# (`checkpoint-NNNNNN`, exactly six digits) are ever discovered, resumed from or deleted; a user's
+# copy such as `checkpoint-best` or `checkpoint-000004-best` is never touched. A checkpoint is
+# complete only with its manifest (every file's size and SHA-256, written last, inside the .tmp
+# directory, before the rename), and it is verified against it before it is resumed from.
+
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d{6})")
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message says which file and why."""
+
+
+def checkpoints(output_dir):
+    """The run's numbered checkpoint directories in output_dir, oldest first (numeric order):
+    [(iteration, path)], complete (with a manifest) or not."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), os.path.join(output_dir, name)) for name in os.listdir(output_dir)
+             if (m := CHECKPOINT_NAME.fullmatch(name)) and os.path.isdir(os.path.join(output_dir, name))]
+    return sorted(found)
+
 
 def latest_checkpoint(output_dir):
-    """The newest complete checkpoint-NNNNNN/ in output_dir, or None."""
-    if not os.path.isdir(output_dir):
-        return None
-    done = sorted(d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and not d.endswith(".tmp"))
-    return os.path.join(output_dir, done[-1]) if done else None
+    """The newest numbered checkpoint that has a manifest (not yet verified), or None."""
+    complete = [path for _, path in checkpoints(output_dir) if os.path.isfile(os.path.join(path, MANIFEST))]
+    return complete[-1] if complete else None
+
+
+def _sha256(path, chunk=1 << 24):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory):
+    """Record every file under `directory` (relative path -> size, SHA-256) in directory/manifest.json,
+    written to a temporary name, flushed to disk, then renamed: the manifest is the last file to exist."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, directory)
+            if relative != MANIFEST:
+                files[relative] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+    tmp = os.path.join(directory, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(directory, MANIFEST))
+
+
+def verify_checkpoint(path):
+    """Raise CheckpointError naming the first problem: no manifest, a missing file, a size or checksum
+    that differs from the manifest, or a non-finite value in the transformer weights."""
+    from safetensors import safe_open
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{path}: no readable {MANIFEST} ({error}): the checkpoint was never completed") from None
+    for relative, expected in sorted(files.items()):
+        file = os.path.join(path, relative)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file} is missing (listed in {MANIFEST})")
+        if os.path.getsize(file) != expected["size"]:
+            raise CheckpointError(f"{file} has {os.path.getsize(file)} bytes, the manifest says {expected['size']} "
+                                  "(truncated or overwritten)")
+        if _sha256(file) != expected["sha256"]:
+            raise CheckpointError(f"{file}: SHA-256 differs from the manifest (the bytes were changed after writing)")
+    for relative in sorted(files):
+        if relative.startswith("transformer" + os.sep) and relative.endswith(".safetensors"):
+            with safe_open(os.path.join(path, relative), framework="pt") as f:
+                for key in f.keys():
+                    if not torch.isfinite(f.get_tensor(key)).all():
+                        raise CheckpointError(f"{os.path.join(path, relative)}: tensor {key!r} holds NaN or inf")
+
+
+def find_resumable(output_dir, log=print):
+    """The newest checkpoint that verifies; each newer one that does not is named with the reason
+    (`log`). Raise CheckpointError if none verifies. Rank 0 only (it reads every file once)."""
+    skipped = []
+    for _, path in reversed(checkpoints(output_dir)):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as error:
+            skipped.append(str(error))
+            log(f"resume: skipping {os.path.basename(path)}: {error}")
+            continue
+        return path
+    raise CheckpointError(f"--resume: no checkpoint in {output_dir!r} verifies"
+                          + (": " + "; ".join(skipped) if skipped else " (there is none)"))
+
+
+def remove_stale_tmp(output_dir):
+    """Delete checkpoint-NNNNNN.tmp directories: the remains of a write that was killed (never resumable)."""
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else ():
+        if name.endswith(".tmp") and CHECKPOINT_NAME.fullmatch(name[:-len(".tmp")]):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
 def save_transformer(transformer, path, rank, max_shard_size=MAX_SHARD_SIZE, lora_scale=None):
@@ -180,36 +286,73 @@ def save_transformer(transformer, path, rank, max_shard_size=MAX_SHARD_SIZE, lor
                 json.dump({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, f, indent=1)
 
 
-def save_checkpoint(output_dir, iteration, trainer_state, policy, optimizer, anchor, rank, *, lora=False, keep=1):
-    """Write output_dir/checkpoint-NNNNNN/ (layout in the module docstring) via .tmp + rename, then
-    delete all but the `keep` newest complete checkpoints. Every rank calls it. Returns its path."""
+def _agree(ok):
+    """True on every rank if `ok` is True on every rank (one all-reduce): ranks leave a failed write together."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor(int(bool(ok)), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def save_checkpoint(output_dir, iteration, trainer_state, policy, optimizer, anchor, rank, *, lora=False, keep=2):
+    """Write output_dir/checkpoint-NNNNNN/ (layout in the module docstring) via .tmp, manifest, rename;
+    then delete all but the `keep` newest of the run's numbered checkpoints. Every rank calls it.
+
+    A write that fails on any rank (disk full, read-only, quota) removes its partial files, leaves
+    every earlier checkpoint as it was, and raises CheckpointError on every rank naming the newest
+    intact checkpoint. Returns the path."""
     final = os.path.join(output_dir, f"checkpoint-{iteration:06d}")
     tmp = final + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
-    if lora:  # adapters + frozen base, sharded, for --resume; transformer/ gets the merged weights
-        dcp.save({"policy": get_model_state_dict(policy)}, checkpoint_id=os.path.join(tmp, "policy"))
-    save_transformer(policy, os.path.join(tmp, "transformer"), rank, lora_scale=LORA_SCALE if lora else None)
-    # optimizer and anchor: sharded (each rank writes its shard), torch.distributed.checkpoint
-    dcp.save({"optimizer": get_optimizer_state_dict(policy, optimizer)}, checkpoint_id=os.path.join(tmp, "optimizer"))
-    if anchor is not None:
-        dcp.save({"anchor": get_model_state_dict(anchor.anchor)}, checkpoint_id=os.path.join(tmp, "anchor"))
+    error = None
+
+    def attempt(write):  # run one phase of the write, remember the first error
+        nonlocal error
+        if error is None:
+            try:
+                write()
+            except Exception as e:  # noqa: BLE001 - disk full, permissions, torch's own write errors
+                error = e
+        return _agree(error is None)
+
+    ok = attempt(lambda: (shutil.rmtree(tmp, ignore_errors=True), os.makedirs(tmp)) if rank == 0 else None)
+    if ok and lora:  # adapters + frozen base, sharded, for --resume; transformer/ gets the merged weights
+        ok = attempt(lambda: dcp.save({"policy": get_model_state_dict(policy)}, checkpoint_id=os.path.join(tmp, "policy")))
+    if ok:
+        ok = attempt(lambda: save_transformer(policy, os.path.join(tmp, "transformer"), rank,
+                                              lora_scale=LORA_SCALE if lora else None))
+    if ok:  # optimizer and anchor: sharded (each rank writes its shard), torch.distributed.checkpoint
+        ok = attempt(lambda: dcp.save({"optimizer": get_optimizer_state_dict(policy, optimizer)},
+                                      checkpoint_id=os.path.join(tmp, "optimizer")))
+    if ok and anchor is not None:
+        ok = attempt(lambda: dcp.save({"anchor": get_model_state_dict(anchor.anchor)},
+                                      checkpoint_id=os.path.join(tmp, "anchor")))
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     rngs = [None] * dist.get_world_size()
     dist.all_gather_object(rngs, rng)
+    if ok:
+        def finish():
+            if rank == 0:
+                torch.save(rngs, os.path.join(tmp, "rng.pt"))
+                with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                    json.dump(trainer_state, f, indent=1)
+                write_manifest(tmp)  # last: a directory without a manifest is never resumed from
+                if os.path.isdir(final):  # a checkpoint of this number that did not verify: replaced
+                    os.rename(final, final + ".replaced")
+                os.rename(tmp, final)  # atomic: until here the previous checkpoint is the newest complete one
+                shutil.rmtree(final + ".replaced", ignore_errors=True)
+        ok = attempt(finish)
+    if not ok:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # partial files would only fill the disk
+        intact = latest_checkpoint(output_dir)
+        raise CheckpointError(
+            f"checkpoint-{iteration:06d} could not be written ({type(error).__name__ + ': ' + str(error) if error else 'failed on another rank'}); "
+            f"its partial files were removed; the newest intact checkpoint is "
+            f"{intact if intact else 'none (this run has not saved one yet)'}")
     if rank == 0:
-        torch.save(rngs, os.path.join(tmp, "rng.pt"))
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(trainer_state, f, indent=1)
-    dist.barrier()
-    if rank == 0:
-        os.rename(tmp, final)  # atomic: until here the previous checkpoint is the newest complete one
-        complete = sorted(d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and not d.endswith(".tmp"))
-        for old in complete[:-keep]:
-            shutil.rmtree(os.path.join(output_dir, old))
+        for _, old in checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old)
     dist.barrier()
     return final
 
@@ -218,6 +361,15 @@ def load_checkpoint(path, policy, optimizer, anchor, rank):
     """Optimizer, anchor, RNG and trainer state from `path`; the policy weights too if they are sharded
     (LoRA), otherwise they were loaded from path/transformer when the policy was built. Returns the
     trainer state (trainer_state.json)."""
+    try:
+        return _load_checkpoint(path, policy, optimizer, anchor, rank)
+    except CheckpointError:
+        raise
+    except Exception as error:  # noqa: BLE001 - say which checkpoint, not a 100-line trace
+        raise CheckpointError(f"{path} could not be loaded ({type(error).__name__}: {str(error)[:500]})") from error
+
+
+def _load_checkpoint(path, policy, optimizer, anchor, rank):
     if os.path.isdir(os.path.join(path, "policy")):
         state = {"policy": get_model_state_dict(policy)}
         dcp.load(state, checkpoint_id=os.path.join(path, "policy"))

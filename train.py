@@ -49,6 +49,7 @@ the two-stage schedule instead of the official adaptive controller; no sequence 
 """
 import argparse
 import ast
+import contextlib
 import csv
 import dataclasses
 import inspect
@@ -57,6 +58,9 @@ import math
 import os
 import random
 import resource
+import shutil
+import signal
+import sys
 import time
 import typing
 from dataclasses import dataclass
@@ -90,6 +94,9 @@ class Config:
     """continue exactly from the newest complete checkpoint in output_dir"""
     allow_config_change: bool = False
     """with --resume, accept flags that differ from the checkpoint's (otherwise an error lists them)"""
+    overwrite: bool = False
+    """start afresh in an output_dir that holds a run: first delete its numbered checkpoints, metrics.jsonl,
+    curves.png and samples/ (nothing else); without it (or --resume) such a directory is refused"""
     tiny: bool = False
     """random tiny HunyuanVideo-1.5 and VideoAlign (tiny.py), CPU, gloo: the pipeline without weights; an empty
     --model_path / --reward_path is built once under output_dir"""
@@ -167,10 +174,20 @@ class Config:
     # --- logging and checkpoints
     checkpoint_every: int = 100
     """iterations between checkpoints (official save_interval 100); the last iteration is always saved"""
-    keep_checkpoints: int = 1
-    """newest complete checkpoints kept; older ones are deleted once a newer one is complete (ours: disk)"""
+    checkpoint_every_minutes: float = 60.0
+    """also checkpoint once this many minutes have passed since the last one (0 = off; ours: at ~5 min per
+    iteration, 100 iterations are 8 hours); SIGTERM (preemption) always writes one, then the run exits"""
+    keep_checkpoints: int = 2
+    """newest complete checkpoints kept, deleted only once a newer one is complete; 2 so that a corrupt newest
+    one can fall back to the previous (ours: disk)"""
     sample_every: int = 50
     """iterations between saved sample videos (official validation_interval 50); 0 = never"""
+    max_failed_iterations: int = 10
+    """stop after this many consecutive iterations without an optimizer update (every reward failed, or the loss
+    or gradient was not finite): a broken reward model must not burn days (ours)"""
+    collective_timeout_minutes: float = 30.0
+    """a collective (all-reduce, barrier, ...) waiting longer than this fails the run with a message naming the
+    likely cause, a hung or dead rank (ours; torch's defaults: 10 min NCCL, 30 min gloo)"""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,17 +227,30 @@ class Totals:
 
 # ------------------------------------------------------------------------------------------------
 
+class RunError(RuntimeError):
+    """A run that must stop, with a message we wrote (printed once, by rank 0, without a traceback)."""
+
+
 def main(cfg):
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     cfg, prompts = check_config(cfg, world_size)  # every input error raises here, before any model is loaded
-    rank, world_size, device, mesh = distributed.setup(use_cuda=not cfg.tiny)
+    rank, world_size, device, mesh = distributed.setup(use_cuda=not cfg.tiny,
+                                                       timeout_minutes=cfg.collective_timeout_minutes)
     try:
-        train(cfg, prompts, rank, world_size, device, mesh)
+        with sigterm_flag() as preempted:
+            return train(cfg, prompts, rank, world_size, device, mesh, preempted)
+    except distributed.CheckpointError as error:
+        raise RunError(str(error)) from error
+    except dist.DistError as error:  # a collective timed out, or a peer died mid-collective
+        raise RunError(f"a collective failed on rank {rank} ({type(error).__name__}: {str(error)[:300]}): another rank "
+                       f"is hung or dead (waited up to --collective_timeout_minutes {cfg.collective_timeout_minutes:g}); "
+                       f"the newest intact checkpoint is {distributed.latest_checkpoint(cfg.output_dir)}, "
+                       f"resume from it with --resume") from error
     finally:
         dist.destroy_process_group()
 
 
-def train(cfg, prompts, rank, world_size, device, mesh):
+def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model_path, reward_path = cfg.model_path, cfg.reward_path
@@ -232,8 +262,7 @@ def train(cfg, prompts, rank, world_size, device, mesh):
         model_path, reward_path = paths["hunyuan"], paths["videoalign"]
     cfg, sources = resolve_sampling(cfg, model_path)  # shift and CFG scale: the checkpoint's unless given
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    checkpoint = distributed.latest_checkpoint(cfg.output_dir) if cfg.resume else None
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    checkpoint = prepare_output_dir(cfg, rank)  # the verified checkpoint to resume from, or None
 
     # Frozen parts (text encoders, VAE) in the compute dtype; the policy in fp32 (master weights),
     # from the checkpoint when resuming. The pipeline is loaded without its transformer: the policy's
@@ -271,6 +300,7 @@ def train(cfg, prompts, rank, world_size, device, mesh):
         sampler.load_state_dict(state["sampler"])
         if anchor is not None:
             anchor.last_refresh = state["anchor_last_refresh"]
+    last_save, failed_iterations = time.monotonic(), 0
     if rank == 0:
         print(f"SAGE-GRPO: world {world_size}, {videos_per_iteration} videos/iteration in groups of {group_size}, "
               f"latent {tuple(latent_shape)}, {sum(p.numel() for p in trainable) / 1e6:.3g}M trainable, "
@@ -389,16 +419,37 @@ def train(cfg, prompts, rank, world_size, device, mesh):
         if rank == 0:
             log_metrics(cfg, metrics, bar, frames[0] if cfg.sample_every and iteration % cfg.sample_every == 0 else None)
 
+        failed_iterations = 0 if skipped_now < cfg.updates_per_rollout and num_pairs else failed_iterations + 1
+        if failed_iterations >= cfg.max_failed_iterations:  # nothing learnt for K iterations in a row: stop
+            cause = ("every reward failed (NaN): check the reward model and the decoded videos" if not num_pairs else
+                     "the loss or the gradient was not finite: check the learning rate, β and the inputs")
+            raise RunError(f"no optimizer update in the last {failed_iterations} iterations "
+                           f"(--max_failed_iterations {cfg.max_failed_iterations}): {cause}; the newest intact "
+                           f"checkpoint is {distributed.latest_checkpoint(cfg.output_dir)}")
+
         # ======================================================================== CHECKPOINT
         timer(None)
-        if (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.max_iterations:
+        # every rank must take the same decision: the slowest clock and any SIGTERM count
+        due = (time.monotonic() - last_save) / 60 >= cfg.checkpoint_every_minutes > 0
+        due, stop = (bool(x) for x in distributed.all_reduce(torch.tensor([int(due), int(preempted[0])], device=device),
+                                                             op=dist.ReduceOp.MAX).tolist())
+        if due or stop or (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.max_iterations:
             state.update(iteration=iteration + 1, sampler=sampler.state_dict(),
                          anchor_last_refresh=anchor.last_refresh if anchor is not None else 0,
                          config=dataclasses.asdict(cfg))
-            distributed.save_checkpoint(cfg.output_dir, iteration + 1, state, policy, optimizer, anchor, rank,
-                                        lora=cfg.lora_rank > 0, keep=cfg.keep_checkpoints)
+            saved = distributed.save_checkpoint(cfg.output_dir, iteration + 1, state, policy, optimizer, anchor, rank,
+                                                lora=cfg.lora_rank > 0, keep=cfg.keep_checkpoints)
+            last_save = time.monotonic()
             if rank == 0:
                 plot_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), os.path.join(cfg.output_dir, "curves.png"))
+            if stop:
+                if rank == 0:
+                    print(f"\nSIGTERM: {saved} written after iteration {iteration + 1}; continue with the same flags "
+                          f"and --resume", flush=True)
+                return saved
+    if rank == 0:
+        print_summary(cfg)
+    return distributed.latest_checkpoint(cfg.output_dir)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -431,9 +482,34 @@ def parse_config(argv=None, cls=Config, description=__doc__):
     return cls(**vars(parser.parse_args(argv)))
 
 
+class ConfigError(ValueError):
+    """Bad input found before any model is loaded: the message says what was expected and what was found."""
+
+
 def check_config(cfg, world_size):
-    """Raise ValueError with what was expected and what was found. Returns (cfg with the video size
-    filled in, prompts)."""
+    """Raise ConfigError with what was expected and what was found, before any model is loaded or a
+    process group started. Returns (cfg with the video size filled in, prompts)."""
+    try:
+        return _check_config(cfg, world_size)
+    except ConfigError:
+        raise
+    except ValueError as error:  # the checks of sde.py, trust_region.py, reward.py raise plain ValueErrors
+        raise ConfigError(str(error)) from None
+
+
+# Numeric flags and the range each must lie in (every float flag must also be finite).
+POSITIVE = ("lr", "clip_range", "adv_clip", "eta", "grad_clip", "shift", "cfg_scale", "collective_timeout_minutes")
+NON_NEGATIVE = ("weight_decay", "beta_start", "beta_end", "kl_anchor_weight", "kl_step_weight",
+                "checkpoint_every_minutes")
+
+
+def _check_config(cfg, world_size):
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{field.name} must be a finite number, got {value}")
+        if value is not None and ((field.name in POSITIVE and not value > 0) or (field.name in NON_NEGATIVE and value < 0)):
+            raise ConfigError(f"--{field.name} must be {'> 0' if field.name in POSITIVE else '>= 0'}, got {value}")
     if not cfg.tiny:
         for name in ("model_path", "reward_path"):
             path = getattr(cfg, name)
@@ -444,6 +520,13 @@ def check_config(cfg, world_size):
         if not os.path.isdir(os.path.join(cfg.model_path, "transformer")):
             raise ValueError(f"--model_path {cfg.model_path!r} is not a diffusers HunyuanVideo-1.5 directory: "
                              f"expected a 'transformer' subdirectory, found {sorted(os.listdir(cfg.model_path))[:8]}")
+        try:
+            model.check_hunyuan_directory(cfg.model_path)  # every piece present (file names only, no weights read)
+        except FileNotFoundError as error:
+            raise ConfigError(f"--model_path: {error}") from None
+        if not os.path.isfile(os.path.join(cfg.reward_path, reward.MODEL_CONFIG_FILE)):
+            raise ValueError(f"--reward_path {cfg.reward_path!r} is not a VideoAlign (VideoReward) directory: expected "
+                             f"{reward.MODEL_CONFIG_FILE} and checkpoint-<step>/, found {sorted(os.listdir(cfg.reward_path))[:8]}")
     else:
         for name in ("model_path", "reward_path"):
             if getattr(cfg, name) and not os.path.isdir(getattr(cfg, name)):
@@ -482,11 +565,35 @@ def check_config(cfg, world_size):
         except ImportError:
             raise ValueError("--lora_rank > 0 needs the optional dependency peft (pip install peft)") from None
     reward.parse_weights(cfg.reward_weights, reward.DIMENSIONS, reward.DEFAULT_WEIGHTS)
-    if cfg.resume and distributed.latest_checkpoint(cfg.output_dir) is None:
-        raise ValueError(f"--resume: no complete checkpoint (checkpoint-NNNNNN/) in {cfg.output_dir!r}")
-    if cfg.resume and not cfg.allow_config_change:
+    prompts = load_prompts(cfg.prompts)
+    check_output_dir(cfg)
+    if cfg.resume and not cfg.allow_config_change and distributed.latest_checkpoint(cfg.output_dir):
         check_resume_config(cfg, distributed.latest_checkpoint(cfg.output_dir))
-    return cfg, load_prompts(cfg.prompts)
+    return cfg, prompts
+
+
+def check_output_dir(cfg):
+    """output_dir must be writable; a directory that holds a run needs --resume or --overwrite; --resume
+    needs a complete checkpoint."""
+    try:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        probe = os.path.join(cfg.output_dir, f".write_test_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        raise ConfigError(f"--output_dir {cfg.output_dir!r} is not writable ({error.strerror or error})") from None
+    previous = [os.path.basename(path) for _, path in distributed.checkpoints(cfg.output_dir)]
+    previous += [name for name in ("metrics.jsonl",) if os.path.isfile(os.path.join(cfg.output_dir, name))]
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume continues the run in output_dir and --overwrite deletes it: give one of them")
+    if previous and not (cfg.resume or cfg.overwrite):
+        raise ConfigError(f"--output_dir {cfg.output_dir!r} already holds a run ({', '.join(previous[-3:])}): add "
+                          f"--resume to continue it, --overwrite to delete it and start afresh, or choose another "
+                          f"--output_dir")
+    if cfg.resume and distributed.latest_checkpoint(cfg.output_dir) is None:
+        raise ConfigError(f"--resume: no complete checkpoint (checkpoint-NNNNNN/ with its {distributed.MANIFEST}) "
+                          f"in {cfg.output_dir!r}")
 
 
 def resolve_sampling(cfg, model_path):
@@ -503,14 +610,19 @@ def resolve_sampling(cfg, model_path):
 # Flags that may change between a run and its resumption without breaking "continues exactly".
 RESUMABLE_CHANGES = {"resume", "allow_config_change", "max_iterations", "checkpoint_every", "keep_checkpoints",
                      "sample_every", "output_dir", "model_path", "reward_path", "prompts", "text_encoder_offload",
-                     "anchor_offload"}
+                     "anchor_offload", "overwrite", "checkpoint_every_minutes", "max_failed_iterations",
+                     "collective_timeout_minutes"}
 
 
 def check_resume_config(cfg, checkpoint):
     """A resumed run must use the checkpoint's settings: list every flag that differs. A setting left to
-    the checkpoint (None: shift, cfg_scale) is the checkpoint's by definition."""
-    with open(os.path.join(checkpoint, "trainer_state.json")) as f:
-        saved = json.load(f).get("config", {})
+    the checkpoint (None: shift, cfg_scale) is the checkpoint's by definition. An unreadable state file
+    is left to the verification at load time, which names it."""
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+            saved = json.load(f).get("config", {})
+    except (OSError, ValueError):
+        return
     changed = {k: (saved[k], v) for k, v in dataclasses.asdict(cfg).items()
                if k in saved and k not in RESUMABLE_CHANGES and v is not None and saved[k] != v}
     if changed:
@@ -519,25 +631,111 @@ def check_resume_config(cfg, checkpoint):
                          "use the checkpoint's flags, or add --allow_config_change to continue anyway")
 
 
+def prepare_output_dir(cfg, rank):
+    """Make output_dir ready (rank 0 works, every rank gets the result): stale .tmp directories removed;
+    with --overwrite the previous run's files deleted; with --resume the newest checkpoint that verifies
+    chosen (each newer one that does not is named, with the reason) and metrics.jsonl cut back to its
+    iteration, so that no row is repeated. Returns the checkpoint to resume from, or None."""
+    chosen = [None]
+    if rank == 0:
+        try:
+            distributed.remove_stale_tmp(cfg.output_dir)
+            if cfg.overwrite:
+                for _, path in distributed.checkpoints(cfg.output_dir):
+                    shutil.rmtree(path)
+                for name in ("metrics.jsonl", "curves.png"):
+                    if os.path.isfile(os.path.join(cfg.output_dir, name)):
+                        os.remove(os.path.join(cfg.output_dir, name))
+                shutil.rmtree(os.path.join(cfg.output_dir, "samples"), ignore_errors=True)
+            if cfg.resume:
+                chosen[0] = distributed.find_resumable(cfg.output_dir, log=lambda line: print(line, flush=True))
+                if chosen[0] != distributed.latest_checkpoint(cfg.output_dir) and not cfg.allow_config_change:
+                    check_resume_config(cfg, chosen[0])
+                with open(os.path.join(chosen[0], "trainer_state.json")) as f:
+                    truncate_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), json.load(f)["iteration"])
+        except (distributed.CheckpointError, ValueError) as error:
+            chosen[0] = error
+    dist.broadcast_object_list(chosen, src=0)
+    if isinstance(chosen[0], Exception):
+        raise RunError(str(chosen[0]))
+    return chosen[0]
+
+
+def truncate_metrics(path, iteration):
+    """Keep the rows of metrics.jsonl up to `iteration` (a resumed run logs the later ones again); atomic."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["iteration"] <= iteration]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
+
+
+@contextlib.contextmanager
+def sigterm_flag():
+    """A one-element list that SIGTERM sets to True (torchrun forwards it to every rank; cluster schedulers
+    send it before a kill): the loop then checkpoints and returns. The previous handler is restored."""
+    flag = [False]
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.__setitem__(0, True))
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def print_summary(cfg):
+    """Rank 0, at the end of a run: where everything went and how the reward moved."""
+    with open(os.path.join(cfg.output_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    first, last = rows[0], rows[-1]
+    print(f"\ndone: {last['iteration']} iterations, {last['update_step']} updates "
+          f"({last['skipped_updates_total']} skipped); reward_mean {first['reward_mean']:.4f} (iteration "
+          f"{first['iteration']}) -> {last['reward_mean']:.4f} (iteration {last['iteration']})\n"
+          f"  checkpoint  {distributed.latest_checkpoint(cfg.output_dir)}\n"
+          f"  metrics     {os.path.join(cfg.output_dir, 'metrics.jsonl')}\n"
+          f"  curves      {os.path.join(cfg.output_dir, 'curves.png')}", flush=True)
+
+
 def load_prompts(path):
-    """Prompts from .txt (one per line), .csv (column `prompt`) or .jsonl ({"prompt": ...})."""
-    if not os.path.isfile(path) and os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), path)):
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)  # the default, from any directory
+    """Prompts from .txt (one per line), .csv (column `prompt`) or .jsonl ({"prompt": ...}); every error
+    names the file and, where there is one, the line."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
+    if not os.path.exists(path) and os.path.isfile(here):
+        path = here  # the default, from any directory
+    if os.path.isdir(path):
+        raise ValueError(f"prompt file {path!r} is a directory: expected a .txt, .csv or .jsonl file")
     if not os.path.isfile(path):
         raise ValueError(f"prompt file {path!r} does not exist")
     ext = os.path.splitext(path)[1].lower()
-    with open(path, encoding="utf-8") as f:
-        if ext == ".txt":
-            prompts = [line.strip() for line in f]
-        elif ext == ".csv":
-            reader = csv.DictReader(f)
-            if "prompt" not in (reader.fieldnames or []):
-                raise ValueError(f"prompt file {path!r}: expected a CSV column 'prompt', found columns {reader.fieldnames}")
-            prompts = [row["prompt"].strip() for row in reader]
-        elif ext == ".jsonl":
-            prompts = [json.loads(line)["prompt"].strip() for line in f if line.strip()]
-        else:
-            raise ValueError(f"prompt file {path!r}: expected a .txt, .csv or .jsonl file, found {ext or 'no extension'!r}")
+    if ext not in (".txt", ".csv", ".jsonl"):
+        raise ValueError(f"prompt file {path!r}: expected a .txt, .csv or .jsonl file, found {ext or 'no extension'!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as error:
+        line = open(path, "rb").read()[:error.start].count(b"\n") + 1
+        raise ValueError(f"prompt file {path!r} line {line}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    if ext == ".txt":
+        prompts = [line.strip() for line in text.splitlines()]
+    elif ext == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        if "prompt" not in (reader.fieldnames or []):
+            raise ValueError(f"prompt file {path!r}: expected a CSV column 'prompt', found columns {reader.fieldnames}")
+        prompts = [(row["prompt"] or "").strip() for row in reader]
+    else:
+        prompts = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as error:
+                raise ValueError(f"prompt file {path!r} line {number}: not JSON ({error})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f"prompt file {path!r} line {number}: expected an object with a string 'prompt', "
+                                 f"found {line.strip()[:80]!r}")
+            prompts.append(record["prompt"].strip())
     prompts = [p for p in prompts if p]
     if not prompts:
         raise ValueError(f"prompt file {path!r} contains no prompts")
@@ -670,4 +868,9 @@ class PhaseTimer:
 
 
 if __name__ == "__main__":
-    main(parse_config())
+    try:
+        main(parse_config())
+    except (ConfigError, RunError) as error:  # our own message: once (rank 0), without a traceback
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"train.py: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2 if isinstance(error, ConfigError) else 1)

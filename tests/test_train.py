@@ -114,7 +114,8 @@ def test_torchrun_two_ranks_trains_and_writes_a_checkpoint_that_eval_scores(two_
     assert all(r["ratio_max_dev_per_step"] == [0.0, 0.0] and r["approx_kl"] == 0 for r in rows)
     checkpoint = distributed.latest_checkpoint(str(two_rank_run))
     assert os.path.basename(checkpoint) == "checkpoint-000002"
-    assert sorted(os.listdir(two_rank_run)) == ["checkpoint-000002", "curves.png", "metrics.jsonl", "samples"]  # older one removed
+    assert sorted(os.listdir(two_rank_run)) == ["checkpoint-000001", "checkpoint-000002", "curves.png", "metrics.jsonl",
+                                                "samples"]  # --keep_checkpoints 2 by default
     transformer = HunyuanVideo15Transformer3DModel.from_pretrained(os.path.join(checkpoint, "transformer"))
     assert all(torch.isfinite(p).all() for p in transformer.parameters())
     assert os.listdir(os.path.join(two_rank_run, "samples"))
@@ -225,15 +226,17 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tin
             raise RuntimeError("killed during the checkpoint write")
         rename(source, destination)
     monkeypatch.setattr(distributed.os, "rename", crash)
-    with pytest.raises(RuntimeError, match="killed during the checkpoint write"):
+    with pytest.raises(train.RunError, match=r"checkpoint-000002 could not be written \(RuntimeError: killed during the "
+                       r"checkpoint write\); its partial files were removed; the newest intact checkpoint is "
+                       r".*checkpoint-000001"):
         run(tiny_models, tmp_path, "--resume", max_iterations=2)
     monkeypatch.undo()
 
-    assert os.path.isdir(tmp_path / "checkpoint-000002.tmp")
+    assert not os.path.isdir(tmp_path / "checkpoint-000002.tmp")  # a failed write leaves nothing behind
     assert distributed.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-000001")
     reloaded = load_file(os.path.join(tmp_path, "checkpoint-000001", WEIGHTS))
     assert all(torch.equal(previous[k], reloaded[k]) for k in previous)
-    run(tiny_models, tmp_path, "--resume", max_iterations=2)  # and training goes on from it
+    run(tiny_models, tmp_path, "--resume", max_iterations=2, keep_checkpoints=1)  # and training goes on from it
     assert sorted(d for d in os.listdir(tmp_path) if d.startswith("checkpoint")) == ["checkpoint-000002"]
     run(tiny_models, tmp_path, "--resume", max_iterations=4, keep_checkpoints=2)  # retention
     assert sorted(d for d in os.listdir(tmp_path) if d.startswith("checkpoint")) == ["checkpoint-000003", "checkpoint-000004"]
@@ -279,7 +282,9 @@ def test_a_sigkill_in_the_middle_of_a_checkpoint_write_leaves_the_previous_one_l
     reloaded = load_file(os.path.join(tmp_path, "checkpoint-000001", WEIGHTS))
     assert all(torch.equal(previous[k], reloaded[k]) for k in previous)
     run(tiny_models, tmp_path, "--resume", max_iterations=2)  # training goes on from the intact one
-    assert sorted(d for d in os.listdir(tmp_path) if d.startswith("checkpoint")) == ["checkpoint-000002"]
+    # the torn .tmp is cleaned at start; both numbered checkpoints are kept (--keep_checkpoints 2)
+    assert sorted(d for d in os.listdir(tmp_path) if d.startswith("checkpoint")) == ["checkpoint-000001",
+                                                                                     "checkpoint-000002"]
 
 
 def test_resuming_with_different_settings_is_an_error_that_lists_them(tiny_models, tmp_path):
