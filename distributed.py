@@ -44,6 +44,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from diffusers import HunyuanVideo15Transformer3DModel
 from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -310,8 +311,8 @@ def save_checkpoint(output_dir, iteration, trainer_state, policy, optimizer, anc
         if error is None:
             try:
                 write()
-            except Exception as e:  # noqa: BLE001 - disk full, permissions, torch's own write errors
-                error = e
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - disk full, permissions, torch's errors
+                error = e  # (torch.distributed.checkpoint wraps its errors in a BaseException: caught explicitly)
         return _agree(error is None)
 
     ok = attempt(lambda: (shutil.rmtree(tmp, ignore_errors=True), os.makedirs(tmp)) if rank == 0 else None)
@@ -365,7 +366,7 @@ def load_checkpoint(path, policy, optimizer, anchor, rank):
         return _load_checkpoint(path, policy, optimizer, anchor, rank)
     except CheckpointError:
         raise
-    except Exception as error:  # noqa: BLE001 - say which checkpoint, not a 100-line trace
+    except (Exception, CheckpointException) as error:  # noqa: BLE001 - say which checkpoint, not a 100-line trace
         raise CheckpointError(f"{path} could not be loaded ({type(error).__name__}: {str(error)[:500]})") from error
 
 

@@ -13,7 +13,8 @@ scored by
     PickScore   the PickScore CLIP model's image-text score, averaged over frames.
 Writes output_dir/results.json (per model and per sample), output_dir/results.md (one table, one
 row per model) and output_dir/videos/<model>/<prompt>_<seed>.mp4 (a PNG frame grid when
-imageio-ffmpeg is not installed).
+imageio-ffmpeg is not installed). Both result files are rewritten after every model, so a failure
+later (a bad checkpoint, a kill) never loses the scores of the models already evaluated.
 
     # real weights, one GPU (all paths local; nothing is downloaded)
     python eval.py --model_path ckpts/HunyuanVideo-1.5-480p_t2v --reward_path ckpts/VideoReward \\
@@ -26,12 +27,14 @@ imageio-ffmpeg is not installed).
 """
 import dataclasses
 import json
+import math
 import os
 import re
 import typing
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
 import model
 import reward
@@ -110,8 +113,29 @@ def markdown_table(results):
     return "\n".join(lines) + "\n"
 
 
+def write_results(cfg, results, num_videos):
+    """results.json and results.md for the models evaluated so far (atomic: each file is complete or absent)."""
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    table = markdown_table(results)
+    outputs = {"results.json": json.dumps({"config": dataclasses.asdict(cfg), "models": results}, indent=1),
+               "results.md": f"{num_videos} videos per model, {cfg.num_steps} ODE steps, CFG {cfg.cfg_scale}, "
+                             f"{cfg.num_frames} frames at {cfg.height}x{cfg.width}\n\n" + table}
+    for name, text in outputs.items():
+        with open(os.path.join(cfg.output_dir, name + ".tmp"), "w") as f:
+            f.write(text)
+        os.replace(os.path.join(cfg.output_dir, name + ".tmp"), os.path.join(cfg.output_dir, name))
+    return table
+
+
 def main(cfg):
     prompts = load_prompts(cfg.prompts)  # bad input fails before any model is loaded
+    for name in ("videos_per_prompt", "batch_size", "num_steps"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("shift", "cfg_scale"):
+        value = getattr(cfg, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{name} must be a finite number > 0, got {value}")
     paths = [transformer_dir(p) for p in cfg.checkpoints]
     if not cfg.tiny:
         for name in ("model_path", "reward_path", "clip_path", "pickscore_path"):
@@ -150,7 +174,7 @@ def main(cfg):
     for name, path in zip(model_names(paths), [os.path.join(model_path, "transformer")] + paths):
         transformer = HunyuanVideo15Transformer3DModel.from_pretrained(path, torch_dtype=dtype).to(device).eval()
         rows = []
-        for start in range(0, len(samples), cfg.batch_size):
+        for start in tqdm(range(0, len(samples), cfg.batch_size), desc=name, unit="batch"):
             batch = samples[start:start + cfg.batch_size]
             batch_prompts = [prompts[i] for i, _, _ in batch]
             # ODE sampler: the same noise gives the same video for the same weights (all calls run without grad)
@@ -172,14 +196,7 @@ def main(cfg):
                  for k in ("vq", "mq", "ta", "overall", "clip_score", "pick_score")}
         results.append({"name": name, "path": path, **means,
                         "num_failed": sum(r["vq"] != r["vq"] for r in rows), "samples": rows})
-
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    with open(os.path.join(cfg.output_dir, "results.json"), "w") as f:
-        json.dump({"config": dataclasses.asdict(cfg), "models": results}, f, indent=1)
-    table = markdown_table(results)
-    with open(os.path.join(cfg.output_dir, "results.md"), "w") as f:
-        f.write(f"{len(samples)} videos per model, {cfg.num_steps} ODE steps, CFG {cfg.cfg_scale}, "
-                f"{cfg.num_frames} frames at {cfg.height}x{cfg.width}\n\n" + table)
+        table = write_results(cfg, results, len(samples))  # each model's scores on disk as soon as they exist
     print(table)
     return results
 

@@ -241,13 +241,21 @@ def main(cfg):
             return train(cfg, prompts, rank, world_size, device, mesh, preempted)
     except distributed.CheckpointError as error:
         raise RunError(str(error)) from error
-    except dist.DistError as error:  # a collective timed out, or a peer died mid-collective
+    except (dist.DistError, RuntimeError) as error:  # a collective timed out, or a peer died mid-collective
+        if isinstance(error, RunError) or not (isinstance(error, dist.DistError) or collective_failure(error)):
+            raise
         raise RunError(f"a collective failed on rank {rank} ({type(error).__name__}: {str(error)[:300]}): another rank "
                        f"is hung or dead (waited up to --collective_timeout_minutes {cfg.collective_timeout_minutes:g}); "
                        f"the newest intact checkpoint is {distributed.latest_checkpoint(cfg.output_dir)}, "
                        f"resume from it with --resume") from error
     finally:
         dist.destroy_process_group()
+
+
+def collective_failure(error):
+    """Whether an error is a collective that timed out or lost its peer (gloo raises plain RuntimeErrors)."""
+    text = str(error).lower()
+    return any(sign in text for sign in ("timed out", "timeout", "connection closed by peer", "connection reset"))
 
 
 def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):

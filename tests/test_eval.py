@@ -102,3 +102,25 @@ def test_eval_uses_the_checkpoints_sampling_settings_and_every_size_flag_given(t
     with open(tmp_path / "out" / "results.json") as f:
         saved = json.load(f)["config"]
     assert (saved["num_steps"], saved["num_frames"], saved["shift"], saved["cfg_scale"]) == (6, 9, 3.0, 4.0)
+
+
+def test_eval_keeps_the_scores_of_models_already_evaluated_when_a_later_checkpoint_fails(tiny, tmp_path):
+    root, paths = tiny
+    broken = tmp_path / "broken" / "transformer"
+    broken.mkdir(parents=True)
+    (broken / "config.json").write_text((root / "run" / "checkpoint-000007" / "transformer" / "config.json").read_text())
+    (broken / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(Exception):
+        evaluate.main(train.parse_config(eval_args(tiny, tmp_path / "out", [str(broken.parent)]), cls=evaluate.EvalConfig))
+    with open(tmp_path / "out" / "results.json") as f:
+        models = json.load(f)["models"]
+    assert [m["name"] for m in models] == ["base"] and len(models[0]["samples"]) == 2  # the base scores survive
+    assert "| base |" in (tmp_path / "out" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("flag, value, message", [("--videos_per_prompt", "0", r"--videos_per_prompt must be >= 1, got 0"),
+                                                  ("--batch_size", "0", r"--batch_size must be >= 1, got 0"),
+                                                  ("--cfg_scale", "nan", r"--cfg_scale must be a finite number > 0")])
+def test_eval_refuses_counts_below_one_before_any_model(flag, value, message, tiny, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        evaluate.main(train.parse_config(eval_args(tiny, tmp_path, []) + [flag, value], cls=evaluate.EvalConfig))
