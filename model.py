@@ -420,7 +420,7 @@ def initial_noise(seeds, latent_shape, device):
 
 @torch.no_grad()
 def rollout(transformer, prompt_embeds, seeds, latent_shape, sigmas, kernel="sage", eta=0.5,
-            guidance_scale=DEFAULT_GUIDANCE_SCALE, sde_window=None):
+            guidance_scale=DEFAULT_GUIDANCE_SCALE, sde_window=None, initial_seeds=None):
     """Sample B trajectories with the policy.  Returns Rollout.
 
     prompt_embeds: PromptEmbeds with B rows (use .repeat_interleave(G) for groups);
@@ -429,7 +429,11 @@ def rollout(transformer, prompt_embeds, seeds, latent_shape, sigmas, kernel="sag
     sigmas: Tensor[N+1] schedule, e.g. sde.shifted_sigmas(20, policy.shift);
     kernel, eta: the sde.py transition kernel of the stochastic steps;
     sde_window: (start, stop): only steps start ≤ i < stop use `kernel`, the others are ODE steps
-                (None: all steps stochastic).
+                (None: all steps stochastic);
+    initial_seeds: B ints or None. None: x_{σ_0} is drawn from seeds[b]'s generator, which goes on to
+                draw the step noise (the pipeline's convention). Given: x_{σ_0} comes from
+                initial_seeds[b] and the step noise from seeds[b]'s stream, so that the members of a GRPO
+                group can share their initial noise (the same initial_seeds) and still explore apart.
     """
     sde.check_kernel(kernel)
     sde.check_schedule(sigmas)
@@ -448,6 +452,12 @@ def rollout(transformer, prompt_embeds, seeds, latent_shape, sigmas, kernel="sag
     # recomputed step is the recorded one to round-off (on-policy ratio 1)
     sigmas = torch.as_tensor(sigmas).to(device=device, dtype=torch.float32)
     x, generators = initial_noise(seeds.tolist(), latent_shape, device)  # (B, C, F, H, W)
+    if initial_seeds is not None:
+        if len(initial_seeds) != len(seeds):
+            raise ValueError(f"need one initial seed per sample: {len(seeds)} seeds, {len(initial_seeds)} initial seeds")
+        # the step noise continues seeds[b]'s stream past its own initial draw (so it never repeats the
+        # shared initial noise, not even for the member whose seed is the group's)
+        x, _ = initial_noise(list(initial_seeds), latent_shape, device)
     batch_size = x.shape[0]
     latents, log_probs, means, stds = [x], [], [], []
     for i in range(num_steps):

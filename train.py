@@ -73,6 +73,7 @@ import distributed
 import equalizer
 import grpo
 import model
+import optimizer
 import reward
 import sde
 import tiny
@@ -125,6 +126,9 @@ class Config:
     # --- GRPO
     group_size: int = 4
     """rollouts per prompt G (official num_generations 4)"""
+    same_noise_per_group: bool = False
+    """every member of a group starts from the same initial noise; the SDE noise still differs (official
+    use_same_noise False; FlowGRPO same_latent, DanceGRPO use_same_noise)"""
     videos_per_rank: int = 2
     """rollouts each rank makes per iteration (official batch_size 2)"""
     clip_range: float = grpo.CLIP_RANGE
@@ -146,25 +150,35 @@ class Config:
     """weight of KL(π_θ‖π_anchor) in L_KL (official dual_kl_moving_weight 1.0)"""
     kl_step_weight: float = trust_region.STEP_WEIGHT
     """weight of KL(π_θ‖π_old) in L_KL (official dual_kl_step_weight 0.1)"""
+    beta_schedule: str = "official"
+    """official (ramp beta_start -> beta_end over 100 (sample, step) pairs, then x0.9 while the KL is above 1.5e-5,
+    x1.1 below 5e-6, as the official controller; identical on every rank) | two_stage (beta_start, then beta_end
+    from beta_switch_step) | fixed (beta_start throughout); trust_region.BetaController"""
     beta_start: float = trust_region.BETA_START
-    """β before beta_switch_step (official kl_coef 1e-7)"""
+    """smallest / first β (official kl_coef = kl_min_coef 1e-7)"""
     beta_end: float = trust_region.BETA_END
-    """β from beta_switch_step on (official kl_weight 1e-5)"""
+    """largest / last β, and the official controller's KL target (official kl_weight 1e-5)"""
     beta_switch_step: int = 100
-    """optimizer update at which β switches; our choice: the paper gives the two values, not the switch point"""
+    """two_stage only: optimizer update at which β switches (ours: the paper gives the two values, not the switch)"""
     anchor_offload: bool = False
     """keep the anchor's shards on CPU (FSDP2 CPUOffloadPolicy; official reference_mode_offload)"""
     text_encoder_offload: bool = False
     """keep the text encoders (Qwen2.5-VL-7B: 15 GB bf16) on CPU, on the GPU only while encoding prompts; our choice"""
     # --- reward
+    reward_input: str = "frames"
+    """frames: the decoded frames go to the reward model as they are | mp4: first through an in-memory 8-bit H.264
+    mp4 (24 fps, crf 25, yuv420p), as the official code scores saved videos (reward.mp4_round_trip)"""
     reward_weights: list[str] = dataclasses.field(default_factory=list)
     """name=value per reward component to reweight, e.g. --reward_weights ta=2; unnamed components keep the
     reward's defaults (VideoAlign: vq=0.5 mq=0.5 ta=1.0, paper setting B / official reward_weights)"""
     # --- optimisation
+    optimizer: str = "muon"
+    """muon (official use_muon: Newton-Schulz on every 2-D weight, lr matched to AdamW's update RMS, AdamW for
+    the rest; whole matrices under FSDP2) | adamw; optimizer.py"""
     lr: float = 1e-5
-    """AdamW learning rate (official learning_rate 1e-5)"""
+    """learning rate (official train_grpo.sh learning_rate 1e-5)"""
     weight_decay: float = 0.01
-    """AdamW weight decay (official 0.01)"""
+    """decoupled weight decay (official 0.01)"""
     grad_clip: float = 1.0
     """global gradient-norm clip (official max_grad_norm 1.0)"""
     lora_rank: int = 0
@@ -223,6 +237,18 @@ class Totals:
         names = sorted(self.sums)
         summed = distributed.all_reduce(torch.tensor([self.sums[n] for n in names], dtype=torch.float64, device=device))
         return dict(zip(names, summed.tolist()))
+
+
+def pair_betas(cfg, controller, kl, update_step, world_size):
+    """β of each (sample, step) pair of this rank's batch, (B,). official: the controller steps once per
+    pair, fed the pair's L_KL averaged over ranks (position b of every rank together), so β is the same
+    on every rank; two_stage: by optimizer update; fixed: beta_start."""
+    if cfg.beta_schedule == "official":
+        kl_mean = distributed.all_reduce(kl.float()) / world_size  # (B,)
+        return torch.tensor(controller.betas_for(kl_mean.cpu()), device=kl.device)
+    beta = (trust_region.kl_coefficient(update_step, cfg.beta_start, cfg.beta_end, cfg.beta_switch_step)
+            if cfg.beta_schedule == "two_stage" else cfg.beta_start)
+    return torch.full(kl.shape, beta, dtype=torch.float32, device=kl.device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -285,7 +311,10 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
     for module in (pipe.vae,) + (() if cfg.text_encoder_offload else text_encoders):
         module.to(device)
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optim = optimizer.build_optimizer(policy, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # β: the official controller steps once per (sample, step) pair; the two simple schedules need no state
+    beta_controller = (trust_region.BetaController("official", cfg.beta_start, cfg.beta_end)
+                       if cfg.beta_schedule == "official" else None)
     anchor = None
     if anchor_module is not None:
         anchor = trust_region.MovingAnchor(policy, trust_region.anchor_period_for(cfg.kl_mode, cfg.anchor_period),
@@ -304,8 +333,10 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
     step_weights = equalizer.step_weights(cfg.kernel, sigmas, cfg.eta, cfg.equalizer).float().to(device)
     state = {"iteration": 0, "update_step": 0, "skipped_updates": 0}
     if checkpoint:
-        state = distributed.load_checkpoint(checkpoint, policy, optimizer, anchor, rank)
+        state = distributed.load_checkpoint(checkpoint, policy, optim, anchor, rank)
         sampler.load_state_dict(state["sampler"])
+        if beta_controller is not None:
+            beta_controller.load_state_dict(state["beta_controller"])
         if anchor is not None:
             anchor.last_refresh = state["anchor_last_refresh"]
     last_save, failed_iterations = time.monotonic(), 0
@@ -333,11 +364,17 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
         embeds = embeds.select([unique.index(p) for p in sample_prompts])
         for module in text_encoders if cfg.text_encoder_offload else ():
             module.to("cpu")
-        rollout = model.rollout(policy, embeds, seeds, latent_shape, sigmas, cfg.kernel, cfg.eta, cfg.cfg_scale)
+        # same_noise_per_group: every member starts from the noise of its group's first member
+        initial_seeds = [sample_seed(cfg.seed, iteration, (first + b) // group_size * group_size, videos_per_iteration)
+                         for b in range(videos_per_rank)] if cfg.same_noise_per_group else None
+        rollout = model.rollout(policy, embeds, seeds, latent_shape, sigmas, cfg.kernel, cfg.eta, cfg.cfg_scale,
+                                initial_seeds=initial_seeds)
 
         # ======================================================================== REWARD
         timer("reward")
         frames = model.decode_latents(pipe.vae, rollout.final_latents)  # (B, F, 3, H, W) in [0, 1]
+        if cfg.reward_input == "mp4":  # the official reward input: each video as an 8-bit crf-25 mp4
+            frames = torch.stack([reward.mp4_round_trip(video) for video in frames.cpu()]).to(frames.device)
         scores = reward_model(frames, sample_prompts)  # {"vq", "mq", "ta", "reward"}: (B,), NaN = failed video
         rewards = scores["reward"].float().to(device)  # (B,) the weighted sum, computed by the reward model
 
@@ -357,9 +394,8 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
         ratio_deviation = torch.zeros(cfg.num_steps, dtype=torch.float64)  # max |ρ − 1| per denoising step
         grad_norms, skipped_now, refreshed = [], 0, False
         anchor_means = {}  # μ_anchor per trained step k, reused by every update of this rollout until a refresh
-        beta = trust_region.kl_coefficient(state["update_step"], cfg.beta_start, cfg.beta_end, cfg.beta_switch_step)
+        betas_used = []
         for _ in range(cfg.updates_per_rollout if num_pairs else 0):
-            beta = trust_region.kl_coefficient(state["update_step"], cfg.beta_start, cfg.beta_end, cfg.beta_switch_step)
             loss_finite = True
             # Gradient accumulation over the trained steps. Gradients are reduce-scattered after every
             # step (not only the last): FSDP2's no-sync mode would hold full unsharded bf16 gradients
@@ -378,9 +414,11 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
                 kl, kl_terms = trust_region.dual_kl(mean, std, anchor_means.get(k), step.mean, cfg.kl_mode,
                                                     cfg.kl_anchor_weight, cfg.kl_step_weight)
                 mask = valid[:, k]
-                # mean over the global valid pairs of  loss_it + β·L_KL;  × W undoes FSDP's gradient averaging
+                beta = pair_betas(cfg, beta_controller, kl.detach(), state["update_step"], world_size)  # (B,)
+                betas_used.append(beta.mean().item())
+                # mean over the global valid pairs of  loss_it + β_i·L_KL;  × W undoes FSDP's gradient averaging
                 n = stats["num_valid_pairs"]
-                loss = (policy_loss * n + beta * kl[mask].sum()) * world_size / num_pairs
+                loss = (policy_loss * n + (beta * kl)[mask].sum()) * world_size / num_pairs
                 loss.backward()
                 loss_value = loss.item()  # one device sync per step, for the skip test and the logs
                 loss_finite &= math.isfinite(loss_value)
@@ -395,7 +433,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             finite = int(distributed.all_reduce(torch.tensor(int(loss_finite), device=device))) == world_size
             if finite and math.isfinite(grad_norm):  # a non-finite loss or gradient never reaches the weights
-                optimizer.step()
+                optim.step()
                 state["update_step"] += 1
                 # ================================================================ ANCHOR
                 if anchor is not None and anchor.update_if_due(state["update_step"]):  # hard copy every period
@@ -404,7 +442,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
             else:
                 skipped_now += 1
                 state["skipped_updates"] += 1
-            optimizer.zero_grad(set_to_none=True)
+            optim.zero_grad(set_to_none=True)
             grad_norms.append(grad_norm)
 
         # ======================================================================== LOG
@@ -419,7 +457,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
             **{k: v.nanmean().item() for k, v in components.items()},
             "advantage_abs_mean": all_advantages.nan_to_num().abs().mean().item(),
             **{name: total / pairs for name, total in totals.items()},  # means over the valid pairs
-            "beta": beta, "grad_norm": grad_norms[-1] if grad_norms else float("nan"),
+            "beta": sum(betas_used) / len(betas_used) if betas_used else float("nan"), "grad_norm": grad_norms[-1] if grad_norms else float("nan"),
             "skipped_update": skipped_now, "skipped_updates_total": state["skipped_updates"],
             "anchor_refreshed": refreshed, "ratio_max_dev_per_step": ratio_deviation.tolist(),
             **{k: round(v, 4) for k, v in timer.times.items()}, "peak_memory_gb": peak_memory_gb(device),
@@ -444,8 +482,8 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
         if due or stop or (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.max_iterations:
             state.update(iteration=iteration + 1, sampler=sampler.state_dict(),
                          anchor_last_refresh=anchor.last_refresh if anchor is not None else 0,
-                         config=dataclasses.asdict(cfg))
-            saved = distributed.save_checkpoint(cfg.output_dir, iteration + 1, state, policy, optimizer, anchor, rank,
+                         beta_controller=beta_controller and beta_controller.state_dict(), config=dataclasses.asdict(cfg))
+            saved = distributed.save_checkpoint(cfg.output_dir, iteration + 1, state, policy, optim, anchor, rank,
                                                 lora=cfg.lora_rank > 0, keep=cfg.keep_checkpoints)
             last_save = time.monotonic()
             if rank == 0:
@@ -545,6 +583,15 @@ def _check_config(cfg, world_size):
         raise ValueError(f"unknown kernel {cfg.kernel!r} for training: expected one of {sde.STOCHASTIC_KERNELS} "
                          "(ode has no noise, hence nothing to explore)")
     trust_region.check_kl_mode(cfg.kl_mode)
+    for name, choices in (("beta_schedule", trust_region.BETA_SCHEDULES), ("optimizer", optimizer.OPTIMIZERS),
+                          ("reward_input", ("frames", "mp4"))):
+        if getattr(cfg, name) not in choices:
+            raise ConfigError(f"unknown --{name} {getattr(cfg, name)!r}: expected one of {list(choices)}")
+    if cfg.beta_schedule == "official" and not 0 < cfg.beta_start <= cfg.beta_end:
+        raise ConfigError(f"--beta_schedule official needs 0 < beta_start <= beta_end, got {cfg.beta_start} and "
+                          f"{cfg.beta_end}")
+    if cfg.reward_input == "mp4" and ((cfg.height or 0) % 2 or (cfg.width or 0) % 2):
+        raise ConfigError(f"--reward_input mp4 needs an even height and width (yuv420p), got {cfg.height}x{cfg.width}")
     if cfg.group_size < 2:
         raise ValueError(f"group_size must be >= 2 (a group of one has no baseline), got {cfg.group_size}")
     if cfg.videos_per_rank < 1:

@@ -211,7 +211,7 @@ def test_a_checkpoint_write_that_fails_removes_its_partial_files_and_names_the_i
     (["--beta_start", "nan"], r"--beta_start must be a finite number"),
     (["--clip_range", "-1"], r"--clip_range must be > 0, got -1.0"),
     (["--shift", "-1"], r"--shift must be > 0, got -1.0"),
-    (["--beta_end", "-1e-5"], r"--beta_end must be >= 0"),
+    (["--beta_end=-1e-5"], r"--beta_end must be >= 0"),
 ])
 def test_a_bad_number_is_refused_before_any_model_is_loaded(flags, message, tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "setup", lambda *a, **k: pytest.fail("reached the process group"))

@@ -319,3 +319,20 @@ def test_prompt_embeds_repeat_into_groups(embeds):
     assert len(grouped) == 6
     assert torch.equal(grouped.embeds[2], embeds.embeds[0]) and torch.equal(grouped.embeds[3], embeds.embeds[1])
     assert torch.equal(grouped.negative_embeds[5], embeds.negative_embeds[1])
+
+
+def test_shared_initial_seeds_give_one_initial_noise_and_separate_step_noise(policy, embeds, latent_shape):
+    sigmas = sde.shifted_sigmas(3, policy.shift)
+    batch = embeds.select([0, 0, 1, 1])
+    shared = model.rollout(policy.transformer, batch, [10, 11, 12, 13], latent_shape, sigmas, kernel="sage", eta=ETA,
+                           initial_seeds=[10, 10, 12, 12])
+    plain = model.rollout(policy.transformer, batch, [10, 11, 12, 13], latent_shape, sigmas, kernel="sage", eta=ETA)
+    x0 = shared.latents[:, 0]
+    assert torch.equal(x0[0], x0[1]) and torch.equal(x0[2], x0[3]) and not torch.equal(x0[0], x0[2])
+    assert torch.equal(x0[0], plain.latents[0, 0])                     # the group's noise is member 0's own
+    noise_0 = shared.latents[0, 1] - shared.means[0, 0]                # the first SDE step's noise, per member
+    noise_1 = shared.latents[1, 1] - shared.means[1, 0]
+    assert not torch.allclose(noise_0, noise_1)                        # members still explore apart
+    # member 0's step noise is not its initial noise again (the stream goes on past the initial draw)
+    standardized = noise_0 / shared.stds[0, 0]
+    assert not torch.allclose(standardized, x0[0], atol=1e-3)
