@@ -390,7 +390,8 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
 
         # ======================================================================== UPDATE
         timer("update")
-        totals = Totals("pairs", "loss", "policy_loss", "approx_kl", "clip_fraction", "kl_anchor", "kl_step")
+        totals = Totals("pairs", "loss", "policy_loss", "approx_kl", "clip_fraction", "kl_anchor", "kl_step",
+                        "push_policy", "push_kl")
         ratio_deviation = torch.zeros(cfg.num_steps, dtype=torch.float64)  # max |ρ − 1| per denoising step
         grad_norms, skipped_now, refreshed = [], 0, False
         anchor_means = {}  # μ_anchor per trained step k, reused by every update of this rollout until a refresh
@@ -418,10 +419,18 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
                 betas_used.append(beta.mean().item())
                 # mean over the global valid pairs of  loss_it + β_i·L_KL;  × W undoes FSDP's gradient averaging
                 n = stats["num_valid_pairs"]
-                loss = (policy_loss * n + (beta * kl)[mask].sum()) * world_size / num_pairs
+                kl_loss = (beta * kl)[mask].sum()
+                loss = (policy_loss * n + kl_loss) * world_size / num_pairs
+                # trust-region activity: how hard β·L_KL pushes the step means μ against the policy term. Both
+                # terms reach the weights through the same μ(θ), so their gradients w.r.t. μ compare them exactly
+                # (two backward passes through the loss formulas only, not through the transformer)
+                push_policy = torch.autograd.grad(policy_loss * n, mean, retain_graph=True)[0].norm().item()
+                push_kl = (torch.autograd.grad(kl_loss, mean, retain_graph=True)[0].norm().item()
+                           if kl_loss.requires_grad else 0.0)
                 loss.backward()
                 loss_value = loss.item()  # one device sync per step, for the skip test and the logs
                 loss_finite &= math.isfinite(loss_value)
+                totals.add(push_policy=push_policy, push_kl=push_kl)
                 totals.add(pairs=n, loss=loss_value * num_pairs / world_size, policy_loss=policy_loss.item() * n,
                            approx_kl=stats["approx_kl"] * n, clip_fraction=stats["clip_fraction"] * n,
                            kl_step=kl_terms["kl_step"][mask].sum().item(),
@@ -449,15 +458,19 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
         timer("log")
         totals = totals.reduce(device)
         pairs = max(totals.pop("pairs", 0.0), 1.0)
+        push_policy, push_kl = totals.pop("push_policy"), totals.pop("push_kl")
         ratio_deviation = distributed.all_reduce(ratio_deviation.to(device), op=dist.ReduceOp.MAX).cpu()
         components = {k: distributed.all_gather_cat(scores[k].float().to(device)) for k in reward_model.components}
         metrics = {
             "iteration": iteration + 1, "update_step": state["update_step"], "unix_time": time.time(),
             **grpo.reward_stats(all_rewards.cpu(), group_size),
-            **{k: v.nanmean().item() for k, v in components.items()},
+            **{k: v.nanmean().item() for k, v in components.items()}, "reward_components": list(components),
             "advantage_abs_mean": all_advantages.nan_to_num().abs().mean().item(),
             **{name: total / pairs for name, total in totals.items()},  # means over the valid pairs
-            "beta": sum(betas_used) / len(betas_used) if betas_used else float("nan"), "grad_norm": grad_norms[-1] if grad_norms else float("nan"),
+            "beta": sum(betas_used) / len(betas_used) if betas_used else float("nan"),
+            # ‖∂(β·L_KL)/∂μ‖ / ‖∂L_policy/∂μ‖ summed over the steps: ~0 means the trust region is inert at this β
+            "trust_region_activity": push_kl / push_policy if push_policy > 0 else float("nan"),
+            "grad_norm": grad_norms[-1] if grad_norms else float("nan"),
             "skipped_update": skipped_now, "skipped_updates_total": state["skipped_updates"],
             "anchor_refreshed": refreshed, "ratio_max_dev_per_step": ratio_deviation.tolist(),
             **{k: round(v, 4) for k, v in timer.times.items()}, "peak_memory_gb": peak_memory_gb(device),
@@ -847,10 +860,12 @@ def log_metrics(cfg, metrics, bar, sample_frames=None):
 
 
 # The panels of curves.png: (title, metrics.jsonl keys drawn in it).
-CURVE_PANELS = (("reward", ("reward_mean", "vq", "mq", "ta")), ("KL terms", ("kl_anchor", "kl_step", "approx_kl")),
+# "reward" also draws the reward's own components, named in each row (VideoAlign: vq, mq, ta).
+CURVE_PANELS = (("reward", ("reward_mean",)), ("KL terms", ("kl_anchor", "kl_step", "approx_kl")),
+                ("trust region: ‖∂βKL/∂μ‖ / ‖∂policy/∂μ‖", ("trust_region_activity",)), ("β", ("beta",)),
                 ("clip fraction", ("clip_fraction",)), ("gradient norm", ("grad_norm",)),
-                ("groups with equal rewards", ("zero_std_ratio",)), ("seconds per phase", ("time_rollout", "time_reward",
-                                                                                          "time_update")))
+                ("groups with equal rewards", ("zero_std_ratio",)),
+                ("seconds per phase", ("time_rollout", "time_reward", "time_update")))
 
 
 def plot_metrics(metrics_path, png_path):
@@ -862,9 +877,10 @@ def plot_metrics(metrics_path, png_path):
     with open(metrics_path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     rows = list({r["iteration"]: r for r in rows}.values())  # a resumed run may have logged an iteration twice
-    figure, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    figure, axes = plt.subplots(2, 4, figsize=(17, 6.5))
+    components = tuple(rows[-1].get("reward_components", ())) if rows else ()
     for axis, (title, keys) in zip(axes.flat, CURVE_PANELS):
-        for key in keys:
+        for key in keys + (components if title == "reward" else ()):
             points = [(r["iteration"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
             if points:
                 axis.plot(*zip(*points), marker="." if len(points) < 30 else None, label=key)

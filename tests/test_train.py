@@ -80,18 +80,19 @@ def two_rank_run(tiny_models, tmp_path_factory):
 
 def test_training_curves_are_drawn_from_the_metrics(tmp_path):
     from PIL import Image
-    rows = [{"iteration": 1, "reward_mean": 0.1, "grad_norm": 3.0}, {"iteration": 2, "reward_mean": 0.5},
+    rows = [{"iteration": 1, "reward_mean": 0.1, "grad_norm": 3.0, "vq": 0.3}, {"iteration": 2, "reward_mean": 0.5},
             {"iteration": 3, "reward_mean": 0.2, "grad_norm": float("nan")},
             {"iteration": 2, "reward_mean": 0.4, "grad_norm": 2.0},  # iteration 2 again, after a resume: it wins
-            {"iteration": 4, "reward_mean": 0.9, "vq": "n/a"}]
+            {"iteration": 4, "reward_mean": 0.9, "vq": 0.7, "mq": "n/a", "reward_components": ["vq", "mq"]}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     drawn = train.plot_metrics(str(tmp_path / "metrics.jsonl"), str(tmp_path / "curves.png"))
     assert drawn[("reward", "reward_mean")] == ([1, 2, 3, 4], [0.1, 0.4, 0.2, 0.9])
     xs, ys = drawn[("gradient norm", "grad_norm")]  # a NaN is drawn as a gap, a missing value is skipped
     assert xs == [1, 2, 3] and ys[:2] == [3.0, 2.0] and ys[2] != ys[2]
-    assert ("reward", "vq") not in drawn and ("KL terms", "kl_step") not in drawn  # nothing numeric to draw
+    assert drawn[("reward", "vq")] == ([1, 4], [0.3, 0.7])  # the components the rows name, where numeric
+    assert ("reward", "mq") not in drawn and ("KL terms", "kl_step") not in drawn  # nothing numeric to draw
     image = Image.open(tmp_path / "curves.png")
-    assert image.size == (13 * 80, int(6.5 * 80))
+    assert image.size == (17 * 80, int(6.5 * 80))
     assert len(image.convert("L").getcolors(maxcolors=10 ** 6)) > 10  # drawn, not blank
 
 
