@@ -512,6 +512,32 @@ def parse_weights(items, components, defaults):
     return tuple(weights[name] for name in components)
 
 
+TRAINING_REWARDS = ("videoalign", "world")
+
+
+def training_reward_components(name):
+    """(components, default weights) of a training reward, without loading it (for flag checks)."""
+    if name == "videoalign":
+        return DIMENSIONS, DEFAULT_WEIGHTS
+    if name == "world":
+        from toy import video_world
+        return video_world.WorldReward.components, tuple(video_world.DEFAULT_WEIGHTS[c]
+                                                         for c in video_world.WorldReward.components)
+    raise ValueError(f"unknown reward {name!r}: expected one of {TRAINING_REWARDS}")
+
+
+def load_training_reward(name, path="", device="cpu", dtype=torch.float32, weight_items=()):
+    """The reward train.py optimises, with the interface above. name: "videoalign" (the checkpoint at
+    `path`) or "world" (the synthetic video world's exact reward, toy/video_world.py; no checkpoint).
+    weight_items: "name=value" strings (`--reward_weights`), applied by the reward itself."""
+    components, defaults = training_reward_components(name)
+    weights = parse_weights(weight_items, components, defaults)
+    if name == "videoalign":
+        return VideoAlignReward.from_pretrained(path, device=device, dtype=dtype, weights=weights)
+    from toy import video_world
+    return video_world.WorldReward(dict(zip(components, weights)))
+
+
 # ----------------------------------------------------------------------------------------------
 # VideoAlign.
 

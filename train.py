@@ -98,6 +98,9 @@ class Config:
     overwrite: bool = False
     """start afresh in an output_dir that holds a run: first delete its numbered checkpoints, metrics.jsonl,
     curves.png and samples/ (nothing else); without it (or --resume) such a directory is refused"""
+    world: bool = False
+    """the synthetic video world (toy/video_world.py), CPU: its pretrained tiny HunyuanVideo-1.5 (built once, cached),
+    prompts, video size, shift / CFG (its checkpoint's configs) and exact, hackable reward (--reward world)"""
     tiny: bool = False
     """random tiny HunyuanVideo-1.5 and VideoAlign (tiny.py), CPU, gloo: the pipeline without weights; an empty
     --model_path / --reward_path is built once under output_dir"""
@@ -165,6 +168,8 @@ class Config:
     text_encoder_offload: bool = False
     """keep the text encoders (Qwen2.5-VL-7B: 15 GB bf16) on CPU, on the GPU only while encoding prompts; our choice"""
     # --- reward
+    reward: str = "videoalign"
+    """the reward optimised: videoalign (the paper's, --reward_path) | world (the synthetic world's, with --world)"""
     reward_input: str = "frames"
     """frames: the decoded frames go to the reward model as they are | mp4: first through an in-memory 8-bit H.264
     mp4 (24 fps, crf 25, yuv420p), as the official code scores saved videos (reward.mp4_round_trip)"""
@@ -260,7 +265,7 @@ class RunError(RuntimeError):
 def main(cfg):
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     cfg, prompts = check_config(cfg, world_size)  # every input error raises here, before any model is loaded
-    rank, world_size, device, mesh = distributed.setup(use_cuda=not cfg.tiny,
+    rank, world_size, device, mesh = distributed.setup(use_cuda=not (cfg.tiny or cfg.world),
                                                        timeout_minutes=cfg.collective_timeout_minutes)
     try:
         with sigterm_flag() as preempted:
@@ -294,6 +299,12 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
         dist.barrier()
         paths = tiny.tiny_model_paths(cfg.output_dir, hunyuan=model_path, videoalign=reward_path)
         model_path, reward_path = paths["hunyuan"], paths["videoalign"]
+    if cfg.world and not model_path:  # the world's pretrained policy: built (or read from its cache) by rank 0
+        from toy import video_world
+        if rank == 0:
+            video_world.prepare_world()
+        dist.barrier()
+        model_path = video_world.prepare_world()
     cfg, sources = resolve_sampling(cfg, model_path)  # shift and CFG scale: the checkpoint's unless given
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     checkpoint = prepare_output_dir(cfg, rank)  # the verified checkpoint to resume from, or None
@@ -319,9 +330,9 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
     if anchor_module is not None:
         anchor = trust_region.MovingAnchor(policy, trust_region.anchor_period_for(cfg.kl_mode, cfg.anchor_period),
                                            anchor=anchor_module)
-    weights = reward.parse_weights(cfg.reward_weights, reward.DIMENSIONS, reward.DEFAULT_WEIGHTS)
-    reward_model = reward.VideoAlignReward.from_pretrained(reward_path, device=device, dtype=compute_dtype,
-                                                           weights=weights)
+    reward_model = reward.load_training_reward(cfg.reward, reward_path, device=device, dtype=compute_dtype,
+                                               weight_items=cfg.reward_weights)
+    weights = reward.parse_weights(cfg.reward_weights, *reward.training_reward_components(cfg.reward))
 
     group_size, videos_per_rank = cfg.group_size, cfg.videos_per_rank
     videos_per_iteration = world_size * videos_per_rank
@@ -345,7 +356,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
               f"latent {tuple(latent_shape)}, {sum(p.numel() for p in trainable) / 1e6:.3g}M trainable, "
               f"{'resuming ' + checkpoint if checkpoint else 'from ' + model_path}\n"
               f"  shift {cfg.shift:g} ({sources['shift']}), CFG scale {cfg.cfg_scale:g} ({sources['cfg_scale']}), "
-              f"reward = " + " + ".join(f"{w:g}·{k.upper()}" for k, w in zip(reward_model.components, weights)),
+              f"reward = " + " + ".join(f"{w:g}·{k}" for k, w in zip(reward_model.components, weights)),
               flush=True)
 
     bar = tqdm(range(state["iteration"], cfg.max_iterations), disable=rank != 0, initial=state["iteration"],
@@ -372,10 +383,13 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
 
         # ======================================================================== REWARD
         timer("reward")
-        frames = model.decode_latents(pipe.vae, rollout.final_latents)  # (B, F, 3, H, W) in [0, 1]
-        if cfg.reward_input == "mp4":  # the official reward input: each video as an 8-bit crf-25 mp4
-            frames = torch.stack([reward.mp4_round_trip(video) for video in frames.cpu()]).to(frames.device)
-        scores = reward_model(frames, sample_prompts)  # {"vq", "mq", "ta", "reward"}: (B,), NaN = failed video
+        frames = None  # (B, F, 3, H, W) in [0, 1]; a reward of latents (the world's) needs no decoding
+        if reward_model.input == "frames":
+            frames = model.decode_latents(pipe.vae, rollout.final_latents)
+            if cfg.reward_input == "mp4":  # the official reward input: each video as an 8-bit crf-25 mp4
+                frames = torch.stack([reward.mp4_round_trip(video) for video in frames.cpu()]).to(frames.device)
+        # {component: (B,), "reward": (B,), diagnostics...}, NaN = failed video
+        scores = reward_model(frames if frames is not None else rollout.final_latents, sample_prompts)
         rewards = scores["reward"].float().to(device)  # (B,) the weighted sum, computed by the reward model
 
         # ======================================================================== ADVANTAGE
@@ -460,11 +474,13 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
         pairs = max(totals.pop("pairs", 0.0), 1.0)
         push_policy, push_kl = totals.pop("push_policy"), totals.pop("push_kl")
         ratio_deviation = distributed.all_reduce(ratio_deviation.to(device), op=dist.ReduceOp.MAX).cpu()
-        components = {k: distributed.all_gather_cat(scores[k].float().to(device)) for k in reward_model.components}
+        logged = tuple(reward_model.components) + tuple(getattr(reward_model, "diagnostics", ()))
+        components = {k: distributed.all_gather_cat(scores[k].float().to(device)) for k in logged}
         metrics = {
             "iteration": iteration + 1, "update_step": state["update_step"], "unix_time": time.time(),
             **grpo.reward_stats(all_rewards.cpu(), group_size),
-            **{k: v.nanmean().item() for k, v in components.items()}, "reward_components": list(components),
+            **{k: v.nanmean().item() for k, v in components.items()},
+            "reward_components": list(reward_model.components),
             "advantage_abs_mean": all_advantages.nan_to_num().abs().mean().item(),
             **{name: total / pairs for name, total in totals.items()},  # means over the valid pairs
             "beta": sum(betas_used) / len(betas_used) if betas_used else float("nan"),
@@ -476,7 +492,9 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
             **{k: round(v, 4) for k, v in timer.times.items()}, "peak_memory_gb": peak_memory_gb(device),
         }
         if rank == 0:
-            log_metrics(cfg, metrics, bar, frames[0] if cfg.sample_every and iteration % cfg.sample_every == 0 else None)
+            log_metrics(cfg, metrics, bar)
+            if cfg.sample_every and iteration % cfg.sample_every == 0:
+                save_sample(cfg, iteration + 1, frames, rollout.final_latents, sample_prompts)
 
         failed_iterations = 0 if skipped_now < cfg.updates_per_rollout and num_pairs else failed_iterations + 1
         if failed_iterations >= cfg.max_failed_iterations:  # nothing learnt for K iterations in a row: stop
@@ -569,7 +587,18 @@ def _check_config(cfg, world_size):
             raise ConfigError(f"--{field.name} must be a finite number, got {value}")
         if value is not None and ((field.name in POSITIVE and not value > 0) or (field.name in NON_NEGATIVE and value < 0)):
             raise ConfigError(f"--{field.name} must be {'> 0' if field.name in POSITIVE else '>= 0'}, got {value}")
-    if not cfg.tiny:
+    if cfg.reward not in reward.TRAINING_REWARDS:
+        raise ConfigError(f"unknown --reward {cfg.reward!r}: expected one of {list(reward.TRAINING_REWARDS)}")
+    if cfg.world:  # the world's own model, prompts and reward unless the user gave others
+        from toy import video_world
+        if cfg.tiny:
+            raise ConfigError("--world and --tiny are two different small worlds: give one of them")
+        cfg = dataclasses.replace(cfg, reward="world", prompts=video_world.PROMPTS_FILE if cfg.prompts == Config.prompts
+                                  else cfg.prompts, num_frames=cfg.num_frames or video_world.WORLD_NUM_FRAMES,
+                                  height=cfg.height or video_world.WORLD_HEIGHT, width=cfg.width or video_world.WORLD_WIDTH)
+    elif cfg.reward == "world":
+        raise ConfigError("--reward world scores the synthetic world's latents: it needs --world (its model and prompts)")
+    if not (cfg.tiny or cfg.world):
         for name in ("model_path", "reward_path"):
             path = getattr(cfg, name)
             if not path:
@@ -632,7 +661,7 @@ def _check_config(cfg, world_size):
             import peft  # noqa: F401
         except ImportError:
             raise ValueError("--lora_rank > 0 needs the optional dependency peft (pip install peft)") from None
-    reward.parse_weights(cfg.reward_weights, reward.DIMENSIONS, reward.DEFAULT_WEIGHTS)
+    reward.parse_weights(cfg.reward_weights, *reward.training_reward_components(cfg.reward))
     prompts = load_prompts(cfg.prompts)
     check_output_dir(cfg)
     if cfg.resume and not cfg.allow_config_change and distributed.latest_checkpoint(cfg.output_dir):
@@ -845,18 +874,26 @@ class PromptSampler:
 # ------------------------------------------------------------------------------------------------
 # Logging: metrics.jsonl, the progress bar, sample videos, curves.png, phase timing.
 
-def log_metrics(cfg, metrics, bar, sample_frames=None):
-    """Rank 0: append one row to output_dir/metrics.jsonl, update the progress bar, save a sample video
-    (sample_frames (F, 3, H, W) in [0, 1], or None)."""
+def log_metrics(cfg, metrics, bar):
+    """Rank 0: append one row to output_dir/metrics.jsonl, update the progress bar."""
     with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(metrics) + "\n")
     shown = {"reward": f"{metrics['reward_mean']:.3f}", "skip": metrics["skipped_updates_total"]}
     if cfg.updates_per_rollout > 1:  # with one update per rollout ρ = 1: approx_kl and clip are 0 by construction
         shown.update(kl=f"{metrics['approx_kl']:.1e}", clip=f"{metrics['clip_fraction']:.2f}")
     bar.set_postfix(shown)
-    if sample_frames is not None:
-        video = (sample_frames.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu()  # (F, H, W, 3)
-        save_video(video, os.path.join(cfg.output_dir, "samples", f"iter{metrics['iteration']:06d}"))
+
+
+def save_sample(cfg, iteration, frames, latents, prompts):
+    """Rank 0: the first video of this rank's batch under output_dir/samples/: decoded frames as a video,
+    or, for a reward of latents (the world, whose random tiny VAE decodes to noise), a PNG of the latents."""
+    path = os.path.join(cfg.output_dir, "samples", f"iter{iteration:06d}")
+    if frames is not None:
+        save_video((frames[0].permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu(), path)  # (F, H, W, 3)
+    else:
+        from toy import video_world
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        video_world.render_latents(latents[:1].cpu(), path + ".png", prompts=prompts[:1])
 
 
 # The panels of curves.png: (title, metrics.jsonl keys drawn in it).
@@ -865,7 +902,8 @@ CURVE_PANELS = (("reward", ("reward_mean",)), ("KL terms", ("kl_anchor", "kl_ste
                 ("trust region: ‖∂βKL/∂μ‖ / ‖∂policy/∂μ‖", ("trust_region_activity",)), ("β", ("beta",)),
                 ("clip fraction", ("clip_fraction",)), ("gradient norm", ("grad_norm",)),
                 ("groups with equal rewards", ("zero_std_ratio",)),
-                ("seconds per phase", ("time_rollout", "time_reward", "time_update")))
+                ("seconds per phase", ("time_rollout", "time_reward", "time_update")),
+                ("world: off-manifold distance of the rollouts", ("off_manifold",)))
 
 
 def plot_metrics(metrics_path, png_path):
@@ -877,7 +915,7 @@ def plot_metrics(metrics_path, png_path):
     with open(metrics_path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     rows = list({r["iteration"]: r for r in rows}.values())  # a resumed run may have logged an iteration twice
-    figure, axes = plt.subplots(2, 4, figsize=(17, 6.5))
+    figure, axes = plt.subplots(3, 3, figsize=(13, 9.75))
     components = tuple(rows[-1].get("reward_components", ())) if rows else ()
     for axis, (title, keys) in zip(axes.flat, CURVE_PANELS):
         for key in keys + (components if title == "reward" else ()):

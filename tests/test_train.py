@@ -92,7 +92,7 @@ def test_training_curves_are_drawn_from_the_metrics(tmp_path):
     assert drawn[("reward", "vq")] == ([1, 4], [0.3, 0.7])  # the components the rows name, where numeric
     assert ("reward", "mq") not in drawn and ("KL terms", "kl_step") not in drawn  # nothing numeric to draw
     image = Image.open(tmp_path / "curves.png")
-    assert image.size == (17 * 80, int(6.5 * 80))
+    assert image.size == (13 * 80, int(9.75 * 80))
     assert len(image.convert("L").getcolors(maxcolors=10 ** 6)) > 10  # drawn, not blank
 
 
