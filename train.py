@@ -210,7 +210,7 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------------------
-# Three small pieces of the loop.
+# Two small pieces of the loop (the others are below main).
 
 def sample_seed(seed, iteration, index, videos_per_iteration):
     """Seed of global sample `index` at `iteration`: independent of how samples are split over ranks."""
@@ -222,38 +222,6 @@ def trained_steps(seeds, num_steps, fraction):
     E.g. seeds [7, 8], N = 4, fraction 0.5 -> [[2, 0], [3, 1]]: each sample trains its own K steps."""
     keep = max(1, math.ceil(fraction * num_steps))
     return torch.stack([torch.randperm(num_steps, generator=torch.Generator().manual_seed(s + 1))[:keep] for s in seeds])
-
-
-class Totals:
-    """Named sums of the diagnostics over the (update, trained step, sample) pairs of one iteration,
-    summed over ranks once per iteration: Totals("pairs", "approx_kl"); .add(pairs=2, approx_kl=...);
-    .reduce(device) -> {"pairs": ..., "approx_kl": ...}. Every name starts at 0, so an iteration without
-    an update still logs every metric."""
-
-    def __init__(self, *names):
-        self.sums = dict.fromkeys(names, 0.0)
-
-    def add(self, **values):
-        for name, value in values.items():
-            self.sums[name] = self.sums.get(name, 0.0) + float(value)
-
-    def reduce(self, device):
-        """{name: sum over every rank}."""
-        names = sorted(self.sums)
-        summed = distributed.all_reduce(torch.tensor([self.sums[n] for n in names], dtype=torch.float64, device=device))
-        return dict(zip(names, summed.tolist()))
-
-
-def pair_betas(cfg, controller, kl, update_step, world_size):
-    """β of each (sample, step) pair of this rank's batch, (B,). official: the controller steps once per
-    pair, fed the pair's L_KL averaged over ranks (position b of every rank together), so β is the same
-    on every rank; two_stage: by optimizer update; fixed: beta_start."""
-    if cfg.beta_schedule == "official":
-        kl_mean = distributed.all_reduce(kl.float()) / world_size  # (B,)
-        return torch.tensor(controller.betas_for(kl_mean.cpu()), device=kl.device)
-    beta = (trust_region.kl_coefficient(update_step, cfg.beta_start, cfg.beta_end, cfg.beta_switch_step)
-            if cfg.beta_schedule == "two_stage" else cfg.beta_start)
-    return torch.full(kl.shape, beta, dtype=torch.float32, device=kl.device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -281,12 +249,6 @@ def main(cfg):
                        f"resume from it with --resume") from error
     finally:
         dist.destroy_process_group()
-
-
-def collective_failure(error):
-    """Whether an error is a collective that timed out or lost its peer (gloo raises plain RuntimeErrors)."""
-    text = str(error).lower()
-    return any(sign in text for sign in ("timed out", "timeout", "connection closed by peer", "connection reset"))
 
 
 def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
@@ -527,6 +489,47 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
     if rank == 0:
         print_summary(cfg)
     return distributed.latest_checkpoint(cfg.output_dir)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pieces of the loop.
+
+class Totals:
+    """Named sums of the diagnostics over the (update, trained step, sample) pairs of one iteration,
+    summed over ranks once per iteration: Totals("pairs", "approx_kl"); .add(pairs=2, approx_kl=...);
+    .reduce(device) -> {"pairs": ..., "approx_kl": ...}. Every name starts at 0, so an iteration without
+    an update still logs every metric."""
+
+    def __init__(self, *names):
+        self.sums = dict.fromkeys(names, 0.0)
+
+    def add(self, **values):
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value)
+
+    def reduce(self, device):
+        """{name: sum over every rank}."""
+        names = sorted(self.sums)
+        summed = distributed.all_reduce(torch.tensor([self.sums[n] for n in names], dtype=torch.float64, device=device))
+        return dict(zip(names, summed.tolist()))
+
+
+def pair_betas(cfg, controller, kl, update_step, world_size):
+    """β of each (sample, step) pair of this rank's batch, (B,). official: the controller steps once per
+    pair, fed the pair's L_KL averaged over ranks (position b of every rank together), so β is the same
+    on every rank; two_stage: by optimizer update; fixed: beta_start."""
+    if cfg.beta_schedule == "official":
+        kl_mean = distributed.all_reduce(kl.float()) / world_size  # (B,)
+        return torch.tensor(controller.betas_for(kl_mean.cpu()), device=kl.device)
+    beta = (trust_region.kl_coefficient(update_step, cfg.beta_start, cfg.beta_end, cfg.beta_switch_step)
+            if cfg.beta_schedule == "two_stage" else cfg.beta_start)
+    return torch.full(kl.shape, beta, dtype=torch.float32, device=kl.device)
+
+
+def collective_failure(error):
+    """Whether an error is a collective that timed out or lost its peer (gloo raises plain RuntimeErrors)."""
+    text = str(error).lower()
+    return any(sign in text for sign in ("timed out", "timeout", "connection closed by peer", "connection reset"))
 
 
 # ------------------------------------------------------------------------------------------------
