@@ -925,9 +925,10 @@ def plot_metrics(metrics_path, png_path):
             points = [(r["iteration"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
             if points:
                 axis.plot(*zip(*points), marker="." if len(points) < 30 else None, label=key)
-        axis.set_title(title)
+        axis.set_title(title, fontsize=9)
         axis.set_xlabel("iteration")
-        axis.legend(fontsize=7)
+        if axis.get_lines():
+            axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(png_path + ".tmp.png", dpi=80)
     drawn = {(axis.get_title(), line.get_label()): (list(line.get_xdata()), list(line.get_ydata()))
