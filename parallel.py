@@ -113,6 +113,9 @@ class SequenceParallel:
                              f"found {sp_size}")
         self.sp_size, self.dp_size = sp_size, world_size // sp_size
         self.sp_rank, self.dp_rank = rank % sp_size, rank // sp_size
+        if sp_size == 1:  # plain data parallelism: the default (world) group, no new process groups
+            self.mesh = self.dp_group = self.sp_group = None
+            return
         # (dp, ring, ulysses): diffusers' ContextParallelConfig slices its "ring" and "ulysses" dims
         # out of the mesh it is given; ring = 1 (Ulysses only, see the module docstring).
         self.mesh = init_device_mesh(device_type, (self.dp_size, 1, sp_size), mesh_dim_names=("dp", "ring", "ulysses"))
@@ -124,18 +127,18 @@ class SequenceParallel:
         E.g. B = 3, sp = 2: rank 0 -> [0, 2], rank 1 -> [1]. Every video exactly once per group."""
         return list(range(self.sp_rank, batch_size, self.sp_size))
 
-    def gather_rows(self, values, rows, batch_size):
-        """{name: (len(rows),) tensor} computed by each rank of the group for its own rows ->
-        {name: (B,) tensor} on every rank of the group (one all-reduce; NaN = a failed row stays NaN)."""
+    def gather_rows(self, values, rows, batch_size, names, device):
+        """{name: (len(rows),) tensor} computed by each rank of the group for its own rows (`own_rows`;
+        a rank with none passes {}) -> {name: (B,) float32 tensor on `device`} on every rank of the
+        group: one all-reduce of (len(names), B) zeros filled with the own rows; a failed row (NaN) stays NaN."""
         if self.sp_size == 1:
-            return values
-        gathered = {}
-        for name in sorted(values):  # the same order on every rank
-            full = torch.zeros(batch_size, dtype=torch.float64, device=values[name].device)
-            full[rows] = values[name].to(torch.float64)
-            dist.all_reduce(full, group=self.sp_group)
-            gathered[name] = full.to(values[name].dtype)
-        return gathered
+            return {name: values[name].float().to(device) for name in names}
+        full = torch.zeros(len(names), batch_size, dtype=torch.float64, device=device)
+        for i, name in enumerate(names):
+            if rows:
+                full[i, rows] = values[name].to(device=device, dtype=torch.float64)
+        dist.all_reduce(full, group=self.sp_group)
+        return {name: full[i].float() for i, name in enumerate(names)}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ import distributed
 import equalizer
 import grpo
 import model
+import parallel
 import reward
 import sde
 import tiny
@@ -171,6 +172,9 @@ class Config:
     """0 = full fine-tune (official default); > 0 trains LoRA adapters of this rank (needs peft)"""
     gradient_checkpointing: bool = True
     """recompute block activations in backward (official enable_gradient_checkpointing)"""
+    sp_size: int = 1
+    """sequence parallelism: this many consecutive ranks hold the same videos and split each one's tokens (Ulysses,
+    parallel.py); must divide the world size and the 16 heads (official sp_size 2 on 64 GPUs)"""
     # --- logging and checkpoints
     checkpoint_every: int = 100
     """iterations between checkpoints (official save_interval 100); the last iteration is always saved"""
@@ -281,6 +285,11 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
         checkpoint if checkpoint and cfg.lora_rank == 0 else model_path, mesh, device, rank, compute_dtype,
         lora_rank=cfg.lora_rank, gradient_checkpointing=cfg.gradient_checkpointing, with_anchor=w_anchor > 0,
         anchor_offload=cfg.anchor_offload)
+    # --sp_size: the ranks of a sequence-parallel group split each video's tokens (policy and anchor alike)
+    layout = parallel.SequenceParallel(cfg.sp_size, device.type)
+    for module in (policy, anchor_module):
+        if module is not None:
+            parallel.enable(module, layout, device)
     text_encoders = (pipe.pipeline.text_encoder, pipe.pipeline.text_encoder_2)
     for module in (pipe.vae,) + (() if cfg.text_encoder_offload else text_encoders):
         module.to(device)
@@ -295,8 +304,8 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
                                                            weights=weights)
 
     group_size, videos_per_rank = cfg.group_size, cfg.videos_per_rank
-    videos_per_iteration = world_size * videos_per_rank
-    first = rank * videos_per_rank  # global index of this rank's first sample; samples of a group are contiguous
+    videos_per_iteration = layout.dp_size * videos_per_rank  # the sp ranks of a group hold the same videos
+    first = layout.dp_rank * videos_per_rank  # global index of this rank's first sample; samples of a group are contiguous
     sampler = PromptSampler(len(prompts), videos_per_iteration // group_size, cfg.seed)
     sigmas = sde.shifted_sigmas(cfg.num_steps, cfg.shift)  # (N+1,) σ_0 = 1 … σ_N = 0
     latent_shape = pipe.latent_shape(cfg.num_frames, cfg.height, cfg.width)  # (C, F, H, W)
@@ -310,7 +319,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
             anchor.last_refresh = state["anchor_last_refresh"]
     last_save, failed_iterations = time.monotonic(), 0
     if rank == 0:
-        print(f"SAGE-GRPO: world {world_size}, {videos_per_iteration} videos/iteration in groups of {group_size}, "
+        print(f"SAGE-GRPO: world {world_size} (sp {layout.sp_size}), {videos_per_iteration} videos/iteration in groups of {group_size}, "
               f"latent {tuple(latent_shape)}, {sum(p.numel() for p in trainable) / 1e6:.3g}M trainable, "
               f"{'resuming ' + checkpoint if checkpoint else 'from ' + model_path}\n"
               f"  shift {cfg.shift:g} ({sources['shift']}), CFG scale {cfg.cfg_scale:g} ({sources['cfg_scale']}), "
@@ -337,19 +346,21 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
 
         # ======================================================================== REWARD
         timer("reward")
-        frames = model.decode_latents(pipe.vae, rollout.final_latents)  # (B, F, 3, H, W) in [0, 1]
-        scores = reward_model(frames, sample_prompts)  # {"vq", "mq", "ta", "reward"}: (B,), NaN = failed video
-        rewards = scores["reward"].float().to(device)  # (B,) the weighted sum, computed by the reward model
+        own = layout.own_rows(videos_per_rank)  # all B; with --sp_size the group's ranks share them: once per video
+        frames = model.decode_latents(pipe.vae, rollout.final_latents[own]) if own else None  # (b, F, 3, H, W) in [0, 1]
+        scores = reward_model(frames, [sample_prompts[i] for i in own]) if own else {}  # NaN = failed video
+        scores = layout.gather_rows(scores, own, videos_per_rank, (*reward_model.components, "reward"), device)
+        rewards = scores["reward"]  # (B,) the weighted sum, computed by the reward model
 
         # ======================================================================== ADVANTAGE
         timer("advantage")
-        all_rewards = distributed.all_gather_cat(rewards)  # (W·B,) global sample order: group g = [gG, (g+1)G)
+        all_rewards = distributed.all_gather_cat(rewards, layout.dp_group)  # (dp·B,) group g = [gG, (g+1)G)
         all_advantages = grpo.group_advantages(all_rewards, group_size, cfg.adv_clip)  # (W·B,) NaN = failed
         advantages = all_advantages[first:first + videos_per_rank]  # (B,) this rank's samples
         steps = trained_steps(seeds, cfg.num_steps, cfg.train_step_fraction).to(device)  # (B, K)
         pair_weights = step_weights[steps]  # (B, K) S_t of each (sample, trained step)
         valid = torch.isfinite(advantages)[:, None] & (pair_weights > 0)  # (B, K) pairs that enter the loss
-        num_pairs = int(distributed.all_reduce(valid.sum()))  # the loss is a mean over the global batch's pairs
+        num_pairs = int(distributed.all_reduce(valid.sum(), group=layout.dp_group))  # loss: mean over the global pairs
 
         # ======================================================================== UPDATE
         timer("update")
@@ -378,7 +389,8 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
                 kl, kl_terms = trust_region.dual_kl(mean, std, anchor_means.get(k), step.mean, cfg.kl_mode,
                                                     cfg.kl_anchor_weight, cfg.kl_step_weight)
                 mask = valid[:, k]
-                # mean over the global valid pairs of  loss_it + β·L_KL;  × W undoes FSDP's gradient averaging
+                # mean over the global valid pairs of  loss_it + β·L_KL;  × W undoes FSDP's gradient averaging over
+                # all W ranks (with --sp_size the group's ranks each hold part of a video's gradient: they sum)
                 n = stats["num_valid_pairs"]
                 loss = (policy_loss * n + beta * kl[mask].sum()) * world_size / num_pairs
                 loss.backward()
@@ -412,7 +424,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
         totals = totals.reduce(device)
         pairs = max(totals.pop("pairs", 0.0), 1.0)
         ratio_deviation = distributed.all_reduce(ratio_deviation.to(device), op=dist.ReduceOp.MAX).cpu()
-        components = {k: distributed.all_gather_cat(scores[k].float().to(device)) for k in reward_model.components}
+        components = {k: distributed.all_gather_cat(scores[k], layout.dp_group) for k in reward_model.components}
         metrics = {
             "iteration": iteration + 1, "update_step": state["update_step"], "unix_time": time.time(),
             **grpo.reward_stats(all_rewards.cpu(), group_size),
@@ -549,9 +561,11 @@ def _check_config(cfg, world_size):
         raise ValueError(f"group_size must be >= 2 (a group of one has no baseline), got {cfg.group_size}")
     if cfg.videos_per_rank < 1:
         raise ValueError(f"videos_per_rank must be >= 1, got {cfg.videos_per_rank}")
-    videos = world_size * cfg.videos_per_rank
+    if cfg.sp_size < 1 or world_size % cfg.sp_size:
+        raise ValueError(f"--sp_size must be a divisor of the world size {world_size}, got {cfg.sp_size}")
+    videos = world_size // cfg.sp_size * cfg.videos_per_rank  # the sp ranks of a group hold the same videos
     if videos % cfg.group_size:
-        raise ValueError(f"world_size x videos_per_rank = {world_size} x {cfg.videos_per_rank} = {videos} videos per "
+        raise ValueError(f"world_size / sp_size x videos_per_rank = {world_size} / {cfg.sp_size} x {cfg.videos_per_rank} = {videos} videos per "
                          f"iteration cannot hold whole groups of group_size {cfg.group_size}: it must be a multiple of it")
     if not 0 < cfg.train_step_fraction <= 1:
         raise ValueError(f"train_step_fraction must be in (0, 1], got {cfg.train_step_fraction}")
