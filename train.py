@@ -31,6 +31,8 @@ both local directories; nothing is ever downloaded):
     torchrun --standalone --nproc_per_node 2 train.py --tiny --num_steps 4 --max_iterations 4 --output_dir runs/tiny
     # resume from the newest complete checkpoint in output_dir (same flags, plus --resume)
     torchrun --standalone --nproc_per_node 8 train.py ... --resume
+    # will it fit? per-GPU memory by component and time per iteration (plan.py; no weights, no GPU)
+    python train.py --plan --world_size 64 --sp_size 2 --optimizer muon
 
 Settings have one source each. Sampling shift and CFG scale: the checkpoint's scheduler and guider
 configs unless --shift / --cfg_scale are given (the run prints which). Reward weights: the reward
@@ -890,6 +892,9 @@ class PhaseTimer:
 
 
 if __name__ == "__main__":
+    if "--plan" in sys.argv[1:]:  # the memory/time planner (plan.py): meta-device models, no weights, no GPU
+        import plan
+        sys.exit(plan.main([arg for arg in sys.argv[1:] if arg != "--plan"]))
     try:
         main(parse_config())
     except (ConfigError, RunError) as error:  # our own message: once (rank 0), without a traceback
