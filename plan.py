@@ -422,8 +422,8 @@ def candidate_changes(setup):
 
 def suggest(setup, max_changes=3, max_suggestions=3, **limits):
     """What to change for a setup that does not fit: the fitting sets of the fewest changes (up to
-    `max_changes` flags, at most `max_suggestions` of them) -> list of flag texts; [] if it fits or
-    if no set tried fits. Changes combine in candidate_changes' order, one value per flag."""
+    `max_changes` flags, at most `max_suggestions` of them) -> [(flag text, changed Setup)]; [] if it
+    fits or if no set tried fits. Changes combine in candidate_changes' order, one value per flag."""
     if plan(setup, **limits)["fits"]:
         return []
     frontier = [((), setup)]
@@ -439,7 +439,9 @@ def suggest(setup, max_changes=3, max_suggestions=3, **limits):
                     continue
                 next_frontier.append((combined, changed))
                 if plan(changed, **limits)["fits"]:
-                    fitting.append(" ".join(combined))
+                    fitting.append((" ".join(combined), changed))
+                    if len(fitting) == max_suggestions:
+                        return fitting
         if fitting:
             return fitting[:max_suggestions]
         frontier = next_frontier
@@ -480,7 +482,7 @@ def report(setups, **limits):
         if not p["fits"]:
             fixes = suggest(p["setup"], **limits)
             lines.append(f"- {p['setup'].name}: does not fit ({p['total_gib']:.1f} GiB > {p['gpu_memory_gib']}); "
-                         + (f"fits with: {' | '.join(f'`{f}`' for f in fixes)}" if fixes else
+                         + (f"fits with: {' | '.join(f'`{text}`' for text, _ in fixes)}" if fixes else
                             "no set of up to 3 changes tried fits"))
     lines.append(f"\nMeasured: transformer parameters {measure_states(1, 0, 'adamw')['parameters'] / 1e9:.3f}B; activations per block per token "
                  f"{activation['per_token'] / 1024:.1f} KiB + {activation['per_token_squared']:.2f} B x L "
