@@ -25,8 +25,8 @@ What is measured, and how
   tokens + 32 text tokens); every tensor autograd saves for backward is counted once (parameters
   excluded). A fit bytes = a·L + b·L² (+ c) extrapolates it: a is the per-token cost (projections,
   norms, feed-forward, q/k/v/out: CPU SDPA is a flash kernel that saves no L×L matrix, as GPU flash
-  attention), b ≈ 1 byte is diffusers' pairwise boolean attention mask (L×L); with --sp_size > 1 the
-  key mask of parallel.py replaces it (b = 0).
+  attention), b is what grows with L² (≈ 0 with train.py's key-mask processor, parallel.py; ≈ 2 bytes
+  with diffusers' own processor, whose pairwise boolean mask is L×L).
 
 What is derived (formulas below, in `plan`)
 -------------------------------------------
@@ -231,8 +231,12 @@ def _block(device, dtype, lora_rank=0):
 
 @functools.lru_cache(maxsize=1)
 def calibration_block():
-    """One real-size dual-stream block (hidden 2048, 16 heads), random weights, bf16, CPU."""
-    return _block("cpu", torch.bfloat16)
+    """One real-size dual-stream block (hidden 2048, 16 heads), random weights, bf16, CPU, with the
+    attention processor train.py uses (parallel.KeyMaskAttnProcessor)."""
+    import parallel
+    block = _block("cpu", torch.bfloat16)
+    block.attn.set_processor(parallel.KeyMaskAttnProcessor())
+    return block
 
 
 def saved_activation_bytes(video_tokens, text_tokens=CALIBRATION_TEXT, dtype=torch.bfloat16):
@@ -346,8 +350,7 @@ def plan(setup, gpu_memory_gib=H100_MEMORY_GIB, mfu=MFU, peak_tflops=H100_PEAK_T
     length = video_tokens(setup) + text_tokens          # L: one sequence, video + text
     local = math.ceil(length / setup.sp_size)            # l = L / sp tokens on each rank of the group
     sequences = 2 * setup.videos_per_rank                # S: CFG doubles the batch
-    quadratic = activation["per_token_squared"] if setup.sp_size == 1 else 0.0  # pairwise mask: sp = 1 only
-    one_block = activation["per_token"] * local + quadratic * local ** 2      # a·l + b·l²
+    one_block = activation["per_token"] * local + activation["per_token_squared"] * local ** 2  # a·l + b·l²
     flops = measure_flops(video_tokens(setup), text_tokens, setup.lora_rank)
     blocks = flops["num_blocks"]
     if setup.gradient_checkpointing:  # block inputs of every block + one recomputed block, x2 in its backward
@@ -485,7 +488,7 @@ def report(setups, **limits):
                          + (f"fits with: {' | '.join(f'`{text}`' for text, _ in fixes)}" if fixes else
                             "no set of up to 3 changes tried fits"))
     lines.append(f"\nMeasured: transformer parameters {measure_states(1, 0, 'adamw')['parameters'] / 1e9:.3f}B; activations per block per token "
-                 f"{activation['per_token'] / 1024:.1f} KiB + {activation['per_token_squared']:.2f} B x L "
+                 f"{activation['per_token'] / 1024:.1f} KiB + {activation['per_token_squared']:.1e} B x L "
                  f"(bf16, CPU calibration at L = {', '.join(str(n) for n, _ in activation['points'])}); "
                  f"forward per sequence {plans[0]['flops']['forward_per_sequence'] / 1e12:.0f} TFLOP "
                  f"({plans[0]['setup'].name}).")
