@@ -47,7 +47,8 @@ global count and FSDP averages gradients over ranks, so 2 ranks x 2 videos give 
 
 Departures from the official code (Tencent-Hunyuan/SAGE-GRPO post_train.py), each explained in the
 README: AdamW instead of its default Muon; failed rewards are excluded instead of set to 0; β follows
-the two-stage schedule instead of the official adaptive controller; no sequence parallelism.
+the two-stage schedule instead of the official adaptive controller. Sequence parallelism (--sp_size,
+the official recipe's 2) is parallel.py's.
 """
 import argparse
 import ast
