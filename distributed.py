@@ -4,7 +4,8 @@ None of this is SAGE-GRPO; it is what makes the same loop run on 1 CPU process, 
 
 Process group and mesh (`setup`). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without it the run
 is a world of one (in-memory store, no port). NCCL on CUDA, gloo on CPU (tests, `--tiny`). One 1-D
-device mesh over all ranks: plain data parallelism, every rank its own videos.
+device mesh over all ranks, which FSDP2 shards over; with `--sp_size` > 1 the ranks also form the
+(data-parallel x sequence-parallel) groups of parallel.py, whose ranks split each video's tokens.
 
 Sharding (`shard`). FSDP2 (`torch.distributed.fsdp.fully_shard`): one shard group per transformer
 block, then the root (embedders, token refiner, output head). A block's full weights exist only
@@ -145,17 +146,18 @@ def load_policy(path, mesh, device, rank, compute_dtype, *, lora_rank=0, gradien
 # ------------------------------------------------------------------------------------------------
 # Collectives.
 
-def all_gather_cat(x):
-    """Concatenate a (B, ...) tensor over ranks in rank order -> (W·B, ...)."""
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
+def all_gather_cat(x, group=None):
+    """Concatenate a (B, ...) tensor over the ranks of `group` (None: all) in rank order -> (W·B, ...).
+    With sequence parallelism train.py passes the data-parallel group: each video once."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts)
 
 
-def all_reduce(x, op=dist.ReduceOp.SUM):
-    """A reduced copy of x (sum over ranks by default); x itself is left as it was."""
+def all_reduce(x, op=dist.ReduceOp.SUM, group=None):
+    """A reduced copy of x (sum over the ranks of `group`, None: all, by default); x itself is left as it was."""
     x = x.clone()
-    dist.all_reduce(x, op=op)
+    dist.all_reduce(x, op=op, group=group)
     return x
 
 

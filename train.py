@@ -31,6 +31,8 @@ both local directories; nothing is ever downloaded):
     torchrun --standalone --nproc_per_node 2 train.py --tiny --num_steps 4 --max_iterations 4 --output_dir runs/tiny
     # resume from the newest complete checkpoint in output_dir (same flags, plus --resume)
     torchrun --standalone --nproc_per_node 8 train.py ... --resume
+    # will it fit? per-GPU memory by component and time per iteration (plan.py; no weights, no GPU)
+    python train.py --plan --world_size 64 --sp_size 2 --optimizer muon
 
 Settings have one source each. Sampling shift and CFG scale: the checkpoint's scheduler and guider
 configs unless --shift / --cfg_scale are given (the run prints which). Reward weights: the reward
@@ -43,9 +45,10 @@ over the valid (sample, trained step) pairs of the *global* batch: each rank div
 global count and FSDP averages gradients over ranks, so 2 ranks x 2 videos give the same update as
 1 rank x 4 videos (tested).
 
-Departures from the official code (Tencent-Hunyuan/SAGE-GRPO post_train.py), each explained in the
-README: AdamW instead of its default Muon; failed rewards are excluded instead of set to 0; β follows
-the two-stage schedule instead of the official adaptive controller; no sequence parallelism.
+Defaults follow the official recipe (Tencent-Hunyuan/SAGE-GRPO post_train.py: Muon, the β controller,
+sequence parallelism via --sp_size and parallel.py); the departures (failed rewards excluded instead
+of set to 0, β identical on every rank, a seed per sample and iteration, ...) are listed and explained
+in the README's "The official recipe, and where we differ on purpose".
 """
 import argparse
 import ast
@@ -74,6 +77,7 @@ import equalizer
 import grpo
 import model
 import optimizer
+import parallel
 import reward
 import sde
 import tiny
@@ -190,6 +194,9 @@ class Config:
     """0 = full fine-tune (official default); > 0 trains LoRA adapters of this rank (needs peft)"""
     gradient_checkpointing: bool = True
     """recompute block activations in backward (official enable_gradient_checkpointing)"""
+    sp_size: int = 1
+    """sequence parallelism: this many consecutive ranks hold the same videos and split each one's tokens (Ulysses,
+    parallel.py); must divide the world size and the 16 heads (official sp_size 2 on 64 GPUs)"""
     # --- logging and checkpoints
     checkpoint_every: int = 100
     """iterations between checkpoints (official save_interval 100); the last iteration is always saved"""
@@ -280,6 +287,11 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
         checkpoint if checkpoint and cfg.lora_rank == 0 else model_path, mesh, device, rank, compute_dtype,
         lora_rank=cfg.lora_rank, gradient_checkpointing=cfg.gradient_checkpointing, with_anchor=w_anchor > 0,
         anchor_offload=cfg.anchor_offload)
+    # --sp_size: the ranks of a sequence-parallel group split each video's tokens (policy and anchor alike)
+    layout = parallel.SequenceParallel(cfg.sp_size, device.type)
+    for module in (policy, anchor_module):
+        if module is not None:
+            parallel.enable(module, layout, device)
     text_encoders = (pipe.pipeline.text_encoder, pipe.pipeline.text_encoder_2)
     for module in (pipe.vae,) + (() if cfg.text_encoder_offload else text_encoders):
         module.to(device)
@@ -297,8 +309,8 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
     weights = reward.parse_weights(cfg.reward_weights, *reward.training_reward_components(cfg.reward))
 
     group_size, videos_per_rank = cfg.group_size, cfg.videos_per_rank
-    videos_per_iteration = world_size * videos_per_rank
-    first = rank * videos_per_rank  # global index of this rank's first sample; samples of a group are contiguous
+    videos_per_iteration = layout.dp_size * videos_per_rank  # the sp ranks of a group hold the same videos
+    first = layout.dp_rank * videos_per_rank  # global index of this rank's first sample; a group's are contiguous
     sampler = PromptSampler(len(prompts), videos_per_iteration // group_size, cfg.seed)
     sigmas = sde.shifted_sigmas(cfg.num_steps, cfg.shift)  # (N+1,) σ_0 = 1 … σ_N = 0
     latent_shape = pipe.latent_shape(cfg.num_frames, cfg.height, cfg.width)  # (C, F, H, W)
@@ -314,7 +326,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
             anchor.last_refresh = state["anchor_last_refresh"]
     last_save, failed_iterations = time.monotonic(), 0
     if rank == 0:
-        print(f"SAGE-GRPO: world {world_size}, {videos_per_iteration} videos/iteration in groups of {group_size}, "
+        print(f"SAGE-GRPO: world {world_size} (sp {layout.sp_size}), {videos_per_iteration} videos/iteration in groups of {group_size}, "
               f"latent {tuple(latent_shape)}, {sum(p.numel() for p in trainable) / 1e6:.3g}M trainable, "
               f"{'resuming ' + checkpoint if checkpoint else 'from ' + model_path}\n"
               f"  shift {cfg.shift:g} ({sources['shift']}), CFG scale {cfg.cfg_scale:g} ({sources['cfg_scale']}), "
@@ -345,24 +357,29 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
 
         # ======================================================================== REWARD
         timer("reward")
-        frames = None  # (B, F, 3, H, W) in [0, 1]; a reward of latents (the world's) needs no decoding
-        if reward_model.input == "frames":
-            frames = model.decode_latents(pipe.vae, rollout.final_latents)
+        # this rank's share of the videos: all B, or with --sp_size a part, so that each video is scored once
+        own = layout.own_rows(videos_per_rank)
+        logged = tuple(reward_model.components) + tuple(getattr(reward_model, "diagnostics", ()))
+        frames = None  # (b, F, 3, H, W) in [0, 1]; a reward of latents (the world's) needs no decoding
+        if own and reward_model.input == "frames":
+            frames = model.decode_latents(pipe.vae, rollout.final_latents[own])
             if cfg.reward_input == "mp4":  # the official reward input: each video as an 8-bit crf-25 mp4
                 frames = torch.stack([reward.mp4_round_trip(video) for video in frames.cpu()]).to(frames.device)
-        # {component: (B,), "reward": (B,), diagnostics...}, NaN = failed video
-        scores = reward_model(frames if frames is not None else rollout.final_latents, sample_prompts)
-        rewards = scores["reward"].float().to(device)  # (B,) the weighted sum, computed by the reward model
+        # {component: (b,), "reward": (b,), diagnostics...}, NaN = failed video; then shared over the sp group
+        scores = reward_model(frames if frames is not None else rollout.final_latents[own],
+                              [sample_prompts[i] for i in own]) if own else {}
+        scores = layout.gather_rows(scores, own, videos_per_rank, (*logged, "reward"), device)
+        rewards = scores["reward"]  # (B,) the weighted sum, computed by the reward model
 
         # ======================================================================== ADVANTAGE
         timer("advantage")
-        all_rewards = distributed.all_gather_cat(rewards)  # (W·B,) global sample order: group g = [gG, (g+1)G)
+        all_rewards = distributed.all_gather_cat(rewards, layout.dp_group)  # (dp·B,) group g = [gG, (g+1)G)
         all_advantages = grpo.group_advantages(all_rewards, group_size, cfg.adv_clip)  # (W·B,) NaN = failed
         advantages = all_advantages[first:first + videos_per_rank]  # (B,) this rank's samples
         steps = trained_steps(seeds, cfg.num_steps, cfg.train_step_fraction).to(device)  # (B, K)
         pair_weights = step_weights[steps]  # (B, K) S_t of each (sample, trained step)
         valid = torch.isfinite(advantages)[:, None] & (pair_weights > 0)  # (B, K) pairs that enter the loss
-        num_pairs = int(distributed.all_reduce(valid.sum()))  # the loss is a mean over the global batch's pairs
+        num_pairs = int(distributed.all_reduce(valid.sum(), group=layout.dp_group))  # loss: mean over the global pairs
 
         # ======================================================================== UPDATE
         timer("update")
@@ -393,7 +410,8 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
                 mask = valid[:, k]
                 beta = pair_betas(cfg, beta_controller, kl.detach(), state["update_step"], world_size)  # (B,)
                 betas_used.append(beta.mean().item())
-                # mean over the global valid pairs of  loss_it + β_i·L_KL;  × W undoes FSDP's gradient averaging
+                # mean over the global valid pairs of  loss_it + β_i·L_KL;  × W undoes FSDP's gradient averaging over
+                # all W ranks (with --sp_size the group's ranks each hold part of a video's gradient: they sum)
                 n = stats["num_valid_pairs"]
                 kl_loss = (beta * kl)[mask].sum()
                 loss = (policy_loss * n + kl_loss) * world_size / num_pairs
@@ -436,8 +454,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
         pairs = max(totals.pop("pairs", 0.0), 1.0)
         push_policy, push_kl = totals.pop("push_policy"), totals.pop("push_kl")
         ratio_deviation = distributed.all_reduce(ratio_deviation.to(device), op=dist.ReduceOp.MAX).cpu()
-        logged = tuple(reward_model.components) + tuple(getattr(reward_model, "diagnostics", ()))
-        components = {k: distributed.all_gather_cat(scores[k].float().to(device)) for k in logged}
+        components = {k: distributed.all_gather_cat(scores[k], layout.dp_group) for k in logged}
         metrics = {
             "iteration": iteration + 1, "update_step": state["update_step"], "unix_time": time.time(),
             **grpo.reward_stats(all_rewards.cpu(), group_size),
@@ -641,9 +658,11 @@ def _check_config(cfg, world_size):
         raise ValueError(f"group_size must be >= 2 (a group of one has no baseline), got {cfg.group_size}")
     if cfg.videos_per_rank < 1:
         raise ValueError(f"videos_per_rank must be >= 1, got {cfg.videos_per_rank}")
-    videos = world_size * cfg.videos_per_rank
+    if cfg.sp_size < 1 or world_size % cfg.sp_size:
+        raise ValueError(f"--sp_size must be a divisor of the world size {world_size}, got {cfg.sp_size}")
+    videos = world_size // cfg.sp_size * cfg.videos_per_rank  # the sp ranks of a group hold the same videos
     if videos % cfg.group_size:
-        raise ValueError(f"world_size x videos_per_rank = {world_size} x {cfg.videos_per_rank} = {videos} videos per "
+        raise ValueError(f"world_size / sp_size x videos_per_rank = {world_size} / {cfg.sp_size} x {cfg.videos_per_rank} = {videos} videos per "
                          f"iteration cannot hold whole groups of group_size {cfg.group_size}: it must be a multiple of it")
     if not 0 < cfg.train_step_fraction <= 1:
         raise ValueError(f"train_step_fraction must be in (0, 1], got {cfg.train_step_fraction}")
@@ -981,6 +1000,9 @@ class PhaseTimer:
 
 
 if __name__ == "__main__":
+    if "--plan" in sys.argv[1:]:  # the memory/time planner (plan.py): meta-device models, no weights, no GPU
+        import plan
+        sys.exit(plan.main([arg for arg in sys.argv[1:] if arg != "--plan"]))
     try:
         main(parse_config())
     except (ConfigError, RunError) as error:  # our own message: once (rank 0), without a traceback

@@ -1,0 +1,532 @@
+"""The planner: per-GPU memory by component, FLOPs and time per iteration, and what to change if it does not fit.
+
+    python train.py --plan                                  # the standard setups (the README's cost model)
+    python train.py --plan --world_size 8 --sp_size 2 --videos_per_rank 2 --optimizer muon
+    python train.py --plan --world_size 1 --videos_per_rank 4 --lora_rank 64 --text_encoder_offload
+    python plan.py ...                                      # the same, without train.py
+
+No weights and no GPU are needed: every model is built on the meta device (shapes, no memory).
+
+What is measured, and how
+-------------------------
+* Parameters, gradients, optimizer states (`measure_states`): the real 8.3B HunyuanVideo-1.5
+  transformer (`HunyuanVideo15Transformer3DModel` with diffusers' defaults: 54 blocks, 16 heads x 128)
+  is built on the meta device, LoRA adapters are added as train.py adds them (peft, every attention
+  projection), and it is sharded with FSDP2 exactly as distributed.shard does, over a fake process
+  group of the target world size (torch's testing "fake" backend: collectives are no-ops). Bytes are
+  read off rank 0's local shards (the largest: FSDP2 pads the last ranks). The optimizer is
+  optimizer.build_optimizer's, stepped once on meta gradients: its state tensors are counted.
+* FLOPs (`measure_flops`): torch.utils.flop_counter on meta tensors of the real shapes: one
+  dual-stream block at the setup's full token count, forward and backward (LoRA: only the gradients
+  that are needed), and the token refiner over the text tokens. Blocks x 54, divided by sp (each rank
+  of a sequence-parallel group does 1/sp of every matmul and, with Ulysses, 1/sp of the heads).
+* Activation bytes per token per block (`calibrate_activations`): one real block (2048 hidden, 16
+  heads, random weights, bf16) runs forward on the CPU at 3 reduced lengths (128, 256, 512 video
+  tokens + 32 text tokens); every tensor autograd saves for backward is counted once (parameters
+  excluded). A fit bytes = a·L + b·L² (+ c) extrapolates it: a is the per-token cost (projections,
+  norms, feed-forward, q/k/v/out: CPU SDPA is a flash kernel that saves no L×L matrix, as GPU flash
+  attention), b is what grows with L² (≈ 0 with train.py's key-mask processor, parallel.py; ≈ 2 bytes
+  with diffusers' own processor, whose pairwise boolean mask is L×L).
+
+What is derived (formulas below, in `plan`)
+-------------------------------------------
+* Activations of the update (the peak phase): S = 2·videos_per_rank sequences (CFG) of l = L/sp
+  local tokens. With gradient checkpointing every block keeps its input (each video or text token
+  one 2048-vector in bf16) and one block at a time is recomputed, holding a·l + b·l² bytes per
+  sequence, twice for the gradients of those activations during its backward (an assumption):
+      act = S·(54·2048·2·l + 2·(a·l + b·l²)),   without checkpointing  S·54·(a·l + b·l²).
+* Gathered compute weights: FSDP2 all-gathers one block at a time in bf16 and prefetches the next;
+  the root's own parameters stay gathered between forward and backward: 2·(2 blocks + root) bytes.
+* Frozen models (bf16): Qwen2.5-VL-7B and byT5 (text encoders), the VAE, VideoAlign (Qwen2-VL-2B):
+  built on meta from their published configurations (typed in below: no files are read), x 2 bytes.
+* Framework overhead (CUDA context, NCCL buffers, allocator fragmentation): 3 GiB, assumed.
+* Time = FLOPs / (peak · MFU): H100 SXM dense bf16 peak 989 TFLOP/s, MFU 0.4 assumed. Not counted:
+  communication (overlapped by FSDP2's prefetch when it can be), the VAE decode and the reward.
+
+Memory is in GiB (2^30 bytes); an H100 holds 79.6 GiB usable (torch.cuda.mem_get_info on an 80 GB card).
+"""
+import argparse
+import contextlib
+import dataclasses
+import functools
+import math
+import sys
+
+import torch
+import torch.distributed as dist
+
+GIB = 2 ** 30
+# bf16 compute copies, fp32 master weights / gradients (distributed.py: MixedPrecisionPolicy)
+BF16, FP32 = 2, 4
+# H100 SXM: dense bf16 tensor-core peak (NVIDIA datasheet), usable memory of the 80 GB card
+H100_PEAK_TFLOPS = 989.0
+H100_MEMORY_GIB = 79.6
+MFU = 0.4  # model FLOPs utilisation assumed for the time estimate (a typical large-transformer figure)
+OVERHEAD_GIB = 3.0  # CUDA context + NCCL buffers + fragmentation, assumed
+PROMPT_TOKENS = 250  # real text tokens of a typical prompt after PromptEmbeds.trim_padding (Qwen2.5-VL + byT5)
+CALIBRATION_LENGTHS = (128, 256, 512)  # video tokens of the CPU calibration runs (+ CALIBRATION_TEXT)
+CALIBRATION_TEXT = 32
+
+# Published configurations of the frozen models (config.json of each release), typed in: only their
+# sizes matter here. Qwen2.5-VL-7B-Instruct's language model (HunyuanVideo-1.5's text_encoder),
+# Glyph-SDXL-v2's byT5-small encoder (text_encoder_2), VideoAlign's base Qwen2-VL-2B-Instruct.
+QWEN25_VL_7B_TEXT = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4)
+BYT5_SMALL_ENCODER = dict(vocab_size=384, d_model=1472, d_ff=3584, num_layers=12, num_heads=6, d_kv=64)
+QWEN2_VL_2B = dict(text_config=dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                    num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
+                   vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4),
+                   tie_word_embeddings=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """One training setup: the train.py flags that decide memory and time, plus the world size."""
+    name: str = "custom"
+    world_size: int = 8
+    sp_size: int = 1
+    videos_per_rank: int = 2
+    group_size: int = 4
+    num_frames: int = 81
+    height: int = 352
+    width: int = 624
+    lora_rank: int = 0
+    optimizer: str = "muon"
+    text_encoder_offload: bool = False
+    anchor_offload: bool = False
+    kl_mode: str = "dual"
+    num_steps: int = 20
+    train_step_fraction: float = 1.0
+    updates_per_rollout: int = 1
+    gradient_checkpointing: bool = True
+
+    def flags(self):
+        """The flags of this setup that differ from train.py's defaults, e.g. '--sp_size 2 --lora_rank 64'."""
+        default = Setup()
+        skip = ("name", "world_size")
+        parts = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name in skip or value == getattr(default, field.name):
+                continue
+            parts.append(f"--{field.name}" if value is True else f"--no-{field.name}" if value is False
+                         else f"--{field.name} {value}")
+        return " ".join(parts)
+
+
+# The standard setups of the README table. 64 x H100 sp 2 is the official recipe (2 videos per
+# data-parallel group, Muon); 720p is HunyuanVideo-1.5's 121 x 720 x 1280.
+STANDARD_SETUPS = (
+    Setup("1xH100 LoRA", world_size=1, videos_per_rank=4, lora_rank=64),
+    Setup("8xH100", world_size=8),
+    Setup("8xH100 AdamW", world_size=8, optimizer="adamw"),
+    Setup("64xH100 sp2", world_size=64, sp_size=2),
+    Setup("64xH100 sp2 720p", world_size=64, sp_size=2, num_frames=121, height=720, width=1280),
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Measurements.
+
+@contextlib.contextmanager
+def fake_world(world_size):
+    """A fake process group of `world_size` ranks, this process rank 0 (collectives are no-ops)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    if dist.is_initialized():
+        raise RuntimeError("the planner needs its own (fake) process group: expected none initialised, found one")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def build_transformer(lora_rank=0, dtype=torch.float32, num_layers=None):
+    """The real 8.3B HunyuanVideo-1.5 T2V transformer on the meta device, prepared as distributed.load_policy
+    prepares it (LoRA adapters or all parameters trainable)."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    import distributed
+    with torch.device("meta"):
+        transformer = HunyuanVideo15Transformer3DModel(task_type="t2v", **({"num_layers": num_layers} if num_layers else {}))
+    transformer = transformer.to(dtype)
+    if lora_rank > 0:
+        from peft import LoraConfig
+        transformer.requires_grad_(False)
+        transformer.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights=True,
+                                           target_modules=distributed.LORA_TARGETS))
+    else:
+        transformer.requires_grad_(True)
+    return transformer
+
+
+def _local_bytes(tensors):
+    """Bytes of rank 0's local shards of (D)Tensors."""
+    total = 0
+    for t in tensors:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        total += local.numel() * local.element_size()
+    return total
+
+
+@functools.lru_cache(maxsize=None)
+def measure_states(world_size, lora_rank, optimizer_kind, num_layers=None):
+    """Per-GPU bytes of the sharded policy: {"weights", "gradients", "optimizer", "anchor", "gathered",
+    "parameters", "trainable"} (the last two: global counts), from the meta model sharded over a fake
+    process group of `world_size` ranks (module docstring). num_layers: fewer blocks (tests only)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import distributed
+    import optimizer as optim
+    transformer = build_transformer(lora_rank, num_layers=num_layers)
+    parameters = sum(p.numel() for p in transformer.parameters())
+    trainable_count = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
+    block_bytes = max(sum(p.numel() for p in b.parameters()) for b in transformer.transformer_blocks) * BF16
+    root_params = sum(p.numel() for n, p in transformer.named_parameters() if not n.startswith("transformer_blocks."))
+    with fake_world(world_size):
+        distributed.shard(transformer, init_device_mesh("cpu", (world_size,)), param_dtype=None)
+        trainable = [p for p in transformer.parameters() if p.requires_grad]
+        opt = optim.build_optimizer(transformer, optimizer_kind)
+        for p in trainable:
+            p.grad = torch.zeros_like(p)
+        opt.step()  # creates the state tensors (on meta: shapes only)
+        states = [v for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
+        measured = {
+            "weights": _local_bytes(transformer.parameters()),           # fp32 master shards (frozen base included)
+            "gradients": _local_bytes(p.grad for p in trainable),        # fp32 gradient shards
+            "optimizer": _local_bytes(states),
+            "anchor": _local_bytes(transformer.parameters()) // FP32 * BF16,  # the same shards in bf16
+        }
+    # FSDP2 gathers one block in bf16 and prefetches the next; the root's own parameters stay gathered
+    measured["gathered"] = 2 * block_bytes + root_params * BF16
+    measured["parameters"], measured["trainable"] = parameters, trainable_count
+    return measured
+
+
+def _block_inputs(device, dtype, video_tokens, text_tokens, batch=1):
+    """Random inputs of one HunyuanVideo15TransformerBlock (hidden 2048, rope dim 128); all text tokens valid."""
+    with torch.device(device):
+        hidden = torch.randn(batch, video_tokens, 2048, dtype=dtype, requires_grad=True)  # (B, Lv, D)
+        text = torch.randn(batch, text_tokens, 2048, dtype=dtype, requires_grad=True)     # (B, Lt, D)
+        temb = torch.randn(batch, 2048, dtype=dtype)                                       # (B, D)
+        mask = torch.ones(batch, text_tokens, dtype=torch.bool)                            # (B, Lt)
+        freqs = (torch.randn(video_tokens, 128), torch.randn(video_tokens, 128))           # cos, sin (Lv, d)
+    return hidden, text, temb, mask, freqs
+
+
+def _block(device, dtype, lora_rank=0):
+    from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15TransformerBlock
+
+    import distributed
+    torch.manual_seed(0)
+    with torch.device(device):
+        block = HunyuanVideo15TransformerBlock(16, 128, mlp_ratio=4.0).to(dtype)
+    if lora_rank > 0:
+        from peft import LoraConfig, inject_adapter_in_model
+        block.requires_grad_(False)
+        block = inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=lora_rank,
+                                                   target_modules=distributed.LORA_TARGETS), block)
+    return block
+
+
+@functools.lru_cache(maxsize=1)
+def calibration_block():
+    """One real-size dual-stream block (hidden 2048, 16 heads), random weights, bf16, CPU, with the
+    attention processor train.py uses (parallel.KeyMaskAttnProcessor)."""
+    import parallel
+    block = _block("cpu", torch.bfloat16)
+    block.attn.set_processor(parallel.KeyMaskAttnProcessor())
+    return block
+
+
+def saved_activation_bytes(video_tokens, text_tokens=CALIBRATION_TEXT, dtype=torch.bfloat16):
+    """Bytes autograd saves for backward in one real block's forward on the CPU (each storage once,
+    parameters excluded): the activation memory of one sequence of video_tokens + text_tokens."""
+    block = calibration_block()
+    parameter_storages = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameter_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        block(*_block_inputs("cpu", dtype, video_tokens, text_tokens))
+    return sum(saved.values())
+
+
+@functools.lru_cache(maxsize=None)
+def calibrate_activations():
+    """Fit saved bytes = c + a·L + b·L² (L = video + text tokens) on CPU runs at CALIBRATION_LENGTHS.
+    Returns {"per_token": a, "per_token_squared": b, "constant": c, "points": [(L, bytes)]}."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    points = [(v + CALIBRATION_TEXT, saved_activation_bytes(v)) for v in CALIBRATION_LENGTHS]
+    lengths = torch.tensor([float(n) for n, _ in points], dtype=torch.float64)
+    design = torch.stack([torch.ones_like(lengths), lengths, lengths ** 2], dim=1)  # (3, 3): exact fit
+    c, a, b = torch.linalg.solve(design, torch.tensor([float(s) for _, s in points], dtype=torch.float64)).tolist()
+    return {"per_token": a, "per_token_squared": b, "constant": c, "points": points}
+
+
+@functools.lru_cache(maxsize=None)
+def measure_flops(video_tokens, text_tokens, lora_rank=0):
+    """FLOPs of one sequence through one block (forward, backward) and through the token refiner and
+    the patch embedding / output head (forward), counted by torch.utils.flop_counter on meta tensors."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    block = _block("meta", torch.bfloat16, lora_rank)
+    if lora_rank == 0:
+        block.requires_grad_(True)
+    inputs = _block_inputs("meta", torch.bfloat16, video_tokens, text_tokens)
+    with counter:
+        hidden, text = block(*inputs)
+    forward = counter.get_total_flops()
+    with counter:
+        (hidden.float().sum() + text.float().sum()).backward()
+    backward = counter.get_total_flops()
+    with torch.device("meta"):
+        model = HunyuanVideo15Transformer3DModel(task_type="t2v").to(torch.bfloat16)
+        text_in = torch.randn(1, text_tokens, model.config.text_embed_dim, dtype=torch.bfloat16)
+        latent = torch.randn(1, model.config.in_channels, 1, 1, video_tokens, dtype=torch.bfloat16)
+        tokens = torch.randn(1, video_tokens, 2048, dtype=torch.bfloat16)
+        timestep, text_mask = torch.ones(1, dtype=torch.bfloat16), torch.ones(1, text_tokens)
+    with counter:
+        model.context_embedder(text_in, timestep, text_mask)
+        model.x_embedder(latent)
+        model.proj_out(tokens)
+    return {"block_forward": forward, "block_backward": backward, "rest_forward": counter.get_total_flops(),
+            "num_blocks": model.config.num_layers}
+
+
+def frozen_model_bytes():
+    """bf16 bytes of the frozen models, built on meta from their configurations: {name: bytes}."""
+    from diffusers import AutoencoderKLHunyuanVideo15
+    from transformers import (Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                              T5Config, T5EncoderModel)
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    with torch.device("meta"):
+        text = count(Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(**QWEN25_VL_7B_TEXT)))
+        glyph = count(T5EncoderModel(T5Config(**BYT5_SMALL_ENCODER)))
+        vae = count(AutoencoderKLHunyuanVideo15())
+        videoalign = count(Qwen2VLForConditionalGeneration(Qwen2VLConfig(**QWEN2_VL_2B)))
+    return {"text_encoders": (text + glyph) * BF16, "vae": vae * BF16, "reward": videoalign * BF16}
+
+
+# ------------------------------------------------------------------------------------------------
+# The plan of one setup.
+
+def video_tokens(setup):
+    """Latent tokens F·H·W of the real VAE (4x temporal, 16x spatial) and patch size 1: 81x352x624 -> 18,018."""
+    return ((setup.num_frames - 1) // 4 + 1) * (setup.height // 16) * (setup.width // 16)
+
+
+def check_setup(setup):
+    """Raise ValueError (expected vs found) for a setup train.py would refuse."""
+    if setup.world_size % setup.sp_size:
+        raise ValueError(f"--sp_size must divide the world size: {setup.world_size} % {setup.sp_size} != 0")
+    if 16 % setup.sp_size:
+        raise ValueError(f"--sp_size must divide the 16 attention heads, found {setup.sp_size}")
+    if video_tokens(setup) % setup.sp_size:
+        raise ValueError(f"--sp_size {setup.sp_size} must divide the {video_tokens(setup)} video tokens of "
+                         f"{setup.num_frames}x{setup.height}x{setup.width}")
+    videos = setup.world_size // setup.sp_size * setup.videos_per_rank
+    if videos % setup.group_size:
+        raise ValueError(f"{setup.world_size} GPUs / sp {setup.sp_size} x {setup.videos_per_rank} videos per rank = "
+                         f"{videos} videos per iteration: expected a multiple of --group_size {setup.group_size}")
+    if (setup.num_frames - 1) % 4 or setup.height % 16 or setup.width % 16:
+        raise ValueError(f"video must be 4k+1 frames and multiples of 16 pixels, found "
+                         f"{setup.num_frames}x{setup.height}x{setup.width}")
+
+
+def plan(setup, gpu_memory_gib=H100_MEMORY_GIB, mfu=MFU, peak_tflops=H100_PEAK_TFLOPS, text_tokens=PROMPT_TOKENS):
+    """Memory (GiB per GPU, by component), FLOPs and time per iteration of `setup` -> dict."""
+    check_setup(setup)
+    states = measure_states(setup.world_size, setup.lora_rank, setup.optimizer)
+    frozen = frozen_model_bytes()
+    activation = calibrate_activations()
+    has_anchor = setup.kl_mode in ("fixed", "moving", "dual")
+    length = video_tokens(setup) + text_tokens          # L: one sequence, video + text
+    local = math.ceil(length / setup.sp_size)            # l = L / sp tokens on each rank of the group
+    sequences = 2 * setup.videos_per_rank                # S: CFG doubles the batch
+    one_block = activation["per_token"] * local + activation["per_token_squared"] * local ** 2  # a·l + b·l²
+    flops = measure_flops(video_tokens(setup), text_tokens, setup.lora_rank)
+    blocks = flops["num_blocks"]
+    if setup.gradient_checkpointing:  # block inputs of every block + one recomputed block, x2 in its backward
+        activations = sequences * (blocks * 2048 * BF16 * local + 2 * one_block)
+    else:
+        activations = sequences * blocks * one_block
+    memory = {
+        "weights (fp32 shards)": states["weights"],
+        "gradients (fp32 shards)": states["gradients"],
+        "optimizer states": states["optimizer"],
+        "gathered bf16 weights (2 blocks + root)": states["gathered"],
+        "anchor (bf16 shards)": states["anchor"] if has_anchor and not setup.anchor_offload else 0,
+        "text encoders (Qwen2.5-VL-7B + byT5)": 0 if setup.text_encoder_offload else frozen["text_encoders"],
+        "VAE": frozen["vae"],
+        "reward model (VideoAlign, Qwen2-VL-2B)": frozen["reward"],
+        "activations (update, checkpointed)" if setup.gradient_checkpointing else "activations (update)": activations,
+        "framework overhead (assumed)": OVERHEAD_GIB * GIB,
+    }
+    memory = {name: value / GIB for name, value in memory.items()}
+    total = sum(memory.values())
+
+    # FLOPs per GPU per iteration: each rank of an SP group does 1/sp of the block work
+    forward = blocks * flops["block_forward"] / setup.sp_size + flops["rest_forward"]
+    backward = blocks * flops["block_backward"] / setup.sp_size + 2 * flops["rest_forward"]
+    recompute = blocks * flops["block_forward"] / setup.sp_size if setup.gradient_checkpointing else 0
+    trained = max(1, math.ceil(setup.train_step_fraction * setup.num_steps))
+    rollout = setup.num_steps * sequences * forward
+    update = setup.updates_per_rollout * trained * sequences * (
+        forward + backward + recompute + (forward if has_anchor else 0))
+    iteration = rollout + update
+    return {"setup": setup, "memory_gib": memory, "total_gib": total, "fits": total <= gpu_memory_gib,
+            "gpu_memory_gib": gpu_memory_gib, "tokens": length, "local_tokens": local,
+            "videos_per_iteration": setup.world_size // setup.sp_size * setup.videos_per_rank,
+            "flops": {"rollout": rollout, "update": update, "iteration": iteration, "forward_per_sequence": forward},
+            "seconds": iteration / (peak_tflops * 1e12 * mfu), "mfu": mfu, "peak_tflops": peak_tflops,
+            "parameters": states["parameters"], "trainable": states["trainable"]}
+
+
+# Changes the planner tries on a setup that does not fit, in this order (memory savers that leave the
+# method unchanged first; fewer videos per rank or smaller groups change the batch).
+def candidate_changes(setup):
+    """[(flag text, changed setup)] of one-flag changes that keep the run valid (check_setup)."""
+    changes = []
+    if not setup.text_encoder_offload:
+        changes.append(("--text_encoder_offload", dataclasses.replace(setup, text_encoder_offload=True)))
+    if not setup.anchor_offload and setup.kl_mode in ("fixed", "moving", "dual"):
+        changes.append(("--anchor_offload", dataclasses.replace(setup, anchor_offload=True)))
+    for sp in (2, 4, 8, 16):
+        if sp > setup.sp_size:
+            changes.append((f"--sp_size {sp}", dataclasses.replace(setup, sp_size=sp)))
+    if setup.optimizer == "adamw" and setup.lora_rank == 0:
+        changes.append(("--optimizer muon", dataclasses.replace(setup, optimizer="muon")))
+    if setup.lora_rank == 0:
+        changes.append(("--lora_rank 64", dataclasses.replace(setup, lora_rank=64)))
+    for videos in range(setup.videos_per_rank - 1, 0, -1):  # fewer videos; smaller groups if they must shrink too
+        changed = dataclasses.replace(setup, videos_per_rank=videos)
+        per_iteration = setup.world_size // setup.sp_size * videos
+        if per_iteration % setup.group_size == 0:
+            changes.append((f"--videos_per_rank {videos}", changed))
+        elif per_iteration >= 2:
+            changes.append((f"--videos_per_rank {videos} --group_size {per_iteration}",
+                            dataclasses.replace(changed, group_size=per_iteration)))
+    valid = []
+    for text, changed in changes:
+        try:
+            check_setup(changed)
+        except ValueError:
+            continue
+        valid.append((text, changed))
+    return valid
+
+
+def suggest(setup, max_changes=3, max_suggestions=3, **limits):
+    """What to change for a setup that does not fit: the fitting sets of the fewest changes (up to
+    `max_changes` flags, at most `max_suggestions` of them) -> [(flag text, changed Setup)]; [] if it
+    fits or if no set tried fits. Changes combine in candidate_changes' order, one value per flag."""
+    if plan(setup, **limits)["fits"]:
+        return []
+    frontier = [((), setup)]
+    for _ in range(max_changes):
+        fitting, next_frontier = [], []
+        for texts, current in frontier:
+            for text, changed in candidate_changes(current):
+                flag = text.split()[0]
+                if any(t.split()[0] == flag for t in texts):  # one value per flag
+                    continue
+                combined = texts + (text,)
+                if any(sorted(combined) == sorted(c) for c, _ in next_frontier):
+                    continue
+                next_frontier.append((combined, changed))
+                if plan(changed, **limits)["fits"]:
+                    fitting.append((" ".join(combined), changed))
+                    if len(fitting) == max_suggestions:
+                        return fitting
+        if fitting:
+            return fitting[:max_suggestions]
+        frontier = next_frontier
+    return []
+
+
+# ------------------------------------------------------------------------------------------------
+# Printing.
+
+def table(plans):
+    """A markdown table: components as rows, setups as columns."""
+    names = list(dict.fromkeys(name for p in plans for name in p["memory_gib"]))
+    header = "| per GPU | " + " | ".join(p["setup"].name for p in plans) + " |"
+    lines = [header, "|---" * (len(plans) + 1) + "|"]
+    row = lambda label, cells: lines.append(f"| {label} | " + " | ".join(cells) + " |")  # noqa: E731
+    row("GPUs x sp, videos/rank (per iteration)", [f"{p['setup'].world_size} x {p['setup'].sp_size}, "
+                                                     f"{p['setup'].videos_per_rank} ({p['videos_per_iteration']})"
+                                                     for p in plans])
+    row("video, tokens per sequence (per rank)", [f"{p['setup'].num_frames}x{p['setup'].height}x{p['setup'].width}, "
+                                                   f"{p['tokens']:,} ({p['local_tokens']:,})" for p in plans])
+    row("flags", [f"`{p['setup'].flags()}`" if p["setup"].flags() else "defaults" for p in plans])
+    for name in names:
+        row(name, [f"{p['memory_gib'].get(name, 0.0):.1f}" for p in plans])
+    row(f"**total GiB** (H100: {plans[0]['gpu_memory_gib']})", [f"**{p['total_gib']:.1f}**" + ("" if p["fits"] else " ✗")
+                                                               for p in plans])
+    row("PFLOP per GPU per iteration (rollout + update)", [f"{p['flops']['iteration'] / 1e15:.0f} "
+                                                          f"({p['flops']['rollout'] / 1e15:.0f} + "
+                                                          f"{p['flops']['update'] / 1e15:.0f})" for p in plans])
+    row(f"time per iteration at {plans[0]['mfu']:.0%} MFU", [f"{p['seconds'] / 60:.1f} min" for p in plans])
+    return "\n".join(lines)
+
+
+def report(setups, **limits):
+    plans = [plan(s, **limits) for s in setups]
+    activation = calibrate_activations()
+    lines = [table(plans), ""]
+    for p in plans:
+        if not p["fits"]:
+            fixes = suggest(p["setup"], **limits)
+            lines.append(f"- {p['setup'].name}: does not fit ({p['total_gib']:.1f} GiB > {p['gpu_memory_gib']}); "
+                         + (f"fits with: {' | '.join(f'`{text}`' for text, _ in fixes)}" if fixes else
+                            "no set of up to 3 changes tried fits"))
+    lines.append(f"\nMeasured: transformer parameters {measure_states(1, 0, 'adamw')['parameters'] / 1e9:.3f}B; activations per block per token "
+                 f"{activation['per_token'] / 1024:.1f} KiB + {activation['per_token_squared']:.1e} B x L "
+                 f"(bf16, CPU calibration at L = {', '.join(str(n) for n, _ in activation['points'])}); "
+                 f"forward per sequence {plans[0]['flops']['forward_per_sequence'] / 1e12:.0f} TFLOP "
+                 f"({plans[0]['setup'].name}).")
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world_size", type=int, help="GPUs; with no setup flag at all, the standard setups are planned")
+    for field in dataclasses.fields(Setup):
+        if field.name in ("name", "world_size"):
+            continue
+        if field.type in (bool, "bool"):
+            parser.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(field.type, field.type)
+            parser.add_argument(f"--{field.name}", type=kind, default=None)
+    parser.add_argument("--gpu_memory_gib", type=float, default=H100_MEMORY_GIB, help="usable memory per GPU")
+    parser.add_argument("--mfu", type=float, default=MFU, help="model FLOPs utilisation for the time estimate")
+    parser.add_argument("--peak_tflops", type=float, default=H100_PEAK_TFLOPS, help="dense bf16 peak per GPU")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    from diffusers.utils import logging
+    logging.set_verbosity_error()  # "modules that should be kept in float32: []" on every meta build
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    limits = {"gpu_memory_gib": args.gpu_memory_gib, "mfu": args.mfu, "peak_tflops": args.peak_tflops}
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Setup)
+             if f.name != "name" and getattr(args, f.name, None) is not None}
+    setups = [Setup("custom", **given)] if given else list(STANDARD_SETUPS)
+    try:
+        print(report(setups, **limits), flush=True)
+    except ValueError as error:
+        print(f"plan: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
