@@ -1,5 +1,5 @@
 """Evaluate HunyuanVideo-1.5 checkpoints side by side: deterministic ODE samples, scored by VideoAlign,
-CLIPScore and PickScore (DESIGN.md §6).
+CLIPScore and PickScore.
 
 Every model (the base transformer of --model_path, then each --checkpoints directory) samples the
 same prompts from the same seeded noise with the deterministic ODE (Euler) sampler, so the only
@@ -13,7 +13,8 @@ scored by
     PickScore   the PickScore CLIP model's image-text score, averaged over frames.
 Writes output_dir/results.json (per model and per sample), output_dir/results.md (one table, one
 row per model) and output_dir/videos/<model>/<prompt>_<seed>.mp4 (a PNG frame grid when
-imageio-ffmpeg is not installed).
+imageio-ffmpeg is not installed). Both result files are rewritten after every model, so a failure
+later (a bad checkpoint, a kill) never loses the scores of the models already evaluated.
 
     # real weights, one GPU (all paths local; nothing is downloaded)
     python eval.py --model_path ckpts/HunyuanVideo-1.5-480p_t2v --reward_path ckpts/VideoReward \\
@@ -26,14 +27,20 @@ imageio-ffmpeg is not installed).
 """
 import dataclasses
 import json
+import math
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
+import model
+import reward
 import sde
-from train import load_prompts, parse_config, save_video
+import tiny
+from train import load_prompts, parse_config, resolve_sampling, save_video
 
 
 @dataclass
@@ -62,16 +69,16 @@ class EvalConfig:
     """seeds per prompt"""
     num_steps: int = 50
     """ODE steps (HunyuanVideo15Pipeline default num_inference_steps 50)"""
-    shift: float = 5.0
-    """schedule shift (HunyuanVideo-1.5 480p T2V, as in training)"""
-    cfg_scale: float = 6.0
-    """classifier-free guidance scale (HunyuanVideo-1.5 480p T2V)"""
-    num_frames: int = 81
-    """frames, as the training rollouts (official sample_n_frames 81)"""
-    height: int = 352
-    """height in pixels (official 480p bucket 352x624)"""
-    width: int = 624
-    """width in pixels (official 480p bucket 352x624)"""
+    shift: typing.Optional[float] = None
+    """schedule shift; default: the base checkpoint's scheduler config (480p T2V: 5), as in training"""
+    cfg_scale: typing.Optional[float] = None
+    """classifier-free guidance scale; default: the base checkpoint's guider config (480p T2V: 6)"""
+    num_frames: typing.Optional[int] = None
+    """frames; default 81 as the training rollouts (official sample_n_frames), 5 with --tiny"""
+    height: typing.Optional[int] = None
+    """height in pixels; default 352 (official 480p bucket 352x624), 16 with --tiny"""
+    width: typing.Optional[int] = None
+    """width in pixels; default 624 (official 480p bucket 352x624), 16 with --tiny"""
     batch_size: int = 2
     """videos sampled per forward batch"""
 
@@ -106,38 +113,59 @@ def markdown_table(results):
     return "\n".join(lines) + "\n"
 
 
+def write_results(cfg, results, num_videos):
+    """results.json and results.md for the models evaluated so far (atomic: each file is complete or absent)."""
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    table = markdown_table(results)
+    outputs = {"results.json": json.dumps({"config": dataclasses.asdict(cfg), "models": results}, indent=1),
+               "results.md": f"{num_videos} videos per model, {cfg.num_steps} ODE steps, CFG {cfg.cfg_scale}, "
+                             f"{cfg.num_frames} frames at {cfg.height}x{cfg.width}\n\n" + table}
+    for name, text in outputs.items():
+        with open(os.path.join(cfg.output_dir, name + ".tmp"), "w") as f:
+            f.write(text)
+        os.replace(os.path.join(cfg.output_dir, name + ".tmp"), os.path.join(cfg.output_dir, name))
+    return table
+
+
 def main(cfg):
     prompts = load_prompts(cfg.prompts)  # bad input fails before any model is loaded
+    for name in ("videos_per_prompt", "batch_size", "num_steps"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("shift", "cfg_scale"):
+        value = getattr(cfg, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{name} must be a finite number > 0, got {value}")
     paths = [transformer_dir(p) for p in cfg.checkpoints]
     if not cfg.tiny:
         for name in ("model_path", "reward_path", "clip_path", "pickscore_path"):
             if not os.path.isdir(getattr(cfg, name)):
                 raise ValueError(f"--{name} {getattr(cfg, name)!r} is not a directory (local weights only), or use --tiny")
-    import model as hunyuan
-    import reward as scorers
     from diffusers import HunyuanVideo15Transformer3DModel
 
     model_path, reward_path, clip_path, pick_path = cfg.model_path, cfg.reward_path, cfg.clip_path, cfg.pickscore_path
-    if cfg.tiny:  # random tiny models in the real layouts; tiny video size; same code path as real weights
-        tiny = os.path.join(cfg.output_dir, "tiny_models")
-        model_path = model_path or hunyuan.build_tiny_hunyuan(os.path.join(tiny, "hunyuan"))
-        reward_path = reward_path or scorers.build_tiny_videoalign(os.path.join(tiny, "videoalign"))
-        clip_path = clip_path or scorers.build_tiny_clip(os.path.join(tiny, "clip"))
+    if cfg.tiny:  # random tiny models in the real layouts, the same code path as real weights (tiny.py)
+        tiny_paths = tiny.tiny_model_paths(os.path.join(cfg.output_dir, "tiny_models"), hunyuan=model_path,
+                                      videoalign=reward_path, clip=clip_path)
+        model_path, reward_path, clip_path = tiny_paths["hunyuan"], tiny_paths["videoalign"], tiny_paths["clip"]
         pick_path = pick_path or clip_path
-        cfg = dataclasses.replace(cfg, num_frames=hunyuan.TINY_NUM_FRAMES, height=hunyuan.TINY_HEIGHT,
-                                  width=hunyuan.TINY_WIDTH, num_steps=min(cfg.num_steps, 4))
+    cfg = dataclasses.replace(cfg, **dict(zip(("num_frames", "height", "width"),
+                                              tiny.video_size(cfg.num_frames, cfg.height, cfg.width, cfg.tiny))))
+    cfg, sources = resolve_sampling(cfg, model_path)  # shift and CFG scale: the base checkpoint's unless given
+    print(f"eval: shift {cfg.shift:g} ({sources['shift']}), CFG scale {cfg.cfg_scale:g} ({sources['cfg_scale']}), "
+          f"{cfg.num_steps} ODE steps, {cfg.num_frames} frames at {cfg.height}x{cfg.width}", flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     # text encoders, VAE, scheduler only: each evaluated transformer, the base one included, is loaded below
-    pipe = hunyuan.load_hunyuan(model_path, device="cpu", dtype=dtype, load_transformer=False)
+    pipe = model.load_hunyuan(model_path, device="cpu", dtype=dtype, load_transformer=False)
     for module in (pipe.pipeline.text_encoder, pipe.pipeline.text_encoder_2, pipe.vae):
         module.to(device)
-    videoalign = scorers.VideoAlignReward.from_pretrained(reward_path, device=device, dtype=dtype)
-    clip_score = scorers.ClipScore.from_pretrained(clip_path, device=device, dtype=dtype)
-    pick_score = scorers.PickScore.from_pretrained(pick_path, processor_path=cfg.pickscore_processor_path or None,
+    videoalign = reward.VideoAlignReward.from_pretrained(reward_path, device=device, dtype=dtype)
+    clip_score = reward.ClipScore.from_pretrained(clip_path, device=device, dtype=dtype)
+    pick_score = reward.PickScore.from_pretrained(pick_path, processor_path=cfg.pickscore_processor_path or None,
                                                    device=device, dtype=dtype)
-    embeds = hunyuan.encode_prompts(pipe, prompts, device=device, dtype=dtype)
+    embeds = model.encode_prompts(pipe, prompts, device=device, dtype=dtype)
     samples = [(i, j, cfg.seed + 1000 * i + j) for i in range(len(prompts)) for j in range(cfg.videos_per_prompt)]
     sigmas = sde.shifted_sigmas(cfg.num_steps, cfg.shift)
     latent_shape = pipe.latent_shape(cfg.num_frames, cfg.height, cfg.width)
@@ -146,15 +174,15 @@ def main(cfg):
     for name, path in zip(model_names(paths), [os.path.join(model_path, "transformer")] + paths):
         transformer = HunyuanVideo15Transformer3DModel.from_pretrained(path, torch_dtype=dtype).to(device).eval()
         rows = []
-        for start in range(0, len(samples), cfg.batch_size):
+        for start in tqdm(range(0, len(samples), cfg.batch_size), desc=name, unit="batch"):
             batch = samples[start:start + cfg.batch_size]
             batch_prompts = [prompts[i] for i, _, _ in batch]
-            with torch.no_grad():  # ODE sampler: the same noise gives the same video for the same weights
-                rollout = hunyuan.rollout(transformer, embeds.select([i for i, _, _ in batch]), [s for _, _, s in batch],
-                                          latent_shape, sigmas, kernel="ode", eta=0.0, guidance_scale=cfg.cfg_scale)
-                frames = hunyuan.decode_latents(pipe.vae, rollout.final_latents)  # (B, F, 3, H, W) in [0, 1]
-                va = videoalign(frames, batch_prompts)
-                clip, pick = clip_score(frames, batch_prompts), pick_score(frames, batch_prompts)
+            # ODE sampler: the same noise gives the same video for the same weights (all calls run without grad)
+            rollout = model.rollout(transformer, embeds.select([i for i, _, _ in batch]), [s for _, _, s in batch],
+                                    latent_shape, sigmas, kernel="ode", eta=0.0, guidance_scale=cfg.cfg_scale)
+            frames = model.decode_latents(pipe.vae, rollout.final_latents)  # (B, F, 3, H, W) in [0, 1]
+            va = videoalign(frames, batch_prompts)
+            clip, pick = clip_score(frames, batch_prompts), pick_score(frames, batch_prompts)
             for b, (i, j, seed) in enumerate(batch):
                 slug = re.sub(r"[^a-z0-9]+", "_", prompts[i].lower())[:40].strip("_")
                 video = (frames[b].permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu()  # (F, H, W, 3)
@@ -168,14 +196,7 @@ def main(cfg):
                  for k in ("vq", "mq", "ta", "overall", "clip_score", "pick_score")}
         results.append({"name": name, "path": path, **means,
                         "num_failed": sum(r["vq"] != r["vq"] for r in rows), "samples": rows})
-
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    with open(os.path.join(cfg.output_dir, "results.json"), "w") as f:
-        json.dump({"config": dataclasses.asdict(cfg), "models": results}, f, indent=1)
-    table = markdown_table(results)
-    with open(os.path.join(cfg.output_dir, "results.md"), "w") as f:
-        f.write(f"{len(samples)} videos per model, {cfg.num_steps} ODE steps, CFG {cfg.cfg_scale}, "
-                f"{cfg.num_frames} frames at {cfg.height}x{cfg.width}\n\n" + table)
+        table = write_results(cfg, results, len(samples))  # each model's scores on disk as soon as they exist
     print(table)
     return results
 

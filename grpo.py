@@ -1,6 +1,6 @@
 """The GRPO objective: group-relative advantages and the per-step clipped policy loss.
 
-Paper: the GRPO preliminaries (as in FlowGRPO/DanceGRPO); DESIGN.md §4.
+Paper: the GRPO preliminaries (as in FlowGRPO/DanceGRPO).
 
 Advantages. Each prompt is sampled G times; the G rollouts form a group and are compared only with
 each other:

@@ -1,6 +1,6 @@
 """The policy: HunyuanVideo-1.5 as a stochastic sampler whose steps have log-probabilities.
 
-DESIGN.md §6 (video system) with the maths of §1-2 (sde.py). The policy of SAGE-GRPO is the
+The maths of one step is sde.py's (conventions fixed there). The policy of SAGE-GRPO is the
 text-to-video model HunyuanVideo-1.5 (diffusers `HunyuanVideo15Transformer3DModel`, 8.3B, 54
 blocks) sampled with classifier-free guidance. One rollout is a chain of Gaussian steps
 
@@ -21,6 +21,8 @@ What this file does, top to bottom
 * `load_hunyuan(path)`: the diffusers-format directory (what `HunyuanVideo15Pipeline.save_pretrained`
   writes) -> `HunyuanVideo15Policy` (transformer, VAE, both text encoders, scheduler shift, guidance
   scale). A directory with a missing piece fails before any weight is read, naming the piece.
+  `sampling_defaults(path)`: the checkpoint's shift and CFG scale alone (its JSON configs), the
+  values every run samples with unless the user overrides them.
 * `encode_prompts`: Qwen2.5-VL hidden states + byT5 glyph embeddings, conditional and unconditional,
   computed once per prompt with the pipeline's own `encode_prompt` (so they are the diffusers ones
   bit for bit) and reused for every rollout of a group and every step.
@@ -30,8 +32,8 @@ What this file does, top to bottom
   log-probs, means, stds, sigmas, seeds). `transition_log_prob`: the same step's (mean, std,
   log_prob) recomputed with gradients for any per-sample step indices.
 * `decode_latents`: latents -> frames in [0, 1], (B, F, 3, H, W).
-* `build_tiny_hunyuan`: a complete random tiny HunyuanVideo-1.5 directory in the real layout (tests,
-  `--tiny` runs); weights are never downloaded.
+
+A tiny random HunyuanVideo-1.5 in the same layout, for tests and `--tiny` runs, is built by tiny.py.
 
 How the transformer is fed (matches `HunyuanVideo15Pipeline.__call__`, diffusers 0.42.1, T2V)
 ---------------------------------------------------------------------------------------------
@@ -46,7 +48,8 @@ How the transformer is fed (matches `HunyuanVideo15Pipeline.__call__`, diffusers
   (conditional and negative together), see `PromptEmbeds.trim_padding`.
 * timestep = σ·1000 per sample, in the transformer's dtype.
 
-Differences from the diffusers pipeline (none change the numbers; tested in tests/test_model.py)
+Differences from the diffusers pipeline (in float32 none changes the velocity beyond round-off, tested
+in tests/test_model.py; in bf16 the different batch shapes and token counts round differently)
 * cond and uncond are one batch of 2B (the pipeline runs two forwards through its guider; the
   official SAGE-GRPO code batches them too, unconditional rows first);
 * padding tokens (text, glyph, image slot) are dropped instead of computed and masked: the same
@@ -67,7 +70,6 @@ import torch
 from diffusers import (AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline,
                        HunyuanVideo15Transformer3DModel)
 from diffusers.guiders import ClassifierFreeGuidance
-from tqdm.auto import tqdm
 
 import sde
 
@@ -77,7 +79,7 @@ import sde
 # CFG scale s: HunyuanVideo-1.5 480p/720p t2v guider config (diffusers conversion script,
 # GUIDANCE_CONFIGS) and the SAGE-GRPO paper / official code's sampling setting.
 DEFAULT_GUIDANCE_SCALE = 6.0
-# Model timestep input = σ·1000: FlowMatchEulerDiscreteScheduler's num_train_timesteps (DESIGN §1).
+# Model timestep input = σ·1000: FlowMatchEulerDiscreteScheduler's num_train_timesteps.
 TIMESTEP_SCALE = 1000.0
 # SigLIP semantic tokens of the image-condition slot: the pipeline passes 729 zero tokens for T2V
 # (HunyuanVideo15Pipeline.vision_num_semantic_tokens in diffusers 0.42.1), which the transformer
@@ -100,10 +102,10 @@ REQUIRED_FILES = {
 MODEL_SUBFOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
-# The tiny model of `build_tiny_hunyuan`: a video size that gives a (4, 3, 4, 4) latent.
-TINY_NUM_FRAMES = 5
-TINY_HEIGHT = 16
-TINY_WIDTH = 16
+# Rollout video size: 81 frames at 352×624, the official 480p bucket (official sample_n_frames 81).
+DEFAULT_NUM_FRAMES = 81
+DEFAULT_HEIGHT = 352
+DEFAULT_WIDTH = 624
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,13 +170,11 @@ def check_hunyuan_directory(path):
             f"{', '.join(s + '/' for s in REQUIRED_FILES)}, optionally guider/); found {found}.")
 
 
-def load_hunyuan(path, device="cpu", dtype=torch.bfloat16, load_transformer=True):
-    """Load HunyuanVideo-1.5 from a local diffusers-format directory.  Returns HunyuanVideo15Policy.
+def sampling_defaults(path):
+    """(shift, guidance_scale) a checkpoint samples with: scheduler/ and guider/ configs (JSON only, no weights).
 
-    path:   e.g. the HunyuanVideo-1.5-Diffusers-480p_t2v directory (see README); never downloaded.
-    dtype:  dtype of every component (bf16 on GPU; float32 for CPU tests and parity checks).
-    load_transformer: False leaves `pipeline.transformer` None, for a caller that builds the policy
-            itself (train.py: read once, in fp32, on rank 0 only).
+    The one source of both values: train.py and eval.py use them unless the user passes --shift or
+    --cfg_scale. A directory without guider/ gets DEFAULT_GUIDANCE_SCALE.
     """
     check_hunyuan_directory(path)
     scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(os.path.join(path, "scheduler"))
@@ -184,14 +184,24 @@ def load_hunyuan(path, device="cpu", dtype=torch.bfloat16, load_transformer=True
     if scheduler_config.get("num_train_timesteps", TIMESTEP_SCALE) != TIMESTEP_SCALE:
         raise ValueError(f"expected num_train_timesteps = {TIMESTEP_SCALE:g} in {path}/scheduler, "
                          f"found {scheduler_config['num_train_timesteps']}")
-
-    # The guider only carries the CFG scale; a directory without one gets the default.
-    extra = {}
     guider_dir = os.path.join(path, "guider")
+    guidance_scale = DEFAULT_GUIDANCE_SCALE
     if os.path.isdir(guider_dir):
-        guidance_scale = float(ClassifierFreeGuidance.load_config(guider_dir).get("guidance_scale", DEFAULT_GUIDANCE_SCALE))
-    else:
-        guidance_scale = DEFAULT_GUIDANCE_SCALE
+        guidance_scale = ClassifierFreeGuidance.load_config(guider_dir).get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
+    return float(scheduler_config.get("shift", 1.0)), float(guidance_scale)
+
+
+def load_hunyuan(path, device="cpu", dtype=torch.bfloat16, load_transformer=True):
+    """Load HunyuanVideo-1.5 from a local diffusers-format directory.  Returns HunyuanVideo15Policy.
+
+    path:   e.g. the HunyuanVideo-1.5-Diffusers-480p_t2v directory (see README); never downloaded.
+    dtype:  dtype of every component (bf16 on GPU; float32 for CPU tests and parity checks).
+    load_transformer: False leaves `pipeline.transformer` None, for a caller that builds the policy
+            itself (train.py: read once, in fp32, on rank 0 only).
+    """
+    shift, guidance_scale = sampling_defaults(path)
+    extra = {}
+    if not os.path.isdir(os.path.join(path, "guider")):  # the guider only carries the CFG scale
         extra["guider"] = ClassifierFreeGuidance(guidance_scale=guidance_scale)
 
     if not load_transformer:
@@ -201,8 +211,7 @@ def load_hunyuan(path, device="cpu", dtype=torch.bfloat16, load_transformer=True
     for module in (pipeline.transformer, pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2):
         if module is not None:
             module.eval().requires_grad_(False)  # the trainer re-enables gradients on the transformer
-    return HunyuanVideo15Policy(pipeline=pipeline, shift=float(scheduler_config.get("shift", 1.0)),
-                                guidance_scale=guidance_scale)
+    return HunyuanVideo15Policy(pipeline=pipeline, shift=shift, guidance_scale=guidance_scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,11 +267,6 @@ class PromptEmbeds:
                 embeds, mask = _real_tokens_first(embeds, mask, length)
                 trimmed[f"{prefix}embeds{suffix}"], trimmed[f"{prefix}mask{suffix}"] = embeds, mask
         return PromptEmbeds(**trimmed)
-
-    def to(self, device=None, dtype=None):
-        """Move to device and cast the floating tensors to dtype (the pipeline's masks are floating 0/1
-        tensors too: exact in any float dtype)."""
-        return self._map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
 
 
 def _real_tokens_first(embeds, mask, length):
@@ -370,7 +374,7 @@ class Rollout:
     latents (B, N+1, C, F, H, W) x_{σ_0} … x_{σ_N} (float32; x_{σ_N} is the generated latent);
     log_probs (B, N) log N(x_{σ_{i+1}}; μ_i, std_i²), element-averaged, 0 for deterministic steps;
     means (B, N, C, F, H, W) μ_i; stds (B, N) std_i; sigmas (N+1,) float32, σ_0 = 1 … σ_N = 0;
-    stochastic (N,) bool: which steps were sampled with the SDE kernel (the rest are ODE steps);
+    stochastic (N,) bool: which steps were sampled with the stochastic transition kernel (the rest are ODE steps);
     seeds (B,) the per-sample seeds that reproduce each sample.
     """
     latents: torch.Tensor
@@ -416,7 +420,7 @@ def initial_noise(seeds, latent_shape, device):
 
 @torch.no_grad()
 def rollout(transformer, prompt_embeds, seeds, latent_shape, sigmas, kernel="sage", eta=0.5,
-            guidance_scale=DEFAULT_GUIDANCE_SCALE, sde_window=None, progress=False):
+            guidance_scale=DEFAULT_GUIDANCE_SCALE, sde_window=None, initial_seeds=None):
     """Sample B trajectories with the policy.  Returns Rollout.
 
     prompt_embeds: PromptEmbeds with B rows (use .repeat_interleave(G) for groups);
@@ -425,7 +429,11 @@ def rollout(transformer, prompt_embeds, seeds, latent_shape, sigmas, kernel="sag
     sigmas: Tensor[N+1] schedule, e.g. sde.shifted_sigmas(20, policy.shift);
     kernel, eta: the sde.py transition kernel of the stochastic steps;
     sde_window: (start, stop): only steps start ≤ i < stop use `kernel`, the others are ODE steps
-                (None: all steps stochastic).
+                (None: all steps stochastic);
+    initial_seeds: B ints or None. None: x_{σ_0} is drawn from seeds[b]'s generator, which goes on to
+                draw the step noise (the pipeline's convention). Given: x_{σ_0} comes from
+                initial_seeds[b] and the step noise from seeds[b]'s stream, so that the members of a GRPO
+                group can share their initial noise (the same initial_seeds) and still explore apart.
     """
     sde.check_kernel(kernel)
     sde.check_schedule(sigmas)
@@ -444,9 +452,15 @@ def rollout(transformer, prompt_embeds, seeds, latent_shape, sigmas, kernel="sag
     # recomputed step is the recorded one to round-off (on-policy ratio 1)
     sigmas = torch.as_tensor(sigmas).to(device=device, dtype=torch.float32)
     x, generators = initial_noise(seeds.tolist(), latent_shape, device)  # (B, C, F, H, W)
+    if initial_seeds is not None:
+        if len(initial_seeds) != len(seeds):
+            raise ValueError(f"need one initial seed per sample: {len(seeds)} seeds, {len(initial_seeds)} initial seeds")
+        # the step noise continues seeds[b]'s stream past its own initial draw (so it never repeats the
+        # shared initial noise, not even for the member whose seed is the group's)
+        x, _ = initial_noise(list(initial_seeds), latent_shape, device)
     batch_size = x.shape[0]
     latents, log_probs, means, stds = [x], [], [], []
-    for i in tqdm(range(num_steps), disable=not progress, desc="rollout"):
+    for i in range(num_steps):
         sigma, sigma_next = sigmas[i].expand(batch_size), sigmas[i + 1].expand(batch_size)  # (B,)
         velocity = cfg_velocity(transformer, x, sigma, prompt_embeds, guidance_scale)
         step_kernel = kernel if stochastic[i] else "ode"
@@ -464,17 +478,18 @@ def rollout(transformer, prompt_embeds, seeds, latent_shape, sigmas, kernel="sag
                    sigmas=sigmas, stochastic=stochastic, seeds=seeds)
 
 
-def transition_log_prob(transformer, prompt_embeds, latents, next_latents, sigma, sigma_next, kernel="sage", eta=0.5,
+def transition_log_prob(transformer, prompt_embeds, transition, kernel="sage", eta=0.5,
                         guidance_scale=DEFAULT_GUIDANCE_SCALE):
-    """(mean, std, log_prob) of recorded steps x_σ -> x_σ' under the current policy, WITH gradients.
+    """(mean, std, log_prob) of recorded steps x_σ -> x_σ' under `transformer`, WITH gradients.
 
-    latents, next_latents: (B, C, F, H, W); sigma, sigma_next: Tensor[B] (each sample its own step);
+    transition: a `Transition` (`Rollout.transitions(step_index)`: each sample its own step);
     prompt_embeds: PromptEmbeds with B rows.  Returns mean (B, C, F, H, W), std (B, 1, 1, 1, 1),
     log_prob (B,). With the rollout's weights this reproduces Rollout.log_probs (on-policy ratio 1).
     """
-    velocity = cfg_velocity(transformer, latents, sigma, prompt_embeds, guidance_scale)
-    mean, std = sde.transition(kernel, latents.float(), velocity, sigma, sigma_next, eta)
-    return mean, std, sde.log_prob(next_latents, mean, std)
+    latents = transition.latents.float()  # (B, C, F, H, W) x_σ
+    velocity = cfg_velocity(transformer, latents, transition.sigma, prompt_embeds, guidance_scale)
+    mean, std = sde.transition(kernel, latents, velocity, transition.sigma, transition.sigma_next, eta)
+    return mean, std, sde.log_prob(transition.next_latents, mean, std)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,57 +511,3 @@ def decode_latents(vae, latents):
     video = torch.cat(videos)
     # [−1, 1] -> [0, 1], frames first  # (B, F, 3, H, W)
     return (video / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4).contiguous()
-
-
-# ----------------------------------------------------------------------------------------------
-# A tiny random HunyuanVideo-1.5 in the real on-disk layout (tests, `train.py --tiny`).
-
-# Byte-level chat template in Qwen2.5's format (<|im_start|>role\ncontent<|im_end|>\n …).
-TINY_CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
-                      "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def tiny_qwen_tokenizer():
-    """A byte-level Qwen2 BPE tokenizer built offline: the 256 byte symbols, no merges, Qwen's specials."""
-    from tokenizers import pre_tokenizers
-    from transformers import Qwen2Tokenizer
-    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], padding_side="right")  # Qwen2.5-VL pads on the right
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    return tokenizer
-
-
-def build_tiny_hunyuan(path, seed=0):
-    """Write a complete random tiny HunyuanVideo-1.5 directory to `path` (≈ 20 MB, a few seconds).
-
-    Same classes and layout as the real checkpoint (loads with `load_hunyuan`); sizes from the diffusers
-    HunyuanVideo-1.5 pipeline tests: 4 latent channels, VAE 4× spatial / 2× temporal, one transformer
-    block; video TINY_NUM_FRAMES × TINY_HEIGHT × TINY_WIDTH -> latent (4, 3, 4, 4). Returns path.
-    """
-    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
-    tokenizer = tiny_qwen_tokenizer()
-    tokenizer_2 = ByT5Tokenizer()  # byte-level, needs no files
-
-    torch.manual_seed(seed)
-    text_encoder = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, rope_theta=1e6,
-        rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
-        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id))
-    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=32, num_layers=1,
-                                             num_heads=2))
-    transformer = HunyuanVideo15Transformer3DModel(
-        in_channels=2 * 4 + 1, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
-        num_refiner_layers=1, mlp_ratio=2.0, text_embed_dim=16, text_embed_2_dim=32, image_embed_dim=12,
-        rope_axes_dim=(2, 2, 4), target_size=16, task_type="t2v")
-    vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(16, 16), layers_per_block=1,
-                                      spatial_compression_ratio=4, temporal_compression_ratio=2,
-                                      downsample_match_channel=False, upsample_match_channel=False)
-    pipeline = HunyuanVideo15Pipeline(
-        text_encoder=text_encoder.eval(), tokenizer=tokenizer, transformer=transformer.eval(), vae=vae.eval(),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),  # 480p t2v shift (DESIGN §1)
-        text_encoder_2=text_encoder_2.eval(), tokenizer_2=tokenizer_2,
-        guider=ClassifierFreeGuidance(guidance_scale=DEFAULT_GUIDANCE_SCALE))
-    pipeline.save_pretrained(path)
-    return path

@@ -1,6 +1,7 @@
-"""The rewards: VideoAlign (VideoReward) for training, CLIPScore and PickScore for evaluation.
+"""The reward model: VideoAlign (VideoReward), the reward SAGE-GRPO trains against; at the end, in a
+section of their own, the evaluation scorers CLIPScore and PickScore.
 
-DESIGN.md §6 (video system) and §7 (reward weights). SAGE-GRPO scores every rollout with
+SAGE-GRPO scores every rollout with
 VideoAlign's VideoReward (Liu et al., "Improving Video Generation with Human Feedback",
 arXiv 2501.13918; code KwaiVGI/VideoAlign): a Qwen2-VL-2B whose last hidden state is read by a
 linear reward head at three special tokens placed in the prompt,
@@ -98,7 +99,7 @@ logger = logging.getLogger(__name__)
 # The three reward tokens, in the order they appear in the prompt (VideoAlign train_reward.py).
 REWARD_TOKENS = ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")
 DIMENSIONS = ("vq", "mq", "ta")
-# Reward weights w_VQ, w_MQ, w_TA: paper setting B / official SAGE-GRPO reward_config (DESIGN §7).
+# Reward weights w_VQ, w_MQ, w_TA: paper setting B / official SAGE-GRPO reward_config.
 DEFAULT_WEIGHTS = (0.5, 0.5, 1.0)
 # HunyuanVideo-1.5 writes its videos at 24 fps (its pipeline's default export fps).
 DEFAULT_SOURCE_FPS = 24.0
@@ -276,6 +277,59 @@ def _as_video_list(frames, prompts):
 
 
 # ----------------------------------------------------------------------------------------------
+# The official reward input: an 8-bit H.264 mp4 round trip (optional, for parity).
+#
+# The official trainer writes every rollout to an mp4 file and VideoAlign scores the decoded file,
+# so its reward sees 8-bit colour, 4:2:0 chroma and H.264 artefacts. `mp4_round_trip` reproduces
+# that in memory (no file), with the settings below; the frames then go through the steps of the
+# module docstring as usual. Measured on a smooth synthetic video: PSNR 37 dB against the input.
+
+# 24 fps: HunyuanVideo-1.5's export frame rate; libx264 at constant quality crf 25, 4:2:0 chroma.
+MP4_FPS = 24
+MP4_CRF = 25
+MP4_CODEC = "libx264"
+MP4_PIXEL_FORMAT = "yuv420p"
+
+
+def mp4_round_trip(frames, fps=MP4_FPS, crf=MP4_CRF):
+    """Encode frames as an 8-bit H.264 mp4 in memory and decode it back.  (F, 3, H, W) -> (F, 3, H, W).
+
+    frames: float in [0, 1] (clamped), H and W even (4:2:0 chroma halves both; an odd size raises
+    ValueError rather than padding, which would change what the reward sees). Colours are rounded to
+    8 bits, converted RGB -> YUV 4:2:0 and back by FFmpeg's default (BT.601) conversion, as FFmpeg's
+    command line does. Returns float32 in [0, 1] on frames' device.
+    """
+    import io
+
+    import av  # PyAV: FFmpeg with libx264 in its wheel; imported here so that reward.py works without it
+    check_frames(frames)
+    num_frames, _, height, width = frames.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"mp4 ({MP4_PIXEL_FORMAT}) needs even frame sizes, got H x W = {height} x {width}")
+    # (F, 3, H, W) float -> (F, H, W, 3) uint8, rounded
+    pixels = (frames.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream(MP4_CODEC, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, MP4_PIXEL_FORMAT
+        stream.options = {"crf": str(crf)}
+        for index, image in enumerate(pixels):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))  # flush the encoder's delayed frames
+
+    buffer.seek(0)
+    with av.open(buffer, mode="r") as container:
+        decoded = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    if len(decoded) != num_frames:
+        raise RuntimeError(f"the mp4 round trip returned {len(decoded)} frames for {num_frames}")
+    video = torch.stack([torch.from_numpy(image) for image in decoded]).permute(0, 3, 1, 2)  # (F, 3, H, W) uint8
+    return (video.float() / 255).to(frames.device)
+
+
+# ----------------------------------------------------------------------------------------------
 # Reading the official checkpoint.
 
 def _read_json(path):
@@ -434,6 +488,31 @@ def _read_model_config(path):
 
 
 # ----------------------------------------------------------------------------------------------
+# What a training reward offers train.py (VideoAlignReward does; so does any reward added later).
+#   components   the names of its scores, e.g. ("vq", "mq", "ta")
+#   weights      one weight per component: reward = Σ_k w_k·score_k, computed by the reward itself
+#                (the one place the weights are applied; train.py only reads scores["reward"])
+#   input        "frames" (decoded video, (B, F, 3, H, W) in [0, 1]) or "latents" ((B, C, F, H, W))
+#   __call__(videos, prompts) -> {component: (B,), "reward": (B,), ...}; NaN marks a failed video
+
+def parse_weights(items, components, defaults):
+    """Weights from `name=value` strings, e.g. ["ta=2"] -> (0.5, 0.5, 2.0) for components (vq, mq, ta)
+    with defaults (0.5, 0.5, 1.0): a component not named keeps its default. Values must be finite."""
+    weights = dict(zip(components, defaults))
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in weights:
+            raise ValueError(f"reward weight {item!r}: expected name=value with name one of {list(components)}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"reward weight {item!r}: {value!r} is not a number") from None
+        if not math.isfinite(weights[name]):
+            raise ValueError(f"reward weight {item!r}: expected a finite number, found {value!r}")
+    return tuple(weights[name] for name in components)
+
+
+# ----------------------------------------------------------------------------------------------
 # VideoAlign.
 
 class VideoAlignReward(nn.Module):
@@ -441,6 +520,8 @@ class VideoAlignReward(nn.Module):
 
     Build with `from_pretrained`; call as `reward_model(frames, prompts, fps=24)`.
     """
+    components = DIMENSIONS  # the training-reward interface (section above)
+    input = "frames"
 
     def __init__(self, backbone, rm_head, tokenizer, *, means=(0.0, 0.0, 0.0), stds=(1.0, 1.0, 1.0),
                  weights=DEFAULT_WEIGHTS, sample_fps=DEFAULT_SAMPLE_FPS, target_frames=None,
@@ -652,8 +733,9 @@ class VideoAlignReward(nn.Module):
         return self.combine(raw)
 
 
-# ----------------------------------------------------------------------------------------------
-# CLIPScore and PickScore (evaluation).
+# ==============================================================================================
+# Evaluation scorers, not VideoAlign: CLIPScore and PickScore (eval.py reports them beside VideoAlign).
+# ==============================================================================================
 
 def _clip_frame_indices(num_frames, count):
     """`count` frame indices spread uniformly over [0, num_frames − 1], ends included."""
@@ -723,164 +805,3 @@ class PickScore(ClipScore):
 
     def score(self, cosine):
         return self.model.logit_scale.exp().float() * cosine
-
-
-# ----------------------------------------------------------------------------------------------
-# Tiny random checkpoints in the real layouts (tests, `train.py --tiny`). Weights are never downloaded.
-
-TINY_BASE_DIR = "tiny-Qwen2-VL"  # model_name_or_path of the tiny checkpoint, inside its directory
-TINY_LORA_R, TINY_LORA_ALPHA = 2, 6  # s = 3: a wrong scale cannot go unnoticed
-TINY_LORA_TARGETS = ("q_proj", "v_proj", "o_proj", "up_proj", "embed_tokens")
-# Means / stds of VideoReward's inference_config (as published with the checkpoint's config).
-TINY_INFERENCE_CONFIG = {"VQ_mean": 3.6757, "VQ_std": 2.2476, "MQ_mean": 1.1646, "MQ_std": 1.3811,
-                         "TA_mean": 2.8105, "TA_std": 2.5121}
-
-
-def tiny_qwen2_tokenizer(extra_text=""):
-    """A byte-level BPE Qwen2 tokenizer built offline: BPE merges learned from the reward template (so
-    prompts are a few hundred tokens, not thousands of bytes), plus Qwen2-VL's special tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator([DETAILED_SPECIAL_TEMPLATE + extra_text], trainers.BpeTrainer(
-        vocab_size=1000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
-    tokenizer = Qwen2Tokenizer(vocab=bpe.get_vocab(), merges=merges, padding_side="right")
-    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN2VL_SPECIAL_TOKENS)})
-    return tokenizer
-
-
-def _tiny_lora_entries(key, weight, generator):
-    """Non-zero PEFT LoRA tensors for one target module, keys as PEFT names them ('default' adapter)."""
-    prefix = key[:-len(".weight")]
-    if "embed_tokens" in prefix:  # PEFT Embedding: A (r, num_embeddings), B (dim, r)
-        a = torch.randn(TINY_LORA_R, weight.shape[0], generator=generator) * 0.1
-        b = torch.randn(weight.shape[1], TINY_LORA_R, generator=generator) * 0.1
-        return {prefix + ".lora_embedding_A.default": a, prefix + ".lora_embedding_B.default": b}
-    return {prefix + ".lora_A.default.weight": torch.randn(TINY_LORA_R, weight.shape[1], generator=generator) * 0.1,
-            prefix + ".lora_B.default.weight": torch.randn(weight.shape[0], TINY_LORA_R, generator=generator) * 0.1}
-
-
-def build_tiny_videoalign(path, layout="full", output_dim=3, seed=0):
-    """Write a tiny random VideoReward directory to `path` in the official layout; returns path.
-
-    layout "full": checkpoint-N/model.pth holds the whole LoRA-wrapped model (PEFT key names,
-    transformers-4.45 Qwen2-VL layout, rm_head as a modules_to_save copy); "adapter":
-    checkpoint-N/adapter_model.safetensors (LoRA A/B) + non_lora_state_dict.pth (rm_head and the
-    embedding table, which holds the trained reward-token rows), base weights in the base directory.
-    LoRA deltas are non-zero. The base model (`TINY_BASE_DIR`) is a random Qwen2-VL whose embedding
-    table has spare rows, as the real 2B has (151936 rows for 151657 tokens).
-    """
-    from safetensors.torch import save_file
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    if layout not in ("full", "adapter"):
-        raise ValueError(f"layout must be 'full' or 'adapter', got {layout!r}")
-    os.makedirs(path, exist_ok=True)
-    tokenizer = tiny_qwen2_tokenizer()
-    vocab = tokenizer.get_vocab()
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    config = Qwen2VLConfig(
-        text_config={"vocab_size": len(tokenizer) + 8, "hidden_size": 32, "intermediate_size": 64,
-                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                     "rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]}, "rope_theta": 1e6,
-                     "max_position_embeddings": 4096, "initializer_range": 0.1, "pad_token_id": tokenizer.pad_token_id,
-                     "bos_token_id": tokenizer.pad_token_id, "eos_token_id": vocab["<|im_end|>"]},
-        vision_config={"depth": 2, "embed_dim": 16, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2,
-                       "patch_size": 14, "temporal_patch_size": 2, "spatial_merge_size": 2,
-                       "initializer_range": 0.1},  # larger than 0.02 so that the video visibly moves the scores
-        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
-        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
-        tie_word_embeddings=True)
-    base = Qwen2VLForConditionalGeneration(config).eval()
-    base_dir = os.path.join(path, TINY_BASE_DIR)
-    base.save_pretrained(base_dir)
-    tokenizer.save_pretrained(base_dir)
-
-    # The trained model, in transformers 4.45 names (model.layers…, visual…) wrapped by PEFT.
-    num_tokens = len(tokenizer) + len(REWARD_TOKENS)  # resize_token_embeddings(len(tokenizer)) after adding them
-    trained = {}
-    for key, value in base.state_dict().items():
-        if key.startswith("lm_head."):
-            continue
-        legacy = key.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
-        value = value.clone()
-        if legacy == "model.embed_tokens.weight":  # cut to the tokenizer; the reward-token rows are trained
-            value = value[:num_tokens]
-            value[-len(REWARD_TOKENS):] = torch.randn(len(REWARD_TOKENS), value.shape[1], generator=generator)
-        trained[legacy] = value
-    trained["rm_head.weight"] = torch.randn(output_dim, config.text_config.hidden_size, generator=generator) * 0.3
-
-    lora, full = {}, {}
-    for legacy, value in trained.items():
-        name = "base_model.model." + legacy
-        module = legacy[:-len(".weight")]
-        if legacy.startswith("model.") and legacy.endswith(".weight") and module.split(".")[-1] in TINY_LORA_TARGETS:
-            full[name.replace(".weight", ".base_layer.weight")] = value
-            entries = _tiny_lora_entries(name, value, generator)
-            full.update(entries)
-            lora.update(entries)
-        elif legacy == "rm_head.weight":  # modules_to_save: frozen original + trained copy
-            full["base_model.model.rm_head.original_module.weight"] = torch.zeros_like(value)
-            full["base_model.model.rm_head.modules_to_save.default.weight"] = value
-        else:
-            full[name] = value
-    full["base_model.model.lm_head.weight"] = trained["model.embed_tokens.weight"]  # tied, unused by the reward
-
-    checkpoint_dir = os.path.join(path, "checkpoint-12")
-    os.makedirs(checkpoint_dir, exist_ok=True)
-    if layout == "full":
-        torch.save(full, os.path.join(checkpoint_dir, FULL_CHECKPOINT_FILE))
-    else:  # PEFT saves adapters without the adapter name; non-LoRA = trainable non-LoRA parameters
-        save_file({k.replace(".default", ""): v.contiguous() for k, v in lora.items()},
-                  os.path.join(checkpoint_dir, ADAPTER_FILE))
-        embed = "base_model.model.model.embed_tokens.base_layer.weight"
-        torch.save({"base_model.model.rm_head.modules_to_save.default.weight": trained["rm_head.weight"],
-                    embed: trained["model.embed_tokens.weight"]}, os.path.join(checkpoint_dir, NON_LORA_FILE))
-    os.makedirs(os.path.join(path, "checkpoint-3"), exist_ok=True)  # an older, empty step: the highest wins
-
-    model_config = {
-        "data_config": {"meta_data": "", "data_dir": "", "fps": DEFAULT_SAMPLE_FPS, "num_frames": None,
-                        "max_frame_pixels": 112 * 112, "min_frame_pixels": 56 * 56,  # tiny frames (our key)
-                        "eval_dim": ["VQ", "MQ", "TA"], "prompt_template_type": SUPPORTED_TEMPLATE,
-                        "sample_type": "uniform"},
-        "model_config": {"model_name_or_path": TINY_BASE_DIR, "output_dim": output_dim, "use_special_tokens": True,
-                         "reward_token": "special"},
-        "peft_lora_config": {"lora_enable": True, "vision_lora": False, "lora_r": TINY_LORA_R,
-                             "lora_alpha": TINY_LORA_ALPHA, "lora_dropout": 0.05,
-                             "lora_namespan_exclude": ["visual", "lm_head", "rm_head"], "use_rslora": False},
-        "inference_config": TINY_INFERENCE_CONFIG,
-    }
-    with open(os.path.join(path, MODEL_CONFIG_FILE), "w") as f:
-        json.dump(model_config, f, indent=2)
-    return path
-
-
-def build_tiny_clip(path, seed=0):
-    """Write a tiny random CLIPModel with its image processor and tokenizer to `path`; returns path."""
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
-    from tokenizers import pre_tokenizers
-    os.makedirs(path, exist_ok=True)
-    # CLIP's BPE over a byte alphabet with end-of-word symbols; no merges (text is one token per byte)
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {s: i for i, s in enumerate(alphabet + [s + "</w>" for s in alphabet])}
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    with open(os.path.join(path, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(path, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt"))
-    torch.manual_seed(seed)
-    config = CLIPConfig(
-        text_config={"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "max_position_embeddings": CLIP_MAX_TEXT_TOKENS,
-                     "bos_token_id": vocab["<|startoftext|>"], "eos_token_id": vocab["<|endoftext|>"],
-                     "pad_token_id": vocab["<|endoftext|>"]},
-        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=8)
-    CLIPModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-    return path

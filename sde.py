@@ -2,7 +2,7 @@
 
 Paper: Zheng et al., "Manifold-Aware Exploration for Reinforcement Learning in Video Generation"
 (arXiv 2603.21872), micro level: the "precise manifold-aware SDE" with its logarithmic curvature
-correction; DESIGN.md §1-2.
+correction.
 
 Conventions (fixed here, used by every other file)
 --------------------------------------------------
@@ -19,7 +19,7 @@ Conventions (fixed here, used by every other file)
 * `log_prob` is the Gaussian log density of x' **averaged over latent elements** (one scalar per
   sample), as in every peer implementation; it is why PPO clip ranges of 1e-4 are sensible.
 
-The kernels (DESIGN.md §2). All reduce to the Euler step x - Δ·v when η -> 0.
+The transition kernels (one name everywhere: `kernel`, from `KERNELS`). All reduce to the Euler step x - Δ·v when η -> 0.
 
     ode         std = 0                      mean = x - Δ·v
     flow_grpo   std = g·√Δ, g = η·√(σ/(1-σ))  mean = x - Δ·v + (g²Δ/2)·ŝ
@@ -33,18 +33,27 @@ correction"):
 
     V(σ, σ') = ∫_{σ'}^{σ} η²·u/(1-u) du = η²·[ ln((1-σ')/(1-σ)) - Δ ].
 
-The integrand grows with u, so the left-rectangle value g(σ)²Δ always exceeds V, by about
-η²Δ²/(2(1-σ)²): FlowGRPO injects the most excess noise in the high-noise steps, which pushes
+The integrand grows with u, so the left-rectangle value g(σ)²Δ always exceeds V, by exactly
+g²Δ - V = η²·(r - ln(1 + r)) with r = Δ/(1-σ)  (≈ η²r²/2 for a small step, an estimate that
+overstates the excess by up to 1.7× on the large steps of a 20-step schedule): FlowGRPO injects the most excess noise in the high-noise steps, which pushes
 rollouts off the data manifold.
 
 The σ = 1 singularity. Both g and V diverge at σ = 1 (the first step of every schedule).
 * flow_grpo: FlowGRPO evaluates g with σ_1 (the next sigma of the schedule) in the denominator at
   σ = 1. Within one step that is `sigma_next`, so we do exactly that.
-* sage: the official SAGE-GRPO code clamps σ to 1 - 3e-3 in the logarithm; we integrate up to the
-  clamped value (`SAGE_SIGMA_MAX`), i.e. V(min(σ, σ_max), σ'), and keep the true Δ in the mean.
-  Note the consequence: on the first step the clamped integral is *larger* than FlowGRPO's value
-  (η = 0.5, 20 steps: std 0.556 vs 0.500 with shift 5, 0.83 vs 0.50 with shift 1), so
-  "SAGE injects less noise than FlowGRPO" holds from the second step on, not on the first.
+* sage: as the official SAGE-GRPO code, σ is clamped to `SAGE_SIGMA_MAX` = 1 - 3e-3 **inside the
+  logarithm only**; the linear term keeps the true Δ = σ - σ':
+
+      V(σ, σ') = η²·[ ln((1-σ')/(1-min(σ, σ_max))) - Δ ].
+
+  For σ ≤ σ_max this is the exact integral. For σ > σ_max it is the integral up to σ_max minus the
+  extra η²·(σ - σ_max) of the linear term, and no longer an integral of anything: it can exceed
+  FlowGRPO's value, and it turns negative when σ' lies within about 1e-5 of σ_max or above it (at
+  σ = 1: Δ < 3.01e-3, i.e. more than 67 steps at shift 5 or 332 at shift 1), where the official code
+  takes the square root of a negative number; `sage_variance` raises a ValueError there instead.
+  Consequence for the first step: it injects *more* noise than FlowGRPO's (η = 0.5, 20 steps:
+  std 0.5555 vs 0.500 with shift 5, 0.831 vs 0.500 with shift 1), so "SAGE injects less noise
+  than FlowGRPO" holds from the second step on, not on the first.
 
 Differences from the official code (deliberate): its flow_grpo returns g instead of g·√Δ as the
 std (its KL is then off by a factor Δ); its CPS log-prob is -(x'-μ)² with no normalisation. Here
@@ -58,9 +67,12 @@ import math
 
 import torch
 
+# Transition kernels: the deterministic Euler step and the four stochastic kernels GRPO can train with
+# (the ODE has no noise, hence no log-prob and nothing to explore).
 KERNELS = ("ode", "flow_grpo", "dance_grpo", "cps", "sage")
+STOCHASTIC_KERNELS = KERNELS[1:]
 
-# Clamp of σ inside SAGE's logarithm at σ = 1 (official SAGE-GRPO code: 1 - 3e-3).
+# Clamp of σ inside SAGE's logarithm, not in its linear term (official SAGE-GRPO code: 1 - 3e-3).
 SAGE_SIGMA_MAX = 1.0 - 3e-3
 
 
@@ -161,15 +173,25 @@ def flow_grpo_variance(sigma, sigma_next, eta):
 
 
 def sage_variance(sigma, sigma_next, eta, sigma_max=SAGE_SIGMA_MAX):
-    """Exact integrated variance V(σ, σ') = ∫_{σ'}^{σ} η²·u/(1-u) du = η²·[ln((1-σ')/(1-σ)) - Δ].
+    """Integrated variance V(σ, σ') = ∫_{σ'}^{σ} η²·u/(1-u) du = η²·[ln((1-σ')/(1-σ)) - Δ].
 
-    σ is clamped to `sigma_max` (< 1) so the first step of a schedule is finite.
+    As in the official code, σ is clamped to `sigma_max` (< 1) inside the logarithm only, so the
+    first step of a schedule is finite; the linear term keeps the true Δ = σ - σ'. Raises ValueError
+    where that makes V negative (σ' within ~1e-5 of `sigma_max` or above: see the module docstring).
     """
     sigma, sigma_next = torch.as_tensor(sigma), torch.as_tensor(sigma_next)
-    sigma = torch.clamp(sigma, max=sigma_max)
-    sigma_next = torch.minimum(sigma_next, sigma)
-    # V = η²·[ln(1 - σ') - ln(1 - σ) - (σ - σ')]; log1p keeps precision for small σ
-    return eta ** 2 * (torch.log1p(-sigma_next) - torch.log1p(-sigma) - (sigma - sigma_next))
+    clamped_sigma = torch.clamp(sigma, max=sigma_max)
+    # V = η²·[ln(1 - σ') - ln(1 - min(σ, σ_max)) - (σ - σ')]; log1p keeps precision for small σ
+    variance = eta ** 2 * (torch.log1p(-sigma_next) - torch.log1p(-clamped_sigma) - (sigma - sigma_next))
+    if bool((variance < 0).any()):
+        sigma, sigma_next = (t.expand_as(variance).flatten() for t in (sigma, sigma_next))
+        bad = int(torch.nonzero(variance.flatten() < 0)[0])
+        raise ValueError(
+            f"sage's variance is negative for the step sigma = {sigma[bad].item():.6g} -> sigma_next = "
+            f"{sigma_next[bad].item():.6g}: with sigma clamped to sigma_max = {sigma_max} inside the logarithm, "
+            f"sigma_next must lie clearly below sigma_max (a first step needs Δ >= 3.01e-3: at most 67 steps at "
+            f"shift 5, 332 at shift 1); use fewer steps or a smaller sigma_max")
+    return variance
 
 
 def dance_grpo_variance(sigma, sigma_next, eta):

@@ -1,9 +1,9 @@
 """Macro level of SAGE-GRPO: the dual trust region (a moving anchor and a step-wise constraint).
 
-Paper: macro level, the "dual trust region" (periodic moving anchor + step-wise constraint);
-DESIGN.md §5. Conventions of sde.py.
+Paper: macro level, the "dual trust region" (periodic moving anchor + step-wise constraint).
+Conventions of sde.py.
 
-KL of two step kernels. The policy and a reference model share the kernel's std at a given step
+KL of two transition kernels. The policy and a reference model share the kernel's std at a given step
 (it depends only on σ, σ', η), so the KL of the Gaussians N(μ_θ, std²I) and N(μ_ref, std²I) is
 closed form. Averaged over elements, like the log-prob:
 
@@ -23,15 +23,29 @@ Two references, two jobs:
 
     L_KL = w_anchor·KL_anchor + w_step·KL_step,   total loss = policy loss + β·L_KL.
 
-β follows the paper's two-stage schedule: small early (exploration), larger later. The official
-script passes kl_coef = 1e-7 and kl_weight = 1e-5; the step at which the stage changes is a config
-value (`switch_step`). The official code also has an adaptive controller that *lowers* β when the
-KL is high, the reverse of the usual controller; we do not implement it (DESIGN.md §5).
+β, three schedules (`BetaController`):
+
+* official: what the official code runs. One controller update per (sample, step) pair that
+  computes a KL. For the first 100 updates β ramps linearly from 1e-7 (`kl_coef`) towards 1e-5
+  (`kl_weight`): after n < 100 updates β = 1e-7 + (1e-5 - 1e-7)·n/100, so the ramp ends at
+  9.901e-6, not 1e-5. From the 100th update on, with K̄ the mean KL of the last 10 updates and the
+  target 1e-5 (the official code passes `kl_weight` as the KL target too):
+
+      K̄ > 1.5e-5  ->  β <- 0.9·β;    K̄ < 5e-6  ->  β <- 1.1·β;    then β clipped to [1e-7, 1e-5].
+
+  It *lowers* β when the KL is high: the reverse of the usual adaptive controller (Ziegler et al.),
+  reproduced as is. Each pair's loss uses β as it was before that pair's update. The official code
+  feeds each rank's own KL, so β drifts apart across ranks; here the caller passes the KL averaged
+  over ranks, so β is identical on every rank.
+* two_stage: the paper's description, small early (exploration) and larger later: 1e-7 before
+  `switch_step` controller updates, 1e-5 from then on (`kl_coefficient`).
+* fixed: β = 1e-7 throughout.
 
 KL modes compared in the ablation (`KL_MODES`): none, fixed (anchor never moves), step (step-wise
 only), moving (moving anchor only), dual (both).
 
-Pure torch apart from copying module parameters; no global state. Uses sde.py's std broadcasting.
+Pure torch apart from copying module parameters; no global state (the controller's state is an
+object with `state_dict()` for exact resume). Uses sde.py's std broadcasting.
 """
 import copy
 import math
@@ -46,9 +60,20 @@ ANCHOR_PERIOD = 10
 # Dual weights: official `dual_kl_moving_weight 1.0`, `dual_kl_step_weight 0.1`.
 ANCHOR_WEIGHT = 1.0
 STEP_WEIGHT = 0.1
-# Two-stage β: official `kl_coef 1e-7` (early) and `kl_weight 1e-5` (late).
+# β's floor and ceiling: official `kl_coef 1e-7` (start of the ramp, and the controller's minimum
+# `kl_min_coef`, which defaults to kl_coef) and `kl_weight 1e-5` (end of the ramp and maximum).
 BETA_START = 1e-7
 BETA_END = 1e-5
+BETA_SCHEDULES = ("official", "two_stage", "fixed")
+# Official controller (hyvideo AdaptiveKLController): ramp length in controller updates (hard-coded
+# 100), KL window (mean of the last 10 KLs), KL target (the trainer passes kl_weight, 1e-5), band
+# ±50 % of the target, multipliers 0.9 above the band and 1.1 below it.
+RAMP_UPDATES = 100
+KL_WINDOW = 10
+KL_TARGET = 1e-5
+KL_BAND = 0.5
+BETA_DECREASE = 0.9
+BETA_INCREASE = 1.1
 
 
 def check_kl_mode(mode):
@@ -120,6 +145,78 @@ def kl_coefficient(step, beta_start=BETA_START, beta_end=BETA_END, switch_step=N
     if switch_step is None or step < switch_step:
         return beta_start
     return beta_end
+
+
+class BetaController:
+    """β of the dual KL term, per controller update (one update = one (sample, step) pair).
+
+    Use: read `.beta` for a pair's loss, then call `.update(kl)` with that pair's KL (the dual
+    L_KL before β, as a float or 0-d tensor) averaged over ranks (all_reduce AVG), so every rank
+    holds the same β. `betas_for(kls)` does both for pairs whose KLs are known together (the
+    samples of one step). schedule: "official" (ramp, then the KL-band rule of the module
+    docstring), "two_stage" (`kl_coefficient` at the number of updates so far), "fixed" (β_start).
+    """
+
+    def __init__(self, schedule="official", beta_start=BETA_START, beta_end=BETA_END, switch_step=None,
+                 kl_target=KL_TARGET, ramp_updates=RAMP_UPDATES, window=KL_WINDOW):
+        if schedule not in BETA_SCHEDULES:
+            raise ValueError(f"unknown beta schedule {schedule!r}: expected one of {BETA_SCHEDULES}")
+        if not (0 < beta_start <= beta_end):
+            raise ValueError(f"beta must satisfy 0 < beta_start <= beta_end, got beta_start={beta_start}, beta_end={beta_end}")
+        if not (isinstance(ramp_updates, int) and ramp_updates >= 1 and isinstance(window, int) and window >= 1):
+            raise ValueError(f"ramp_updates and window must be positive ints, got {ramp_updates!r} and {window!r}")
+        if not kl_target > 0:
+            raise ValueError(f"kl_target must be > 0, got {kl_target!r}")
+        self.schedule, self.beta_start, self.beta_end, self.switch_step = schedule, beta_start, beta_end, switch_step
+        self.kl_target, self.ramp_updates, self.window = kl_target, ramp_updates, window
+        self.num_updates = 0
+        self.kl_history = []    # the last `window` KLs (all the official rule reads)
+        self.beta = kl_coefficient(0, beta_start, beta_end, switch_step) if schedule == "two_stage" else beta_start
+
+    def update(self, kl):
+        """Advance by one controller update with this pair's (rank-averaged) KL; returns the new β."""
+        kl = float(kl)
+        if not math.isfinite(kl):
+            raise ValueError(f"kl must be finite, got {kl}")
+        self.num_updates += 1
+        self.kl_history = (self.kl_history + [kl])[-self.window:]
+        if self.schedule == "two_stage":
+            self.beta = kl_coefficient(self.num_updates, self.beta_start, self.beta_end, self.switch_step)
+        elif self.schedule == "official":
+            self.beta = self._official_next_beta()
+        return self.beta
+
+    def _official_next_beta(self):
+        if self.num_updates < self.ramp_updates:
+            # linear ramp: β = β_start + (β_end - β_start)·n/R, ignoring the KL
+            return self.beta_start + (self.beta_end - self.beta_start) * self.num_updates / self.ramp_updates
+        if len(self.kl_history) < self.window:
+            return self.beta
+        mean_kl = sum(self.kl_history) / len(self.kl_history)
+        beta = self.beta
+        if mean_kl > (1 + KL_BAND) * self.kl_target:      # KL high: β × 0.9 (sic: lowers the penalty)
+            beta = beta * BETA_DECREASE
+        elif mean_kl < (1 - KL_BAND) * self.kl_target:    # KL low: β × 1.1
+            beta = beta * BETA_INCREASE
+        return min(max(beta, self.beta_start), self.beta_end)
+
+    def betas_for(self, kls):
+        """β of each pair in order (β before the pair's update), updating after each. Returns list[float]."""
+        betas = []
+        for kl in torch.as_tensor(kls).flatten().tolist():
+            betas.append(self.beta)
+            self.update(kl)
+        return betas
+
+    def state_dict(self):
+        return {"schedule": self.schedule, "beta": self.beta, "num_updates": self.num_updates,
+                "kl_history": list(self.kl_history)}
+
+    def load_state_dict(self, state):
+        if state["schedule"] != self.schedule:
+            raise ValueError(f"checkpoint has beta schedule {state['schedule']!r}, this controller {self.schedule!r}")
+        self.beta, self.num_updates = state["beta"], state["num_updates"]
+        self.kl_history = list(state["kl_history"])
 
 
 class MovingAnchor:

@@ -6,7 +6,7 @@
         --dtype bfloat16 --frames 81 --height 352 --width 624 --batch 1 --runs 3
 
 Without --path a tiny random HunyuanVideo-1.5 is written to a temporary directory by
-model.build_tiny_hunyuan and loaded through model.load_hunyuan, like the tests. The forward count
+tiny.build_tiny_hunyuan and loaded through model.load_hunyuan, like the tests. The forward count
 is taken with a forward hook on the transformer: with batched CFG it must be exactly 1 per step.
 """
 import argparse
@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 import model  # noqa: E402
+import tiny  # noqa: E402
 import sde  # noqa: E402
 
 
@@ -33,13 +34,13 @@ def main():
     parser.add_argument("--batch", type=int, default=2, help="rollouts per call")
     parser.add_argument("--kernel", default="sage", choices=sde.KERNELS)
     parser.add_argument("--eta", type=float, default=0.5, help="official SAGE-GRPO default 0.5")
-    parser.add_argument("--frames", type=int, default=model.TINY_NUM_FRAMES)
-    parser.add_argument("--height", type=int, default=model.TINY_HEIGHT)
-    parser.add_argument("--width", type=int, default=model.TINY_WIDTH)
+    parser.add_argument("--frames", type=int, default=tiny.TINY_NUM_FRAMES)
+    parser.add_argument("--height", type=int, default=tiny.TINY_HEIGHT)
+    parser.add_argument("--width", type=int, default=tiny.TINY_WIDTH)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.path or model.build_tiny_hunyuan(os.path.join(tmp, "tiny"))
+        path = args.path or tiny.build_tiny_hunyuan(os.path.join(tmp, "tiny"))
         policy = model.load_hunyuan(path, device=args.device, dtype=getattr(torch, args.dtype))
     embeds = model.encode_prompts(policy, ["a corgi surfing a wave at sunset"]).repeat_interleave(args.batch)
     latent_shape = policy.latent_shape(args.frames, args.height, args.width)

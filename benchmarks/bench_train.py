@@ -34,6 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import model  # noqa: E402
 import reward  # noqa: E402
 import sde  # noqa: E402
+import tiny  # noqa: E402
+import trust_region  # noqa: E402
 import train  # noqa: E402
 
 
@@ -60,20 +62,22 @@ def main():
     parser.add_argument("--steps", type=int, default=4, help="denoising steps N (all trained)")
     parser.add_argument("--videos", type=int, default=2, help="videos per rank = group size")
     parser.add_argument("--kl_mode", default="dual")
-    parser.add_argument("--frames", type=int, default=model.TINY_NUM_FRAMES, help="video frames (4k+1)")
-    parser.add_argument("--height", type=int, default=model.TINY_HEIGHT, help="video height in pixels")
-    parser.add_argument("--width", type=int, default=model.TINY_WIDTH, help="video width in pixels")
+    parser.add_argument("--optimizer", default="adamw", help="adamw (the README's figures) or muon (train.py's "
+                        "default; its Newton-Schulz is measured on its own by bench_optimizer.py)")
+    parser.add_argument("--frames", type=int, default=tiny.TINY_NUM_FRAMES, help="video frames (4k+1)")
+    parser.add_argument("--height", type=int, default=tiny.TINY_HEIGHT, help="video height in pixels")
+    parser.add_argument("--width", type=int, default=tiny.TINY_WIDTH, help="video width in pixels")
     args = parser.parse_args()
     torch.set_num_threads(1)  # shared CPUs: one thread is the least noisy
 
     with tempfile.TemporaryDirectory() as root:
-        hunyuan_path = model.build_tiny_hunyuan(os.path.join(root, "hunyuan"))
-        reward_path = reward.build_tiny_videoalign(os.path.join(root, "videoalign"))
+        hunyuan_path = tiny.build_tiny_hunyuan(os.path.join(root, "hunyuan"))
+        reward_path = tiny.build_tiny_videoalign(os.path.join(root, "videoalign"))
         out = os.path.join(root, "run")
         train.main(train.parse_config([
             "--tiny", "--model_path", hunyuan_path, "--reward_path", reward_path, "--output_dir", out,
             "--num_steps", str(args.steps), "--group_size", str(args.videos), "--videos_per_rank", str(args.videos),
-            "--kl_mode", args.kl_mode, "--max_iterations", str(args.runs + 1),
+            "--kl_mode", args.kl_mode, "--max_iterations", str(args.runs + 1), "--optimizer", args.optimizer,
             "--checkpoint_every", str(10 ** 9), "--sample_every", "0",
             "--num_frames", str(args.frames), "--height", str(args.height), "--width", str(args.width)]))
         with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -92,7 +96,7 @@ def main():
         embeds = model.encode_prompts(pipe, prompts)
         latent_shape = pipe.latent_shape(args.frames, args.height, args.width)
         sigmas = sde.shifted_sigmas(args.steps, 5.0)
-        anchor = args.kl_mode in ("fixed", "moving", "dual")
+        anchor = trust_region.kl_weights(args.kl_mode, 1.0, 0.1)[0] > 0
         bare_iteration(transformer, embeds, latent_shape, sigmas, 6.0, anchor)  # warm-up
         bare = statistics.median(bare_iteration(transformer, embeds, latent_shape, sigmas, 6.0, anchor)
                                  for _ in range(args.runs))

@@ -6,10 +6,9 @@ from hypothesis import given, strategies as st
 import equalizer
 import sde
 
-STOCHASTIC = [k for k in sde.KERNELS if k != "ode"]
 
 
-@pytest.mark.parametrize("kernel", STOCHASTIC)
+@pytest.mark.parametrize("kernel", sde.STOCHASTIC_KERNELS)
 @given(num_steps=st.integers(2, 40), shift=st.floats(1.0, 8.0), eta=st.floats(0.05, 1.0))
 def test_mean_velocity_derivative_matches_autograd_of_the_kernel_mean(kernel, num_steps, shift, eta):
     sigmas = sde.shifted_sigmas(num_steps, shift)
@@ -22,7 +21,7 @@ def test_mean_velocity_derivative_matches_autograd_of_the_kernel_mean(kernel, nu
     torch.testing.assert_close(gradient[:, 0], analytic, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("kernel", STOCHASTIC)
+@pytest.mark.parametrize("kernel", sde.STOCHASTIC_KERNELS)
 def test_gradient_scale_is_the_size_of_the_log_prob_gradient(kernel):
     # N_t predicts |∂ log p / ∂v| per element: check it against autograd on sampled steps
     sigmas = sde.shifted_sigmas(20, 5.0)
@@ -39,7 +38,7 @@ def test_gradient_scale_is_the_size_of_the_log_prob_gradient(kernel):
         assert gradient.pow(2).mean().sqrt().item() == pytest.approx(scales[t].item(), rel=0.05)
 
 
-@pytest.mark.parametrize("kernel", STOCHASTIC)
+@pytest.mark.parametrize("kernel", sde.STOCHASTIC_KERNELS)
 @given(num_steps=st.integers(2, 40), shift=st.floats(1.0, 8.0), eta=st.floats(0.05, 1.0))
 def test_equalized_scales_are_constant_and_median_weight_is_one(kernel, num_steps, shift, eta):
     sigmas = sde.shifted_sigmas(num_steps, shift)
@@ -56,7 +55,7 @@ def test_equalized_scales_are_constant_and_median_weight_is_one(kernel, num_step
 
 
 def test_unequalized_scales_span_about_two_orders_of_magnitude_on_the_video_schedule():
-    # DESIGN §3: with the shifted 20-step schedule N_t spans ~100x; this is why the equalizer exists
+    # with the shifted 20-step schedule N_t spans ~100x; this is why the equalizer exists
     sigmas = sde.shifted_sigmas(20, 5.0)
     for kernel in ("flow_grpo", "sage"):
         scales = equalizer.gradient_scales(kernel, sigmas, 0.5)

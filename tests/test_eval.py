@@ -13,13 +13,12 @@ import train
 def tiny(tmp_path_factory):
     """Tiny HunyuanVideo-1.5, VideoAlign and CLIP in their real layouts, a 2-prompt file, and a
     'trained' checkpoint: the base transformer with perturbed weights in a checkpoint-N/transformer dir."""
-    import model
-    import reward
+    import tiny as builders
     from diffusers import HunyuanVideo15Transformer3DModel
     root = tmp_path_factory.mktemp("tiny_eval")
-    paths = {"model_path": model.build_tiny_hunyuan(str(root / "hunyuan")),
-             "reward_path": reward.build_tiny_videoalign(str(root / "videoalign")),
-             "clip_path": reward.build_tiny_clip(str(root / "clip"))}
+    paths = {"model_path": builders.build_tiny_hunyuan(str(root / "hunyuan")),
+             "reward_path": builders.build_tiny_videoalign(str(root / "videoalign")),
+             "clip_path": builders.build_tiny_clip(str(root / "clip"))}
     transformer = HunyuanVideo15Transformer3DModel.from_pretrained(os.path.join(paths["model_path"], "transformer"))
     torch.manual_seed(0)
     with torch.no_grad():
@@ -77,3 +76,51 @@ def test_eval_without_tiny_needs_local_weight_directories(tmp_path):
     cfg = evaluate.EvalConfig(model_path=str(tmp_path / "nope"), prompts=str(tmp_path / "p.txt"))
     with pytest.raises(ValueError, match=r"--model_path .* is not a directory \(local weights only\)"):
         evaluate.main(cfg)
+
+
+def test_eval_uses_the_checkpoints_sampling_settings_and_every_size_flag_given(tiny, tmp_path, monkeypatch):
+    """--tiny changes only the defaults: no silent cap on the steps, explicit sizes kept, shift / CFG
+    from the base checkpoint unless given."""
+    import model
+    import tiny as builders
+    root, paths = tiny
+    base = builders.build_tiny_hunyuan(str(tmp_path / "shift3"), shift=3.0, guidance_scale=4.0)
+    calls = []
+    rollout = model.rollout
+
+    def recording(transformer, embeds, seeds, latent_shape, sigmas, **kwargs):
+        calls.append((torch.as_tensor(sigmas).clone(), kwargs["guidance_scale"], tuple(latent_shape)))
+        return rollout(transformer, embeds, seeds, latent_shape, sigmas, **kwargs)
+    monkeypatch.setattr(model, "rollout", recording)
+    args = eval_args(tiny, tmp_path / "out", []) + ["--model_path", base, "--num_steps", "6", "--num_frames", "9"]
+    evaluate.main(train.parse_config(args, cls=evaluate.EvalConfig))
+    sigmas, guidance_scale, latent_shape = calls[0]
+    assert len(sigmas) == 7  # 6 steps, as asked (--tiny used to cap them at 4)
+    expected = 3.0 * torch.linspace(1, 0, 7) / (1 + 2.0 * torch.linspace(1, 0, 7))  # shift 3, by hand
+    assert torch.allclose(sigmas.float(), expected) and guidance_scale == 4.0
+    assert latent_shape == (4, 5, 4, 4)  # 9 frames -> (9 - 1)/2 + 1 = 5 latent frames (tiny VAE: 2x temporal)
+    with open(tmp_path / "out" / "results.json") as f:
+        saved = json.load(f)["config"]
+    assert (saved["num_steps"], saved["num_frames"], saved["shift"], saved["cfg_scale"]) == (6, 9, 3.0, 4.0)
+
+
+def test_eval_keeps_the_scores_of_models_already_evaluated_when_a_later_checkpoint_fails(tiny, tmp_path):
+    root, paths = tiny
+    broken = tmp_path / "broken" / "transformer"
+    broken.mkdir(parents=True)
+    (broken / "config.json").write_text((root / "run" / "checkpoint-000007" / "transformer" / "config.json").read_text())
+    (broken / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(Exception):
+        evaluate.main(train.parse_config(eval_args(tiny, tmp_path / "out", [str(broken.parent)]), cls=evaluate.EvalConfig))
+    with open(tmp_path / "out" / "results.json") as f:
+        models = json.load(f)["models"]
+    assert [m["name"] for m in models] == ["base"] and len(models[0]["samples"]) == 2  # the base scores survive
+    assert "| base |" in (tmp_path / "out" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("flag, value, message", [("--videos_per_prompt", "0", r"--videos_per_prompt must be >= 1, got 0"),
+                                                  ("--batch_size", "0", r"--batch_size must be >= 1, got 0"),
+                                                  ("--cfg_scale", "nan", r"--cfg_scale must be a finite number > 0")])
+def test_eval_refuses_counts_below_one_before_any_model(flag, value, message, tiny, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        evaluate.main(train.parse_config(eval_args(tiny, tmp_path, []) + [flag, value], cls=evaluate.EvalConfig))

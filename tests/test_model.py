@@ -12,20 +12,20 @@ import pytest
 import torch
 
 import model
+import tiny
 import sde
 
 PROMPTS = ["a red fox runs through snow", 'a shop sign that says "OPEN"']  # the 2nd exercises byT5
 SEEDS = [11, 12]
-STOCHASTIC_KERNELS = ["flow_grpo", "dance_grpo", "cps", "sage"]
 ETA = 0.7
 NUM_STEPS = 3
-VIDEO = dict(num_frames=model.TINY_NUM_FRAMES, height=model.TINY_HEIGHT, width=model.TINY_WIDTH)
+VIDEO = dict(num_frames=tiny.TINY_NUM_FRAMES, height=tiny.TINY_HEIGHT, width=tiny.TINY_WIDTH)
 PARITY_ATOL = 1e-5  # fp32 parity bound with the diffusers pipeline (brief)
 
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
-    return model.build_tiny_hunyuan(str(tmp_path_factory.mktemp("hunyuan") / "tiny"), seed=0)
+    return tiny.build_tiny_hunyuan(str(tmp_path_factory.mktemp("hunyuan") / "tiny"), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +242,7 @@ def test_cfg_gradients_flow_through_both_branches(policy, embeds, latent_shape):
 # ---------------------------------------------------------------------------------------------
 # Rollouts.
 
-@pytest.mark.parametrize("kernel", STOCHASTIC_KERNELS)
+@pytest.mark.parametrize("kernel", sde.STOCHASTIC_KERNELS)
 def test_same_seed_gives_the_same_sample_and_other_seeds_differ(policy, embeds, latent_shape, kernel):
     """Rows 0 and 1 share prompt and seed, row 2 has another seed: one batch holds all three rollouts.
 
@@ -294,8 +294,7 @@ def test_recorded_log_probs_equal_recomputed_transition_log_probs(policy, embeds
     transformer = copy.deepcopy(policy.transformer).requires_grad_(True)
     step_index = torch.tensor([1, NUM_STEPS - 1])  # a different step per sample, as in training
     recorded = result.transitions(step_index)
-    mean, std, log_prob = model.transition_log_prob(transformer, embeds, recorded.latents, recorded.next_latents,
-                                                    recorded.sigma, recorded.sigma_next, kernel=kernel, eta=ETA)
+    mean, std, log_prob = model.transition_log_prob(transformer, embeds, recorded, kernel=kernel, eta=ETA)
     assert log_prob.shape == (2,) and log_prob.requires_grad
     assert torch.allclose(log_prob, recorded.log_prob, atol=1e-5, rtol=0)
     assert torch.allclose(torch.exp(log_prob - recorded.log_prob), torch.ones(2), atol=1e-5)
@@ -320,3 +319,20 @@ def test_prompt_embeds_repeat_into_groups(embeds):
     assert len(grouped) == 6
     assert torch.equal(grouped.embeds[2], embeds.embeds[0]) and torch.equal(grouped.embeds[3], embeds.embeds[1])
     assert torch.equal(grouped.negative_embeds[5], embeds.negative_embeds[1])
+
+
+def test_shared_initial_seeds_give_one_initial_noise_and_separate_step_noise(policy, embeds, latent_shape):
+    sigmas = sde.shifted_sigmas(3, policy.shift)
+    batch = embeds.select([0, 0, 1, 1])
+    shared = model.rollout(policy.transformer, batch, [10, 11, 12, 13], latent_shape, sigmas, kernel="sage", eta=ETA,
+                           initial_seeds=[10, 10, 12, 12])
+    plain = model.rollout(policy.transformer, batch, [10, 11, 12, 13], latent_shape, sigmas, kernel="sage", eta=ETA)
+    x0 = shared.latents[:, 0]
+    assert torch.equal(x0[0], x0[1]) and torch.equal(x0[2], x0[3]) and not torch.equal(x0[0], x0[2])
+    assert torch.equal(x0[0], plain.latents[0, 0])                     # the group's noise is member 0's own
+    noise_0 = shared.latents[0, 1] - shared.means[0, 0]                # the first SDE step's noise, per member
+    noise_1 = shared.latents[1, 1] - shared.means[1, 0]
+    assert not torch.allclose(noise_0, noise_1)                        # members still explore apart
+    # member 0's step noise is not its initial noise again (the stream goes on past the initial draw)
+    standardized = noise_0 / shared.stds[0, 0]
+    assert not torch.allclose(standardized, x0[0], atol=1e-3)

@@ -6,6 +6,7 @@ Every model is a tiny random one written in the official on-disk layout and load
 """
 import json
 import logging
+import math
 import os
 import shutil
 
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import Qwen2VLConfig, Qwen2VLModel
 
 import reward
+import tiny
 
 PROMPTS = ["a red fox runs through snow", "two cats", "a city at night, rain"]
 
@@ -34,9 +36,9 @@ def one_thread():
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("videoalign")
-    return {"full": reward.build_tiny_videoalign(str(root / "full"), "full"),
-            "adapter": reward.build_tiny_videoalign(str(root / "adapter"), "adapter"),
-            "full_1out": reward.build_tiny_videoalign(str(root / "full_1out"), "full", output_dim=1, seed=1)}
+    return {"full": tiny.build_tiny_videoalign(str(root / "full"), "full"),
+            "adapter": tiny.build_tiny_videoalign(str(root / "adapter"), "adapter"),
+            "full_1out": tiny.build_tiny_videoalign(str(root / "full_1out"), "full", output_dim=1, seed=1)}
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +128,7 @@ def hand_unmerged(path, key):
     if os.path.exists(ckpt):
         legacy = "base_model.model.model." + key[len("language_model."):].replace(".weight", ".base_layer.weight")
         return torch.load(ckpt, weights_only=True)[legacy]
-    base_dir = os.path.join(path, reward.TINY_BASE_DIR)
+    base_dir = os.path.join(path, tiny.TINY_BASE_DIR)
     return load_file(os.path.join(base_dir, "model.safetensors"))["model." + key[len("language_model."):]]
 
 
@@ -414,19 +416,19 @@ def test_missing_files_raise_clear_errors(checkpoints, tmp_path):
         reward.VideoAlignReward.from_pretrained(checkpoints["full"], step=7)
 
     no_base = copy_checkpoint(checkpoints["full"], tmp_path / "d")
-    shutil.rmtree(os.path.join(no_base, reward.TINY_BASE_DIR))
+    shutil.rmtree(os.path.join(no_base, tiny.TINY_BASE_DIR))
     with pytest.raises(FileNotFoundError, match=r"base model 'tiny-Qwen2-VL'.*not found.*base_model_path="):
         reward.VideoAlignReward.from_pretrained(no_base)
     # a foreign absolute model_name_or_path is found by its basename inside the checkpoint directory
     foreign = copy_checkpoint(checkpoints["full"], tmp_path / "e")
     config_path = os.path.join(foreign, "model_config.json")
     cfg = json.load(open(config_path))
-    cfg["model_config"]["model_name_or_path"] = "/authors/machine/" + reward.TINY_BASE_DIR
+    cfg["model_config"]["model_name_or_path"] = "/authors/machine/" + tiny.TINY_BASE_DIR
     json.dump(cfg, open(config_path, "w"))
     assert reward.VideoAlignReward.from_pretrained(foreign).rm_head.weight.shape == (3, 32)
     # the same checkpoint loads when the base directory is given explicitly
     model = reward.VideoAlignReward.from_pretrained(no_base, base_model_path=os.path.join(checkpoints["full"],
-                                                                                          reward.TINY_BASE_DIR))
+                                                                                          tiny.TINY_BASE_DIR))
     assert model.rm_head.weight.shape == (3, 32)
 
 
@@ -445,7 +447,7 @@ def test_unsupported_template_raises(checkpoints, tmp_path):
 
 @pytest.fixture(scope="module")
 def clip_path(tmp_path_factory):
-    return reward.build_tiny_clip(str(tmp_path_factory.mktemp("clip") / "clip"))
+    return tiny.build_tiny_clip(str(tmp_path_factory.mktemp("clip") / "clip"))
 
 
 def clip_reference(path, frame_lists, prompts, num_frames):
@@ -483,7 +485,10 @@ def test_clipscore_clips_negative_cosines_and_pickscore_scales_by_logit_scale(cl
     clip = reward.ClipScore.from_pretrained(clip_path)
     torch.testing.assert_close(clip.score(cosine), torch.tensor([0.0, 0.0, 25.0]))  # 100·max(cos, 0)
     pick = reward.PickScore.from_pretrained(clip_path)
-    torch.testing.assert_close(pick.score(cosine), pick.model.logit_scale.exp() * cosine)
+    with torch.no_grad():
+        pick.model.logit_scale.fill_(math.log(100.0))  # PickScore_v1's learned temperature: exp(t) = 100
+    # 100·cos, negative cosines kept (a logit, not clipped like CLIPScore)
+    torch.testing.assert_close(pick.score(cosine), torch.tensor([-50.0, 0.0, 25.0]))
 
 
 def test_clip_bad_video_gets_nan_only(clip_path):

@@ -10,7 +10,6 @@ from hypothesis import given, strategies as st
 
 import sde
 
-STOCHASTIC = [k for k in sde.KERNELS if k != "ode"]
 
 
 @st.composite
@@ -41,7 +40,7 @@ def test_all_kernels_reduce_to_euler_at_zero_eta(kernel, pair):
     assert bool((std == 0).all())
 
 
-@pytest.mark.parametrize("kernel", STOCHASTIC)
+@pytest.mark.parametrize("kernel", sde.STOCHASTIC_KERNELS)
 def test_all_kernels_approach_euler_as_eta_vanishes(kernel):
     x, velocity = torch.randn(2, 8, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)
     sigma, sigma_next = 0.6, 0.5
@@ -51,7 +50,7 @@ def test_all_kernels_approach_euler_as_eta_vanishes(kernel):
     assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-5
 
 
-@given(pair=step_pairs(high=0.99), eta=st.floats(0.05, 2.0))
+@given(pair=step_pairs(high=sde.SAGE_SIGMA_MAX), eta=st.floats(0.05, 2.0))
 def test_sage_variance_equals_quadrature_of_the_diffusion_coefficient(pair, eta):
     sigma, sigma_next = pair
     exact = float(mpmath.quad(lambda u: eta ** 2 * u / (1 - u), [sigma_next, sigma]))
@@ -59,7 +58,7 @@ def test_sage_variance_equals_quadrature_of_the_diffusion_coefficient(pair, eta)
     assert ours == pytest.approx(exact, rel=1e-9, abs=1e-14)
 
 
-@given(pair=step_pairs(high=0.99), eta=st.floats(0.05, 2.0))
+@given(pair=step_pairs(high=sde.SAGE_SIGMA_MAX), eta=st.floats(0.05, 2.0))
 def test_sage_variance_never_exceeds_flow_grpo_left_rectangle(pair, eta):
     sigma, sigma_next = (torch.tensor(s, dtype=torch.float64) for s in pair)
     assert sde.sage_variance(sigma, sigma_next, eta) <= sde.flow_grpo_variance(sigma, sigma_next, eta) * (1 + 1e-12)
@@ -81,10 +80,11 @@ def test_sage_to_flow_grpo_ratio_tends_to_one_with_excess_delta_squared_over_two
     assert excess == pytest.approx(eta ** 2 * delta ** 2 / (2 * (1 - sigma) ** 2), rel=1e-2)
 
 
-def test_singular_first_step_is_finite_and_uses_named_clamp():
+def test_singular_first_step_is_finite_and_clamps_sigma_in_the_logarithm_only():
     sigmas = sde.shifted_sigmas(20, 5.0)
     v_sage = sde.sage_variance(sigmas[0], sigmas[1], 0.5)
-    expected = 0.25 * (math.log((1 - sigmas[1].item()) / (1 - sde.SAGE_SIGMA_MAX)) - (sde.SAGE_SIGMA_MAX - sigmas[1].item()))
+    # clamp in the log, true Δ = 1 - σ_1 in the linear term
+    expected = 0.25 * (math.log((1 - sigmas[1].item()) / (1 - sde.SAGE_SIGMA_MAX)) - (1 - sigmas[1].item()))
     assert v_sage.item() == pytest.approx(expected, rel=1e-12)
     # FlowGRPO substitutes σ_1 for σ in the denominator at σ = 1
     g = sde.flow_grpo_diffusion(sigmas[0], sigmas[1], 0.5)
@@ -94,7 +94,43 @@ def test_singular_first_step_is_finite_and_uses_named_clamp():
         assert torch.isfinite(mean).all() and torch.isfinite(std).all()
 
 
-@pytest.mark.parametrize("kernel", STOCHASTIC)
+def test_sage_first_step_std_is_the_official_0_5555_at_eta_half_20_steps_shift_5():
+    # σ_1 = 5·0.95 / (1 + 4·0.95) = 0.95 / 0.96, so Δ = 1 - σ_1 = 1/96 exactly
+    delta = 1 / 96
+    std = 0.5 * math.sqrt(math.log(delta / 3e-3) - delta)
+    assert std == pytest.approx(0.5555, abs=5e-5)
+    sigmas = sde.shifted_sigmas(20, 5.0)
+    assert sde.step_std("sage", sigmas[0], sigmas[1], 0.5).item() == pytest.approx(std, rel=1e-12)
+
+
+@given(sigma=st.floats(sde.SAGE_SIGMA_MAX, 1.0), sigma_next=st.floats(0.0, 0.99), eta=st.floats(0.05, 2.0))
+def test_sage_above_the_clamp_is_the_clamped_integral_minus_the_linear_excess(sigma, sigma_next, eta):
+    # for σ > σ_max: V(σ, σ') = ∫_{σ'}^{σ_max} η²u/(1-u) du - η²·(σ - σ_max)
+    integral = float(mpmath.quad(lambda u: eta ** 2 * u / (1 - u), [sigma_next, sde.SAGE_SIGMA_MAX]))
+    expected = integral - eta ** 2 * (sigma - sde.SAGE_SIGMA_MAX)
+    ours = sde.sage_variance(torch.tensor(sigma, dtype=torch.float64), torch.tensor(sigma_next, dtype=torch.float64), eta).item()
+    assert ours == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("num_steps, shift", [(20, 5.0), (20, 1.0), (10, 5.0)])
+def test_sage_first_step_exceeds_flow_grpo_but_every_later_step_does_not(num_steps, shift):
+    sigmas = sde.shifted_sigmas(num_steps, shift)
+    sage_v = sde.sage_variance(sigmas[:-1], sigmas[1:], 0.5)
+    flow_v = sde.flow_grpo_variance(sigmas[:-1], sigmas[1:], 0.5)
+    assert sage_v[0] > flow_v[0]
+    assert bool((sage_v[1:] <= flow_v[1:] * (1 + 1e-12)).all())
+
+
+def test_sage_raises_where_the_clamp_makes_the_variance_negative():
+    # at σ = 1 the variance is η²·[ln(Δ/3e-3) - Δ] < 0 for Δ < 3.01e-3: 68 steps at shift 5
+    sigmas = sde.shifted_sigmas(67, 5.0)
+    assert bool(sde.step_std("sage", sigmas[:-1], sigmas[1:], 0.5).isfinite().all())
+    sigmas = sde.shifted_sigmas(68, 5.0)
+    with pytest.raises(ValueError, match="sage's variance is negative"):
+        sde.step_std("sage", sigmas[:-1], sigmas[1:], 0.5)
+
+
+@pytest.mark.parametrize("kernel", sde.STOCHASTIC_KERNELS)
 def test_sampled_steps_have_the_returned_mean_and_std(kernel):
     torch.manual_seed(0)
     n = 200_000

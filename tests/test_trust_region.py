@@ -1,4 +1,5 @@
 """trust_region.py: the closed-form KL against torch.distributions, the anchor schedule, β."""
+import copy
 import math
 
 import pytest
@@ -109,3 +110,119 @@ def test_invalid_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="same shape"):
         tr.gaussian_kl(torch.zeros(2, 3), torch.zeros(2, 4), 1.0)
     assert tr.anchor_period_for("fixed") == math.inf and tr.anchor_period_for("dual", 7) == 7
+
+
+# --- β controller ------------------------------------------------------------------------------
+
+kl_values = st.floats(0.0, 1e-3, allow_nan=False)
+# runs of equal KLs (below, inside and above the band 5e-6..1.5e-5), so that β reaches its bounds
+kl_runs = st.lists(st.tuples(st.sampled_from([0.0, 3e-6, 1e-5, 2e-5, 1e-3]), st.integers(1, 80)), max_size=8).map(
+    lambda runs: [kl for kl, length in runs for _ in range(length)])
+
+
+def _run(controller, kls):
+    """β before the first update, then after each update."""
+    return [controller.beta] + [controller.update(kl) for kl in kls]
+
+
+@given(kls=st.lists(kl_values, min_size=tr.RAMP_UPDATES, max_size=tr.RAMP_UPDATES + 5))
+def test_official_beta_ramps_linearly_from_1e_7_over_the_first_100_updates_whatever_the_kl(kls):
+    betas = _run(tr.BetaController("official"), kls)
+    # after n < 100 updates: β = 1e-7 + (1e-5 - 1e-7)·n/100; the ramp ends at 9.901e-6, not 1e-5
+    for n in range(tr.RAMP_UPDATES):
+        assert betas[n] == pytest.approx(1e-7 + (1e-5 - 1e-7) * n / 100, rel=1e-12)
+    assert betas[99] == pytest.approx(9.901e-6, rel=1e-12)
+    assert all(a < b for a, b in zip(betas[:100], betas[1:100]))
+    # the 100th update is the first one of the KL rule, applied to the ramp's last value
+    mean_kl = sum(kls[90:100]) / 10
+    factor = 0.9 if mean_kl > 1.5e-5 else 1.1 if mean_kl < 5e-6 else 1.0
+    assert betas[100] == pytest.approx(min(9.901e-6 * factor, 1e-5), rel=1e-12)
+
+
+def _after_ramp(kls_during_ramp=2e-5):
+    controller = tr.BetaController("official")
+    for _ in range(tr.RAMP_UPDATES - 1):
+        controller.update(kls_during_ramp)
+    return controller
+
+
+@given(window=st.lists(kl_values, min_size=10, max_size=10))
+def test_official_beta_after_the_ramp_moves_against_the_mean_kl_of_the_last_ten_updates(window):
+    controller = _after_ramp()
+    for kl in window[:-1]:
+        controller.beta = 5e-6             # hold β mid-range so that both directions stay inside the bounds
+        controller.update(kl)
+    controller.beta = 5e-6
+    new_beta = controller.update(window[-1])
+    mean_kl = sum(window) / 10
+    if mean_kl > 1.5e-5:                   # KL high -> β lowered (the official direction)
+        assert new_beta == pytest.approx(0.9 * 5e-6, rel=1e-12)
+    elif mean_kl < 5e-6:                   # KL low -> β raised
+        assert new_beta == pytest.approx(1.1 * 5e-6, rel=1e-12)
+    else:
+        assert new_beta == 5e-6
+
+
+def test_official_beta_reads_the_window_mean_not_the_last_kl():
+    controller = _after_ramp(kls_during_ramp=0.0)
+    controller.beta = 5e-6
+    # nine large KLs then a zero: the last KL is low but the mean of the last ten is high
+    for _ in range(9):
+        controller.update(1e-3)
+    controller.beta = 5e-6
+    assert controller.update(0.0) == pytest.approx(4.5e-6, rel=1e-12)
+
+
+@given(kls=kl_runs)
+def test_official_beta_always_stays_within_1e_7_and_1e_5(kls):
+    assert all(1e-7 <= beta <= 1e-5 for beta in _run(tr.BetaController("official"), kls))
+
+
+def test_official_beta_reaches_both_bounds_under_a_persistent_kl():
+    assert _run(tr.BetaController("official"), [1.0] * 200)[-1] == 1e-7
+    assert _run(tr.BetaController("official"), [0.0] * 200)[-1] == 1e-5
+
+
+@given(kls=st.lists(kl_values, max_size=300))
+def test_fixed_beta_never_changes(kls):
+    assert set(_run(tr.BetaController("fixed"), kls)) == {1e-7}
+
+
+@given(kls=st.lists(kl_values, max_size=150), switch_step=st.one_of(st.none(), st.integers(0, 150)))
+def test_two_stage_beta_equals_kl_coefficient_at_the_number_of_updates(kls, switch_step):
+    betas = _run(tr.BetaController("two_stage", switch_step=switch_step), kls)
+    assert betas == [tr.kl_coefficient(n, 1e-7, 1e-5, switch_step) for n in range(len(kls) + 1)]
+
+
+@pytest.mark.parametrize("schedule", tr.BETA_SCHEDULES)
+@given(kls=kl_runs, cut=st.integers(0, 200))
+def test_beta_controller_state_round_trip_resumes_exactly(schedule, kls, cut):
+    kls = [1e-3] * 100 + kls           # resume also after the ramp, with a KL window to carry over
+    original = tr.BetaController(schedule, switch_step=50)
+    _run(original, kls[:cut])
+    resumed = tr.BetaController(schedule, switch_step=50)
+    resumed.load_state_dict(copy.deepcopy(original.state_dict()))
+    assert _run(resumed, kls[cut:]) == _run(original, kls[cut:])
+
+
+def test_betas_for_returns_each_pairs_beta_before_its_update():
+    one, batched = tr.BetaController("official"), tr.BetaController("official")
+    kls = torch.linspace(0, 1e-4, 130)
+    expected = []
+    for kl in kls.tolist():
+        expected.append(one.beta)
+        one.update(kl)
+    assert batched.betas_for(kls[:60]) + batched.betas_for(kls[60:]) == expected
+    assert batched.state_dict() == one.state_dict()
+
+
+def test_beta_controller_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="unknown beta schedule 'adaptive'"):
+        tr.BetaController("adaptive")
+    with pytest.raises(ValueError, match="0 < beta_start <= beta_end"):
+        tr.BetaController("official", beta_start=0.0)
+    with pytest.raises(ValueError, match="kl must be finite"):
+        tr.BetaController("official").update(float("nan"))
+    controller = tr.BetaController("official")
+    with pytest.raises(ValueError, match="schedule 'fixed'"):
+        controller.load_state_dict(tr.BetaController("fixed").state_dict())

@@ -1,4 +1,4 @@
-"""The toy: the whole SAGE-GRPO method on a 2-D manifold, on a CPU, in seconds (DESIGN.md §8).
+"""The toy: the whole SAGE-GRPO method on a 2-D manifold, on a CPU, in seconds.
 
 Run `python toy/demo.py` (add `--ablation` for the full grid, `--fast` for the test setting).
 One concept per file: manifold.py (the curve and its distance), target_reward.py (a hackable

@@ -4,7 +4,7 @@
     python toy/demo.py --ablation   # + the full grid of experiment 2 -> toy/out/ablation.md (minutes)
     python toy/demo.py --fast       # a few seconds: the setting tests/test_toy.py runs
 
-Experiments (DESIGN.md §8):
+Experiments:
   0. Gaussian data, exact: the excess variance each kernel injects on a thin manifold.
   1. Rollouts of the pretrained model per kernel at the same η and 10/20/40 steps: off-manifold
      distance next to the per-step injected noise (the paper's Fig. 1).
@@ -39,7 +39,7 @@ from toy.target_reward import targets
 from toy.trainer import Config, evaluate, train
 
 KERNELS = sde.KERNELS                  # ode, flow_grpo, dance_grpo, cps, sage
-GRPO_KERNELS = KERNELS[1:]             # the ODE has no log-prob to train
+GRPO_KERNELS = sde.STOCHASTIC_KERNELS  # the ODE has no log-prob to train
 KL_MODES = trust_region.KL_MODES       # none, fixed, step, moving, dual
 HEADLINE = {"FlowGRPO-style": dict(kernel="flow_grpo", equalizer=False, kl_mode="fixed"),
             "SAGE-GRPO": dict(kernel="sage", equalizer=True, kl_mode="dual"),
@@ -120,7 +120,7 @@ def experiment_1(model, settings, out):
     fig.tight_layout(), fig.savefig(out / "rollouts_per_kernel.png", dpi=110), plt.close(fig)
 
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 3.8))
-    for k in KERNELS[1:]:
+    for k in GRPO_KERNELS:
         left.plot(range(n_mid), stds[k], marker="o", ms=3, label=k)
         scales = equalizer.gradient_scales(k, sigmas, settings.eta)
         middle.plot(range(n_mid), torch.where(scales > 0, scales, torch.nan), marker="o", ms=3, label=k)
@@ -251,7 +251,7 @@ def verdicts(distance, pretrained, results, settings):
     lines.append(f"- SAGE's rollouts lie nearer the manifold than FlowGRPO's at the same η: "
                  f"{'REPRODUCES' if len(nearer) == len(settings.step_counts) else 'PARTLY' if nearer else 'DOES NOT REPRODUCE'}"
                  f" (at {nearer} of {list(settings.step_counts)} steps).")
-    best = min(KERNELS[1:], key=lambda k: distance[k, settings.step_counts[1]])
+    best = min(GRPO_KERNELS, key=lambda k: distance[k, settings.step_counts[1]])
     if best != "sage":
         lines.append(f"- But SAGE is not the nearest: {best} is ({distance[best, settings.step_counts[1]]:.4f} vs "
                      f"{distance['sage', settings.step_counts[1]]:.4f} at {settings.step_counts[1]} steps). "

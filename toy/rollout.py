@@ -2,7 +2,7 @@
 
 A rollout runs σ_0 = 1 > … > σ_N = 0 with `sde.step` and keeps, per step t and sample i, the state
 x_t, the sampled x_{t+1}, the rollout policy's log p_old(x_{t+1} | x_t) and its mean μ_old (for the
-step-wise KL of trust_region.py, DESIGN.md §5), and the step's std.
+step-wise KL of trust_region.py), and the step's std.
 """
 from dataclasses import dataclass
 

@@ -1,6 +1,6 @@
-"""GRPO on the toy, with exactly the maths of the video trainer (sde, equalizer, grpo, trust_region).
+"""GRPO on the toy, with the video trainer's maths modules unchanged (sde, equalizer, grpo, trust_region).
 
-One iteration, cleanrl-style (DESIGN.md §4-5):
+One iteration, cleanrl-style (the same phases as train.py):
 
     ROLLOUT    G samples per prompt with the chosen kernel; record x_t, x_{t+1}, log p_old, μ_old
     REWARD     r = −‖x_N − t_c‖ (target_reward.py: hackable, its maximum is off the manifold)
@@ -14,10 +14,15 @@ through the network in one batch (the video trainer visits steps one by one in a
 accumulates gradients into one optimizer step: the same gradient, because the order of a sum does
 not change it). `train_steps` < N trains a random subset of steps per sample.
 
+One normalisation differs from train.py: the toy averages the KL term over all (sample, step) pairs,
+train.py over the pairs that enter the policy loss (finite advantage, stochastic step). They agree
+except for CPS, whose deterministic last step adds a KL of 0 to the toy's mean (a factor (N−1)/N on
+its KL), and for failed rewards, which the toy never has.
+
 Seeds. `num_seeds` replicas are trained at once in one ensemble model (velocity.py): each has its
 own weights, Adam state, gradient-norm clip, rollout noise and advantages; they share the loop.
 
-Toy defaults that differ from the video setting (DESIGN.md §7), and why:
+Toy defaults that differ from the video setting (the official defaults in train.py), and why:
 * shift 1 (video: 5). The shift moves steps towards high noise to compensate for the redundancy of
   many pixels at high resolution; a 2-D point has none, so the plain linear schedule is the natural
   one (and the one the flow-matching pretraining saw uniformly).
@@ -157,9 +162,8 @@ def train(config, pretrained, progress=None):
     E, B, N = config.num_seeds, config.num_groups * config.group_size, config.num_steps
     generator = torch.Generator().manual_seed(config.seed)
     sigmas = sde.shifted_sigmas(N, config.shift)                               # (N+1,) float64
-    # S_t (DESIGN.md §3); without the equalizer every stochastic step weighs 1, deterministic ones 0
+    # S_t (the gradient-norm equalizer); without the equalizer every stochastic step weighs 1, deterministic ones 0
     step_weights = equalizer.step_weights(config.kernel, sigmas, config.eta, config.equalizer).float()
-    sigmas32 = sigmas.float()   # the rollout passes python floats, which torch reads as float32
     train_steps = config.train_steps or N
     total_updates = config.iterations * config.updates_per_rollout
     beta_switch = math.ceil(config.beta_switch * total_updates)
@@ -194,16 +198,11 @@ def train(config, pretrained, progress=None):
         t = order.reshape(-1)                                                  # (M,)
         x_t, x_next = trajectory.states[t, sample], trajectory.states[t + 1, sample]        # (M, 2)
         old_log_prob, old_mean = trajectory.log_probs[t, sample], trajectory.means[t, sample]
-        sigma, sigma_next = sigmas32[t], sigmas32[t + 1]                        # (M,)
+        # the float64 schedule the rollout stepped with (it passed these values as python floats): the
+        # update recomputes each recorded step with the very same numbers, so at the first update the
+        # ratio is exactly 1 and the step-wise KL exactly 0 against the RECORDED log p_old and μ_old
+        sigma, sigma_next = sigmas[t], sigmas[t + 1]                            # (M,) float64
         pair_labels, pair_advantages, pair_weights = labels[sample], advantages[sample], step_weights[t]
-        # log p_old and μ_old again, from the same batched forward the first update will make: the
-        # values recorded in the rollout differ from it by float rounding of a differently shaped
-        # matmul (~1e-7, logged as `old_log_prob_mismatch`); recomputing makes the on-policy ratio
-        # exactly 1 and the step-wise KL exactly 0 at the first update, as DESIGN.md §4-5 require.
-        with torch.no_grad():
-            velocity = guided_velocity(policy, x_t, sigma, pair_labels, config.cfg_scale)
-            old_mean, std = sde.transition(config.kernel, x_t, velocity, sigma, sigma_next, config.eta)
-            recorded_log_prob, old_log_prob = old_log_prob, sde.log_prob(x_next, old_mean, std)
 
         # ---------------- UPDATE
         anchor_mean = None  # μ_anchor of the pairs: one anchor forward per rollout, again only after a refresh
@@ -238,7 +237,6 @@ def train(config, pretrained, progress=None):
         log("rollout_reward", rewards.view(E, -1).mean(1))
         log("rollout_off_manifold", distance_to_manifold(x_final).view(E, -1).mean(1))
         log("grad_norm", grad_norms.detach())
-        log("old_log_prob_mismatch", (recorded_log_prob - old_log_prob).abs().max().item())
         for key in ("approx_kl", "clip_fraction", "ratio_std"):
             log(key, stats[key])
         for key, value in kl_terms.items():   # every KL whose reference exists, weighted or not

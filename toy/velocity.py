@@ -1,6 +1,6 @@
 """The toy's policy: a tiny time- and prompt-conditioned MLP velocity field, E copies at once.
 
-Conventions of sde.py (DESIGN.md §1): x_σ = (1−σ)·x_0 + σ·ε, the network predicts v ≈ ε − x_0, and
+Conventions of sde.py: x_σ = (1−σ)·x_0 + σ·ε, the network predicts v ≈ ε − x_0, and
 its timestep input is σ·1000 (through a sinusoidal embedding, as in diffusion transformers).
 
 Ensemble. The toy trains several seeds (and the same config's replicas) in one batched model: every

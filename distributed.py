@@ -1,0 +1,394 @@
+"""Distributed machinery of train.py: FSDP2 sharding, rank-0 loading, collectives, atomic checkpoints.
+
+None of this is SAGE-GRPO; it is what makes the same loop run on 1 CPU process, 8 GPUs or 64.
+
+Process group and mesh (`setup`). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without it the run
+is a world of one (in-memory store, no port). NCCL on CUDA, gloo on CPU (tests, `--tiny`). One 1-D
+device mesh over all ranks: plain data parallelism, every rank its own videos.
+
+Sharding (`shard`). FSDP2 (`torch.distributed.fsdp.fully_shard`): one shard group per transformer
+block, then the root (embedders, token refiner, output head). A block's full weights exist only
+while it runs. On CUDA the policy computes in bf16 with fp32 master weights and fp32 gradient
+reduction (MixedPrecisionPolicy); on CPU everything is fp32. The anchor (frozen, compute dtype) is
+sharded the same way and may live on CPU (`--anchor_offload`: CPUOffloadPolicy).
+
+Loading (`load_policy`). Only rank 0 reads the fp32 transformer (33 GB for the 8.3B model); every
+rank builds the module on the meta device (no memory), shards it, allocates its own shards and
+receives them from rank 0 (`set_model_state_dict(..., broadcast_from_rank0=True)`). A node thus
+holds one full host copy, not one per rank.
+
+Checkpoints (`save_checkpoint`, `load_checkpoint`, `latest_checkpoint`). A checkpoint is the
+directory `checkpoint-NNNNNN/`, written as `checkpoint-NNNNNN.tmp/` and renamed once every file is
+complete (the rename is atomic: a crash or a kill mid-write leaves the previous checkpoint the
+newest complete one). It holds
+    transformer/          the policy in diffusers layout (safetensors shards + index), loadable by
+                          `HunyuanVideo15Transformer3DModel.from_pretrained`; with LoRA the adapters
+                          merged in, and the adapters themselves in policy/ (sharded)
+    optimizer/, anchor/   torch.distributed.checkpoint (each rank writes its own shards)
+    rng.pt                every rank's torch / python / CUDA generator state
+    trainer_state.json    iteration, update step, prompt sampler position, the run's config
+and `--resume` continues bit-identically (tested after a real SIGKILL).
+"""
+import copy
+import datetime
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from diffusers import HunyuanVideo15Transformer3DModel
+from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+# Modules that get LoRA adapters with --lora_rank: every attention projection of the transformer
+# blocks (video and text streams), as diffusers' HunyuanVideo LoRA training scripts target.
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+# LoRA scale alpha / r of those adapters (lora_alpha = r, our choice): merged as W + B·A.
+LORA_SCALE = 1.0
+# Largest safetensors file of a saved transformer (diffusers' own save_pretrained default): the 8.3B
+# fp32 policy becomes 7 shards + an index instead of one 33 GB file.
+MAX_SHARD_SIZE = "5GB"
+
+
+# ------------------------------------------------------------------------------------------------
+# Process group, sharding, loading.
+
+def setup(use_cuda, timeout_minutes=30.0):
+    """Start the process group -> (rank, world_size, device, mesh). use_cuda False: gloo on CPU.
+    A collective that waits longer than timeout_minutes raises (torch's own process-group timeout)."""
+    cuda = use_cuda and torch.cuda.is_available()
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if "RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None, timeout=timeout)
+    else:
+        device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    return dist.get_rank(), dist.get_world_size(), device, mesh
+
+
+def shard(transformer, mesh, param_dtype, offload=False):
+    """FSDP2: one shard group per transformer block, then the root (embedders, refiner, head)."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    offload_policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
+    for block in transformer.transformer_blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload_policy)
+    fully_shard(transformer, mesh=mesh, mp_policy=mp, offload_policy=offload_policy)
+    # FSDP2 warns on every forward that the root returns a view (diffusers' unpatchify reshapes): an
+    # in-place op on that output would skip the backward all-gather. Nothing modifies it in place
+    # (model.cfg_velocity's first op is an out-of-place .float()), and the 2 ranks = 1 rank test checks
+    # the gradients, so the warning is silenced here, once, for this module's messages only.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    return transformer
+
+
+def load_policy(path, mesh, device, rank, compute_dtype, *, lora_rank=0, gradient_checkpointing=True,
+                with_anchor=True, anchor_offload=False):
+    """The sharded fp32 policy and (with_anchor) the sharded anchor, from path/transformer.
+
+    Rank 0 alone reads the weights (fp32, CPU); every rank builds the module on the meta device,
+    shards it, allocates only its own shards (to_empty) and receives them from rank 0. The anchor is
+    built the same way, empty: trust_region.MovingAnchor fills it from the policy's shards, so host
+    memory holds one full copy, on rank 0. lora_rank > 0 adds LoRA adapters (peft) and freezes the
+    rest. Returns (policy, anchor_module or None).
+    """
+    Transformer = HunyuanVideo15Transformer3DModel
+
+    def prepare(transformer):  # identical on every rank: LoRA adapters or full fine-tune, checkpointing
+        if lora_rank > 0:
+            from peft import LoraConfig
+            transformer.requires_grad_(False)
+            # lora_alpha = r: the adapter adds B·A unscaled (LORA_SCALE = alpha / r = 1) at any rank
+            transformer.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights=True,
+                                               target_modules=LORA_TARGETS))
+        else:
+            transformer.requires_grad_(True)
+        if gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        return transformer
+
+    path = os.path.join(path, "transformer")
+    # rank 0's module holds the LoRA initialisation too, so every rank receives the same adapters
+    full_state = prepare(Transformer.from_pretrained(path, torch_dtype=torch.float32)).state_dict() if rank == 0 else {}
+    with torch.device("meta"):
+        policy = prepare(Transformer.from_config(Transformer.load_config(path)))
+    uninitialised = sorted(set(dict(policy.named_buffers())) - set(policy.state_dict()))
+    if uninitialised:  # to_empty leaves them garbage and the broadcast does not carry them
+        raise NotImplementedError(f"non-persistent buffers {uninitialised[:5]} would not be initialised by the "
+                                  f"rank-0 broadcast load")
+    anchor_module = None
+    if with_anchor:  # same structure, compute dtype, sharded the same way (optionally on CPU)
+        anchor_module = copy.deepcopy(policy).to(compute_dtype).requires_grad_(False).eval()
+        shard(anchor_module, mesh, None, offload=anchor_offload)
+        anchor_module.to_empty(device="cpu" if anchor_offload else device)  # values: MovingAnchor.refresh
+    shard(policy, mesh, compute_dtype if device.type == "cuda" else None)
+    policy.to_empty(device=device)
+    set_model_state_dict(policy, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return policy, anchor_module
+
+
+# ------------------------------------------------------------------------------------------------
+# Collectives.
+
+def all_gather_cat(x):
+    """Concatenate a (B, ...) tensor over ranks in rank order -> (W·B, ...)."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def all_reduce(x, op=dist.ReduceOp.SUM):
+    """A reduced copy of x (sum over ranks by default); x itself is left as it was."""
+    x = x.clone()
+    dist.all_reduce(x, op=op)
+    return x
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints. output_dir is treated as a small database: only the run's own numbered checkpoints
+# (`checkpoint-NNNNNN`, exactly six digits) are ever discovered, resumed from or deleted; a user's
+# copy such as `checkpoint-best` or `checkpoint-000004-best` is never touched. A checkpoint is
+# complete only with its manifest (every file's size and SHA-256, written last, inside the .tmp
+# directory, before the rename), and it is verified against it before it is resumed from.
+
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d{6})")
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message says which file and why."""
+
+
+def checkpoints(output_dir):
+    """The run's numbered checkpoint directories in output_dir, oldest first (numeric order):
+    [(iteration, path)], complete (with a manifest) or not."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), os.path.join(output_dir, name)) for name in os.listdir(output_dir)
+             if (m := CHECKPOINT_NAME.fullmatch(name)) and os.path.isdir(os.path.join(output_dir, name))]
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir):
+    """The newest numbered checkpoint that has a manifest (not yet verified), or None."""
+    complete = [path for _, path in checkpoints(output_dir) if os.path.isfile(os.path.join(path, MANIFEST))]
+    return complete[-1] if complete else None
+
+
+def _sha256(path, chunk=1 << 24):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory):
+    """Record every file under `directory` (relative path -> size, SHA-256) in directory/manifest.json,
+    written to a temporary name, flushed to disk, then renamed: the manifest is the last file to exist."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, directory)
+            if relative != MANIFEST:
+                files[relative] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+    tmp = os.path.join(directory, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(directory, MANIFEST))
+
+
+def verify_checkpoint(path):
+    """Raise CheckpointError naming the first problem: no manifest, a missing file, a size or checksum
+    that differs from the manifest, or a non-finite value in the transformer weights."""
+    from safetensors import safe_open
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{path}: no readable {MANIFEST} ({error}): the checkpoint was never completed") from None
+    for relative, expected in sorted(files.items()):
+        file = os.path.join(path, relative)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file} is missing (listed in {MANIFEST})")
+        if os.path.getsize(file) != expected["size"]:
+            raise CheckpointError(f"{file} has {os.path.getsize(file)} bytes, the manifest says {expected['size']} "
+                                  "(truncated or overwritten)")
+        if _sha256(file) != expected["sha256"]:
+            raise CheckpointError(f"{file}: SHA-256 differs from the manifest (the bytes were changed after writing)")
+    for relative in sorted(files):
+        if relative.startswith("transformer" + os.sep) and relative.endswith(".safetensors"):
+            with safe_open(os.path.join(path, relative), framework="pt") as f:
+                for key in f.keys():
+                    if not torch.isfinite(f.get_tensor(key)).all():
+                        raise CheckpointError(f"{os.path.join(path, relative)}: tensor {key!r} holds NaN or inf")
+
+
+def find_resumable(output_dir, log=print):
+    """The newest checkpoint that verifies; each newer one that does not is named with the reason
+    (`log`). Raise CheckpointError if none verifies. Rank 0 only (it reads every file once)."""
+    skipped = []
+    for _, path in reversed(checkpoints(output_dir)):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as error:
+            skipped.append(str(error))
+            log(f"resume: skipping {os.path.basename(path)}: {error}")
+            continue
+        return path
+    raise CheckpointError(f"--resume: no checkpoint in {output_dir!r} verifies"
+                          + (": " + "; ".join(skipped) if skipped else " (there is none)"))
+
+
+def remove_stale_tmp(output_dir):
+    """Delete checkpoint-NNNNNN.tmp directories: the remains of a write that was killed (never resumable)."""
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else ():
+        if name.endswith(".tmp") and CHECKPOINT_NAME.fullmatch(name[:-len(".tmp")]):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def save_transformer(transformer, path, rank, max_shard_size=MAX_SHARD_SIZE, lora_scale=None):
+    """Gather the full (fp32 master) state and write it in diffusers layout (rank 0): safetensors
+    shards and, when there is more than one, the index diffusers' from_pretrained reads. With LoRA
+    (`lora_scale` = alpha / r) the adapters are merged in, so the result is a plain transformer."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+    state = get_model_state_dict(transformer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if lora_scale is not None:  # PEFT keys name the adapter (`lora_A.default.weight`): drop it, then fold
+        from reward import merge_lora
+        state = merge_lora({re.sub(r"\.default(?=\.|$)", "", k): v for k, v in state.items()}, lora_scale)
+    if rank == 0:
+        os.makedirs(path, exist_ok=True)
+        transformer.save_config(path)
+        split = split_torch_state_dict_into_shards(state, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                                                   max_shard_size=max_shard_size)
+        for filename, keys in split.filename_to_tensors.items():
+            save_file({k: state[k].contiguous() for k in keys}, os.path.join(path, filename))
+        if split.is_sharded:
+            with open(os.path.join(path, "diffusion_pytorch_model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, f, indent=1)
+
+
+def _agree(ok):
+    """True on every rank if `ok` is True on every rank (one all-reduce): ranks leave a failed write together."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor(int(bool(ok)), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def save_checkpoint(output_dir, iteration, trainer_state, policy, optimizer, anchor, rank, *, lora=False, keep=2):
+    """Write output_dir/checkpoint-NNNNNN/ (layout in the module docstring) via .tmp, manifest, rename;
+    then delete all but the `keep` newest of the run's numbered checkpoints. Every rank calls it.
+
+    A write that fails on any rank (disk full, read-only, quota) removes its partial files, leaves
+    every earlier checkpoint as it was, and raises CheckpointError on every rank naming the newest
+    intact checkpoint. Returns the path."""
+    final = os.path.join(output_dir, f"checkpoint-{iteration:06d}")
+    tmp = final + ".tmp"
+    error = None
+
+    def attempt(write):  # run one phase of the write, remember the first error
+        nonlocal error
+        if error is None:
+            try:
+                write()
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - disk full, permissions, torch's errors
+                error = e  # (torch.distributed.checkpoint wraps its errors in a BaseException: caught explicitly)
+        return _agree(error is None)
+
+    ok = attempt(lambda: (shutil.rmtree(tmp, ignore_errors=True), os.makedirs(tmp)) if rank == 0 else None)
+    if ok and lora:  # adapters + frozen base, sharded, for --resume; transformer/ gets the merged weights
+        ok = attempt(lambda: dcp.save({"policy": get_model_state_dict(policy)}, checkpoint_id=os.path.join(tmp, "policy")))
+    if ok:
+        ok = attempt(lambda: save_transformer(policy, os.path.join(tmp, "transformer"), rank,
+                                              lora_scale=LORA_SCALE if lora else None))
+    if ok:  # optimizer and anchor: sharded (each rank writes its shard), torch.distributed.checkpoint
+        ok = attempt(lambda: dcp.save({"optimizer": get_optimizer_state_dict(policy, optimizer)},
+                                      checkpoint_id=os.path.join(tmp, "optimizer")))
+    if ok and anchor is not None:
+        ok = attempt(lambda: dcp.save({"anchor": get_model_state_dict(anchor.anchor)},
+                                      checkpoint_id=os.path.join(tmp, "anchor")))
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    rngs = [None] * dist.get_world_size()
+    dist.all_gather_object(rngs, rng)
+    if ok:
+        def finish():
+            if rank == 0:
+                torch.save(rngs, os.path.join(tmp, "rng.pt"))
+                with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                    json.dump(trainer_state, f, indent=1)
+                write_manifest(tmp)  # last: a directory without a manifest is never resumed from
+                if os.path.isdir(final):  # a checkpoint of this number that did not verify: replaced
+                    os.rename(final, final + ".replaced")
+                os.rename(tmp, final)  # atomic: until here the previous checkpoint is the newest complete one
+                shutil.rmtree(final + ".replaced", ignore_errors=True)
+        ok = attempt(finish)
+    if not ok:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # partial files would only fill the disk
+        intact = latest_checkpoint(output_dir)
+        raise CheckpointError(
+            f"checkpoint-{iteration:06d} could not be written ({type(error).__name__ + ': ' + str(error) if error else 'failed on another rank'}); "
+            f"its partial files were removed; the newest intact checkpoint is "
+            f"{intact if intact else 'none (this run has not saved one yet)'}")
+    if rank == 0:
+        for _, old in checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path, policy, optimizer, anchor, rank):
+    """Optimizer, anchor, RNG and trainer state from `path`; the policy weights too if they are sharded
+    (LoRA), otherwise they were loaded from path/transformer when the policy was built. Returns the
+    trainer state (trainer_state.json)."""
+    try:
+        return _load_checkpoint(path, policy, optimizer, anchor, rank)
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as error:  # noqa: BLE001 - say which checkpoint, not a 100-line trace
+        raise CheckpointError(f"{path} could not be loaded ({type(error).__name__}: {str(error)[:500]})") from error
+
+
+def _load_checkpoint(path, policy, optimizer, anchor, rank):
+    if os.path.isdir(os.path.join(path, "policy")):
+        state = {"policy": get_model_state_dict(policy)}
+        dcp.load(state, checkpoint_id=os.path.join(path, "policy"))
+        set_model_state_dict(policy, state["policy"])
+    state = {"optimizer": get_optimizer_state_dict(policy, optimizer)}
+    # partial: parameters that never had a gradient (e.g. the text-stream output of the last block,
+    # whose result nothing reads) have no Adam state in the checkpoint, and AdamW leaves them alone
+    dcp.load(state, checkpoint_id=os.path.join(path, "optimizer"), planner=DefaultLoadPlanner(allow_partial_load=True))
+    set_optimizer_state_dict(policy, optimizer, state["optimizer"])
+    if anchor is not None:
+        state = {"anchor": get_model_state_dict(anchor.anchor)}
+        dcp.load(state, checkpoint_id=os.path.join(path, "anchor"))
+        set_model_state_dict(anchor.anchor, state["anchor"])
+    rngs = torch.load(os.path.join(path, "rng.pt"), weights_only=False)
+    if len(rngs) == dist.get_world_size():
+        torch.set_rng_state(rngs[rank]["torch"])
+        random.setstate(rngs[rank]["python"])
+        if torch.cuda.is_available() and rngs[rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(rngs[rank]["cuda"])
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        return json.load(f)

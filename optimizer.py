@@ -1,0 +1,188 @@
+"""The optimizer: Muon for weight matrices, AdamW for the rest, as the official recipe; FSDP2-ready.
+
+The official SAGE-GRPO trainer (its `use_muon` default) builds HunyuanVideo-1.5's own
+`get_muon_optimizer(model, lr, weight_decay)` (hyvideo/optim/muon.py). What that optimizer does, and
+what we do:
+
+* Grouping. Every parameter with ndim >= 2 goes to Muon, embeddings and the output projection
+  included (the exclusion of embeddings and the final layer is commented out there); 1-D ones
+  (biases, norm scales) go to AdamW. `grouping="official"` is the same rule with one exception:
+  torch.optim.Muon takes 2-D matrices only, so the 5-D patch-embedding Conv3d weight
+  (`x_embedder.proj.weight`, 2048 x 65 x 1 x 1 x 1 in the 8.3B model; officially flattened to 2-D
+  and orthogonalised) goes to AdamW. With LoRA, lora_A (r, in) and lora_B (out, r) are 2-D: both go
+  to Muon, as the official rule does. `grouping="hidden"` is the textbook rule (Muon's and
+  Moonshot's papers, torch's documentation): Muon only for the 2-D matrices inside the repeated
+  blocks (`transformer_blocks`, the text refiner's `refiner_blocks`), AdamW for embeddings, the
+  output projection and everything else.
+* Muon step, per matrix W with gradient G (torch.optim.Muon's form, hyperparameters official):
+
+      B <- μ·B + (1 - μ)·G,   U = (1 - μ)·G + μ·B          (Nesterov, μ = 0.95)
+      O = NS_5(U)                                          (Newton-Schulz, 5 quintic steps, bf16)
+      W <- (1 - lr·λ)·W - lr·0.2·√max(A, B)·O              (adjust_lr_fn "match_rms_adamw")
+
+  The official momentum is the undamped B <- μ·B + G, U = G + μ·B: (1 - μ) times ours, and NS
+  normalises its input by its norm first, so the update is the same up to rounding. The factor
+  0.2·√max(A, B) gives the orthogonalised update the RMS of an AdamW update (Moonshot), so the
+  AdamW learning rate (official 1e-5) and weight decay (0.01) carry over.
+* AdamW for the rest: betas (0.95, 0.95), eps 1e-8 (the official get_muon_optimizer defaults, which
+  post_train.py does not override), the same lr and decoupled weight decay.
+* `kind="adamw"`: plain torch AdamW on everything, betas (0.9, 0.999), eps 1e-8 (the official
+  `use_muon=False` branch).
+
+Sharded parameters (FSDP2, `fully_shard`: DTensors sharded on dim 0). Newton-Schulz must see the
+whole matrix: orthogonalising each rank's rows separately is a different (wrong) update.
+`ShardedMuon` keeps the momentum on the local shard (it is elementwise), all-gathers U, runs NS on
+the whole matrix on every rank and keeps its own rows; the weight update is elementwise again.
+That is what the official optimizer does too (`full_tensor()` before NS). The result equals the
+unsharded step bit for bit (tested). torch.optim.Muon itself (torch 2.13) also accepts DTensors and
+computes whole-matrix NS through DTensor's operator sharding (collectives inside each of NS's ~16
+operations), but its partial sums are reduced in bf16, so it matches the unsharded step only to
+bf16 rounding (a few % of the update), and its communication is implicit. One all-gather per matrix
+and redundant NS on every rank cost little next to a video transformer's forward (see
+benchmarks/bench_optimizer.py); a faster scheme would give each rank a share of the matrices.
+
+One optimizer object (`MuonWithAdamW`) holds both parts, so that `step`, `zero_grad`, learning-rate
+schedulers and torch.distributed.checkpoint's get_/set_optimizer_state_dict see a single
+torch.optim.Optimizer.
+"""
+import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+# torch's own Newton-Schulz and learning-rate rule, so that an unsharded step equals torch.optim.Muon's
+from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+
+OPTIMIZERS = ("muon", "adamw")
+GROUPINGS = ("official", "hidden")
+# Learning rate and weight decay: official train_grpo.sh `--learning_rate 1e-5`, TrainingConfig weight_decay 0.01.
+LEARNING_RATE = 1e-5
+WEIGHT_DECAY = 0.01
+# Muon: official get_muon_optimizer momentum 0.95, Nesterov, 5 Newton-Schulz steps (torch's defaults),
+# learning rate scaled by 0.2·√max(A, B) (official adjust_lr_for_muon = torch's "match_rms_adamw").
+MUON_MOMENTUM = 0.95
+MUON_ADJUST_LR = "match_rms_adamw"
+# AdamW beside Muon: official get_muon_optimizer adamw_betas (0.95, 0.95), adamw_eps 1e-8.
+MUON_ADAMW_BETAS = (0.95, 0.95)
+# AdamW alone: official use_muon=False branch, torch.optim.AdamW(betas=(0.9, 0.999), eps=1e-8).
+ADAMW_BETAS = (0.9, 0.999)
+ADAMW_EPS = 1e-8
+# The repeated blocks of HunyuanVideo15Transformer3DModel whose matrices `grouping="hidden"` gives Muon.
+HIDDEN_BLOCKS = ("transformer_blocks.", "refiner_blocks.")
+
+
+def check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}: expected one of {choices}")
+
+
+def muon_groups(model, grouping="official"):
+    """Split the trainable parameters: (muon, adamw), two lists of (name, parameter).
+
+    official: every 2-D parameter to Muon (embeddings, output projection and LoRA matrices
+    included); hidden: only 2-D parameters inside `HIDDEN_BLOCKS`. The rest goes to AdamW.
+    """
+    check_choice("grouping", grouping, GROUPINGS)
+    muon, adamw = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        in_blocks = any(block in name for block in HIDDEN_BLOCKS)
+        use_muon = parameter.ndim == 2 and (grouping == "official" or in_blocks)
+        (muon if use_muon else adamw).append((name, parameter))
+    return muon, adamw
+
+
+def orthogonalize(update, ns_coefficients, ns_steps, eps):
+    """NS_k of the whole matrix (A, B) -> (A, B), in bf16. A DTensor (an FSDP2 shard) is all-gathered,
+    orthogonalised on every rank (the same input gives the same result) and cut back to its shard."""
+    if not isinstance(update, DTensor):
+        return _zeropower_via_newtonschulz(update, ns_coefficients, ns_steps, eps)
+    whole = _zeropower_via_newtonschulz(update.full_tensor(), ns_coefficients, ns_steps, eps)
+    # src_data_rank=None: every rank cuts its own rows from its own copy, no communication
+    return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
+
+
+class ShardedMuon(torch.optim.Muon):
+    """torch.optim.Muon whose Newton-Schulz sees the whole matrix when the parameter is sharded."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, buffers = [], [], []
+            self._init_group(group, params, grads, buffers)
+            lr, momentum = float(group["lr"]), group["momentum"]
+            for param, grad, buffer in zip(params, grads, buffers):
+                # B <- μ·B + (1 - μ)·G  (on the local shard)
+                buffer.lerp_(grad, 1 - momentum)
+                # U = (1 - μ)·G + μ·B  (Nesterov) or B
+                update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+                # O = NS(U) of the whole matrix
+                update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                # W <- (1 - lr·λ)·W - lr·adjust(A, B)·O   (param.shape is the global shape of a DTensor)
+                param.mul_(1 - lr * group["weight_decay"])
+                param.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], param.shape))
+        return loss
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """One optimizer over a ShardedMuon part and an AdamW part (either may be absent).
+
+    param_groups are the parts' own group dicts (Muon's first), so a learning-rate change reaches
+    them; the parts share this object's `state`, so state_dict()/load_state_dict() (and DCP's
+    get_/set_optimizer_state_dict) cover both.
+    """
+
+    def __init__(self, muon_params, adamw_params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
+                 momentum=MUON_MOMENTUM, adjust_lr_fn=MUON_ADJUST_LR, adamw_betas=MUON_ADAMW_BETAS, adamw_eps=ADAMW_EPS):
+        muon_params, adamw_params = list(muon_params), list(adamw_params)
+        if not muon_params and not adamw_params:
+            raise ValueError("MuonWithAdamW got no parameters: expected at least one trainable parameter")
+        self.parts = []
+        if muon_params:
+            self.parts.append(ShardedMuon(muon_params, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                          adjust_lr_fn=adjust_lr_fn))
+        if adamw_params:
+            self.parts.append(torch.optim.AdamW(adamw_params, lr=lr, betas=adamw_betas, eps=adamw_eps,
+                                                weight_decay=weight_decay))
+        super().__init__([group for part in self.parts for group in part.param_groups], {"lr": lr})
+        self._link_parts()
+
+    def _link_parts(self):
+        """Point every part at this optimizer's groups and state (after __init__ and load_state_dict)."""
+        start = 0
+        for part in self.parts:
+            count = len(part.param_groups)
+            part.param_groups = self.param_groups[start:start + count]
+            part.state = self.state
+            start += count
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)   # replaces self.param_groups and self.state
+        self._link_parts()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for part in self.parts:
+            part.step()
+        return loss
+
+
+def build_optimizer(model, kind="muon", lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY, grouping="official",
+                    momentum=MUON_MOMENTUM, adjust_lr_fn=MUON_ADJUST_LR):
+    """The optimizer of the trainable parameters of `model` (plain or FSDP2-sharded).
+
+    kind "muon": MuonWithAdamW with `muon_groups(model, grouping)`; kind "adamw": torch AdamW on all.
+    """
+    check_choice("optimizer kind", kind, OPTIMIZERS)
+    if kind == "adamw":
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(trainable, lr=lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=weight_decay)
+    muon, adamw = muon_groups(model, grouping)
+    return MuonWithAdamW([p for _, p in muon], [p for _, p in adamw], lr=lr, weight_decay=weight_decay,
+                         momentum=momentum, adjust_lr_fn=adjust_lr_fn)

@@ -1,0 +1,327 @@
+"""A run never loses work, never silently trains nothing, never loads a corrupt checkpoint.
+
+The output directory is a small database: only the run's own numbered checkpoints are discovered,
+resumed from or deleted; a checkpoint is complete only with its manifest and is verified before it
+is resumed from; a failed write leaves nothing behind and names the checkpoint still intact; bad
+input is refused before any model is loaded; a run that stops learning stops. Each test below is one
+fault a user met (kill, disk full, a corrupt file, a hung rank, a NaN flag, a second run into the same
+directory) and states what must happen. Tiny random models, CPU, gloo.
+"""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import distributed
+import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WEIGHTS = os.path.join("transformer", "diffusion_pytorch_model.safetensors")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    import tiny
+    root = tmp_path_factory.mktemp("tiny_models")
+    return tiny.build_tiny_hunyuan(str(root / "hunyuan")), tiny.build_tiny_videoalign(str(root / "videoalign"))
+
+
+def tiny_args(tiny_models, output_dir, *flags, **overrides):
+    options = {"model_path": tiny_models[0], "reward_path": tiny_models[1], "output_dir": str(output_dir),
+               "num_steps": 2, "group_size": 2, "videos_per_rank": 2, "lr": 1e-3, "sample_every": 0,
+               "max_iterations": 1, "checkpoint_every": 1, **overrides}
+    return ["--tiny"] + [item for key, value in options.items() for item in (f"--{key}", str(value))] + list(flags)
+
+
+def run(tiny_models, output_dir, *flags, **overrides):
+    return train.main(train.parse_config(tiny_args(tiny_models, output_dir, *flags, **overrides)))
+
+
+def numbered(output_dir):
+    return sorted(d for d in os.listdir(output_dir) if distributed.CHECKPOINT_NAME.fullmatch(d))
+
+
+def iterations_logged(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line)["iteration"] for line in f]
+
+
+# ------------------------------------------------------------------------------------------------
+# 1, 2. Discovery and retention see only the run's own numbered checkpoints; a used directory is refused.
+
+def test_user_copies_of_checkpoints_are_never_resumed_from_or_deleted(tiny_models, tmp_path):
+    run(tiny_models, tmp_path, max_iterations=2)
+    import shutil
+    for copy in ("checkpoint-best", "checkpoint-000004-best", "checkpoint-zzz"):  # all sort after checkpoint-000002
+        shutil.copytree(tmp_path / "checkpoint-000002", tmp_path / copy)
+    assert distributed.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-000002")
+    run(tiny_models, tmp_path, "--resume", max_iterations=5, keep_checkpoints=1)
+    assert numbered(tmp_path) == ["checkpoint-000005"]                  # resumed from 2, trained 3..5
+    assert iterations_logged(tmp_path) == [1, 2, 3, 4, 5]
+    for copy in ("checkpoint-best", "checkpoint-000004-best", "checkpoint-zzz"):
+        assert os.path.isfile(tmp_path / copy / WEIGHTS)                # the user's copies are untouched
+
+
+def test_a_second_fresh_run_into_a_used_directory_is_refused_before_any_work(tiny_models, tmp_path):
+    run(tiny_models, tmp_path, max_iterations=2)
+    before = load_file(str(tmp_path / "checkpoint-000002" / WEIGHTS))
+    with pytest.raises(ValueError, match=r"already holds a run \(checkpoint-000001, checkpoint-000002, "
+                                                r"metrics.jsonl\): add --resume to continue it, --overwrite"):
+        run(tiny_models, tmp_path, max_iterations=2)
+    after = load_file(str(tmp_path / "checkpoint-000002" / WEIGHTS))
+    assert all(torch.equal(before[k], after[k]) for k in before) and iterations_logged(tmp_path) == [1, 2]
+    # --overwrite starts afresh: the old rows and checkpoints are gone, not mixed in
+    (tmp_path / "checkpoint-000002.tmp").mkdir()                        # and a stale .tmp is cleaned
+    run(tiny_models, tmp_path, "--overwrite", max_iterations=1)
+    assert numbered(tmp_path) == ["checkpoint-000001"] and iterations_logged(tmp_path) == [1]
+    assert not (tmp_path / "checkpoint-000002.tmp").exists()
+
+
+def test_a_resumed_run_does_not_repeat_metrics_rows(tiny_models, tmp_path):
+    run(tiny_models, tmp_path, max_iterations=2, checkpoint_every=2)
+    with open(tmp_path / "metrics.jsonl", "a") as f:                    # a row logged after the last checkpoint,
+        f.write(json.dumps({"iteration": 3, "reward_mean": 0.0}) + "\n")  # then the run was killed
+    run(tiny_models, tmp_path, "--resume", max_iterations=4, checkpoint_every=2)
+    assert iterations_logged(tmp_path) == [1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. A run that cannot learn stops, and says why.
+
+def test_a_run_whose_every_reward_fails_stops_and_names_the_cause(tiny_models, tmp_path, monkeypatch):
+    import reward
+    forward = reward.VideoAlignReward.forward
+
+    def broken(self, frames, prompts, **kwargs):  # a reward model that fails on every video
+        return {k: v * float("nan") for k, v in forward(self, frames, prompts, **kwargs).items()}
+    monkeypatch.setattr(reward.VideoAlignReward, "forward", broken)
+    with pytest.raises(RuntimeError, match=r"no optimizer update in the last 3 iterations \(--max_failed_iterations "
+                                             r"3\): every reward failed \(NaN\)"):
+        run(tiny_models, tmp_path, max_iterations=50, max_failed_iterations=3, checkpoint_every=100)
+    assert iterations_logged(tmp_path) == [1, 2, 3] and numbered(tmp_path) == []  # nothing saved as if trained
+
+
+def test_a_run_whose_loss_is_never_finite_stops_and_names_the_cause(tiny_models, tmp_path, monkeypatch):
+    import grpo
+    clipped_policy_loss = grpo.clipped_policy_loss
+    monkeypatch.setattr(grpo, "clipped_policy_loss",
+                        lambda *a, **k: (lambda loss, stats: (loss * float("nan"), stats))(*clipped_policy_loss(*a, **k)))
+    with pytest.raises(RuntimeError, match=r"last 2 iterations .*: the loss or the gradient was not finite"):
+        run(tiny_models, tmp_path, max_iterations=50, max_failed_iterations=2, checkpoint_every=100)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. A corrupt newest checkpoint: named, skipped, and the previous one resumed.
+
+def corrupt(path, how):
+    if how == "truncated weights":
+        data = (path / WEIGHTS).read_bytes()
+        (path / WEIGHTS).write_bytes(data[:len(data) // 2])
+    elif how == "bytes changed, same size":
+        data = bytearray((path / WEIGHTS).read_bytes())
+        data[len(data) // 2:len(data) // 2 + 64] = os.urandom(64)
+        (path / WEIGHTS).write_bytes(bytes(data))
+    elif how == "truncated rng":
+        (path / "rng.pt").write_bytes((path / "rng.pt").read_bytes()[:10])
+    elif how == "truncated optimizer":
+        shard = next(p for p in (path / "optimizer").iterdir() if p.suffix == ".distcp")
+        shard.write_bytes(shard.read_bytes()[:20])
+    elif how == "NaN weights, manifest rewritten":  # written by something else, yet complete: NaN is corruption too
+        weights = load_file(str(path / WEIGHTS))
+        next(iter(weights.values())).view(-1)[0] = float("nan")
+        save_file(weights, str(path / WEIGHTS))
+        distributed.write_manifest(str(path))
+
+
+@pytest.mark.parametrize("how, reason", [
+    ("truncated weights", r"diffusion_pytorch_model.safetensors has \d+ bytes, the manifest says \d+"),
+    ("bytes changed, same size", r"diffusion_pytorch_model.safetensors: SHA-256 differs from the manifest"),
+    ("truncated rng", r"rng.pt has 10 bytes"),
+    ("truncated optimizer", r"optimizer/.*\.distcp has 20 bytes"),
+    ("NaN weights, manifest rewritten", r"tensor .* holds NaN or inf"),
+])
+def test_resume_skips_a_corrupt_newest_checkpoint_names_it_and_continues_from_the_previous(
+        how, reason, tiny_models, tmp_path, capsys):
+    run(tiny_models, tmp_path, max_iterations=2)
+    corrupt(tmp_path / "checkpoint-000002", how)
+    capsys.readouterr()
+    run(tiny_models, tmp_path, "--resume", max_iterations=3)
+    out = capsys.readouterr().out
+    assert "resume: skipping checkpoint-000002: " in out and __import__("re").search(reason, out), out
+    assert f"resuming {tmp_path / 'checkpoint-000001'}" in out
+    assert numbered(tmp_path) == ["checkpoint-000002", "checkpoint-000003"]  # 2 rewritten from 1, then 3
+    distributed.verify_checkpoint(str(tmp_path / "checkpoint-000002"))        # the rewritten one is sound
+    assert iterations_logged(tmp_path) == [1, 2, 3]
+
+
+def test_resume_with_no_sound_checkpoint_is_an_error_that_lists_each(tiny_models, tmp_path):
+    run(tiny_models, tmp_path, max_iterations=2)
+    corrupt(tmp_path / "checkpoint-000001", "truncated weights")
+    corrupt(tmp_path / "checkpoint-000002", "truncated rng")
+    with pytest.raises(RuntimeError, match=r"no checkpoint in .* verifies: .*checkpoint-000002/rng.pt has 10 bytes.*"
+                                             r"checkpoint-000001/transformer/diffusion_pytorch_model.safetensors has"):
+        run(tiny_models, tmp_path, "--resume", max_iterations=3)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. A write that fails (disk full) says so, names the intact checkpoint, and leaves no partial files.
+
+@pytest.mark.parametrize("where", ["safetensors", "torch.save"])
+def test_a_checkpoint_write_that_fails_removes_its_partial_files_and_names_the_intact_one(
+        where, tiny_models, tmp_path, monkeypatch):
+    run(tiny_models, tmp_path, max_iterations=1)
+    if where == "safetensors":
+        import safetensors.torch
+
+        def disk_full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    else:  # what torch.save says when the disk fills in the middle of a zip write (here: of rng.pt)
+        save = torch.save
+
+        def torn(obj, file, *args, **kwargs):
+            if str(file).endswith("rng.pt"):
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+            return save(obj, file, *args, **kwargs)
+        monkeypatch.setattr(torch, "save", torn)
+    with pytest.raises(RuntimeError, match=r"checkpoint-000002 could not be written \((OSError: \[Errno 28\] No space "
+                                             r"left on device|RuntimeError: \[enforce fail).*the newest intact checkpoint "
+                                             r"is .*checkpoint-000001"):
+        run(tiny_models, tmp_path, "--resume", max_iterations=2)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-000001", "curves.png", "metrics.jsonl", "tiny_hunyuan",
+                                            "tiny_videoalign"] or numbered(tmp_path) == ["checkpoint-000001"]
+    assert not (tmp_path / "checkpoint-000002.tmp").exists()
+    distributed.verify_checkpoint(str(tmp_path / "checkpoint-000001"))
+
+
+# ------------------------------------------------------------------------------------------------
+# 6, 3, 8. Bad input: one clear error before any model is loaded.
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "nan"], r"--lr must be a finite number, got nan"),
+    (["--cfg_scale", "nan"], r"--cfg_scale must be a finite number"),
+    (["--beta_start", "nan"], r"--beta_start must be a finite number"),
+    (["--clip_range", "-1"], r"--clip_range must be > 0, got -1.0"),
+    (["--shift", "-1"], r"--shift must be > 0, got -1.0"),
+    (["--beta_end=-1e-5"], r"--beta_end must be >= 0"),
+])
+def test_a_bad_number_is_refused_before_any_model_is_loaded(flags, message, tmp_path, monkeypatch):
+    monkeypatch.setattr(distributed, "setup", lambda *a, **k: pytest.fail("reached the process group"))
+    with pytest.raises(ValueError, match=message):
+        train.main(train.parse_config(["--tiny", "--output_dir", str(tmp_path), "--group_size", "2"] + flags))
+
+
+def test_a_wrong_reward_path_and_an_unwritable_output_dir_are_refused_before_any_model(tiny_models, tmp_path,
+                                                                                       monkeypatch):
+    monkeypatch.setattr(distributed, "setup", lambda *a, **k: pytest.fail("reached the process group"))
+    args = ["--model_path", tiny_models[0], "--group_size", "2"]
+    with pytest.raises(ValueError, match=r"--reward_path .* is not a VideoAlign \(VideoReward\) directory: "
+                                                r"expected model_config.json"):
+        train.main(train.parse_config(args + ["--reward_path", tiny_models[0], "--output_dir", str(tmp_path)]))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match=r"--output_dir .*a_file/run' is not writable"):
+        train.main(train.parse_config(args + ["--reward_path", tiny_models[1], "--output_dir", str(tmp_path / "a_file" / "run")]))
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("p.txt", b"a cat\n\xff\xfe dog\n", r"p.txt' line 2: not UTF-8 text"),
+    ("p.jsonl", b'{"prompt": "a cat"}\n{"text": "a dog"}\n', r"p.jsonl' line 2: expected an object with a string 'prompt'"),
+    ("p.jsonl", b'{"prompt": "a cat"}\n{"prompt": \n', r"p.jsonl' line 2: not JSON"),
+    ("folder.txt", None, r"folder.txt' is a directory: expected a .txt, .csv or .jsonl file"),
+])
+def test_prompt_file_errors_name_the_file_and_the_line(name, content, message, tmp_path):
+    if content is None:
+        (tmp_path / name).mkdir()
+    else:
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        train.load_prompts(str(tmp_path / name))
+
+
+def test_an_error_on_two_ranks_is_printed_once_without_a_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", "--tiny", "--lr", "nan", "--output_dir", str(tmp_path)],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.count("train.py: error: --lr must be a finite number, got nan") == 1, done.stderr[-3000:]
+    assert 'train.py", line' not in done.stderr  # no traceback from our code (torchrun adds its own summary)
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. Preemption and long intervals: SIGTERM writes a checkpoint; time-based checkpoints.
+
+def test_sigterm_writes_a_checkpoint_and_the_run_resumes_from_it(tiny_models, tmp_path):
+    process = subprocess.Popen([sys.executable, "train.py"] + tiny_args(tiny_models, tmp_path, max_iterations=1000,
+                                                                        checkpoint_every=1000),
+                               cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "metrics.jsonl").exists() or not iterations_logged(tmp_path):
+        assert process.poll() is None and time.time() < deadline, process.stdout.read()[-3000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, out[-3000:]
+    (checkpoint,) = numbered(tmp_path)
+    assert "SIGTERM: " in out and checkpoint in out
+    stopped = int(checkpoint.split("-")[1])
+    assert 1 <= stopped < 1000 and iterations_logged(tmp_path)[-1] == stopped
+    run(tiny_models, tmp_path, "--resume", max_iterations=stopped + 1, checkpoint_every=1000)
+    assert iterations_logged(tmp_path) == list(range(1, stopped + 2))
+
+
+def test_time_based_checkpoints_are_written_between_the_iteration_based_ones(tiny_models, tmp_path):
+    run(tiny_models, tmp_path, max_iterations=3, checkpoint_every=100, checkpoint_every_minutes=1e-6,
+        keep_checkpoints=5)
+    assert numbered(tmp_path) == ["checkpoint-000001", "checkpoint-000002", "checkpoint-000003"]
+
+
+def test_a_finished_run_prints_where_everything_went_and_no_fsdp_view_warning(tiny_models, tmp_path, capsys, recwarn):
+    run(tiny_models, tmp_path, max_iterations=2)
+    out = capsys.readouterr().out
+    assert "done: 2 iterations, 2 updates (0 skipped); reward_mean" in out
+    assert f"checkpoint  {tmp_path / 'checkpoint-000002'}" in out and "curves.png" in out
+    assert not [w for w in recwarn if "returned a view tensor" in str(w.message)]
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. A hung rank: the others fail after --collective_timeout_minutes, with a message that says so.
+
+def test_a_hung_rank_fails_the_run_after_the_collective_timeout_with_a_clear_message(tiny_models, tmp_path):
+    import psutil
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                "train.py"] + tiny_args(tiny_models, tmp_path, max_iterations=1000, checkpoint_every=1000,
+                                                        group_size=4, collective_timeout_minutes=0.15),
+                               cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stopped = None
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "metrics.jsonl").exists() or not iterations_logged(tmp_path):
+            assert process.poll() is None and time.time() < deadline, process.stdout.read()[-3000:]
+            time.sleep(0.05)
+        workers = [p for p in psutil.Process(process.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+        stopped = workers[0]
+        stopped.send_signal(signal.SIGSTOP)                             # rank 1 hangs
+        started, lines, waited = time.time(), [], None
+        for line in process.stdout:                                     # until torchrun exits
+            lines.append(line)
+            if waited is None and "a collective failed" in line:
+                waited = time.time() - started
+                stopped.kill()                                          # spare torchrun its 30 s SIGTERM grace
+        process.wait(timeout=60)
+        out = "".join(lines)
+    finally:
+        if stopped is not None and stopped.is_running():
+            stopped.kill()
+        process.kill()
+    assert process.returncode != 0
+    assert "a collective failed on rank 0" in out and "another rank is hung or dead" in out, out[-3000:]
+    assert "--collective_timeout_minutes 0.15" in out
+    assert waited is not None and waited < 90  # the 9 s timeout (plus the iteration in flight), not 30 minutes
