@@ -59,6 +59,7 @@ import torch
 
 import model
 import sde
+import tiny
 from toy import video_world as world
 
 CACHE_DIR = Path(__file__).resolve().parent / "out"
@@ -172,7 +173,8 @@ def world_tokenizer():
     from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import format_text_input
 
     system_message, crop_start = _system_prompt()
-    tokenizer = model.tiny_qwen_tokenizer()
+    tokenizer = tiny.byte_level_qwen2_tokenizer(["<|im_start|>", "<|im_end|>"])
+    tokenizer.chat_template = tiny.TINY_CHAT_TEMPLATE
 
     def prefix_length():
         # tokens before the user's text: template a marker prompt and find where it starts
