@@ -12,8 +12,8 @@ import sde
 from toy import video_world as world
 from toy import video_world_pretrain as world_pretrain
 
-N = math.prod(world.WORLD_LATENT_SHAPE)   # elements of one latent video (1280)
-SQUARE_NORM = math.sqrt(world.WORLD_LATENT_SHAPE[1] * world.OBJECT_SIZE ** 2)   # ‖V‖: 5 frames x 4 pixels, unit colour
+N = math.prod(world.WORLD_LATENT_SHAPE)   # elements of one latent video (192)
+SQUARE_NORM = math.sqrt(world.WORLD_LATENT_SHAPE[1] * world.OBJECT_SIZE ** 2)   # ‖V‖: 3 frames x 4 pixels, unit colour
 
 
 def template(prompt, start, amplitude=1.0):
@@ -25,17 +25,18 @@ def template(prompt, start, amplitude=1.0):
 # The manifold and its distance.
 
 def test_templates_are_the_prompt_squares_with_the_stated_norm():
-    # hand-built: a red square moving right from (3, 1) covers rows 3-4 and columns 1+t, 2+t at frame t
-    video = template("a red square moving right", (3, 1), amplitude=2.0)
+    # hand-built: a red square moving right from (1, 0) covers rows 1-2 and columns t, 1+t at frame t
+    video = template("a red square moving right", (1, 0), amplitude=2.0)
     for t in range(world.WORLD_LATENT_SHAPE[1]):
         expected = torch.zeros(world.WORLD_LATENT_SHAPE[2:], dtype=torch.float64)
-        expected[3:5, 1 + t:3 + t] = 1.0
+        expected[1:3, t:2 + t] = 1.0
         for c in range(4):
             assert torch.equal(video[c, t], 2.0 * 0.5 * expected)   # red = (½, ½, ½, ½)
     assert video.norm().item() == pytest.approx(2.0 * SQUARE_NORM)
-    assert len(world.start_positions("right")) == 21 and len(world.start_positions("up")) == 21
-    with pytest.raises(ValueError, match="leaves the 8x8 frame"):
-        template("a red square moving right", (0, 3))
+    assert world.start_positions("right").tolist() == [[0, 0], [1, 0], [2, 0]]
+    assert world.start_positions("up").tolist() == [[2, 0], [2, 1], [2, 2]]
+    with pytest.raises(ValueError, match="leaves the 4x4 frame"):
+        template("a red square moving right", (0, 1))
 
 
 def test_world_videos_lie_exactly_on_the_manifold():
@@ -43,19 +44,20 @@ def test_world_videos_lie_exactly_on_the_manifold():
     x = world.sample_videos(prompts, torch.Generator().manual_seed(0), dtype=torch.float64)
     assert world.distance_to_manifold(x).max().item() < 1e-12
     assert world.distance_to_manifold(x, prompts).max().item() < 1e-12
-    # the data's scale: RMS ≈ 0.3, the unit scale of the N(0, I) noise (not 1e-3, not 100)
-    assert 0.2 < x.pow(2).mean().sqrt().item() < 0.4
+    # the data's scale: RMS a/4 ∈ [0.5, 0.75] (the square, elements ±a/2, covers 1/4 of each frame), the unit
+    # scale of the N(0, I) noise (not 1e-3, not 100)
+    assert 0.5 < x.pow(2).mean().sqrt().item() < 0.75
 
 
 @given(st.integers(0, 2 ** 31 - 1), st.floats(0.0, 0.1), st.floats(world.AMPLITUDE_MIN, world.AMPLITUDE_MAX))
 def test_distance_of_an_orthogonal_perturbation_is_its_rms(seed, delta, amplitude):
     # x = a·V + δ√N·u with ‖u‖ = 1, u ⊥ V: the nearest point is a·V (u has no component along V), at RMS
     # distance δ, as long as no other point of M is nearer. The nearest other template overlaps V in at most
-    # 10 of its 20 elements, so ‖aV − bV'‖² ≥ 20(a² − ab + b²) ≥ 15a² ≥ 60: other points are ≥ 7.7 from a·V,
-    # and δ√N ≤ 0.1·35.8 = 3.6 < 7.7 / 2.
+    # 6 of its 12 pixels, so ‖aV − bV'‖² ≥ 12(a² − ab + b²) ≥ 9a² ≥ 36: other points are ≥ 6 from a·V,
+    # and δ√N ≤ 0.1·13.9 = 1.4 < 6 / 2.
     generator = torch.Generator().manual_seed(seed)
     prompts = [world.WORLD_PROMPTS[seed % len(world.WORLD_PROMPTS)]]
-    V = template(prompts[0], world.start_positions(world.parse_prompt(prompts[0]).direction)[seed % 21])
+    V = template(prompts[0], world.start_positions(world.parse_prompt(prompts[0]).direction)[seed % 3])
     u = torch.randn(V.shape, generator=generator, dtype=torch.float64)
     u = u - (u * V).sum() / (V * V).sum() * V   # Gram-Schmidt against V
     u = u / u.norm()
@@ -69,7 +71,7 @@ def test_distance_of_an_orthogonal_perturbation_is_its_rms(seed, delta, amplitud
 @pytest.mark.parametrize("amplitude", [world.AMPLITUDE_MAX + 0.5, world.AMPLITUDE_MAX + 2.0, world.AMPLITUDE_MIN - 0.5])
 def test_distance_outside_the_amplitude_range_is_the_overshoot(amplitude):
     # a·V with a outside [a_min, a_max]: nearest point clamp(a)·V, distance |a − clamp(a)|·‖V‖/√N
-    V = template("a blue square moving down", (1, 4))
+    V = template("a blue square moving down", (0, 1))
     clamped = min(max(amplitude, world.AMPLITUDE_MIN), world.AMPLITUDE_MAX)
     distance = world.distance_to_manifold((amplitude * V)[None]).item()
     assert distance == pytest.approx(abs(amplitude - clamped) * SQUARE_NORM / math.sqrt(N), abs=1e-12)
@@ -115,19 +117,64 @@ def test_distance_to_the_prompts_own_part_is_at_least_the_distance_to_the_world(
 
 
 # ----------------------------------------------------------------------------------------------
+# The exact denoiser.
+
+@pytest.mark.parametrize("sigma", [0.02, 0.3, 0.7, 0.97])
+@pytest.mark.parametrize("conditional", [True, False])
+def test_posterior_mean_matches_numerical_integration(sigma, conditional):
+    # independent computation: E[x_0 | x_σ] = ∫ a·V_k p(x_σ | k, a) / ∫ p(x_σ | k, a), summed over the templates
+    # and integrated over a ∈ [a_min, a_max] by the midpoint rule on 4000 points (no Gaussian algebra, no Φ)
+    generator = torch.Generator().manual_seed(int(sigma * 100) + conditional)
+    prompts = list(world.WORLD_PROMPTS[:4])
+    x0 = world.sample_videos(prompts, generator, dtype=torch.float64)
+    x = (1 - sigma) * x0 + sigma * torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+    edges = torch.linspace(world.AMPLITUDE_MIN, world.AMPLITUDE_MAX, 4001, dtype=torch.float64)
+    grid = (edges[1:] + edges[:-1]) / 2                                  # (A,)
+    expected = []
+    for b, prompt in enumerate(prompts):
+        videos = [template(p, start) for p in (world.WORLD_PROMPTS if not conditional else [prompt])
+                  for start in world.start_positions(world.parse_prompt(p).direction)]
+        V = torch.stack(videos).flatten(1)                                # (K, N)
+        means = (1 - sigma) * grid[None, :, None] * V[:, None, :]         # (K, A, N)  (1 − σ)·a·V_k
+        log_p = -((x[b].flatten() - means) ** 2).sum(-1) / (2 * sigma ** 2)   # (K, A)
+        w = torch.softmax(log_p.flatten(), 0).view_as(log_p)
+        expected.append(torch.einsum("ka,a,kn->n", w, grid, V).view(world.WORLD_LATENT_SHAPE))
+    got = world.posterior_mean(x, torch.full((len(prompts),), sigma), prompts if conditional else None)
+    assert torch.allclose(got, torch.stack(expected), atol=1e-4)
+
+
+def test_ideal_velocity_sampled_with_the_worlds_settings_lands_on_the_manifold():
+    # the sampler of the world's settings (steps, shift, CFG scale) is not what keeps a policy off M: with
+    # the exact velocity its ODE samples lie on their prompt's part of M
+    prompts = list(world.WORLD_PROMPTS) * 2
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(len(prompts), *world.WORLD_LATENT_SHAPE, generator=generator, dtype=torch.float64)
+    sigmas = sde.shifted_sigmas(world.WORLD_NUM_STEPS, world.WORLD_SHIFT).clamp(max=1 - 1e-9)
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        sigma = sigma.expand(len(prompts))
+        unconditional, conditional = world.ideal_velocity(x, sigma), world.ideal_velocity(x, sigma, prompts)
+        # v = v_uncond + s·(v_cond − v_uncond);  x_{σ'} = x_σ + (σ' − σ)·v
+        velocity = unconditional + world.WORLD_GUIDANCE_SCALE * (conditional - unconditional)
+        x = x + (sigma_next - sigma).view(-1, 1, 1, 1, 1) * velocity
+    scores = world.WorldReward()(x, prompts)
+    assert world.distance_to_manifold(x, prompts).max().item() < 1e-2
+    assert scores["alignment"].min().item() > 0.99
+
+
+# ----------------------------------------------------------------------------------------------
 # The reward.
 
 @pytest.mark.parametrize("prompt, start, centre", [
-    ("a red square moving right", (3, 1), (3.5, 3.5)),    # the central start
-    ("a red square moving right", (0, 0), (0.5, 2.5)),    # a corner: the largest distance, √(3² + 1²)
-    ("a green square moving down", (1, 5), (3.5, 5.5)),
-    ("a yellow square moving up", (4, 2), (2.5, 2.5)),
+    ("a red square moving right", (1, 0), (1.5, 1.5)),    # the central start
+    ("a red square moving right", (0, 0), (0.5, 1.5)),    # an edge: the largest distance, 1
+    ("a green square moving down", (0, 2), (1.5, 2.5)),
+    ("a yellow square moving up", (2, 1), (1.5, 1.5)),
 ])
 @pytest.mark.parametrize("amplitude", [world.AMPLITUDE_MIN, 2.4, world.AMPLITUDE_MAX])
 def test_reward_components_on_the_manifold_match_their_closed_forms(prompt, start, centre, amplitude):
-    # on a·V: alignment 1, brightness a/a_max, composition 1 − ‖centre at the middle frame − (3.5, 3.5)‖/√10
+    # on a·V: alignment 1, brightness a/a_max, composition 1 − ‖centre at the middle frame − (1.5, 1.5)‖/1
     scores = world.WorldReward()(template(prompt, start, amplitude)[None], [prompt])
-    composition = 1 - math.dist(centre, (3.5, 3.5)) / math.sqrt(10)
+    composition = 1 - math.dist(centre, (1.5, 1.5))
     assert scores["alignment"].item() == pytest.approx(1.0, abs=1e-6)
     assert scores["composition"].item() == pytest.approx(composition, abs=1e-6)
     assert scores["brightness"].item() == pytest.approx(amplitude / world.AMPLITUDE_MAX, abs=1e-6)
@@ -141,7 +188,7 @@ def test_reward_components_on_the_manifold_match_their_closed_forms(prompt, star
 def test_alignment_of_two_colours_is_the_cosine(a, b):
     # a·V_red + b·V_green (orthogonal colours) for the red prompt: cos = a/√(a² + b²), brightness a/a_max
     prompt = "a red square moving right"
-    x = template(prompt, (2, 1), a) + template("a green square moving left", (5, 6), b)
+    x = template(prompt, (2, 0), a) + template("a green square moving left", (0, 2), b)
     scores = world.WorldReward()(x[None], [prompt])
     assert scores["alignment"].item() == pytest.approx(a / math.hypot(a, b), abs=1e-6)
     assert scores["brightness"].item() == pytest.approx(a / world.AMPLITUDE_MAX, abs=1e-6)
@@ -164,7 +211,7 @@ def test_brightness_beyond_the_data_is_earned_only_off_the_manifold():
     prompt = "a red square moving right"
     reward = world.WorldReward()
     amplitudes = [world.AMPLITUDE_MAX, world.AMPLITUDE_MAX + 0.5, world.AMPLITUDE_MAX + 1.0, 2 * world.AMPLITUDE_MAX]
-    x = torch.stack([template(prompt, (3, 1), a) for a in amplitudes])
+    x = torch.stack([template(prompt, (1, 0), a) for a in amplitudes])
     scores = reward(x, [prompt] * len(amplitudes))
     assert scores["reward"][0].item() == pytest.approx(reward.best_on_manifold_reward(), abs=1e-6)
     assert bool((scores["reward"].diff() > 0).all()) and bool((scores["off_manifold"].diff() > 0).all())
@@ -176,9 +223,9 @@ def test_brightness_beyond_the_data_is_earned_only_off_the_manifold():
 
 def test_non_finite_latents_give_nan_reward_for_that_sample_only():
     prompts = ["a red square moving right", "a blue square moving down", "a green square moving left"]
-    starts = {"right": (3, 1), "down": (1, 3), "left": (3, 6)}
+    starts = {"right": (1, 0), "down": (0, 1), "left": (1, 2)}
     x = torch.stack([template(p, starts[world.parse_prompt(p).direction], 2.5) for p in prompts]).float()
-    x[1, 2, 3, 4, 5] = math.nan
+    x[1, 2, 1, 3, 3] = math.nan
     x[2, 0, 0, 0, 0] = math.inf
     scores = world.WorldReward()(x, prompts)
     for name, value in scores.items():
@@ -193,7 +240,7 @@ def test_reward_rejects_prompts_outside_the_world():
     with pytest.raises(ValueError, match="one prompt per sample"):
         world.WorldReward()(x, list(world.WORLD_PROMPTS[:2]))
     with pytest.raises(ValueError, match="world's latent shape"):
-        world.WorldReward()(torch.zeros(1, 4, 3, 4, 4), [world.WORLD_PROMPTS[0]])
+        world.WorldReward()(torch.zeros(1, 4, 5, 8, 8), [world.WORLD_PROMPTS[0]])
 
 
 def test_noise_scores_far_below_the_data():
@@ -209,10 +256,10 @@ def test_noise_scores_far_below_the_data():
 # Pictures.
 
 def test_rendered_colours_are_the_prompt_colours(tmp_path):
-    x = torch.stack([template("a blue square moving down", (1, 3), 3.0), template("a yellow square moving up", (4, 0), 1.5)])
+    x = torch.stack([template("a blue square moving down", (0, 2), 3.0), template("a yellow square moving up", (2, 0), 1.5)])
     rgb = world.latents_to_rgb(x)                                  # (B, F, H, W, 3)
     assert torch.allclose(rgb[0, 0, 1, 3], torch.tensor(world.COLOURS["blue"][1], dtype=torch.float64))
-    assert torch.allclose(rgb[1, 4, 0, 0], 0.5 * torch.tensor(world.COLOURS["yellow"][1], dtype=torch.float64))
+    assert torch.allclose(rgb[1, 2, 0, 0], 0.5 * torch.tensor(world.COLOURS["yellow"][1], dtype=torch.float64))
     assert rgb[0, 0, 0, 0].abs().max().item() == 0.0               # background is black
     path = world.render_latents(x, tmp_path / "world.png", prompts=["blue", "yellow"], titles=["r=1", "r=2"])
     assert path.stat().st_size > 1000

@@ -76,16 +76,17 @@ import torch
 # ----------------------------------------------------------------------------------------------
 # The world's geometry (each constant: why this value).
 
-# Pixel video size the trainer passes (train.py --num_frames/--height/--width): with the tiny VAE's
-# 2x temporal / 4x spatial compression, latent_shape(9, 32, 32) = (4, 5, 8, 8).
-WORLD_NUM_FRAMES = 9
-WORLD_HEIGHT = 32
-WORLD_WIDTH = 32
-# (C, F, H, W): 4 latent channels (the tiny HunyuanVideo-1.5 VAE), 5 latent frames, 8x8 latent pixels
-# = 320 video tokens: small enough for CPU GRPO, room for 21 start positions per direction.
-WORLD_LATENT_SHAPE = (4, 5, 8, 8)
-# Side of the square in latent pixels, and its speed in latent pixels per latent frame. Over 5 frames
-# it travels 4 pixels, so 3 x 7 = 21 starts keep it inside the 8x8 frame.
+# Pixel video size the trainer passes (train.py --num_frames/--height/--width): the tiny model's default
+# video (tiny.TINY_NUM_FRAMES x TINY_HEIGHT x TINY_WIDTH); with the tiny VAE's 2x temporal / 4x spatial
+# compression, latent_shape(5, 16, 16) = (4, 3, 4, 4).
+WORLD_NUM_FRAMES = 5
+WORLD_HEIGHT = 16
+WORLD_WIDTH = 16
+# (C, F, H, W): 4 latent channels (the tiny HunyuanVideo-1.5 VAE), 3 latent frames, 4x4 latent pixels
+# = 48 video tokens: a cold pretraining of minutes and a GRPO step of a second on a CPU.
+WORLD_LATENT_SHAPE = (4, 3, 4, 4)
+# Side of the square in latent pixels, and its speed in latent pixels per latent frame. Over 3 frames
+# it travels 2 pixels, so 3 starts (one row or column of 3) keep it inside the 4x4 frame.
 OBJECT_SIZE = 2
 SPEED = 1
 # Range of the amplitude a of the data (uniform). Elements inside the square are ±a/2.
@@ -304,6 +305,66 @@ def project(latents, prompts=None):
 def distance_to_manifold(latents, prompts=None):
     """dist(x, M) = min over the manifold of ‖x − y‖/√N (RMS per element).  (B, C, F, H, W) -> Tensor[B]."""
     return project(latents, prompts).distance
+
+
+# ----------------------------------------------------------------------------------------------
+# The exact denoiser: the velocity a perfectly trained flow-matching model has.
+
+def _log_normal_mass(alpha, beta):
+    """log(Φ(β) − Φ(α)) for α ≤ β, accurate in both tails (the upper tail mirrored to the lower one)."""
+    upper = alpha > 0
+    # Φ(β) − Φ(α) = Φ(−α) − Φ(−β)
+    alpha, beta = torch.where(upper, -beta, alpha), torch.where(upper, -alpha, beta)
+    log_beta, log_alpha = torch.special.log_ndtr(beta), torch.special.log_ndtr(alpha)
+    return log_beta + torch.log1p(-torch.exp(log_alpha - log_beta).clamp(max=1 - 1e-16))
+
+
+def posterior_mean(latents, sigma, prompts=None):
+    """x̂_0 = E[x_0 | x_σ] under the world's data, exactly.  latents (B, C, F, H, W) x_σ; sigma (B,) in (0, 1);
+    prompts: B world prompts (the conditional data), or None (all prompts equally likely: the unconditional
+    data, what classifier-free guidance's empty prompt stands for).  Returns (B, C, F, H, W) float64.
+
+    x_σ = c·a·V_k + σ·ε with c = 1 − σ. For a template k, the likelihood is Gaussian in a,
+
+        p(x_σ | k, a) ∝ exp(−‖x_σ − c·a·V_k‖²/(2σ²)) ∝ exp(⟨x_σ, V_k⟩²/(2σ²‖V_k‖²)) · N(a; m_k, s²),
+        m_k = ⟨x_σ, V_k⟩/(c‖V_k‖²),   s = σ/(c‖V_k‖),
+
+    so with the prior a ~ U[a_min, a_max] (α, β = (a_min − m_k)/s, (a_max − m_k)/s) the template's evidence is
+    w_k ∝ exp(⟨x_σ, V_k⟩²/(2σ²‖V_k‖²))·s·(Φ(β) − Φ(α)), and a | k, x_σ is a truncated normal of mean
+
+        E[a | k, x_σ] = m_k + s·(φ(α) − φ(β))/(Φ(β) − Φ(α)),     x̂_0 = Σ_k w_k·E[a | k, x_σ]·V_k / Σ_k w_k.
+    """
+    x = _flatten(latents)                                          # (B, N)
+    sigma = torch.as_tensor(sigma, dtype=torch.float64).flatten()
+    if sigma.shape != (x.shape[0],) or not bool(((sigma > 0) & (sigma < 1)).all()):
+        raise ValueError(f"sigma must be ({x.shape[0]},) with values in (0, 1), got {sigma.tolist()}")
+    templates = world_templates()
+    V = templates.videos                                           # (M, N)
+    norm = V.norm(dim=1)                                           # (M,)  ‖V_k‖
+    dots = x @ V.T                                                 # (B, M)  ⟨x_σ, V_k⟩
+    s_, c = sigma[:, None], 1 - sigma[:, None]                     # (B, 1)
+    m = dots / (c * norm ** 2)                                     # (B, M)  m_k
+    s = s_ / (c * norm)                                            # (B, M)  std of a given k
+    alpha, beta = (AMPLITUDE_MIN - m) / s, (AMPLITUDE_MAX - m) / s
+    log_mass = _log_normal_mass(alpha, beta)                       # log(Φ(β) − Φ(α))
+    log_w = dots ** 2 / (2 * s_ ** 2 * norm ** 2) + torch.log(s) + log_mass
+    if prompts is not None:
+        own = templates.prompt[None, :] == prompt_indices(prompts)[:, None]   # (B, M)
+        log_w = log_w.masked_fill(~own, -math.inf)
+    w = torch.softmax(log_w, dim=1)                                # (B, M)
+    log_phi = lambda z: -z ** 2 / 2 - 0.5 * math.log(2 * math.pi)
+    # E[a | k] = m + s·(φ(α) − φ(β))/(Φ(β) − Φ(α)), clamped against round-off to the prior's support
+    amplitude = (m + s * (torch.exp(log_phi(alpha) - log_mass) - torch.exp(log_phi(beta) - log_mass)))
+    amplitude = amplitude.clamp(AMPLITUDE_MIN, AMPLITUDE_MAX)
+    return ((w * amplitude) @ V).view(latents.shape)
+
+
+def ideal_velocity(latents, sigma, prompts=None):
+    """v*(x_σ) = E[ε − x_0 | x_σ] = (x_σ − x̂_0)/σ: the minimiser of the flow-matching loss (the Monte-Carlo
+    target ε − x_0 averaged over every x_0 that could have made x_σ).  Shapes as posterior_mean."""
+    x = latents.detach().to("cpu", torch.float64)
+    sigma = torch.as_tensor(sigma, dtype=torch.float64).flatten()
+    return (x - posterior_mean(latents, sigma, prompts)) / sigma.view(-1, 1, 1, 1, 1)
 
 
 # ----------------------------------------------------------------------------------------------

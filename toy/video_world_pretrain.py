@@ -208,15 +208,23 @@ def conditioning(embeds, prompt_index, drop):
         negative_embeds_2=rows.negative_embeds_2, negative_mask_2=rows.negative_mask_2)
 
 
-def flow_matching_loss(transformer, x0, sigma, noise, prompt_embeds):
-    """E‖v_θ(x_σ, σ) − (ε − x_0)‖² over elements.  x0, noise: (B, C, F, H, W); sigma: (B,)."""
+def flow_matching_loss(transformer, x0, sigma, noise, prompt_embeds, prompts):
+    """E‖v_θ(x_σ, σ) − v*(x_σ)‖² over elements, v* = E[ε − x_0 | x_σ] (video_world.ideal_velocity).
+
+    x0, noise: (B, C, F, H, W); sigma: (B,); prompts: B world prompts, None for a row trained unconditionally.
+    """
     s = sigma.view(-1, 1, 1, 1, 1)
     # x_σ = (1 − σ)·x_0 + σ·ε
     x_sigma = (1 - s) * x0 + s * noise
     # v_θ exactly as the trainer computes it (conditional branch alone at guidance scale 1)
     velocity = model.cfg_velocity(transformer, x_sigma, sigma, prompt_embeds, guidance_scale=1.0)
-    # target v = ε − x_0
-    return (velocity - (noise - x0)).pow(2).mean()
+    # target v* = E[ε − x_0 | x_σ, prompt]: the conditional one, or the unconditional one for dropped rows
+    target = world.ideal_velocity(x_sigma, sigma, [p or world.WORLD_PROMPTS[0] for p in prompts])
+    dropped = torch.tensor([p is None for p in prompts])
+    if bool(dropped.any()):
+        target[dropped] = world.ideal_velocity(x_sigma[dropped], sigma[dropped])
+    # σ²‖v_θ − v*‖² = ‖x̂_0,θ − x̂_0*‖²: the error of the predicted clean video (x̂_0 = x_σ − σ·v)
+    return (s * (velocity - target.float())).pow(2).mean()
 
 
 def shifted(u, shift):
@@ -244,10 +252,11 @@ def pretrain(policy, config, verbose=False, callback=None):
         amplitude = world.AMPLITUDE_MIN + (world.AMPLITUDE_MAX - world.AMPLITUDE_MIN) * torch.rand(
             config.batch_size, generator=generator)
         x0 = (amplitude[:, None] * x0).view(config.batch_size, *world.WORLD_LATENT_SHAPE)   # (B, C, F, H, W)
-        sigma = shifted(torch.rand(config.batch_size, generator=generator), config.shift)
+        sigma = shifted(torch.rand(config.batch_size, generator=generator), config.shift).clamp(1e-3, 1 - 1e-3)
         noise = torch.randn(x0.shape, generator=generator)
         drop = torch.rand(config.batch_size, generator=generator) < config.p_uncond
-        loss = flow_matching_loss(transformer, x0, sigma, noise, conditioning(embeds, prompt_index, drop))
+        prompts = [None if d else world.WORLD_PROMPTS[p] for p, d in zip(prompt_index.tolist(), drop.tolist())]
+        loss = flow_matching_loss(transformer, x0, sigma, noise, conditioning(embeds, prompt_index, drop), prompts)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
