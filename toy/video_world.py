@@ -7,8 +7,9 @@ unknowable; here both are closed forms, so "the policy left the manifold" is a n
 
 The world lives in latent space
 -------------------------------
-A "video" is a latent (C, F, H, W) = WORLD_LATENT_SHAPE = (4, 5, 8, 8): what the tiny VAE (4 latent
-channels, 2x temporal, 4x spatial compression) makes of a 9-frame 32x32 video. The VAE is random, so
+A "video" is a latent (C, F, H, W) = WORLD_LATENT_SHAPE = (4, 3, 4, 4): what the tiny VAE (4 latent
+channels, 2x temporal, 4x spatial compression) makes of the tiny model's default 5-frame 16x16 video
+(48 video tokens: a cold pretraining of minutes and a GRPO step of seconds on a CPU). The VAE is random, so
 decoded pixels mean nothing: the world, its distance and its reward are defined on the latent itself
 (the trainer hands the reward latents: `WorldReward.input = "latents"`).
 
@@ -19,10 +20,11 @@ at (y0, x0) and moving one latent pixel per latent frame in the prompt's directi
                      0       elsewhere.
 
 The prompt fixes colour and direction ("a red square moving right"); the start position (any that
-keeps the square inside all frames: 21 per direction) and a ~ U[a_min, a_max] are random. The four
+keeps the square inside all frames: 3 per direction, a row or a column) and a ~ U[a_min, a_max] are random. The four
 colours are orthonormal (rows of a 4x4 Hadamard matrix / 2), so every colour touches every channel,
 like a real latent. Inside the square an element is ±a/2 ∈ ±[1, 1.5]; the RMS of a whole video is
-≈ 0.3 (the square covers 1/16 of each frame), the scale of the N(0, I) noise of x_σ = (1−σ)x_0 + σε.
+a/4 ∈ [0.5, 0.75] (the square covers 1/4 of each frame), the scale of the N(0, I) noise of
+x_σ = (1−σ)x_0 + σε.
 
 The manifold and its exact distance
 -----------------------------------
@@ -32,11 +34,12 @@ With V_k the unit-amplitude video ("template") of prompt p_k at start s_k, the d
 
 For one template, ‖x − a·V‖² = ‖x‖² − 2a⟨x, V⟩ + a²‖V‖² is a convex parabola in a, so its minimiser
 on the interval is the clamped least-squares amplitude a* = clamp(⟨x, V⟩/‖V‖², a_min, a_max); the
-minimum over the finite set of templates (8 prompts x 21 starts = 168) is then exact, not a search:
+minimum over the finite set of templates (8 prompts x 3 starts = 24) is then exact, not a search:
 
-    dist(x, M) = min_k ‖x − a*_k·V_k‖ / √N,      N = C·F·H·W = 1280 elements,
+    dist(x, M) = min_k ‖x − a*_k·V_k‖ / √N,      N = C·F·H·W = 192 elements,
 
-i.e. the RMS per latent element of the residual (pure noise: ≈ 0.98; data: 0). `project` returns the
+i.e. the RMS per latent element of the residual (pure noise: ≈ 0.95; the all-zero video: a_min·‖V‖/√N
+= 0.5; data: 0). `project` returns the
 nearest point, `distance_to_manifold` the distance; `prompts=` restricts M to each sample's prompt.
 
 The reward (VideoAlign-shaped: named components, weighted total)
@@ -47,8 +50,9 @@ templates of the sample's prompt (all have the same norm, so it is the best-corr
     alignment   = ⟨x, V_k*⟩ / (‖x‖·‖V_k*‖)           text alignment (TA): cosine with the prompt's video;
                                                      1 on the prompt's part of M, 0 for another colour
     composition = 1 − ‖centre_k* − frame centre‖ / D   the square should cross the frame's centre at the
-                                                     middle frame; D = the largest such distance in M,
-                                                     so composition ∈ [0, 1] on M, 1 for the central start
+                                                     middle frame; D = the largest such distance in M
+                                                     (1 pixel), so composition ∈ {0, 1} on M: 1 for the
+                                                     central start of the 3, 0 for the two at the edges
     brightness  = ⟨x, V_k*⟩ / (‖V_k*‖²·a_max)         the fitted amplitude over a_max: ∈ [a_min/a_max, 1]
                                                      on M, UNBOUNDED above — brighter than any data video
 
@@ -56,12 +60,21 @@ templates of the sample's prompt (all have the same norm, so it is the best-corr
                                                                   + 0.5 MQ, the weights transposed)
 
 A policy can raise it honestly, on M: follow the prompt (alignment), put the square in the middle
-(composition: the data puts it anywhere, so the pretrained model does too), pick a = a_max. Beyond
+(composition: the data puts it at each of the 3 starts alike, so the pretrained model does too: ≈ 1/3
+on average), pick a = a_max. The best on-manifold reward is 1 + 0.5 + 0.5 = 2. Beyond
 that the only gain is brightness > 1, which exists only OFF the manifold (a > a_max, distance
 (a − a_max)·‖V‖/√N): reward hacking, exactly like the toy's target point outside the circle. Each
 call also returns the diagnostics `off_manifold` (dist(x, M)) and `on_manifold_reward` (the reward
 of the nearest point of M, the toy's "reward projected on the circle"), which split a gain into its
 honest and its hacked part. A sample with a non-finite element gets NaN everywhere (a failed video).
+
+The exact denoiser
+------------------
+The data is a finite mixture of templates with a uniform amplitude, so E[x_0 | x_σ] has a closed form
+(`posterior_mean`: a truncated-normal amplitude per template, templates weighted by their evidence) and
+so has the velocity v* = E[ε − x_0 | x_σ] = (x_σ − x̂_0)/σ (`ideal_velocity`), the minimiser of the
+flow-matching loss. Sampled with the world's settings, v* lands on M (tests/test_video_world.py); the
+pretraining regresses on it instead of on the noisy target ε − x_0 (video_world_pretrain.py).
 
 Pictures: `render_latents` maps each latent pixel to RGB through the colour directions (frames side
 by side, one row per sample). The pretrained policy of this world is in video_world_pretrain.py;
