@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the repository's modules (model, sde, toy) when run as a script
 OUT = Path(__file__).resolve().parent / "out" / "video_world_runs"
 LAST = 3                      # iterations averaged for "after"
 ITERATIONS = 150              # per run: ~4.5 minutes on 2 CPU cores
@@ -154,6 +155,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--comparison", action="store_true", help="also run the paper's comparison (~1 hour)")
     parser.add_argument("--iterations", type=int, default=ITERATIONS)
+    parser.add_argument("--rerun", action="store_true", help="run again even where a finished run exists")
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -164,7 +166,12 @@ def main(argv=None):
         for seed in SEEDS:
             run_dir = out / f"{name(method).replace(', ', '_').replace(' ', '-')}_seed{seed}"
             print(f"{name(method)}, seed {seed} ...", flush=True)
-            rows = launch(method, seed, args.iterations, run_dir)
+            done = run_dir / "metrics.jsonl"
+            rows = [json.loads(line) for line in open(done)] if done.exists() else []
+            if len(rows) == args.iterations and not args.rerun:  # a finished run is reused (--rerun: run it again)
+                rows[-1]["wall_seconds"] = rows[-1]["unix_time"] - rows[0]["unix_time"]  # first to last iteration
+            else:
+                rows = launch(method, seed, args.iterations, run_dir)
             results.setdefault(name(method), []).append(summary(rows))
             if method is HEADLINE:
                 headline_rows[seed] = rows
