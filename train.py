@@ -29,6 +29,9 @@ both local directories; nothing is ever downloaded):
         --rdzv_backend c10d --rdzv_endpoint $MASTER_ADDR:29500 train.py --model_path ... (same flags)
     # no weights, CPU: the same code on random tiny models built on the fly (gloo backend)
     torchrun --standalone --nproc_per_node 2 train.py --tiny --num_steps 4 --max_iterations 4 --output_dir runs/tiny
+    # no weights, CPU, and it learns: the synthetic video world (toy/video_world.py), ~5 minutes
+    torchrun --standalone --nproc_per_node 2 train.py --world --num_steps 8 --optimizer adamw --lr 2e-4 \\
+        --group_size 8 --videos_per_rank 8 --max_iterations 150 --output_dir runs/world
     # resume from the newest complete checkpoint in output_dir (same flags, plus --resume)
     torchrun --standalone --nproc_per_node 8 train.py ... --resume
     # will it fit? per-GPU memory by component and time per iteration (plan.py; no weights, no GPU)
