@@ -490,7 +490,7 @@ def _read_model_config(path):
 # ----------------------------------------------------------------------------------------------
 # What a training reward offers train.py (VideoAlignReward does; so does any reward added later).
 #   components   the names of its scores, e.g. ("vq", "mq", "ta")
-#   weights      one weight per component: reward = Σ_k w_k·score_k, computed by the reward itself
+#   weights      {component: weight}: reward = Σ_k w_k·score_k, computed by the reward itself
 #                (the one place the weights are applied; train.py only reads scores["reward"])
 #   input        "frames" (decoded video, (B, F, 3, H, W) in [0, 1]) or "latents" ((B, C, F, H, W))
 #   __call__(videos, prompts) -> {component: (B,), "reward": (B,), ...}; NaN marks a failed video
@@ -562,7 +562,7 @@ class VideoAlignReward(nn.Module):
         self.rm_head = rm_head  # nn.Linear(D, N), N = 1 or 3
         self.tokenizer = tokenizer
         self.means, self.stds = tuple(float(m) for m in means), tuple(float(s) for s in stds)  # float64, any dtype
-        self.weights = tuple(float(w) for w in weights)
+        self.weights = dict(zip(DIMENSIONS, (float(w) for w in weights)))  # {"vq": w_vq, "mq": w_mq, "ta": w_ta}
         self.sample_fps, self.target_frames = sample_fps, target_frames
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.template = template
@@ -726,8 +726,8 @@ class VideoAlignReward(nn.Module):
         stds = torch.tensor(self.stds, dtype=raw.dtype, device=raw.device)
         normalised = (raw - means) / stds  # r̃_k = (r_k − mean_k) / std_k
         scores = {name: normalised[:, k] for k, name in enumerate(DIMENSIONS)}
-        w_vq, w_mq, w_ta = self.weights
-        scores["reward"] = w_vq * scores["vq"] + w_mq * scores["mq"] + w_ta * scores["ta"]
+        # reward = w_vq·VQ + w_mq·MQ + w_ta·TA
+        scores["reward"] = sum(self.weights[name] * scores[name] for name in DIMENSIONS)
         return scores
 
     @torch.no_grad()

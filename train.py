@@ -309,7 +309,6 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
                                            anchor=anchor_module)
     reward_model = reward.load_training_reward(cfg.reward, reward_path, device=device, dtype=compute_dtype,
                                                weight_items=cfg.reward_weights)
-    weights = reward.parse_weights(cfg.reward_weights, *reward.training_reward_components(cfg.reward))
 
     group_size, videos_per_rank = cfg.group_size, cfg.videos_per_rank
     videos_per_iteration = layout.dp_size * videos_per_rank  # the sp ranks of a group hold the same videos
@@ -333,7 +332,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
               f"latent {tuple(latent_shape)}, {sum(p.numel() for p in trainable) / 1e6:.3g}M trainable, "
               f"{'resuming ' + checkpoint if checkpoint else 'from ' + model_path}\n"
               f"  shift {cfg.shift:g} ({sources['shift']}), CFG scale {cfg.cfg_scale:g} ({sources['cfg_scale']}), "
-              f"reward = " + " + ".join(f"{w:g}·{k}" for k, w in zip(reward_model.components, weights)),
+              f"reward = " + " + ".join(f"{w:g}·{k}" for k, w in reward_model.weights.items()),
               flush=True)
 
     bar = tqdm(range(state["iteration"], cfg.max_iterations), disable=rank != 0, initial=state["iteration"],
