@@ -14,6 +14,22 @@ which `clipped_policy_loss` masks out, and it is counted in `reward_stats`. (The
 such rewards into 0, which silently drags the group mean down and rewards every other member: we
 do not.) A group whose valid rewards are all equal carries no signal: A = 0 exactly.
 
+Several rewards (`--reward videoalign=1 clipscore=0.5`). With rewards r^1..r^R and weights w_k there
+are two ways to reach one advantage per sample, and `--reward_normalization` picks one:
+
+    total       A = norm( Σ_k w_k·r^k )                        normalise the weighted sum (one-reward GRPO)
+    per_reward  A = norm( Σ_k w_k·norm(r^k) )                   normalise each reward in its group first,
+                                                                 then the sum once more (GDPO-style)
+
+where norm is the group normalisation above (the inner ones without the clamp). `per_reward` is the
+default: the rewards are on unrelated scales (VideoAlign's normalised scores vs CLIPScore's 100·cos)
+and their spreads differ from group to group, so in `total` a weight means little: the reward with
+the wider spread in that group dominates. After the per-reward normalisation each reward has unit
+spread in every group and w_k is its share of the advantage; and two samples that win on different
+rewards no longer collapse onto the same advantage (the GDPO argument). A sample whose reward failed
+in any reward with a non-zero weight is excluded from every reward's statistics. With one reward there
+is nothing to decouple: both modes are the plain GRPO advantage.
+
 Clipped loss. For sample i at its trained step t, with ratio ρ = exp(log p_θ - log p_old):
 
     loss_it = S_t · max(-A_i·ρ, -A_i·clip(ρ, 1 - ε_clip, 1 + ε_clip))
@@ -67,6 +83,28 @@ def group_advantages(rewards, group_size, clip=ADVANTAGE_CLIP, eps=ADVANTAGE_EPS
     advantages = advantages.clamp(-clip, clip)
     advantages = torch.where(valid, advantages, torch.full_like(advantages, float("nan")))
     return advantages.view(-1).to(rewards.dtype if rewards.is_floating_point() else torch.float32)
+
+
+def decoupled_advantages(rewards, weights, group_size, clip=ADVANTAGE_CLIP, eps=ADVANTAGE_EPS):
+    """per_reward mode (module docstring): A = norm(Σ_k w_k·norm(r^k)).
+
+    rewards: Tensor[R, B], one row per reward (NaN = failed); weights: R numbers. Returns Tensor[B]
+    (NaN = excluded). A row with weight 0 is ignored (logged only, never optimised)."""
+    rewards = torch.as_tensor(rewards).double()
+    weights = [float(w) for w in weights]
+    if rewards.ndim != 2 or rewards.shape[0] != len(weights):
+        raise ValueError(f"rewards must be Tensor[R, B] with one row per weight ({len(weights)}), "
+                         f"got shape {tuple(rewards.shape)}")
+    used = [k for k, w in enumerate(weights) if w]
+    if not used:
+        raise ValueError("every reward weight is 0: nothing to optimise")
+    # a sample is valid only if every optimised reward scored it; the others are NaN in every row
+    valid = torch.isfinite(rewards[used]).all(dim=0)                         # (B,)
+    combined = torch.zeros(rewards.shape[1], dtype=torch.float64)
+    for k in used:
+        row = torch.where(valid, rewards[k], torch.full_like(rewards[k], float("nan")))
+        combined += weights[k] * group_advantages(row, group_size, clip=float("inf"), eps=eps)  # Σ w_k·norm(r^k)
+    return group_advantages(combined, group_size, clip, eps)
 
 
 def reward_stats(rewards, group_size):

@@ -494,6 +494,8 @@ def _read_model_config(path):
 #                (the one place the weights are applied; train.py only reads scores["reward"])
 #   input        "frames" (decoded video, (B, F, 3, H, W) in [0, 1]) or "latents" ((B, C, F, H, W))
 #   __call__(videos, prompts) -> {component: (B,), "reward": (B,), ...}; NaN marks a failed video
+#                (CLIPScore / PickScore: no components, and __call__ returns the (B,) score itself)
+# Several rewards are summed with weights by RewardMix (`--reward videoalign=1 clipscore=0.5`).
 
 def parse_weights(items, components, defaults):
     """Weights from `name=value` strings, e.g. ["ta=2"] -> (0.5, 0.5, 2.0) for components (vq, mq, ta)
@@ -512,13 +514,18 @@ def parse_weights(items, components, defaults):
     return tuple(weights[name] for name in components)
 
 
-TRAINING_REWARDS = ("videoalign", "world")
+TRAINING_REWARDS = ("videoalign", "clipscore", "pickscore", "world")
+# The train.py flag that holds each training reward's local directory (the world's reward needs none).
+REWARD_PATH_FLAGS = {"videoalign": "reward_path", "clipscore": "clip_path", "pickscore": "pickscore_path"}
 
 
 def training_reward_components(name):
-    """(components, default weights) of a training reward, without loading it (for flag checks)."""
+    """(components, default weights) of a training reward, without loading it (for flag checks).
+    CLIPScore and PickScore are one number each: no components (their total is their score)."""
     if name == "videoalign":
         return DIMENSIONS, DEFAULT_WEIGHTS
+    if name in ("clipscore", "pickscore"):
+        return (), ()
     if name == "world":
         from toy import video_world
         return video_world.WorldReward.components, tuple(video_world.DEFAULT_WEIGHTS[c]
@@ -526,16 +533,112 @@ def training_reward_components(name):
     raise ValueError(f"unknown reward {name!r}: expected one of {TRAINING_REWARDS}")
 
 
-def load_training_reward(name, path="", device="cpu", dtype=torch.float32, weight_items=()):
-    """The reward train.py optimises, with the interface above. name: "videoalign" (the checkpoint at
-    `path`) or "world" (the synthetic video world's exact reward, toy/video_world.py; no checkpoint).
-    weight_items: "name=value" strings (`--reward_weights`), applied by the reward itself."""
+def parse_reward_specs(items):
+    """`--reward` items -> {name: weight}: "videoalign" (weight 1) or "clipscore=0.5". At least one
+    reward, each once, finite weights, not all zero (a zero weight logs a reward without optimising it)."""
+    if isinstance(items, str):
+        items = [items]
+    if not items:
+        raise ValueError(f"--reward needs at least one of {list(TRAINING_REWARDS)}, e.g. --reward videoalign")
+    specs = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if name not in TRAINING_REWARDS:
+            raise ValueError(f"--reward {item!r}: expected name or name=weight with name one of {list(TRAINING_REWARDS)}")
+        if name in specs:
+            raise ValueError(f"--reward names {name!r} twice: give each reward once")
+        try:
+            specs[name] = float(value) if sep else 1.0
+        except ValueError:
+            raise ValueError(f"--reward {item!r}: {value!r} is not a number") from None
+        if not math.isfinite(specs[name]):
+            raise ValueError(f"--reward {item!r}: expected a finite weight, found {value!r}")
+    if not any(specs.values()):
+        raise ValueError(f"--reward {' '.join(items)}: every weight is 0, nothing would be optimised")
+    return specs
+
+
+def split_component_weights(items, names):
+    """`--reward_weights` items -> {reward name: its items}: each `component=value` goes to the reward that
+    has that component. Component names are unique across the training rewards (vq/mq/ta, alignment/...)."""
+    owner = {c: name for name in names for c in training_reward_components(name)[0]}
+    split = {name: [] for name in names}
+    for item in items:
+        component = item.partition("=")[0]
+        if component not in owner:
+            raise ValueError(f"reward weight {item!r}: expected name=value with name a component of "
+                             f"{' / '.join(names)}: {list(owner)}")
+        split[owner[component]].append(item)
+    return split
+
+
+def load_training_reward(name, path="", device="cpu", dtype=torch.float32, weight_items=(), processor_path=None):
+    """One reward train.py can optimise, with the interface above. name: "videoalign" (the checkpoint at
+    `path`), "clipscore" / "pickscore" (a CLIP / PickScore directory at `path`, its processor at
+    `processor_path` if elsewhere) or "world" (the synthetic video world's exact reward, toy/video_world.py;
+    no checkpoint). weight_items: "component=value" strings (`--reward_weights`), applied by the reward itself."""
     components, defaults = training_reward_components(name)
     weights = parse_weights(weight_items, components, defaults)
     if name == "videoalign":
         return VideoAlignReward.from_pretrained(path, device=device, dtype=dtype, weights=weights)
+    if name in ("clipscore", "pickscore"):
+        return (ClipScore if name == "clipscore" else PickScore).from_pretrained(
+            path, processor_path=processor_path, device=device, dtype=dtype)
     from toy import video_world
     return video_world.WorldReward(dict(zip(components, weights)))
+
+
+class RewardMix:
+    """Several training rewards and their weights: total = Σ_r w_r·reward_r (`--reward videoalign=1 clipscore=0.5`).
+
+    Called as mix(frames, latents, prompts): each reward gets the input it declares (decoded frames or
+    final latents). Returns {each reward's components, each reward's total under its name (when there
+    are several), its diagnostics, "reward": the weighted total}, every value (B,). A sample for which
+    a reward with a non-zero weight failed (NaN) gets a NaN total, so it is excluded and counted as today;
+    a reward with weight 0 is only logged. With one reward, the output is that reward's own, unchanged.
+    """
+
+    def __init__(self, rewards, weights):
+        self.rewards, self.weights = dict(rewards), dict(weights)  # {name: model}, {name: weight}
+        self.names = tuple(self.rewards)
+        many = len(self.names) > 1
+        # logged per sample: the components of every reward, then (with several) each reward's total
+        self.components = tuple(c for r in self.rewards.values() for c in r.components) + (self.names if many else ())
+        self.diagnostics = tuple(d for r in self.rewards.values() for d in getattr(r, "diagnostics", ()))
+        self.needs_frames = any(r.input == "frames" for r in self.rewards.values())
+
+    def formula(self):
+        """The total as a readable sum, e.g. "1·videoalign(0.5·vq + 0.5·mq + 1·ta) + 0.5·clipscore"."""
+        def one(name):
+            parts = " + ".join(f"{w:g}·{c}" for c, w in self.rewards[name].weights.items())
+            return f"{name}({parts})" if parts else name
+        if len(self.names) == 1:
+            return one(self.names[0]).partition("(")[2].rstrip(")") or self.names[0]
+        return " + ".join(f"{self.weights[n]:g}·{one(n)}" for n in self.names)
+
+    def __call__(self, frames, latents, prompts):
+        scores = {}
+        for name, model in self.rewards.items():
+            out = model(frames if model.input == "frames" else latents, prompts)
+            out = out if isinstance(out, dict) else {"reward": out}  # CLIPScore / PickScore: one (B,) score
+            scores.update({k: v for k, v in out.items() if k != "reward"})
+            scores[name] = out["reward"]
+        if len(self.names) == 1:
+            scores["reward"] = scores.pop(self.names[0])
+            return scores
+        # r = Σ_r w_r·reward_r over the rewards with a non-zero weight (NaN in any of them: NaN)
+        scores["reward"] = sum(w * scores[n].float() for n, w in self.weights.items() if w)
+        return scores
+
+
+def load_training_rewards(specs, paths, device="cpu", dtype=torch.float32, weight_items=(), processor_paths=None):
+    """RewardMix of `specs` ({name: weight}, parse_reward_specs); paths: {name: directory} per reward that
+    needs one; weight_items: `--reward_weights`, each sent to the reward owning that component."""
+    split = split_component_weights(weight_items, tuple(specs))
+    rewards = {name: load_training_reward(name, paths.get(name, ""), device, dtype, split[name],
+                                          (processor_paths or {}).get(name))
+               for name in specs}
+    return RewardMix(rewards, specs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -775,6 +878,8 @@ class ClipScore(nn.Module):
     image processor and tokenizer when they live elsewhere (PickScore_v1 uses the processor of
     laion/CLIP-ViT-H-14-laion2B-s32B-b79K).
     """
+
+    input, components, weights = "frames", (), {}  # as a training reward: one number, of decoded frames
 
     def __init__(self, model, image_processor, tokenizer, num_frames=CLIP_NUM_FRAMES):
         super().__init__()

@@ -47,7 +47,9 @@ def tiny_model_paths(root, **paths):
     the user chose); an empty one is built once under `root` (root/tiny_<name>) and reused after.
     Call on one process only (train.py: rank 0). Returns {name: path}.
     """
-    builders = {"hunyuan": build_tiny_hunyuan, "videoalign": build_tiny_videoalign, "clip": build_tiny_clip}
+    # clipscore / pickscore: the training rewards' names for a CLIP model (train.py --reward)
+    builders = {"hunyuan": build_tiny_hunyuan, "videoalign": build_tiny_videoalign, "clip": build_tiny_clip,
+                "clipscore": build_tiny_clip, "pickscore": build_tiny_clip}
     resolved = {}
     for name, path in paths.items():
         if name not in builders:

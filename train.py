@@ -4,8 +4,10 @@ One iteration, straight through (the banners in `main` follow it):
 
     ROLLOUT    G videos per prompt with a stochastic transition kernel (`--kernel sage`); a group may span ranks;
                every sample has its own seed, a function of (seed, iteration, global sample index)
-    REWARD     decode, score with VideoAlign: r = w_vq·VQ + w_mq·MQ + w_ta·TA (NaN = failed video)
-    ADVANTAGE  all-gather the rewards, group statistics over the whole group (grpo.group_advantages)
+    REWARD     decode, score with VideoAlign: r = w_vq·VQ + w_mq·MQ + w_ta·TA (NaN = failed video); or several
+               rewards summed with weights (`--reward videoalign=1 pickscore=0.5`, reward.RewardMix)
+    ADVANTAGE  all-gather the rewards, group statistics over the whole group (grpo.group_advantages; with
+               several rewards each is normalised first by default, grpo.decoupled_advantages)
     UPDATE     equalized clipped policy loss + β·dual KL over the trained denoising steps (all N in a
                per-sample random order by default), gradients accumulated over those steps;
                `--updates_per_rollout` optimizer updates per rollout; a non-finite loss or gradient
@@ -94,6 +96,12 @@ class Config:
     """local diffusers-format HunyuanVideo-1.5 directory (transformer/, vae/, text_encoder/, ...); never downloaded"""
     reward_path: str = ""
     """local VideoAlign (VideoReward) checkpoint directory; never downloaded"""
+    clip_path: str = ""
+    """local CLIP directory, for --reward clipscore (e.g. openai/clip-vit-large-patch14, saved locally)"""
+    pickscore_path: str = ""
+    """local PickScore directory, for --reward pickscore (yuvalkirstain/PickScore_v1, saved locally)"""
+    pickscore_processor_path: str = ""
+    """its image processor + tokenizer (PickScore_v1 uses laion/CLIP-ViT-H-14-laion2B-s32B-b79K's); empty = pickscore_path"""
     prompts: str = "prompts/example.txt"
     """prompt file: .txt (one per line), .csv (column `prompt`) or .jsonl ({"prompt": ...})"""
     output_dir: str = "runs/sage_grpo"
@@ -175,14 +183,22 @@ class Config:
     text_encoder_offload: bool = False
     """keep the text encoders (Qwen2.5-VL-7B: 15 GB bf16) on CPU, on the GPU only while encoding prompts; our choice"""
     # --- reward
-    reward: str = "videoalign"
-    """the reward optimised: videoalign (the paper's, --reward_path) | world (the synthetic world's, with --world)"""
+    reward: list[str] = dataclasses.field(default_factory=lambda: ["videoalign"])
+    """the rewards optimised, each name or name=weight: videoalign (the paper's, --reward_path) | clipscore
+    (--clip_path) | pickscore (--pickscore_path) | world (the synthetic world's, with --world, its default). Several
+    are summed with their weights, e.g. --reward videoalign=1 clipscore=0.5, and each is logged by name; a weight
+    of 0 logs a reward without optimising it"""
+    reward_normalization: str = "per_reward"
+    """with several rewards: per_reward (normalise each in its group, then the weighted sum: the weights are shares
+    of the advantage whatever the rewards' scales, GDPO-style) | total (normalise the weighted sum: a reward's
+    weight is multiplied by its spread); with one reward both are the paper's advantage (grpo.py)"""
     reward_input: str = "frames"
     """frames: the decoded frames go to the reward model as they are | mp4: first through an in-memory 8-bit H.264
     mp4 (24 fps, crf 25, yuv420p), as the official code scores saved videos (reward.mp4_round_trip)"""
     reward_weights: list[str] = dataclasses.field(default_factory=list)
     """name=value per reward component to reweight, e.g. --reward_weights ta=2; unnamed components keep the
-    reward's defaults (VideoAlign: vq=0.5 mq=0.5 ta=1.0, paper setting B / official reward_weights)"""
+    reward's defaults (VideoAlign: vq=0.5 mq=0.5 ta=1.0, paper setting B / official reward_weights; the world:
+    alignment=1 composition=0.5 brightness=0.5)"""
     # --- optimisation
     optimizer: str = "muon"
     """muon (official use_muon: Newton-Schulz on every 2-D weight, lr matched to AdamW's update RMS, AdamW for
@@ -264,13 +280,15 @@ def main(cfg):
 def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model_path, reward_path = cfg.model_path, cfg.reward_path
+    reward_specs = reward.parse_reward_specs(cfg.reward)  # {name: weight}
+    model_path = cfg.model_path
+    reward_paths = {name: getattr(cfg, reward.REWARD_PATH_FLAGS[name]) for name in reward_specs if name != "world"}
     if cfg.tiny:  # random tiny models in the real on-disk layouts, loaded by the same code as real ones
         if rank == 0:
-            tiny.tiny_model_paths(cfg.output_dir, hunyuan=model_path, videoalign=reward_path)
+            tiny.tiny_model_paths(cfg.output_dir, hunyuan=model_path, **reward_paths)
         dist.barrier()
-        paths = tiny.tiny_model_paths(cfg.output_dir, hunyuan=model_path, videoalign=reward_path)
-        model_path, reward_path = paths["hunyuan"], paths["videoalign"]
+        paths = tiny.tiny_model_paths(cfg.output_dir, hunyuan=model_path, **reward_paths)
+        model_path, reward_paths = paths.pop("hunyuan"), paths
     if cfg.world and not model_path:  # the world's pretrained policy: built (or read from its cache) by rank 0
         from toy import video_world
         if rank == 0:
@@ -307,8 +325,10 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
     if anchor_module is not None:
         anchor = trust_region.MovingAnchor(policy, trust_region.anchor_period_for(cfg.kl_mode, cfg.anchor_period),
                                            anchor=anchor_module)
-    reward_model = reward.load_training_reward(cfg.reward, reward_path, device=device, dtype=compute_dtype,
-                                               weight_items=cfg.reward_weights)
+    # the rewards and their weights; the total is computed by the mix (reward.RewardMix), train.py reads "reward"
+    reward_model = reward.load_training_rewards(reward_specs, reward_paths, device=device, dtype=compute_dtype,
+                                                weight_items=cfg.reward_weights,
+                                                processor_paths={"pickscore": cfg.pickscore_processor_path or None})
 
     group_size, videos_per_rank = cfg.group_size, cfg.videos_per_rank
     videos_per_iteration = layout.dp_size * videos_per_rank  # the sp ranks of a group hold the same videos
@@ -332,7 +352,8 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
               f"latent {tuple(latent_shape)}, {sum(p.numel() for p in trainable) / 1e6:.3g}M trainable, "
               f"{'resuming ' + checkpoint if checkpoint else 'from ' + model_path}\n"
               f"  shift {cfg.shift:g} ({sources['shift']}), CFG scale {cfg.cfg_scale:g} ({sources['cfg_scale']}), "
-              f"reward = " + " + ".join(f"{w:g}·{k}" for k, w in reward_model.weights.items()),
+              f"reward = {reward_model.formula()}" + (f" ({cfg.reward_normalization} normalisation)"
+                                                      if len(reward_specs) > 1 else ""),
               flush=True)
 
     bar = tqdm(range(state["iteration"], cfg.max_iterations), disable=rank != 0, initial=state["iteration"],
@@ -361,22 +382,27 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
         timer("reward")
         # this rank's share of the videos: all B, or with --sp_size a part, so that each video is scored once
         own = layout.own_rows(videos_per_rank)
-        logged = tuple(reward_model.components) + tuple(getattr(reward_model, "diagnostics", ()))
-        frames = None  # (b, F, 3, H, W) in [0, 1]; a reward of latents (the world's) needs no decoding
-        if own and reward_model.input == "frames":
+        logged = reward_model.components + reward_model.diagnostics
+        frames = None  # (b, F, 3, H, W) in [0, 1]; a reward of latents only (the world's) needs no decoding
+        if own and reward_model.needs_frames:
             frames = model.decode_latents(pipe.vae, rollout.final_latents[own])
             if cfg.reward_input == "mp4":  # the official reward input: each video as an 8-bit crf-25 mp4
                 frames = torch.stack([reward.mp4_round_trip(video) for video in frames.cpu()]).to(frames.device)
-        # {component: (b,), "reward": (b,), diagnostics...}, NaN = failed video; then shared over the sp group
-        scores = reward_model(frames if frames is not None else rollout.final_latents[own],
-                              [sample_prompts[i] for i in own]) if own else {}
+        # {component: (b,), reward name: (b,), "reward": (b,), diagnostics...}, NaN = failed video; then shared
+        # over the sp group
+        scores = reward_model(frames, rollout.final_latents[own], [sample_prompts[i] for i in own]) if own else {}
         scores = layout.gather_rows(scores, own, videos_per_rank, (*logged, "reward"), device)
         rewards = scores["reward"]  # (B,) the weighted sum, computed by the reward model
 
         # ======================================================================== ADVANTAGE
         timer("advantage")
         all_rewards = distributed.all_gather_cat(rewards, layout.dp_group)  # (dp·B,) group g = [gG, (g+1)G)
-        all_advantages = grpo.group_advantages(all_rewards, group_size, cfg.adv_clip)  # (W·B,) NaN = failed
+        if len(reward_specs) > 1 and cfg.reward_normalization == "per_reward":  # each reward normalised, then the sum
+            per_reward = torch.stack([distributed.all_gather_cat(scores[n], layout.dp_group) for n in reward_specs])
+            all_advantages = grpo.decoupled_advantages(per_reward.cpu(), list(reward_specs.values()), group_size,
+                                                       cfg.adv_clip).float().to(device)
+        else:
+            all_advantages = grpo.group_advantages(all_rewards, group_size, cfg.adv_clip)  # (W·B,) NaN = failed
         advantages = all_advantages[first:first + videos_per_rank]  # (B,) this rank's samples
         steps = trained_steps(seeds, cfg.num_steps, cfg.train_step_fraction).to(device)  # (B, K)
         pair_weights = step_weights[steps]  # (B, K) S_t of each (sample, trained step)
@@ -609,19 +635,30 @@ def _check_config(cfg, world_size):
             raise ConfigError(f"--{field.name} must be a finite number, got {value}")
         if value is not None and ((field.name in POSITIVE and not value > 0) or (field.name in NON_NEGATIVE and value < 0)):
             raise ConfigError(f"--{field.name} must be {'> 0' if field.name in POSITIVE else '>= 0'}, got {value}")
-    if cfg.reward not in reward.TRAINING_REWARDS:
-        raise ConfigError(f"unknown --reward {cfg.reward!r}: expected one of {list(reward.TRAINING_REWARDS)}")
+    if isinstance(cfg.reward, str):  # Config(reward="videoalign") from Python, as a one-item list
+        cfg = dataclasses.replace(cfg, reward=[cfg.reward])
     if cfg.world:  # the world's own model, prompts and reward unless the user gave others
         from toy import video_world
         if cfg.tiny:
             raise ConfigError("--world and --tiny are two different small worlds: give one of them")
-        cfg = dataclasses.replace(cfg, reward="world", prompts=video_world.PROMPTS_FILE if cfg.prompts == Config.prompts
+        cfg = dataclasses.replace(cfg, reward=["world"] if cfg.reward == Config().reward else cfg.reward,
+                                  prompts=video_world.PROMPTS_FILE if cfg.prompts == Config.prompts
                                   else cfg.prompts, num_frames=cfg.num_frames or video_world.WORLD_NUM_FRAMES,
                                   height=cfg.height or video_world.WORLD_HEIGHT, width=cfg.width or video_world.WORLD_WIDTH)
-    elif cfg.reward == "world":
+    try:
+        reward_specs = reward.parse_reward_specs(cfg.reward)
+        for name, items in reward.split_component_weights(cfg.reward_weights, tuple(reward_specs)).items():
+            reward.parse_weights(items, *reward.training_reward_components(name))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if "world" in reward_specs and not cfg.world:
         raise ConfigError("--reward world scores the synthetic world's latents: it needs --world (its model and prompts)")
+    if cfg.reward_normalization not in ("per_reward", "total"):
+        raise ConfigError(f"unknown --reward_normalization {cfg.reward_normalization!r}: expected one of "
+                          f"['per_reward', 'total']")
+    path_flags = [reward.REWARD_PATH_FLAGS[name] for name in reward_specs if name != "world"]
     if not (cfg.tiny or cfg.world):
-        for name in ("model_path", "reward_path"):
+        for name in ("model_path", *path_flags):
             path = getattr(cfg, name)
             if not path:
                 raise ValueError(f"--{name} is required (a local directory; weights are never downloaded), or use --tiny")
@@ -634,11 +671,14 @@ def _check_config(cfg, world_size):
             model.check_hunyuan_directory(cfg.model_path)  # every piece present (file names only, no weights read)
         except FileNotFoundError as error:
             raise ConfigError(f"--model_path: {error}") from None
-        if not os.path.isfile(os.path.join(cfg.reward_path, reward.MODEL_CONFIG_FILE)):
+        if "videoalign" in reward_specs and not os.path.isfile(os.path.join(cfg.reward_path, reward.MODEL_CONFIG_FILE)):
             raise ValueError(f"--reward_path {cfg.reward_path!r} is not a VideoAlign (VideoReward) directory: expected "
                              f"{reward.MODEL_CONFIG_FILE} and checkpoint-<step>/, found {sorted(os.listdir(cfg.reward_path))[:8]}")
     else:
-        for name in ("model_path", "reward_path"):
+        for name in path_flags if cfg.world else ():  # the world has its own model, not the other rewards'
+            if not getattr(cfg, name):
+                raise ConfigError(f"--{name} is required for --reward {' '.join(cfg.reward)} (a local directory)")
+        for name in ("model_path", *path_flags):
             if getattr(cfg, name) and not os.path.isdir(getattr(cfg, name)):
                 raise ValueError(f"--tiny --{name} {getattr(cfg, name)!r} does not exist: give an existing (tiny) "
                                  f"model directory, or leave --{name} empty to build a random tiny one in output_dir")
@@ -685,7 +725,6 @@ def _check_config(cfg, world_size):
             import peft  # noqa: F401
         except ImportError:
             raise ValueError("--lora_rank > 0 needs the optional dependency peft (pip install peft)") from None
-    reward.parse_weights(cfg.reward_weights, *reward.training_reward_components(cfg.reward))
     prompts = load_prompts(cfg.prompts)
     check_output_dir(cfg)
     if cfg.resume and not cfg.allow_config_change and distributed.latest_checkpoint(cfg.output_dir):

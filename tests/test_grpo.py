@@ -103,3 +103,63 @@ def test_invalid_arguments_raise_clear_errors():
         grpo.group_advantages(torch.zeros(2, 4), 4)
     with pytest.raises(ValueError, match="one shape"):
         grpo.clipped_policy_loss(torch.zeros(3), torch.zeros(3), torch.zeros(2), torch.ones(3))
+
+
+# ------------------------------------------------------------------------------------------------
+# Several rewards: per_reward normalisation (GDPO-style), A = norm(Σ_k w_k·norm(r^k)).
+
+def _norm(values, eps=grpo.ADVANTAGE_EPS):
+    """One group's normalisation in plain Python: (r − mean)/(pstdev + ε) over the finite members,
+    0 if they are all equal or fewer than 2, None for a failed member."""
+    import statistics
+    ok = [v for v in values if v is not None]
+    if len(ok) < 2 or max(ok) == min(ok):
+        return [None if v is None else 0.0 for v in values]
+    mean, std = statistics.fmean(ok), statistics.pstdev(ok)
+    return [None if v is None else (v - mean) / (std + eps) for v in values]
+
+
+@given(st.integers(1, 3), st.integers(2, 5), st.integers(1, 3), st.data())
+def test_per_reward_advantages_match_a_plain_python_computation(num_rewards, group_size, num_groups, data):
+    n = group_size * num_groups
+    value = st.floats(-5, 5, allow_nan=False).map(lambda x: round(x, 2))  # ties happen: equal-reward groups
+    rows = [[data.draw(st.one_of(value, st.just(None)) if k == 0 else value) for _ in range(n)]
+            for k in range(num_rewards)]
+    weights = [data.draw(st.sampled_from([0.0, 0.5, 1.0, -2.0])) for _ in range(num_rewards)]
+    assume(any(weights))
+    expected = []
+    for g in range(num_groups):
+        members = range(g * group_size, (g + 1) * group_size)
+        # a member failed if any reward with a non-zero weight failed on it (here: row 0 has the failures)
+        failed = [any(rows[k][i] is None for k in range(num_rewards) if weights[k]) for i in members]
+        combined = [0.0] * group_size
+        for k in range(num_rewards):
+            if weights[k]:
+                normed = _norm([None if failed[j] else rows[k][i] for j, i in enumerate(members)])
+                combined = [c + weights[k] * (x or 0.0) for c, x in zip(combined, normed)]
+        final = _norm([None if failed[j] else combined[j] for j in range(group_size)])
+        expected += [None if x is None else max(-grpo.ADVANTAGE_CLIP, min(grpo.ADVANTAGE_CLIP, x)) for x in final]
+    tensor = torch.tensor([[math.nan if v is None else v for v in row] for row in rows], dtype=torch.float64)
+    got = grpo.decoupled_advantages(tensor, weights, group_size)
+    for g, e in zip(got.tolist(), expected):
+        assert (math.isnan(g) and e is None) or g == pytest.approx(e, rel=1e-9, abs=1e-9), (got, expected)
+
+
+@given(st.floats(0.5, 100), st.floats(-100, 100), st.integers(0, 2 ** 31 - 1))
+def test_per_reward_advantages_ignore_each_rewards_scale_and_offset_where_total_does_not(scale, offset, seed):
+    g = torch.Generator().manual_seed(seed)
+    rewards = torch.randn(2, 8, generator=g, dtype=torch.float64)
+    rescaled = torch.stack([rewards[0] * scale + offset, rewards[1]])
+    weights = [1.0, 0.5]
+    # equal up to ε = 1e-4 in (r − mean)/(std + ε): a relative 1e-4/std, std ≥ 0.5·(a spread of 8 normals)
+    torch.testing.assert_close(grpo.decoupled_advantages(rescaled, weights, 4),
+                               grpo.decoupled_advantages(rewards, weights, 4), rtol=3e-3, atol=3e-3)
+    if abs(math.log(scale)) > 1:  # total: the weighted sum's advantages follow the rescaled reward instead
+        total = grpo.group_advantages(rescaled[0] * 1.0 + rescaled[1] * 0.5, 4)
+        assert not torch.allclose(total, grpo.decoupled_advantages(rewards, weights, 4), atol=1e-2)
+
+
+def test_per_reward_with_one_reward_is_the_grpo_advantage():
+    rewards = torch.randn(1, 12, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    torch.testing.assert_close(grpo.decoupled_advantages(rewards, [2.0], 4), grpo.group_advantages(rewards[0], 4),
+                               rtol=1e-3, atol=1e-4)  # equal up to where ε enters (ε = 1e-4 against spreads ~1)

@@ -504,3 +504,62 @@ def test_clip_bad_video_gets_nan_only(clip_path):
 def test_clip_missing_directory_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"config.json not found.*no such directory"):
         reward.ClipScore.from_pretrained(str(tmp_path / "missing"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Several training rewards (`--reward videoalign=1 pickscore=0.5`): RewardMix.
+
+def test_a_reward_mix_is_the_weighted_sum_of_each_rewards_own_scores(checkpoints, clip_path):
+    frame_lists = videos()
+    mix = reward.load_training_rewards({"videoalign": 1.0, "pickscore": -0.5, "clipscore": 0.0},
+                                       {"videoalign": checkpoints["full"], "pickscore": clip_path, "clipscore": clip_path},
+                                       weight_items=["ta=2"])
+    assert mix.components == ("vq", "mq", "ta", "videoalign", "pickscore", "clipscore")
+    assert mix.formula() == "1·videoalign(0.5·vq + 0.5·mq + 2·ta) + -0.5·pickscore + 0·clipscore"
+    scores = mix(frame_lists, None, PROMPTS)
+    # each reward on its own, loaded directly
+    alone = reward.VideoAlignReward.from_pretrained(checkpoints["full"], weights=(0.5, 0.5, 2.0))(frame_lists, PROMPTS)
+    pick = reward.PickScore.from_pretrained(clip_path)(frame_lists, PROMPTS)
+    for name in ("vq", "mq", "ta"):
+        torch.testing.assert_close(scores[name], alone[name])
+    torch.testing.assert_close(scores["videoalign"], alone["reward"])
+    torch.testing.assert_close(scores["pickscore"], pick)
+    torch.testing.assert_close(scores["reward"], alone["reward"] - 0.5 * pick, rtol=1e-5, atol=1e-5)
+    assert pick.abs().min() > 0  # the second reward really contributes
+
+
+def test_a_sample_that_an_optimised_reward_fails_is_excluded_but_not_for_a_logged_only_one(checkpoints, clip_path):
+    good = videos()[0]
+    bad = good.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    paths = {"videoalign": checkpoints["full"], "pickscore": clip_path}
+    both = reward.load_training_rewards({"videoalign": 1.0, "pickscore": 0.5}, paths)([good, bad], None, PROMPTS[:2])
+    assert torch.isfinite(both["reward"][0]) and torch.isnan(both["reward"][1])
+    # only PickScore sees a bad video: with weight 0 it is logged (NaN) and the total stays VideoAlign's
+    class Spoiled(reward.PickScore):
+        def forward(self, frames, prompts):
+            return super().forward([frames[0], bad], prompts)
+    mix = reward.load_training_rewards({"videoalign": 1.0, "pickscore": 0.0}, paths)
+    mix.rewards["pickscore"].__class__ = Spoiled
+    scores = mix([good, good], None, PROMPTS[:2])
+    assert torch.isnan(scores["pickscore"][1]) and torch.isfinite(scores["reward"]).all()
+    torch.testing.assert_close(scores["reward"], scores["videoalign"])
+
+
+@pytest.mark.parametrize("items, message", [
+    (["aesthetics"], r"--reward 'aesthetics': expected name or name=weight"),
+    (["videoalign", "videoalign=2"], r"names 'videoalign' twice"),
+    (["videoalign=0"], r"every weight is 0"),
+    (["clipscore=inf"], r"expected a finite weight"),
+    (["clipscore=x"], r"'x' is not a number"),
+])
+def test_reward_specs_are_checked(items, message):
+    with pytest.raises(ValueError, match=message):
+        reward.parse_reward_specs(items)
+
+
+def test_component_weights_go_to_the_reward_that_owns_the_component():
+    assert reward.split_component_weights(["ta=2", "brightness=0"], ("videoalign", "world")) == {
+        "videoalign": ["ta=2"], "world": ["brightness=0"]}
+    with pytest.raises(ValueError, match=r"'ta=2': expected name=value with name a component of clipscore: \[\]"):
+        reward.split_component_weights(["ta=2"], ("clipscore",))

@@ -471,6 +471,33 @@ def test_the_reward_weights_are_applied_once_by_the_reward_model(tiny_models, tm
     assert row["reward_mean"] != pytest.approx(0.5 * row["vq"] + 0.5 * row["mq"] + row["ta"], rel=1e-3)
 
 
+@pytest.mark.parametrize("normalization", ["per_reward", "total"])
+def test_two_rewards_are_logged_by_name_and_their_advantages_follow_the_normalization(normalization, tiny_models,
+                                                                                      tmp_path, monkeypatch):
+    import reward
+    seen, used = [], []
+    mix_call, loss = reward.RewardMix.__call__, grpo.clipped_policy_loss
+    monkeypatch.setattr(reward.RewardMix, "__call__", lambda self, *a: seen.append(mix_call(self, *a)) or seen[-1])
+    monkeypatch.setattr(grpo, "clipped_policy_loss", lambda lp, old, adv, *a: used.append(adv.clone()) or loss(lp, old, adv, *a))
+    run(tiny_models, tmp_path, "--reward", "videoalign=1", "pickscore=0.5", "--reward_normalization", normalization,
+        group_size=4, videos_per_rank=4)
+    (row,) = metrics(tmp_path)
+    (scores,) = seen
+    va, pick = scores["videoalign"].double(), scores["pickscore"].double()
+    assert row["videoalign"] == pytest.approx(va.mean().item(), rel=1e-6)  # logged by name
+    assert row["pickscore"] == pytest.approx(pick.mean().item(), rel=1e-6)
+    assert row["reward_mean"] == pytest.approx(row["videoalign"] + 0.5 * row["pickscore"], rel=1e-5)
+    assert pick.std() > 0 and va.std() > 0
+
+    def z(x):  # one group of 4: (x − mean)/(population std + ε), written out
+        return (x - x.mean()) / (x.std(unbiased=False) + grpo.ADVANTAGE_EPS)
+    expected = z(z(va) + 0.5 * z(pick)) if normalization == "per_reward" else z(va + 0.5 * pick)
+    for advantages in used:  # every trained step of the one update sees the same advantages
+        torch.testing.assert_close(advantages.double(), expected, rtol=1e-4, atol=1e-5)
+    other = z(va + 0.5 * pick) if normalization == "per_reward" else z(z(va) + 0.5 * z(pick))
+    assert not torch.allclose(expected, other, atol=1e-2)  # the two modes really differ on these rewards
+
+
 def test_the_video_size_is_each_flag_given_else_the_tiny_or_the_official_default():
     import tiny
     assert tiny.video_size(tiny=False) == (81, 352, 624)
@@ -502,7 +529,12 @@ def _write(path, text):
     ("lora_without_peft", r"--lora_rank > 0 needs the optional dependency peft"),
     ("tiny_missing_model", r"--tiny --model_path '/nonexistent/tiny' does not exist"),
     ("nan_reward_weight", r"reward weight 'vq=nan': expected a finite number"),
-    ("unknown_reward_weight", r"reward weight 'aesthetics=1': expected name=value with name one of \['vq', 'mq', 'ta'\]"),
+    ("unknown_reward_weight", r"reward weight 'aesthetics=1': expected name=value with name a component of "
+                              r"videoalign: \['vq', 'mq', 'ta'\]"),
+    ("unknown_reward", r"--reward 'aesthetics': expected name or name=weight with name one of"),
+    ("world_reward_without_world", r"--reward world scores the synthetic world's latents: it needs --world"),
+    ("clip_reward_without_path", r"--clip_path is required for --reward world clipscore"),
+    ("unknown_normalization", r"unknown --reward_normalization 'zscore'"),
 ])
 def test_bad_input_raises_a_clear_error_before_any_work(case, message, tmp_path, monkeypatch):
     if case == "lora_without_peft":  # hide peft whether or not it is installed
@@ -527,6 +559,10 @@ def test_bad_input_raises_a_clear_error_before_any_work(case, message, tmp_path,
             "tiny_missing_model": ["--tiny", "--model_path", "/nonexistent/tiny"],
             "nan_reward_weight": ["--tiny", "--reward_weights", "vq=nan"],
             "unknown_reward_weight": ["--tiny", "--reward_weights", "aesthetics=1"],
+            "unknown_reward": ["--tiny", "--reward", "aesthetics"],
+            "world_reward_without_world": ["--tiny", "--reward", "world"],
+            "clip_reward_without_path": ["--world", "--reward", "world", "clipscore", "--videos_per_rank", "2"],
+            "unknown_normalization": ["--tiny", "--reward_normalization", "zscore"],
             }[case]
     if "--group_size" not in args:
         args += ["--group_size", "2"]  # the defaults (G = 4, 2 videos per rank) need 2 ranks
