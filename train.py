@@ -216,6 +216,11 @@ class Config:
     sp_size: int = 1
     """sequence parallelism: this many consecutive ranks hold the same videos and split each one's tokens (Ulysses,
     parallel.py); must divide the world size and the 16 heads (official sp_size 2 on 64 GPUs)"""
+    self_check: bool = False
+    """instead of training, the pre-flight check of this setup (self_check.py): one rollout, then the on-policy
+    ratio per step, bf16 vs fp32 log-probs, batched CFG vs two forwards, batch 1 vs B, the reward and a failed
+    video, the trust region's activity at β, the equalizer weights; a pass/fail table, printed and written to
+    output_dir/self_check.md; exit status 1 on a FAIL. Nothing is saved; an output_dir holding a run is untouched"""
     # --- logging and checkpoints
     checkpoint_every: int = 100
     """iterations between checkpoints (official save_interval 100); the last iteration is always saved"""
@@ -241,6 +246,18 @@ class Config:
 def sample_seed(seed, iteration, index, videos_per_iteration):
     """Seed of global sample `index` at `iteration`: independent of how samples are split over ranks."""
     return seed * 1_000_003 + iteration * videos_per_iteration + index
+
+
+def sample_rollout(cfg, policy, embeds, seeds, latent_shape, sigmas, initial_seeds=None):
+    """ROLLOUT's sampler call (the self-check makes its rollout with the same)."""
+    return model.rollout(policy, embeds, seeds, latent_shape, sigmas, cfg.kernel, cfg.eta, cfg.cfg_scale,
+                         initial_seeds=initial_seeds)
+
+
+def recompute_log_prob(cfg, transformer, embeds, transition):
+    """UPDATE's (mean, std, log-prob) of recorded transitions, with gradients (the self-check checks this call
+    against the rollout's own log-probs: the ratio at the first update must be 1)."""
+    return model.transition_log_prob(transformer, embeds, transition, cfg.kernel, cfg.eta, cfg.cfg_scale)
 
 
 def trained_steps(seeds, num_steps, fraction):
@@ -297,7 +314,8 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
         model_path = video_world.prepare_world()
     cfg, sources = resolve_sampling(cfg, model_path)  # shift and CFG scale: the checkpoint's unless given
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    checkpoint = prepare_output_dir(cfg, rank)  # the verified checkpoint to resume from, or None
+    # the verified checkpoint to resume from, or None (the self-check never deletes a run: no --overwrite for it)
+    checkpoint = prepare_output_dir(dataclasses.replace(cfg, overwrite=False) if cfg.self_check else cfg, rank)
 
     # Frozen parts (text encoders, VAE) in the compute dtype; the policy in fp32 (master weights),
     # from the checkpoint when resuming. The pipeline is loaded without its transformer: the policy's
@@ -346,6 +364,11 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
             beta_controller.load_state_dict(state["beta_controller"])
         if anchor is not None:
             anchor.last_refresh = state["anchor_last_refresh"]
+    if cfg.self_check:  # the pre-flight check on exactly this setup, instead of training
+        return run_self_check(cfg, rank, world_size, device, compute_dtype, pipe=pipe, policy=policy, anchor=anchor,
+                              optim=optim, reward_model=reward_model, prompts=prompts, sigmas=sigmas,
+                              step_weights=step_weights, layout=layout, latent_shape=latent_shape,
+                              model_path=checkpoint if checkpoint and cfg.lora_rank == 0 else model_path)
     last_save, failed_iterations = time.monotonic(), 0
     if rank == 0:
         print(f"SAGE-GRPO: world {world_size} (sp {layout.sp_size}), {videos_per_iteration} videos/iteration in groups of {group_size}, "
@@ -375,8 +398,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
         # same_noise_per_group: every member starts from the noise of its group's first member
         initial_seeds = [sample_seed(cfg.seed, iteration, (first + b) // group_size * group_size, videos_per_iteration)
                          for b in range(videos_per_rank)] if cfg.same_noise_per_group else None
-        rollout = model.rollout(policy, embeds, seeds, latent_shape, sigmas, cfg.kernel, cfg.eta, cfg.cfg_scale,
-                                initial_seeds=initial_seeds)
+        rollout = sample_rollout(cfg, policy, embeds, seeds, latent_shape, sigmas, initial_seeds)
 
         # ======================================================================== REWARD
         timer("reward")
@@ -424,14 +446,12 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
             # (16.6 GB for 8.3B) and sum 20 steps in bf16; this way they accumulate sharded, in fp32.
             for k in range(steps.shape[1]):
                 step = rollout.transitions(steps[:, k])  # the recorded transition of each sample at its k-th step
-                mean, std, log_prob = model.transition_log_prob(policy, embeds, step, cfg.kernel, cfg.eta,
-                                                                cfg.cfg_scale)
+                mean, std, log_prob = recompute_log_prob(cfg, policy, embeds, step)
                 policy_loss, stats = grpo.clipped_policy_loss(log_prob, step.log_prob, advantages, pair_weights[:, k],
                                                               cfg.clip_range)
                 if anchor is not None and k not in anchor_means:
                     with torch.no_grad():
-                        anchor_means[k], _, _ = model.transition_log_prob(anchor.anchor, embeds, step, cfg.kernel,
-                                                                          cfg.eta, cfg.cfg_scale)
+                        anchor_means[k], _, _ = recompute_log_prob(cfg, anchor.anchor, embeds, step)
                 # the step-wise term is always measured (μ_old is recorded), weighted only in its modes
                 kl, kl_terms = trust_region.dual_kl(mean, std, anchor_means.get(k), step.mean, cfg.kl_mode,
                                                     cfg.kl_anchor_weight, cfg.kl_step_weight)
@@ -557,6 +577,27 @@ class Totals:
         names = sorted(self.sums)
         summed = distributed.all_reduce(torch.tensor([self.sums[n] for n in names], dtype=torch.float64, device=device))
         return dict(zip(names, summed.tolist()))
+
+
+def run_self_check(cfg, rank, world_size, device, compute_dtype, latent_shape, **setup):
+    """--self_check: self_check.py's checks with this file's own ROLLOUT and UPDATE calls; the table is printed
+    and written to output_dir/self_check.md on rank 0. Returns 0 if no line FAILs, else 1."""
+    import self_check
+    lines, per_step, sigma_pairs = self_check.run(
+        cfg, **setup, device=device, compute_dtype=compute_dtype, rank=rank, world_size=world_size,
+        sample=lambda policy, embeds, seeds: sample_rollout(cfg, policy, embeds, seeds, latent_shape,
+                                                            setup["sigmas"]),
+        recompute=lambda transformer, embeds, step: recompute_log_prob(cfg, transformer, embeds, step),
+        seed_of=lambda b: sample_seed(cfg.seed, 0, b, cfg.videos_per_rank * world_size))
+    failed = any(line.status == "FAIL" for line in lines)
+    if rank == 0:
+        table = self_check.render(lines, per_step, sigma_pairs)
+        with open(os.path.join(cfg.output_dir, "self_check.md.tmp"), "w") as f:
+            f.write(table)
+        os.replace(os.path.join(cfg.output_dir, "self_check.md.tmp"), os.path.join(cfg.output_dir, "self_check.md"))
+        print(f"\nSelf-check ({'FAILED' if failed else 'passed'}; also in {os.path.join(cfg.output_dir, 'self_check.md')}):"
+              f"\n\n{table}", flush=True)
+    return 1 if failed else 0
 
 
 def pair_betas(cfg, controller, kl, update_step, world_size):
@@ -747,7 +788,7 @@ def check_output_dir(cfg):
     previous += [name for name in ("metrics.jsonl",) if os.path.isfile(os.path.join(cfg.output_dir, name))]
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume continues the run in output_dir and --overwrite deletes it: give one of them")
-    if previous and not (cfg.resume or cfg.overwrite):
+    if previous and not (cfg.resume or cfg.overwrite or cfg.self_check):
         raise ConfigError(f"--output_dir {cfg.output_dir!r} already holds a run ({', '.join(previous[-3:])}): add "
                           f"--resume to continue it, --overwrite to delete it and start afresh, or choose another "
                           f"--output_dir")
@@ -1045,7 +1086,9 @@ if __name__ == "__main__":
         import plan
         sys.exit(plan.main([arg for arg in sys.argv[1:] if arg != "--plan"]))
     try:
-        main(parse_config())
+        result = main(parse_config())
+        if "--self_check" in sys.argv[1:]:
+            sys.exit(result)  # 1 if a check FAILed
     except (ConfigError, RunError) as error:  # our own message: once (rank 0), without a traceback
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"train.py: error: {error}", file=sys.stderr, flush=True)
