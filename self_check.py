@@ -131,8 +131,13 @@ def run(cfg, *, pipe, policy, anchor, optim, reward_model, prompts, sigmas, step
     group_size, batch = cfg.group_size, cfg.videos_per_rank
     first = layout.dp_rank * batch
     sample_prompts = [prompts[((first + b) // group_size) % len(prompts)] for b in range(batch)]
+    text_encoders = (pipe.pipeline.text_encoder, pipe.pipeline.text_encoder_2)
+    for module in text_encoders if cfg.text_encoder_offload else ():  # as the loop: on the GPU only to encode
+        module.to(device)
     embeds = model.encode_prompts(pipe, sample_prompts, device=device, dtype=compute_dtype)
-    seeds = [seed_of(b) for b in range(batch)]
+    for module in text_encoders if cfg.text_encoder_offload else ():
+        module.to("cpu")
+    seeds = [seed_of(first + b) for b in range(batch)]  # global sample indices, as the loop's
     lines, per_step = [], {k: {} for k in range(num_steps)}
     stochastic = [k for k in range(num_steps) if step_weights[k] > 0]
 
