@@ -20,7 +20,7 @@ local directory or a hub id already in the hub cache; nothing is ever downloaded
 
     # once, on a machine with internet access: into the hub cache (HF_HUB_CACHE / HF_HOME)
     hf download hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v; hf download KwaiVGI/VideoReward
-    hf download Qwen/Qwen2-VL-2B-Instruct   # VideoReward's base model (its model_config.json names it)
+    hf download Qwen/Qwen2-VL-2B-Instruct   # VideoReward's base model, looked up by the id its model_config.json names
     # 1 GPU (one group of G = 4 videos per iteration needs 4 videos on the one rank)
     python train.py --model_path hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v --reward_path KwaiVGI/VideoReward \\
         --prompts prompts/example.txt --output_dir runs/sage --videos_per_rank 4

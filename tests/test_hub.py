@@ -30,6 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HUNYUAN_ID = "test-org/tiny-hunyuan"
 REWARD_ID = "test-org/tiny-videoreward"
 BASE_ID = "test-org/tiny-qwen2-vl"  # the reward's base model, named by hub id as in the VideoReward release
+CLIP_ID = "test-org/tiny-clip"
 REVISIONS_ID = "test-org/two-revisions"
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40  # main -> A; tag v1 -> B
 
@@ -61,7 +62,7 @@ def add_to_hub_cache(cache, repo_id, source, commit, refs=("main",)):
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     """A hub cache holding a tiny HunyuanVideo-1.5, a tiny VideoReward laid out as the hub release (model_config.json
-    + checkpoint; its base Qwen2-VL a separate hub repo, named by id), and a repo with two revisions."""
+    + checkpoint; its base Qwen2-VL a separate hub repo, named by id), a tiny CLIP and a repo with two revisions."""
     built, cache = tmp_path_factory.mktemp("built"), str(tmp_path_factory.mktemp("hub_cache"))
     add_to_hub_cache(cache, HUNYUAN_ID, tiny.build_tiny_hunyuan(str(built / "hunyuan")), COMMIT_A)
     videoalign = tiny.build_tiny_videoalign(str(built / "videoalign"))
@@ -74,6 +75,7 @@ def cache(tmp_path_factory):
     with open(config_file, "w") as f:
         json.dump(config, f)
     add_to_hub_cache(cache, REWARD_ID, videoalign, COMMIT_A)
+    add_to_hub_cache(cache, CLIP_ID, tiny.build_tiny_clip(str(built / "clip")), COMMIT_A)
     for commit, text, refs in ((COMMIT_A, "revision A", ("main",)), (COMMIT_B, "revision B", ("v1",))):
         (built / commit).mkdir()
         (built / commit / "which.txt").write_text(text)
@@ -136,6 +138,13 @@ def test_train_config_check_resolves_hub_ids_and_the_reward_finds_its_base_model
     # the reward's model_config.json names its base by hub id: found in the cache, not inside the checkpoint
     scorer = reward.VideoAlignReward.from_pretrained(REWARD_ID)
     assert scorer.model.config.text_config.hidden_size == 32  # the tiny base's
+
+
+def test_the_clip_and_pickscore_loaders_take_hub_ids(offline_cache):
+    frames, prompts = torch.rand(1, 4, 3, 32, 32, generator=torch.Generator().manual_seed(0)), ["a cat"]
+    clip = reward.ClipScore.from_pretrained(CLIP_ID)
+    pick = reward.PickScore.from_pretrained(CLIP_ID, processor_path=f"{CLIP_ID}@main")
+    assert torch.isfinite(clip(frames, prompts)).all() and torch.isfinite(pick(frames, prompts)).all()
 
 
 def test_a_revision_selects_its_own_snapshot(offline_cache):
