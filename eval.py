@@ -16,10 +16,11 @@ row per model) and output_dir/videos/<model>/<prompt>_<seed>.mp4 (a PNG frame gr
 imageio-ffmpeg is not installed). Both result files are rewritten after every model, so a failure
 later (a bad checkpoint, a kill) never loses the scores of the models already evaluated.
 
-    # real weights, one GPU (all paths local; nothing is downloaded)
-    python eval.py --model_path ckpts/HunyuanVideo-1.5-480p_t2v --reward_path ckpts/VideoReward \\
-        --clip_path ckpts/clip-vit-large-patch14 --pickscore_path ckpts/PickScore_v1 \\
-        --pickscore_processor_path ckpts/CLIP-ViT-H-14-laion2B-s32B-b79K \\
+    # real weights, one GPU: hub ids already in the hub cache (`hf download <id>` once; nothing is downloaded
+    # here) or local directories, e.g. --model_path ckpts/HunyuanVideo-1.5-480p_t2v
+    python eval.py --model_path hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v --reward_path KwaiVGI/VideoReward \\
+        --clip_path openai/clip-vit-large-patch14 --pickscore_path yuvalkirstain/PickScore_v1 \\
+        --pickscore_processor_path laion/CLIP-ViT-H-14-laion2B-s32B-b79K \\
         --checkpoints runs/sage/checkpoint-000500 --prompts prompts/example.txt --output_dir runs/eval
     # no weights, CPU: random tiny models, e.g. on the checkpoint of a `train.py --tiny` run
     python eval.py --tiny --model_path runs/tiny/tiny_hunyuan --reward_path runs/tiny/tiny_videoalign \\
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+import hub
 import model
 import reward
 import sde
@@ -46,15 +48,17 @@ from train import load_prompts, parse_config, resolve_sampling, save_video
 @dataclass
 class EvalConfig:
     model_path: str = ""
-    """local diffusers-format HunyuanVideo-1.5 directory: the base model and the frozen VAE / text encoders"""
+    """diffusers-format HunyuanVideo-1.5, the base model and the frozen VAE / text encoders: a local directory or a
+    hub id already in the hub cache (hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v); never downloaded (hub.py)"""
     reward_path: str = ""
-    """local VideoAlign (VideoReward) checkpoint directory"""
+    """VideoAlign (VideoReward) checkpoint: a local directory or a hub id in the hub cache (KwaiVGI/VideoReward)"""
     clip_path: str = ""
-    """local CLIP directory for CLIPScore (e.g. openai/clip-vit-large-patch14, saved locally)"""
+    """CLIP for CLIPScore: a local directory or a hub id in the hub cache (openai/clip-vit-large-patch14)"""
     pickscore_path: str = ""
-    """local PickScore directory (yuvalkirstain/PickScore_v1, saved locally)"""
+    """PickScore: a local directory or a hub id in the hub cache (yuvalkirstain/PickScore_v1)"""
     pickscore_processor_path: str = ""
-    """its image processor + tokenizer (PickScore_v1 uses laion/CLIP-ViT-H-14-laion2B-s32B-b79K's); empty = pickscore_path"""
+    """its image processor + tokenizer (PickScore_v1 uses laion/CLIP-ViT-H-14-laion2B-s32B-b79K's), directory or
+    hub id; empty = pickscore_path"""
     checkpoints: list[str] = field(default_factory=list)
     """transformer directories to compare with the base (a train.py checkpoint-N/ or its transformer/)"""
     prompts: str = "prompts/example.txt"
@@ -81,6 +85,9 @@ class EvalConfig:
     """width in pixels; default 624 (official 480p bucket 352x624), 16 with --tiny"""
     batch_size: int = 2
     """videos sampled per forward batch"""
+    vae_tiling: typing.Optional[bool] = None
+    """decode in overlapping 256-pixel tiles (model.set_vae_tiling), as train.py: default on with CUDA, off on CPU;
+    results.json stores the value used"""
 
 
 def transformer_dir(path):
@@ -137,10 +144,15 @@ def main(cfg):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ValueError(f"--{name} must be a finite number > 0, got {value}")
     paths = [transformer_dir(p) for p in cfg.checkpoints]
-    if not cfg.tiny:
-        for name in ("model_path", "reward_path", "clip_path", "pickscore_path"):
-            if not os.path.isdir(getattr(cfg, name)):
-                raise ValueError(f"--{name} {getattr(cfg, name)!r} is not a directory (local weights only), or use --tiny")
+    # each model a local directory, or a hub id resolved to its snapshot in the hub cache (hub.py; never
+    # downloaded); with --tiny an empty path means "build a random tiny one"
+    for name in ("model_path", "reward_path", "clip_path", "pickscore_path", "pickscore_processor_path"):
+        value = getattr(cfg, name)
+        if value or not (cfg.tiny or name == "pickscore_processor_path"):
+            try:
+                cfg = dataclasses.replace(cfg, **{name: hub.resolve_path(value, f"--{name}")})
+            except FileNotFoundError as error:
+                raise ValueError(f"{error}{'' if cfg.tiny else ', or use --tiny'}") from None
     from diffusers import HunyuanVideo15Transformer3DModel
 
     model_path, reward_path, clip_path, pick_path = cfg.model_path, cfg.reward_path, cfg.clip_path, cfg.pickscore_path
@@ -152,8 +164,6 @@ def main(cfg):
     cfg = dataclasses.replace(cfg, **dict(zip(("num_frames", "height", "width"),
                                               tiny.video_size(cfg.num_frames, cfg.height, cfg.width, cfg.tiny))))
     cfg, sources = resolve_sampling(cfg, model_path)  # shift and CFG scale: the base checkpoint's unless given
-    print(f"eval: shift {cfg.shift:g} ({sources['shift']}), CFG scale {cfg.cfg_scale:g} ({sources['cfg_scale']}), "
-          f"{cfg.num_steps} ODE steps, {cfg.num_frames} frames at {cfg.height}x{cfg.width}", flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
@@ -161,6 +171,10 @@ def main(cfg):
     pipe = model.load_hunyuan(model_path, device="cpu", dtype=dtype, load_transformer=False)
     for module in (pipe.pipeline.text_encoder, pipe.pipeline.text_encoder_2, pipe.vae):
         module.to(device)
+    cfg = dataclasses.replace(cfg, vae_tiling=model.set_vae_tiling(pipe.vae, cfg.vae_tiling))  # None: on with CUDA
+    print(f"eval: shift {cfg.shift:g} ({sources['shift']}), CFG scale {cfg.cfg_scale:g} ({sources['cfg_scale']}), "
+          f"{cfg.num_steps} ODE steps, {cfg.num_frames} frames at {cfg.height}x{cfg.width}, "
+          f"VAE tiling {'on' if cfg.vae_tiling else 'off'}", flush=True)
     videoalign = reward.VideoAlignReward.from_pretrained(reward_path, device=device, dtype=dtype)
     clip_score = reward.ClipScore.from_pretrained(clip_path, device=device, dtype=dtype)
     pick_score = reward.PickScore.from_pretrained(pick_path, processor_path=cfg.pickscore_processor_path or None,

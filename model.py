@@ -31,7 +31,8 @@ What this file does, top to bottom
 * `rollout`: N steps of any sde.py kernel from per-sample seeded noise -> `Rollout` (latents,
   log-probs, means, stds, sigmas, seeds). `transition_log_prob`: the same step's (mean, std,
   log_prob) recomputed with gradients for any per-sample step indices.
-* `decode_latents`: latents -> frames in [0, 1], (B, F, 3, H, W).
+* `decode_latents`: latents -> frames in [0, 1], (B, F, 3, H, W); `set_vae_tiling` switches the VAE's
+  spatial tiling (train.py / eval.py `--vae_tiling`, on by default on CUDA).
 
 A tiny random HunyuanVideo-1.5 in the same layout, for tests and `--tiny` runs, is built by tiny.py.
 
@@ -71,6 +72,7 @@ from diffusers import (AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteSchedu
                        HunyuanVideo15Transformer3DModel)
 from diffusers.guiders import ClassifierFreeGuidance
 
+import hub
 import sde
 
 # ----------------------------------------------------------------------------------------------
@@ -176,6 +178,7 @@ def sampling_defaults(path):
     The one source of both values: train.py and eval.py use them unless the user passes --shift or
     --cfg_scale. A directory without guider/ gets DEFAULT_GUIDANCE_SCALE.
     """
+    path = hub.resolve_path(path, "HunyuanVideo-1.5")  # a directory, or a hub id in the hub cache
     check_hunyuan_directory(path)
     scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(os.path.join(path, "scheduler"))
     if scheduler_config.get("use_dynamic_shifting", False):
@@ -192,13 +195,15 @@ def sampling_defaults(path):
 
 
 def load_hunyuan(path, device="cpu", dtype=torch.bfloat16, load_transformer=True):
-    """Load HunyuanVideo-1.5 from a local diffusers-format directory.  Returns HunyuanVideo15Policy.
+    """Load HunyuanVideo-1.5 from a diffusers-format directory.  Returns HunyuanVideo15Policy.
 
-    path:   e.g. the HunyuanVideo-1.5-Diffusers-480p_t2v directory (see README); never downloaded.
+    path:   a local directory, or a hub id (hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v) already in the
+            hub cache (hub.py); never downloaded.
     dtype:  dtype of every component (bf16 on GPU; float32 for CPU tests and parity checks).
     load_transformer: False leaves `pipeline.transformer` None, for a caller that builds the policy
             itself (train.py: read once, in fp32, on rank 0 only).
     """
+    path = hub.resolve_path(path, "HunyuanVideo-1.5")
     shift, guidance_scale = sampling_defaults(path)
     extra = {}
     if not os.path.isdir(os.path.join(path, "guider")):  # the guider only carries the CFG scale
@@ -494,6 +499,50 @@ def transition_log_prob(transformer, prompt_embeds, transition, kernel="sage", e
 
 # ----------------------------------------------------------------------------------------------
 # Decoding.
+
+# Spatial VAE tiling: diffusers' defaults for AutoencoderKLHunyuanVideo15 (256-pixel tiles overlapping by a
+# quarter), which its HunyuanVideo-1.5 pipeline example switches on with `pipe.vae.enable_tiling()`.
+VAE_TILE_SIZE = 256      # tile side in pixels (16 latent pixels with the real 16x VAE)
+VAE_TILE_OVERLAP = 0.25  # fraction of a tile shared with the next one, cross-faded linearly
+
+
+def set_vae_tiling(vae, enabled=None, tile_size=VAE_TILE_SIZE, overlap=VAE_TILE_OVERLAP):
+    """Switch spatial tiling of the VAE decoder on or off for every later `decode_latents`; returns whether it is on.
+
+    enabled: True / False, or None = on when the VAE sits on a CUDA device, off elsewhere. Untiled, the
+    decoder of the real VAE holds whole-video activations (its last level alone: 128 channels x 81 x 352 x 624
+    in bf16 = 4.5 GB per tensor) beside the policy; on a CPU (tests, --tiny, --world) frames are smaller
+    than one tile and decode exactly.
+    tile_size, overlap: the decoder runs on latent tiles of tile_size / 16 pixels (real VAE) that start every
+    (1 - overlap) tile, and neighbouring decoded tiles are cross-faded over the overlap (diffusers
+    `AutoencoderKLHunyuanVideo15.tiled_decode`; frames of at most one tile are decoded whole).
+
+    Why tiled frames differ from untiled ones at all: each tile is decoded on its own, so (1) the decoder's
+    mid-block self-attention attends over the tile instead of the whole frame, which can move any pixel a
+    little; (2) its convolutions replicate the tile's edge instead of seeing the neighbour, which changes the
+    pixels within the decoder's reach of a tile edge; the cross-fade over the overlap hides the seam (2)
+    leaves when the overlap is wider than that reach. Measured on the tiny random VAE in
+    tests/test_model.py (-k tiling) and reported in the README.
+    """
+    enabled = vae.device.type == "cuda" if enabled is None else bool(enabled)
+    if not enabled:
+        vae.disable_tiling()
+        return False
+    ratio = vae.spatial_compression_ratio
+    latent_tile = tile_size // ratio
+    # diffusers steps through the latent every int(latent_tile·(1 − overlap)) latent pixels and keeps the first
+    # tile_size − int(tile_size·overlap) pixels of each decoded tile: they must be the same length, or the
+    # assembled frame has gaps or repeated rows
+    blend = int(tile_size * overlap)
+    if tile_size % ratio or blend < 1 or int(latent_tile * (1 - overlap)) * ratio != tile_size - blend:
+        raise ValueError(f"VAE tiles of {tile_size} pixels overlapping by {overlap} do not assemble: expected a tile "
+                         f"size that is a multiple of the VAE's {ratio}x compression whose overlap is a whole number "
+                         f"of latent pixels, e.g. {VAE_TILE_SIZE} and {VAE_TILE_OVERLAP}")
+    vae.enable_tiling(tile_sample_min_height=tile_size, tile_sample_min_width=tile_size,
+                      tile_latent_min_height=latent_tile, tile_latent_min_width=latent_tile,
+                      tile_overlap_factor=overlap)
+    return True
+
 
 @torch.no_grad()
 def decode_latents(vae, latents):

@@ -53,8 +53,11 @@ The checkpoint (`VideoAlignReward.from_pretrained`)
             model.pth               the whole LoRA-wrapped model's state dict, or
             adapter_model.safetensors + non_lora_state_dict.pth  (LoRA A/B + trained non-LoRA tensors)
         Qwen2-VL-2B-Instruct/       the base model (basename of model_config.model_name_or_path, or that
-                                    path itself, or base_model_path=): config.json and tokenizer always,
-                                    its weights only for the adapter layout
+                                    path itself, or its hub snapshot when it is a hub id such as
+                                    Qwen/Qwen2-VL-2B-Instruct, or base_model_path=): config.json and
+                                    tokenizer always, its weights only for the adapter layout
+
+Both directories may be given as hub ids already in the local hub cache (hub.py; never downloaded).
 
 The LoRA deltas are merged into plain weights once at load time,
 
@@ -90,6 +93,8 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import hub
 
 logger = logging.getLogger(__name__)
 
@@ -442,23 +447,31 @@ def _read_checkpoint_tensors(checkpoint_dir):
 
 
 def _resolve_base_model(path, model_name_or_path, base_model_path):
-    """Directory of the base Qwen2-VL (config.json + tokenizer): the argument if given, else
-    `path`/model_name_or_path, `path`/basename(model_name_or_path), model_name_or_path itself."""
+    """Directory of the base Qwen2-VL (config.json + tokenizer): base_model_path if given (a directory or a
+    hub id in the hub cache), else `path`/model_name_or_path, `path`/basename(model_name_or_path),
+    model_name_or_path itself, and last, when it is a hub id (e.g. "Qwen/Qwen2-VL-2B-Instruct"), its
+    snapshot in the hub cache (hub.py; never downloaded)."""
     if base_model_path:
-        candidates = [base_model_path]
+        candidates = [hub.resolve_path(base_model_path, "base_model_path")]
     else:
         candidates = [os.path.join(path, model_name_or_path.lstrip("/")),
                       os.path.join(path, os.path.basename(model_name_or_path.rstrip("/"))), model_name_or_path]
+        if hub.parse_repo_id(model_name_or_path):
+            try:
+                candidates.append(hub.resolve_path(model_name_or_path, "base model"))
+            except FileNotFoundError:
+                pass  # not in the hub cache either: the error below says how to get it
         candidates = list(dict.fromkeys(candidates))
     for c in candidates:
         if c and os.path.isfile(os.path.join(c, "config.json")):
             return c
+    is_id = bool(hub.parse_repo_id(model_name_or_path)) and not base_model_path
+    download = (f"`hf download {model_name_or_path}` (into the hub cache)" if is_id else
+                f"`hf download Qwen/Qwen2-VL-2B-Instruct --local-dir {os.path.join(path, 'Qwen2-VL-2B-Instruct')}`")
     raise FileNotFoundError(
         f"base model {model_name_or_path!r} (model_config.json: model_name_or_path) not found: looked for "
-        f"config.json in {candidates}. Download it (weights are never downloaded by this code), e.g. "
-        f"`huggingface-cli download Qwen/Qwen2-VL-2B-Instruct "
-        f"--local-dir {os.path.join(path, 'Qwen2-VL-2B-Instruct')}`,"
-        f" or pass base_model_path=")
+        f"config.json in {candidates}{' and in the hub cache' if is_id else ''}. Download it once (this code never "
+        f"downloads) with {download}, or pass base_model_path=")
 
 
 def _read_model_config(path):
@@ -689,12 +702,15 @@ class VideoAlignReward(nn.Module):
                         base_model_path=None, step=None):
         """Load the official VideoReward directory (layout in the module docstring).
 
-        path: the directory with model_config.json and checkpoint-<step>/. base_model_path: the
-        base Qwen2-VL-2B-Instruct directory (default: model_config's model_name_or_path, looked up
-        inside `path` first). step: which checkpoint-<step> (default: the highest).
+        path: the directory with model_config.json and checkpoint-<step>/, or a hub id (KwaiVGI/VideoReward)
+        already in the hub cache (hub.py). base_model_path: the base Qwen2-VL-2B-Instruct directory or hub id
+        (default: model_config's model_name_or_path, looked up inside `path` first, then in the hub cache).
+        step: which checkpoint-<step> (default: the highest).
         """
         from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLModel
         from transformers.initialization import no_init_weights
+
+        path = hub.resolve_path(path, "VideoAlign checkpoint")
 
         data, model_cfg, lora_cfg, inference = _read_model_config(path)
         checkpoint_dir = find_checkpoint(path, step)
@@ -874,7 +890,7 @@ def _clip_frame_indices(num_frames, count):
 class ClipScore(nn.Module):
     """CLIPScore of each video: mean over sampled frames of 100·max(cos(image, text), 0).
 
-    `from_pretrained(path)`: a local transformers CLIPModel directory; `processor_path` holds the
+    `from_pretrained(path)`: a transformers CLIPModel directory or hub id (hub.py); `processor_path` holds the
     image processor and tokenizer when they live elsewhere (PickScore_v1 uses the processor of
     laion/CLIP-ViT-H-14-laion2B-s32B-b79K).
     """
@@ -889,7 +905,8 @@ class ClipScore(nn.Module):
     @classmethod
     def from_pretrained(cls, path, processor_path=None, device="cpu", dtype=torch.float32, num_frames=CLIP_NUM_FRAMES):
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
-        processor_path = processor_path or path
+        path = hub.resolve_path(path, f"{cls.__name__} model")  # a directory, or a hub id in the hub cache
+        processor_path = hub.resolve_path(processor_path, f"{cls.__name__} processor") if processor_path else path
         for d, need in ((path, "config.json"), (processor_path, "preprocessor_config.json")):
             if not os.path.isfile(os.path.join(d, need)):
                 found = sorted(os.listdir(d)) if os.path.isdir(d) else "no such directory"

@@ -17,12 +17,17 @@ One iteration, straight through (the banners in `main` follow it):
     CHECKPOINT atomic (temp dir + rename): diffusers-format transformer, optimizer, anchor, RNG,
                sampler position; `--resume` continues exactly
 
-Launch (the HunyuanVideo-1.5 480p T2V checkpoint in diffusers format and the VideoAlign checkpoint,
-both local directories; nothing is ever downloaded):
+Launch (the HunyuanVideo-1.5 480p T2V checkpoint in diffusers format and the VideoAlign checkpoint, each a
+local directory or a hub id already in the hub cache; nothing is ever downloaded, see hub.py):
 
+    # once, on a machine with internet access: into the hub cache (HF_HUB_CACHE / HF_HOME)
+    hf download hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v; hf download KwaiVGI/VideoReward
+    hf download Qwen/Qwen2-VL-2B-Instruct   # VideoReward's base model, looked up by the id its model_config.json names
     # 1 GPU (one group of G = 4 videos per iteration needs 4 videos on the one rank)
-    python train.py --model_path ckpts/HunyuanVideo-1.5-480p_t2v --reward_path ckpts/VideoReward \\
+    python train.py --model_path hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v --reward_path KwaiVGI/VideoReward \\
         --prompts prompts/example.txt --output_dir runs/sage --videos_per_rank 4
+    # the same with local directories
+    python train.py --model_path ckpts/HunyuanVideo-1.5-480p_t2v --reward_path ckpts/VideoReward ...
     # 8 GPUs on one node (the paper's per-node setting)
     torchrun --standalone --nproc_per_node 8 train.py --model_path ... --reward_path ... --prompts ...
     # 8 nodes x 8 GPUs = 64 (the recommended setting): run on every node, NODE_RANK = 0..7,
@@ -80,6 +85,7 @@ from tqdm import tqdm
 import distributed
 import equalizer
 import grpo
+import hub
 import model
 import optimizer
 import parallel
@@ -93,13 +99,16 @@ import trust_region
 class Config:
     # --- paths and run
     model_path: str = ""
-    """local diffusers-format HunyuanVideo-1.5 directory (transformer/, vae/, text_encoder/, ...); never downloaded"""
+    """diffusers-format HunyuanVideo-1.5 (transformer/, vae/, text_encoder/, ...): a local directory or a hub id
+    (hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v[@revision]) already in the hub cache; never downloaded
+    (hub.py). Checkpoints store the resolved directory: a snapshot path names the exact commit"""
     reward_path: str = ""
-    """local VideoAlign (VideoReward) checkpoint directory; never downloaded"""
+    """VideoAlign (VideoReward) checkpoint: a local directory or a hub id (KwaiVGI/VideoReward) already in the hub
+    cache; never downloaded"""
     clip_path: str = ""
-    """local CLIP directory, for --reward clipscore (e.g. openai/clip-vit-large-patch14, saved locally)"""
+    """CLIP, for --reward clipscore: a local directory or a hub id (openai/clip-vit-large-patch14) in the hub cache"""
     pickscore_path: str = ""
-    """local PickScore directory, for --reward pickscore (yuvalkirstain/PickScore_v1, saved locally)"""
+    """PickScore, for --reward pickscore: a local directory or a hub id (yuvalkirstain/PickScore_v1) in the hub cache"""
     pickscore_processor_path: str = ""
     """its image processor + tokenizer (PickScore_v1 uses laion/CLIP-ViT-H-14-laion2B-s32B-b79K's); empty = pickscore_path"""
     prompts: str = "prompts/example.txt"
@@ -182,6 +191,11 @@ class Config:
     """keep the anchor's shards on CPU (FSDP2 CPUOffloadPolicy; official reference_mode_offload)"""
     text_encoder_offload: bool = False
     """keep the text encoders (Qwen2.5-VL-7B: 15 GB bf16) on CPU, on the GPU only while encoding prompts; our choice"""
+    vae_tiling: typing.Optional[bool] = None
+    """decode the rollouts in overlapping 256-pixel tiles (model.set_vae_tiling; diffusers' tile defaults, as its
+    HunyuanVideo-1.5 example): far less decoder memory at 81x352x624, frames differ slightly at the tile seams
+    (measured in the README). Default: on with CUDA, off on CPU, where videos are smaller than a tile anyway;
+    --no-vae_tiling / --vae_tiling force it. Checkpoints store the value used"""
     # --- reward
     reward: list[str] = dataclasses.field(default_factory=lambda: ["videoalign"])
     """the rewards optimised, each name or name=weight: videoalign (the paper's, --reward_path) | clipscore
@@ -334,6 +348,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
     text_encoders = (pipe.pipeline.text_encoder, pipe.pipeline.text_encoder_2)
     for module in (pipe.vae,) + (() if cfg.text_encoder_offload else text_encoders):
         module.to(device)
+    cfg = dataclasses.replace(cfg, vae_tiling=model.set_vae_tiling(pipe.vae, cfg.vae_tiling))  # None: on with CUDA
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optim = optimizer.build_optimizer(policy, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # β: the official controller steps once per (sample, step) pair; the two simple schedules need no state
@@ -375,6 +390,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
               f"latent {tuple(latent_shape)}, {sum(p.numel() for p in trainable) / 1e6:.3g}M trainable, "
               f"{'resuming ' + checkpoint if checkpoint else 'from ' + model_path}\n"
               f"  shift {cfg.shift:g} ({sources['shift']}), CFG scale {cfg.cfg_scale:g} ({sources['cfg_scale']}), "
+              f"VAE tiling {'on' if cfg.vae_tiling else 'off'}, "
               f"reward = {reward_model.formula()}" + (f" ({cfg.reward_normalization} normalisation)"
                                                       if len(reward_specs) > 1 else ""),
               flush=True)
@@ -697,14 +713,24 @@ def _check_config(cfg, world_size):
     if cfg.reward_normalization not in ("per_reward", "total"):
         raise ConfigError(f"unknown --reward_normalization {cfg.reward_normalization!r}: expected one of "
                           f"['per_reward', 'total']")
+    # A local directory, or a hub id resolved to its snapshot in the local hub cache (hub.py; never downloaded):
+    # from here on, the checks, the loaders and the config saved in checkpoints see the local directory.
+    # Needed: the policy's, and the directory of every reward that has one (--tiny builds the missing ones,
+    # --world has its own policy).
     path_flags = [reward.REWARD_PATH_FLAGS[name] for name in reward_specs if name != "world"]
+    for name in ("model_path", *path_flags, "pickscore_processor_path"):
+        path = getattr(cfg, name)
+        needed = name != "pickscore_processor_path" and not cfg.tiny and not (cfg.world and name == "model_path")
+        if not path and needed:
+            raise ConfigError(f"--{name} is required (a local directory or a hub id already downloaded; weights are "
+                              f"never downloaded){'' if cfg.world else ', or use --tiny'}")
+        try:
+            cfg = dataclasses.replace(cfg, **{name: hub.resolve_path(path, f"--{name}")}) if path else cfg
+        except FileNotFoundError as error:
+            hint = (f"; with --tiny, give an existing (tiny) model, or leave --{name} empty to build a random tiny one "
+                    f"in output_dir") if cfg.tiny else ""
+            raise ConfigError(f"{error}{hint}") from None
     if not (cfg.tiny or cfg.world):
-        for name in ("model_path", *path_flags):
-            path = getattr(cfg, name)
-            if not path:
-                raise ValueError(f"--{name} is required (a local directory; weights are never downloaded), or use --tiny")
-            if not os.path.isdir(path):
-                raise ValueError(f"--{name} {path!r} is not a directory")
         if not os.path.isdir(os.path.join(cfg.model_path, "transformer")):
             raise ValueError(f"--model_path {cfg.model_path!r} is not a diffusers HunyuanVideo-1.5 directory: "
                              f"expected a 'transformer' subdirectory, found {sorted(os.listdir(cfg.model_path))[:8]}")
@@ -715,14 +741,6 @@ def _check_config(cfg, world_size):
         if "videoalign" in reward_specs and not os.path.isfile(os.path.join(cfg.reward_path, reward.MODEL_CONFIG_FILE)):
             raise ValueError(f"--reward_path {cfg.reward_path!r} is not a VideoAlign (VideoReward) directory: expected "
                              f"{reward.MODEL_CONFIG_FILE} and checkpoint-<step>/, found {sorted(os.listdir(cfg.reward_path))[:8]}")
-    else:
-        for name in path_flags if cfg.world else ():  # the world has its own model, not the other rewards'
-            if not getattr(cfg, name):
-                raise ConfigError(f"--{name} is required for --reward {' '.join(cfg.reward)} (a local directory)")
-        for name in ("model_path", *path_flags):
-            if getattr(cfg, name) and not os.path.isdir(getattr(cfg, name)):
-                raise ValueError(f"--tiny --{name} {getattr(cfg, name)!r} does not exist: give an existing (tiny) "
-                                 f"model directory, or leave --{name} empty to build a random tiny one in output_dir")
     sde.check_kernel(cfg.kernel)
     if cfg.kernel not in sde.STOCHASTIC_KERNELS:
         raise ValueError(f"unknown kernel {cfg.kernel!r} for training: expected one of {sde.STOCHASTIC_KERNELS} "

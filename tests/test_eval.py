@@ -61,6 +61,19 @@ def test_eval_writes_a_side_by_side_table_of_deterministic_scores(tiny, tmp_path
     assert sum(line.startswith("| checkpoint-000007 |") for line in table) == 1
 
 
+def test_the_vae_tiling_flag_reaches_the_vae_that_decodes_the_samples(tiny, tmp_path, monkeypatch):
+    import model
+    seen, decode = [], model.decode_latents
+    def recording_decode(vae, latents):
+        seen.append(vae.use_tiling)
+        return decode(vae, latents)
+    monkeypatch.setattr(model, "decode_latents", recording_decode)
+    evaluate.main(train.parse_config(eval_args(tiny, tmp_path, []) + ["--vae_tiling"], cls=evaluate.EvalConfig))
+    assert seen == [True]  # one batch of 2 prompts, one model
+    with open(tmp_path / "results.json") as f:
+        assert json.load(f)["config"]["vae_tiling"] is True
+
+
 def test_eval_rejects_a_checkpoint_in_the_wrong_layout(tiny, tmp_path):
     (tmp_path / "not_a_checkpoint").mkdir()
     (tmp_path / "not_a_checkpoint" / "weights.pt").write_bytes(b"")
@@ -71,10 +84,11 @@ def test_eval_rejects_a_checkpoint_in_the_wrong_layout(tiny, tmp_path):
         evaluate.transformer_dir(str(tmp_path / "missing"))
 
 
-def test_eval_without_tiny_needs_local_weight_directories(tmp_path):
+def test_eval_without_tiny_needs_a_directory_or_a_cached_hub_id(tmp_path):
     (tmp_path / "p.txt").write_text("a cat\n")
     cfg = evaluate.EvalConfig(model_path=str(tmp_path / "nope"), prompts=str(tmp_path / "p.txt"))
-    with pytest.raises(ValueError, match=r"--model_path .* is not a directory \(local weights only\)"):
+    with pytest.raises(ValueError, match=r"--model_path .* is not a directory \(expected a local directory, or a "
+                                         r"Hugging Face hub id.*, or use --tiny"):
         evaluate.main(cfg)
 
 

@@ -118,7 +118,7 @@ def test_incomplete_directory_raises_an_error_naming_the_missing_piece(tmp_path,
 
 
 def test_missing_directory_raises_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"HunyuanVideo-1.5 '.*nowhere' is not a directory"):
         model.load_hunyuan(str(tmp_path / "nowhere"))
 
 
@@ -170,6 +170,91 @@ def test_decode_returns_batched_frames_in_unit_interval(policy, latent_shape):
     assert frames.min() >= 0 and frames.max() <= 1
     # per-sample decoding: row 1 is what a batch of one gives
     assert torch.allclose(frames[1:], model.decode_latents(policy.vae, latents[1:]), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# VAE tiling (model.set_vae_tiling).
+#
+# A tiled decode differs from the untiled one for two reasons (set_vae_tiling's docstring): (1) the
+# decoder's mid-block self-attention attends over a tile instead of the frame, which can move any pixel;
+# (2) the convolutions replicate a tile's edge instead of seeing the neighbour, which changes the pixels
+# within the decoder's reach of the edge, inside the overlap that is then cross-faded. The tests separate
+# them: a spatially constant latent has no (1) (every position of a frame carries the same features, so a
+# tile attends to the same values as the frame) and the tiny VAE's reach (between 8 and 12 pixels: an
+# 8-pixel overlap leaks, 12 does not) is below the 16-pixel overlap used here, so everything outside the
+# overlaps must be equal to round-off; a random latent has both, and is held to a measured tolerance.
+
+TILE = 64          # pixels = 16 latent pixels of the tiny 4x VAE: tiles start every 12 latent pixels ...
+OVERLAP = 0.25     # ... and neighbouring decoded tiles are cross-faded over 16 pixels
+TILED_LATENT = (4, 3, 24, 24)  # (C, F, H, W): 2x2 tiles per frame ([0, 16) and [12, 24) per axis); video 5x96x96
+# Overlap bands in pixels, per axis: [48, 64) (the second tile's first 16 pixels, over the first tile's last 16).
+BAND = slice(12 * 4, 12 * 4 + int(TILE * OVERLAP))
+# Random latent, N(0, 1): tiled vs untiled frames in [0, 1]. Measured over seeds 0-2: mean |diff| 0.0086-0.0094
+# (6% of the frames' std, 0.15), max 0.16-0.21 (at the seams), PSNR 35.4-36.0 dB. Limits: about twice the worst
+# mean, 5 dB below the worst PSNR.
+RANDOM_LATENT_MEAN_ABS = 0.02
+RANDOM_LATENT_MIN_PSNR = 30.0
+
+
+@pytest.fixture
+def vae(policy):
+    """The loaded tiny VAE, copied: set_vae_tiling changes its state."""
+    return copy.deepcopy(policy.vae)
+
+
+def decode_untiled_and_tiled(vae, latents, tile_size=TILE, overlap=OVERLAP):
+    """(untiled, tiled) frames (B, F, 3, H, W) in [0, 1] from model.decode_latents, the trainer's decoder."""
+    model.set_vae_tiling(vae, False)
+    untiled = model.decode_latents(vae, latents)
+    model.set_vae_tiling(vae, True, tile_size=tile_size, overlap=overlap)
+    return untiled, model.decode_latents(vae, latents)
+
+
+def test_vae_tiling_switch_sets_the_tile_sizes_and_auto_is_off_on_cpu(vae):
+    assert model.set_vae_tiling(vae, True) is True and vae.use_tiling
+    ratio = vae.spatial_compression_ratio  # 4 for the tiny VAE (16 for the real one)
+    assert (vae.tile_sample_min_height, vae.tile_sample_min_width) == (model.VAE_TILE_SIZE, model.VAE_TILE_SIZE)
+    assert (vae.tile_latent_min_height, vae.tile_latent_min_width) == (model.VAE_TILE_SIZE // ratio,) * 2
+    assert vae.tile_overlap_factor == model.VAE_TILE_OVERLAP
+    assert model.set_vae_tiling(vae, None) is False and not vae.use_tiling  # auto: on with CUDA only
+    assert model.set_vae_tiling(vae, True, tile_size=TILE) and vae.tile_latent_min_height == TILE // ratio
+    assert model.set_vae_tiling(vae, False) is False and not vae.use_tiling
+
+
+@pytest.mark.parametrize("tile_size, overlap", [(62, 0.25), (TILE, 0.0), (32, 0.3), (40, 0.25)])
+def test_vae_tiling_refuses_tiles_that_would_not_assemble(vae, tile_size, overlap):
+    # e.g. 32-pixel tiles overlapping by 0.3 would give a 108x108 frame instead of 96x96 (diffusers does not check)
+    with pytest.raises(ValueError, match=f"VAE tiles of {tile_size} pixels overlapping by {overlap} do not assemble"):
+        model.set_vae_tiling(vae, True, tile_size=tile_size, overlap=overlap)
+
+
+def test_vae_tiling_decodes_a_frame_within_one_tile_exactly_as_untiled(vae, latent_shape):
+    # the tiny video (16x16 pixels) is smaller than the default 256-pixel tile: decoded whole, bit for bit
+    latents = torch.randn(1, *latent_shape, generator=torch.Generator().manual_seed(0))
+    untiled, tiled = decode_untiled_and_tiled(vae, latents, tile_size=model.VAE_TILE_SIZE,
+                                              overlap=model.VAE_TILE_OVERLAP)
+    assert torch.equal(untiled, tiled)
+
+
+def test_vae_tiling_of_a_spatially_constant_latent_changes_only_the_tile_overlaps(vae):
+    channels, frames, height, width = TILED_LATENT
+    per_frame = torch.randn(1, channels, frames, 1, 1, generator=torch.Generator().manual_seed(0))
+    untiled, tiled = decode_untiled_and_tiled(vae, per_frame.expand(1, *TILED_LATENT).contiguous())
+    diff = (untiled - tiled).abs()  # (1, F, 3, 96, 96)
+    in_band = torch.zeros(height * 4, width * 4, dtype=torch.bool)
+    in_band[BAND, :] = True
+    in_band[:, BAND] = True
+    assert diff[..., ~in_band].max() <= 1e-5   # measured 7.5e-7 to 1.0e-6 (seeds 0-2): round-off
+    assert diff[..., in_band].max() >= 1e-2    # measured 0.04 to 0.07: the frame was really tiled, 2x2
+
+
+def test_vae_tiling_of_a_random_latent_stays_within_the_measured_tolerance(vae):
+    latents = torch.randn(1, *TILED_LATENT, generator=torch.Generator().manual_seed(0))
+    untiled, tiled = decode_untiled_and_tiled(vae, latents)
+    mean_abs = (untiled - tiled).abs().mean().item()
+    psnr = 10 * torch.log10(1 / (untiled - tiled).pow(2).mean()).item()  # frames in [0, 1]: peak 1
+    assert mean_abs <= RANDOM_LATENT_MEAN_ABS and psnr >= RANDOM_LATENT_MIN_PSNR, (mean_abs, psnr)
+    assert mean_abs >= 1e-3  # and it was tiled (untiled-vs-untiled would be 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -392,7 +392,7 @@ def copy_checkpoint(src, dst):
 
 
 def test_missing_files_raise_clear_errors(checkpoints, tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"VideoAlign checkpoint '.*nowhere' is not a directory"):
         reward.VideoAlignReward.from_pretrained(str(tmp_path / "nowhere"))
 
     no_config = copy_checkpoint(checkpoints["full"], tmp_path / "a")
@@ -502,7 +502,7 @@ def test_clip_bad_video_gets_nan_only(clip_path):
 
 
 def test_clip_missing_directory_raises(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"config.json not found.*no such directory"):
+    with pytest.raises(FileNotFoundError, match=r"ClipScore model '.*missing' is not a directory"):
         reward.ClipScore.from_pretrained(str(tmp_path / "missing"))
 
 

@@ -498,6 +498,21 @@ def test_two_rewards_are_logged_by_name_and_their_advantages_follow_the_normaliz
     assert not torch.allclose(expected, other, atol=1e-2)  # the two modes really differ on these rewards
 
 
+def test_the_vae_tiling_flag_reaches_the_vae_that_decodes_the_rollouts(tiny_models, tmp_path, monkeypatch):
+    import model
+    seen, decode = [], model.decode_latents
+    def recording_decode(vae, latents):
+        seen.append((vae.use_tiling, vae.tile_latent_min_height))
+        return decode(vae, latents)
+    monkeypatch.setattr(model, "decode_latents", recording_decode)
+    run(tiny_models, tmp_path / "on", "--vae_tiling")
+    run(tiny_models, tmp_path / "auto")  # the default: on with CUDA only, so off here
+    assert seen == [(True, model.VAE_TILE_SIZE // 4), (False, seen[1][1])]  # the tiny VAE compresses 4x
+    for run_dir, used in (("on", True), ("auto", False)):  # the checkpoint stores the value used, not None
+        with open(tmp_path / run_dir / "checkpoint-000001" / "trainer_state.json") as f:
+            assert json.load(f)["config"]["vae_tiling"] is used
+
+
 def test_the_video_size_is_each_flag_given_else_the_tiny_or_the_official_default():
     import tiny
     assert tiny.video_size(tiny=False) == (81, 352, 624)
@@ -527,13 +542,13 @@ def _write(path, text):
     ("missing_prompts", r"prompt file '/nonexistent/prompts.txt' does not exist"),
     ("resume_without_checkpoint", r"--resume: no complete checkpoint"),
     ("lora_without_peft", r"--lora_rank > 0 needs the optional dependency peft"),
-    ("tiny_missing_model", r"--tiny --model_path '/nonexistent/tiny' does not exist"),
+    ("tiny_missing_model", r"--model_path '/nonexistent/tiny' is not a directory.*with --tiny, give an existing"),
     ("nan_reward_weight", r"reward weight 'vq=nan': expected a finite number"),
     ("unknown_reward_weight", r"reward weight 'aesthetics=1': expected name=value with name a component of "
                               r"videoalign: \['vq', 'mq', 'ta'\]"),
     ("unknown_reward", r"--reward 'aesthetics': expected name or name=weight with name one of"),
     ("world_reward_without_world", r"--reward world scores the synthetic world's latents: it needs --world"),
-    ("clip_reward_without_path", r"--clip_path is required for --reward world clipscore"),
+    ("clip_reward_without_path", r"--clip_path is required \(a local directory or a hub id"),
     ("unknown_normalization", r"unknown --reward_normalization 'zscore'"),
 ])
 def test_bad_input_raises_a_clear_error_before_any_work(case, message, tmp_path, monkeypatch):
