@@ -13,7 +13,8 @@ One iteration, straight through (the banners in `main` follow it):
                `--updates_per_rollout` optimizer updates per rollout; a non-finite loss or gradient
                skips the update
     ANCHOR     hard copy policy -> anchor every `--anchor_period` optimizer updates
-    LOG        tqdm on rank 0, output_dir/metrics.jsonl, sample videos, curves.png
+    LOG        tqdm on rank 0, output_dir/metrics.jsonl, sample videos, curves.png; the same rows and samples in
+               TensorBoard or W&B with `--report_to tensorboard|wandb` (tracking.py)
     CHECKPOINT atomic (temp dir + rename): diffusers-format transformer, optimizer, anchor, RNG,
                sampler position; `--resume` continues exactly
 
@@ -92,6 +93,7 @@ import parallel
 import reward
 import sde
 import tiny
+import tracking
 import trust_region
 
 
@@ -121,7 +123,8 @@ class Config:
     """with --resume, accept flags that differ from the checkpoint's (otherwise an error lists them)"""
     overwrite: bool = False
     """start afresh in an output_dir that holds a run: first delete its numbered checkpoints, metrics.jsonl,
-    curves.png and samples/ (nothing else); without it (or --resume) such a directory is refused"""
+    curves.png, samples/ and the tracker's tensorboard/ and wandb_run_id (nothing else); without it (or --resume)
+    such a directory is refused"""
     world: bool = False
     """the synthetic video world (toy/video_world.py), CPU: its pretrained tiny HunyuanVideo-1.5 (built once, cached),
     prompts, video size, shift / CFG (its checkpoint's configs) and exact, hackable reward (--reward world)"""
@@ -246,6 +249,10 @@ class Config:
     one can fall back to the previous (ours: disk)"""
     sample_every: int = 50
     """iterations between saved sample videos (official validation_interval 50); 0 = never"""
+    report_to: str = "none"
+    """none | tensorboard (output_dir/tensorboard/) | wandb (WANDB_MODE=offline for no network): the metrics rows,
+    the config and the sample videos also go to this experiment tracker, from rank 0; resume continues its run
+    (tracking.py; the packages are optional: pip install tensorboard / wandb)"""
     max_failed_iterations: int = 10
     """stop after this many consecutive iterations without an optimizer update (every reward failed, or the loss
     or gradient was not finite): a broken reward model must not burn days (ours)"""
@@ -293,8 +300,9 @@ def main(cfg):
     rank, world_size, device, mesh = distributed.setup(use_cuda=not (cfg.tiny or cfg.world),
                                                        timeout_minutes=cfg.collective_timeout_minutes)
     try:
-        with sigterm_flag() as preempted:
-            return train(cfg, prompts, rank, world_size, device, mesh, preempted)
+        # closing: what train opens that must be closed on every exit, normal, SIGTERM or error (the tracker)
+        with sigterm_flag() as preempted, contextlib.ExitStack() as closing:
+            return train(cfg, prompts, rank, world_size, device, mesh, preempted, closing)
     except distributed.CheckpointError as error:
         raise RunError(str(error)) from error
     except (dist.DistError, RuntimeError) as error:  # a collective timed out, or a peer died mid-collective
@@ -308,7 +316,7 @@ def main(cfg):
         dist.destroy_process_group()
 
 
-def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
+def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     reward_specs = reward.parse_reward_specs(cfg.reward)  # {name: weight}
@@ -385,6 +393,10 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
                               step_weights=step_weights, layout=layout, latent_shape=latent_shape,
                               model_path=checkpoint if checkpoint and cfg.lora_rank == 0 else model_path)
     last_save, failed_iterations = time.monotonic(), 0
+    # --report_to: the rows and samples also go to TensorBoard / W&B (tracking.py), from rank 0 only
+    tracker = closing.enter_context(tracking.open_tracker(cfg.report_to if rank == 0 else "none", cfg.output_dir,
+                                                          dataclasses.asdict(cfg), resume=checkpoint is not None,
+                                                          start_iteration=state["iteration"]))
     if rank == 0:
         print(f"SAGE-GRPO: world {world_size} (sp {layout.sp_size}), {videos_per_iteration} videos/iteration in groups of {group_size}, "
               f"latent {tuple(latent_shape)}, {sum(p.numel() for p in trainable) / 1e6:.3g}M trainable, "
@@ -535,9 +547,9 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted=(False,)):
             **{k: round(v, 4) for k, v in timer.times.items()}, "peak_memory_gb": peak_memory_gb(device),
         }
         if rank == 0:
-            log_metrics(cfg, metrics, bar)
+            log_metrics(cfg, metrics, bar, tracker)
             if cfg.sample_every and iteration % cfg.sample_every == 0:
-                save_sample(cfg, iteration + 1, frames, rollout.final_latents, sample_prompts)
+                save_sample(cfg, iteration + 1, frames, rollout.final_latents, sample_prompts, tracker)
 
         failed_iterations = 0 if skipped_now < cfg.updates_per_rollout and num_pairs else failed_iterations + 1
         if failed_iterations >= cfg.max_failed_iterations:  # nothing learnt for K iterations in a row: stop
@@ -747,9 +759,10 @@ def _check_config(cfg, world_size):
                          "(ode has no noise, hence nothing to explore)")
     trust_region.check_kl_mode(cfg.kl_mode)
     for name, choices in (("beta_schedule", trust_region.BETA_SCHEDULES), ("optimizer", optimizer.OPTIMIZERS),
-                          ("reward_input", ("frames", "mp4"))):
+                          ("reward_input", ("frames", "mp4")), ("report_to", tracking.TRACKERS)):
         if getattr(cfg, name) not in choices:
             raise ConfigError(f"unknown --{name} {getattr(cfg, name)!r}: expected one of {list(choices)}")
+    tracking.check_installed(cfg.report_to)  # an optional package: missing is an error now, not after loading
     if cfg.beta_schedule == "official" and not 0 < cfg.beta_start <= cfg.beta_end:
         raise ConfigError(f"--beta_schedule official needs 0 < beta_start <= beta_end, got {cfg.beta_start} and "
                           f"{cfg.beta_end}")
@@ -830,7 +843,7 @@ def resolve_sampling(cfg, model_path):
 RESUMABLE_CHANGES = {"resume", "allow_config_change", "max_iterations", "checkpoint_every", "keep_checkpoints",
                      "sample_every", "output_dir", "model_path", "reward_path", "prompts", "text_encoder_offload",
                      "anchor_offload", "overwrite", "checkpoint_every_minutes", "max_failed_iterations",
-                     "collective_timeout_minutes"}
+                     "collective_timeout_minutes", "report_to"}
 
 
 def check_resume_config(cfg, checkpoint):
@@ -862,10 +875,11 @@ def prepare_output_dir(cfg, rank):
             if cfg.overwrite:
                 for _, path in distributed.checkpoints(cfg.output_dir):
                     shutil.rmtree(path)
-                for name in ("metrics.jsonl", "curves.png"):
+                for name in ("metrics.jsonl", "curves.png", tracking.WANDB_RUN_ID):  # a new W&B run, too
                     if os.path.isfile(os.path.join(cfg.output_dir, name)):
                         os.remove(os.path.join(cfg.output_dir, name))
-                shutil.rmtree(os.path.join(cfg.output_dir, "samples"), ignore_errors=True)
+                for name in ("samples", tracking.TENSORBOARD_DIR):
+                    shutil.rmtree(os.path.join(cfg.output_dir, name), ignore_errors=True)
             if cfg.resume:
                 chosen[0] = distributed.find_resumable(cfg.output_dir, log=lambda line: print(line, flush=True))
                 if chosen[0] != distributed.latest_checkpoint(cfg.output_dir) and not cfg.allow_config_change:
@@ -996,26 +1010,31 @@ class PromptSampler:
 # ------------------------------------------------------------------------------------------------
 # Logging: metrics.jsonl, the progress bar, sample videos, curves.png, phase timing.
 
-def log_metrics(cfg, metrics, bar):
-    """Rank 0: append one row to output_dir/metrics.jsonl, update the progress bar."""
+def log_metrics(cfg, metrics, bar, tracker):
+    """Rank 0: append one row to output_dir/metrics.jsonl, send it to the tracker, update the progress bar."""
     with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(metrics) + "\n")
+    tracker.log(metrics, step=metrics["iteration"])
     shown = {"reward": f"{metrics['reward_mean']:.3f}", "skip": metrics["skipped_updates_total"]}
     if cfg.updates_per_rollout > 1:  # with one update per rollout ρ = 1: approx_kl and clip are 0 by construction
         shown.update(kl=f"{metrics['approx_kl']:.1e}", clip=f"{metrics['clip_fraction']:.2f}")
     bar.set_postfix(shown)
 
 
-def save_sample(cfg, iteration, frames, latents, prompts):
+def save_sample(cfg, iteration, frames, latents, prompts, tracker):
     """Rank 0: the first video of this rank's batch under output_dir/samples/: decoded frames as a video,
-    or, for a reward of latents (the world, whose random tiny VAE decodes to noise), a PNG of the latents."""
+    or, for a reward of latents (the world, whose random tiny VAE decodes to noise), a PNG of the latents;
+    also sent to the tracker, with its prompt. Returns the path written."""
     path = os.path.join(cfg.output_dir, "samples", f"iter{iteration:06d}")
     if frames is not None:
-        save_video((frames[0].permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu(), path)  # (F, H, W, 3)
+        path = save_video((frames[0].permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu(), path)  # (F, H, W, 3)
     else:
         from toy import video_world
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        video_world.render_latents(latents[:1].cpu(), path + ".png", prompts=prompts[:1])
+        path += ".png"
+        video_world.render_latents(latents[:1].cpu(), path, prompts=prompts[:1])
+    tracker.log_video(path, step=iteration, caption=prompts[0])
+    return path
 
 
 # The panels of curves.png: (title, metrics.jsonl keys drawn in it).
