@@ -39,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the repository's modules (model, sde, toy) when run as a script
 OUT = Path(__file__).resolve().parent / "out" / "video_world_runs"
-LAST = 3                      # iterations averaged for "after"
+LAST = 10                     # iterations averaged for "after" (one iteration's mean of 16 rewards has std ~0.15)
 ITERATIONS = 150              # per run: ~4.5 minutes on 2 CPU cores
 SEEDS = (0, 1, 2)
 # The world's learning settings (module docstring): official values except lr/optimizer.
@@ -96,14 +96,16 @@ def mean_std(values):
 
 def table(results):
     """results: {method name: [summary per seed]} -> markdown, mean ± std over seeds."""
-    lines = ["| run | reward ↑ (before → after) | on-manifold reward ↑ | off-manifold distance ↓ | "
-             "trust-region activity |", "|---|---|---|---|---|"]
+    lines = ["| run | reward ↑ (before → after) | after, per seed | on-manifold reward ↑ | off-manifold distance ↓ | "
+             "trust-region activity |", "|---|---|---|---|---|---|"]
     for method, runs in results.items():
         cells = []
         for key in ("reward_mean", "on_manifold_reward", "off_manifold"):
             b, bs = mean_std(r["before"][key] for r in runs)
             a, as_ = mean_std(r["after"][key] for r in runs)
             cells.append(f"{b:.3f} ± {bs:.3f} → {a:.3f} ± {as_:.3f}")
+            if key == "reward_mean":  # a collapsed seed dominates a mean ± std of three: show each
+                cells.append(" / ".join(f"{r['after'][key]:.2f}" for r in runs))
         act, act_s = mean_std(r["activity"] for r in runs)
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {act:.2e} ± {act_s:.1e} |")
     return "\n".join(lines) + "\n"
@@ -122,6 +124,27 @@ def curves(all_rows, path):
         axis.set_title(title)
         axis.set_xlabel("iteration")
         axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def comparison_curves(rows_per_method, path, window=10):
+    """The comparison as pictures: per method, the mean over seeds of each number per iteration
+    (a running mean over `window` iterations: one iteration's mean of 16 rewards is noisy)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for axis, (key, title) in zip(axes, (("reward_mean", "reward ↑"), ("on_manifold_reward", "on-manifold reward ↑"),
+                                         ("off_manifold", "off-manifold distance ↓"))):
+        for method, runs in rows_per_method.items():
+            mean = [statistics.fmean(rows[i][key] for rows in runs) for i in range(min(len(r) for r in runs))]
+            smooth = [statistics.fmean(mean[max(0, i - window + 1):i + 1]) for i in range(len(mean))]
+            axis.plot(range(1, len(smooth) + 1), smooth, label=method, linewidth=1.2)
+        axis.set_title(f"{title} (mean of {len(runs)} seeds, running mean {window})", fontsize=9)
+        axis.set_xlabel("iteration")
+    axes[0].legend(fontsize=6)
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)
@@ -161,7 +184,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     methods = [HEADLINE] + (COMPARISON if args.comparison else [])
-    results, headline_rows = {}, {}
+    results, headline_rows, all_rows = {}, {}, {}
     for method in methods:
         for seed in SEEDS:
             run_dir = out / f"{name(method).replace(', ', '_').replace(' ', '-')}_seed{seed}"
@@ -173,6 +196,7 @@ def main(argv=None):
             else:
                 rows = launch(method, seed, args.iterations, run_dir)
             results.setdefault(name(method), []).append(summary(rows))
+            all_rows.setdefault(name(method), []).append(rows)
             if method is HEADLINE:
                 headline_rows[seed] = rows
     text = table(results)
@@ -186,10 +210,13 @@ def main(argv=None):
              f"β at the end: {statistics.fmean(r['beta'] for r in headline):.2e}.\n")
     (out / "table.md").write_text(text)
     curves(headline_rows, out / "headline_curves.png")
+    if args.comparison:
+        comparison_curves(all_rows, out / "comparison_curves.png")
     before_after(out / f"{name(HEADLINE).replace(', ', '_').replace(' ', '-')}_seed0" / "checkpoint-{:06d}".format(
         args.iterations), out / "before_after.png")
     print(text)
-    print(f"pictures: {out / 'headline_curves.png'}, {out / 'before_after.png'}; table: {out / 'table.md'}")
+    print(f"pictures: {out / 'headline_curves.png'}, {out / 'before_after.png'}"
+          f"{', ' + str(out / 'comparison_curves.png') if args.comparison else ''}; table: {out / 'table.md'}")
 
 
 if __name__ == "__main__":
