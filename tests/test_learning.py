@@ -7,12 +7,13 @@ its exact reward) and states what GRPO must do: the rollouts' reward at the end 
 the pretrained policy's by more than three standard errors of seed noise.
 
 The pretrained policy's reward is measured independently, in this process: SDE rollouts of the
-pretrained model with the run's sampler (sage, η 0.5, the world's steps, shift and CFG), 16 batches of
-16 videos with seeds the run never uses (64 batches). Its batch-to-batch spread is the seed noise of
+pretrained model with the run's sampler (sage, η 0.5, the world's steps, shift and CFG), 64 batches of
+16 videos with seeds the run never uses. Its batch-to-batch spread is the seed noise of
 one iteration's mean (16 videos, as in the run). The reward is the world's composition alone
 (`--reward_weights alignment=0 composition=1 brightness=0`: 1 for a square through the frame's
 centre, 0 otherwise, an on-manifold reward the pretrained model earns a third of the time), the
-component with the most room, so that 50 iterations on 2 CPU cores show learning with a wide margin;
+component with the most room, so that 44 iterations on 2 CPU cores (~86 s) show learning with a wide margin
+(measured: 0.588 against the pretrained 0.279 + margin 0.107; with the advantage sign flipped 0.256);
 the headline runs in the README optimise the default weighted reward.
 """
 import json
@@ -25,7 +26,7 @@ import sys
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ITERATIONS, LAST = 50, 10
+ITERATIONS, LAST = 44, 10
 FLAGS = ["--world", "--num_steps", "8", "--optimizer", "adamw", "--lr", "2e-4", "--group_size", "8",
          "--videos_per_rank", "8", "--reward_weights", "alignment=0", "composition=1", "brightness=0", "--sample_every", "0",
          "--checkpoint_every", "1000", "--max_iterations", str(ITERATIONS)]
@@ -66,4 +67,5 @@ def test_a_short_two_rank_run_raises_the_world_reward_beyond_seed_noise(tmp_path
     pretrained, noise = statistics.fmean(before), statistics.stdev(before)  # noise: one 16-video mean's spread
     # three standard errors of the difference of the two means (the last LAST iterations, the batches)
     margin = 3 * math.hypot(noise / math.sqrt(LAST), noise / math.sqrt(len(before)))
+    print(f"after {after:.3f}, pretrained {pretrained:.3f}, margin {margin:.3f}")
     assert after > pretrained + margin, (after, pretrained, margin)
