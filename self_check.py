@@ -55,7 +55,6 @@ from diffusers import HunyuanVideo15Transformer3DModel
 import distributed
 import grpo
 import model
-import reward
 import sde
 import trust_region
 
@@ -122,10 +121,11 @@ def plain_log_probs(path, rollout, embeds, cfg, device, steps):
     return out
 
 
-def run(cfg, *, pipe, policy, anchor, optim, reward_model, prompts, sigmas, step_weights, layout, device,
-        compute_dtype, rank, world_size, model_path, sample, recompute, seed_of):
+def run(cfg, *, pipe, policy, anchor, optim, prompts, sigmas, step_weights, layout, device,
+        compute_dtype, rank, world_size, model_path, sample, recompute, score, seed_of):
     """The checks, on every rank (the collectives of the sharded policy need them all); returns the lines.
-    `sample` / `recompute` are train.py's own ROLLOUT and UPDATE calls, `seed_of` its per-sample seed."""
+    `sample` / `recompute` / `score` are train.py's own ROLLOUT, UPDATE and REWARD calls, `seed_of` its
+    per-sample seed."""
     eps = cfg.clip_range
     num_steps = len(sigmas) - 1
     group_size, batch = cfg.group_size, cfg.videos_per_rank
@@ -145,11 +145,12 @@ def run(cfg, *, pipe, policy, anchor, optim, reward_model, prompts, sigmas, step
     rollout = sample(policy, embeds, seeds)
 
     # ---------------------------------------------------------------- 2. on-policy ratio, every step
-    worst, worst_mean = 0.0, 0.0
+    worst, worst_mean, means = 0.0, 0.0, {}
     for k in stochastic:
         step = step_transitions(rollout, k)
         with torch.no_grad():  # the value of the UPDATE's recompute (its gradients are not needed here)
             mean, _, log_prob = recompute(policy, embeds, step)
+        means[k] = mean  # the batch of B, reused by the batch-1 line
         deviation = (log_prob.double() - step.log_prob.double()).exp().sub(1).abs().max()
         mean_error = torch.tensor(relative_error(mean, step.mean, step.mean - step.latents), device=device)
         deviation, mean_error = (float(distributed.all_reduce(x.to(device), op=dist.ReduceOp.MAX))
@@ -215,8 +216,8 @@ def run(cfg, *, pipe, policy, anchor, optim, reward_model, prompts, sigmas, step
         for k in stochastic:
             step = step_transitions(rollout, k)
             with torch.no_grad():
-                together, _, _ = recompute(policy, embeds, step)
                 alone, _, _ = recompute(policy, embeds.select([0]), step_transitions(rollout, k, rows=[0]))
+            together = means[k]  # the same recompute in the batch of B (ratio line)
             error = relative_error(alone[0], together[0], together[0] - step.latents[0])
             error = float(distributed.all_reduce(torch.tensor(error, device=device), op=dist.ReduceOp.MAX))
             per_step[k]["μ error batch 1↔B"] = error
@@ -230,16 +231,10 @@ def run(cfg, *, pipe, policy, anchor, optim, reward_model, prompts, sigmas, step
 
     # ---------------------------------------------------------------- 6. the reward, and a failed video
     latents = rollout.final_latents
-    frames = model.decode_latents(pipe.vae, latents) if reward_model.needs_frames else None
-    if frames is not None and cfg.reward_input == "mp4":
-        frames = torch.stack([reward.mp4_round_trip(video) for video in frames.cpu()]).to(frames.device)
-    scores = reward_model(frames, latents, sample_prompts)["reward"].double().cpu()
-    spoiled_frames = frames.clone() if frames is not None else None
+    scores = score(latents, sample_prompts)["reward"].double().cpu()
     spoiled_latents = latents.clone()
-    spoiled_latents[0] = math.nan  # a failed video: non-finite everywhere, as a broken decode would give
-    if spoiled_frames is not None:
-        spoiled_frames[0] = math.nan
-    spoiled = reward_model(spoiled_frames, spoiled_latents, sample_prompts)["reward"].double().cpu()
+    spoiled_latents[0] = math.nan  # a failed video: non-finite everywhere, decoded (if decoded) to non-finite frames
+    spoiled = score(spoiled_latents, sample_prompts)["reward"].double().cpu()
     ok = bool(torch.isfinite(scores).all())
     excluded = bool(torch.isnan(spoiled[0])) and torch.allclose(spoiled[1:], scores[1:], rtol=1e-4, atol=1e-4)
     all_ok = int(distributed.all_reduce(torch.tensor(int(ok and excluded), device=device), op=dist.ReduceOp.MIN))

@@ -281,6 +281,21 @@ def recompute_log_prob(cfg, transformer, embeds, transition):
     return model.transition_log_prob(transformer, embeds, transition, cfg.kernel, cfg.eta, cfg.cfg_scale)
 
 
+def score_videos(cfg, pipe, reward_model, latents, prompts):
+    """REWARD's scoring of final latents (b, C, F, H, W) (the self-check scores with the same). Decoded to frames
+    (b, F, 3, H, W) in [0, 1] when a reward reads frames, with --reward_input mp4 each video round-tripped through
+    an 8-bit H.264 mp4 as the official code scores saved videos. A non-finite video (a failed decode) is not
+    encoded: it stays non-finite and every reward scores it NaN. Returns (frames or None, scores)."""
+    frames = None
+    if reward_model.needs_frames:
+        frames = model.decode_latents(pipe.vae, latents)
+        if cfg.reward_input == "mp4":
+            frames = torch.stack([reward.mp4_round_trip(video) if torch.isfinite(video).all() else video
+                                  for video in frames.cpu()]).to(frames.device)
+    # {component: (b,), reward name: (b,), "reward": (b,), diagnostics...}, NaN = failed video
+    return frames, reward_model(frames, latents, prompts)
+
+
 def trained_steps(seeds, num_steps, fraction):
     """Per-sample random order of the N steps, first ceil(fraction·N) kept -> LongTensor (B, K).
     E.g. seeds [7, 8], N = 4, fraction 0.5 -> [[2, 0], [3, 1]]: each sample trains its own K steps."""
@@ -343,9 +358,10 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
     # from the checkpoint when resuming. The pipeline is loaded without its transformer: the policy's
     # weights are read once, by rank 0 (distributed.load_policy).
     pipe = model.load_hunyuan(model_path, device="cpu", dtype=compute_dtype, load_transformer=False)
+    policy_path = checkpoint if checkpoint and cfg.lora_rank == 0 else model_path  # where the policy's weights are
     w_anchor, _ = trust_region.kl_weights(cfg.kl_mode, cfg.kl_anchor_weight, cfg.kl_step_weight)
     policy, anchor_module = distributed.load_policy(
-        checkpoint if checkpoint and cfg.lora_rank == 0 else model_path, mesh, device, rank, compute_dtype,
+        policy_path, mesh, device, rank, compute_dtype,
         lora_rank=cfg.lora_rank, gradient_checkpointing=cfg.gradient_checkpointing, with_anchor=w_anchor > 0,
         anchor_offload=cfg.anchor_offload)
     # --sp_size: the ranks of a sequence-parallel group split each video's tokens (policy and anchor alike)
@@ -391,7 +407,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
         return run_self_check(cfg, rank, world_size, device, compute_dtype, pipe=pipe, policy=policy, anchor=anchor,
                               optim=optim, reward_model=reward_model, prompts=prompts, sigmas=sigmas,
                               step_weights=step_weights, layout=layout, latent_shape=latent_shape,
-                              model_path=checkpoint if checkpoint and cfg.lora_rank == 0 else model_path)
+                              model_path=policy_path)
     last_save, failed_iterations = time.monotonic(), 0
     # --report_to: the rows and samples also go to TensorBoard / W&B (tracking.py), from rank 0 only
     tracker = closing.enter_context(tracking.open_tracker(cfg.report_to if rank == 0 else "none", cfg.output_dir,
@@ -433,14 +449,9 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
         # this rank's share of the videos: all B, or with --sp_size a part, so that each video is scored once
         own = layout.own_rows(videos_per_rank)
         logged = reward_model.components + reward_model.diagnostics
-        frames = None  # (b, F, 3, H, W) in [0, 1]; a reward of latents only (the world's) needs no decoding
-        if own and reward_model.needs_frames:
-            frames = model.decode_latents(pipe.vae, rollout.final_latents[own])
-            if cfg.reward_input == "mp4":  # the official reward input: each video as an 8-bit crf-25 mp4
-                frames = torch.stack([reward.mp4_round_trip(video) for video in frames.cpu()]).to(frames.device)
-        # {component: (b,), reward name: (b,), "reward": (b,), diagnostics...}, NaN = failed video; then shared
-        # over the sp group
-        scores = reward_model(frames, rollout.final_latents[own], [sample_prompts[i] for i in own]) if own else {}
+        # frames: None when only rewards of latents (the world's) are used; scores then shared over the sp group
+        frames, scores = (score_videos(cfg, pipe, reward_model, rollout.final_latents[own],
+                                       [sample_prompts[i] for i in own]) if own else (None, {}))
         scores = layout.gather_rows(scores, own, videos_per_rank, (*logged, "reward"), device)
         rewards = scores["reward"]  # (B,) the weighted sum, computed by the reward model
 
@@ -607,7 +618,7 @@ class Totals:
         return dict(zip(names, summed.tolist()))
 
 
-def run_self_check(cfg, rank, world_size, device, compute_dtype, latent_shape, **setup):
+def run_self_check(cfg, rank, world_size, device, compute_dtype, latent_shape, reward_model, **setup):
     """--self_check: self_check.py's checks with this file's own ROLLOUT and UPDATE calls; the table is printed
     and written to output_dir/self_check.md on rank 0. Returns 0 if no line FAILs, else 1."""
     import self_check
@@ -616,6 +627,7 @@ def run_self_check(cfg, rank, world_size, device, compute_dtype, latent_shape, *
         sample=lambda policy, embeds, seeds: sample_rollout(cfg, policy, embeds, seeds, latent_shape,
                                                             setup["sigmas"]),
         recompute=lambda transformer, embeds, step: recompute_log_prob(cfg, transformer, embeds, step),
+        score=lambda latents, prompts: score_videos(cfg, setup["pipe"], reward_model, latents, prompts)[1],
         seed_of=lambda b: sample_seed(cfg.seed, 0, b, cfg.videos_per_rank * world_size))
     failed = any(line.status == "FAIL" for line in lines)
     if rank == 0:

@@ -111,3 +111,11 @@ def test_a_cfg_batch_that_mixes_up_the_branches_fails_the_cfg_line(tiny_models, 
     found, _ = statuses(tmp_path)
     assert status_of(found, "batched CFG") == "FAIL"
     assert status_of(found, "on-policy ratio") == "PASS"  # rollout and update share the bug: the ratio cannot see it
+
+
+def test_with_the_mp4_reward_input_a_failed_video_is_scored_nan_not_a_crash(tiny_models, tmp_path):
+    """The REWARD call the loop makes (train.score_videos), with the official mp4 input: a non-finite video is
+    not encoded (the encoder refuses it) but left non-finite, so the reward scores it NaN and it is excluded."""
+    assert train.main(train.parse_config(flags(tiny_models, tmp_path, "--reward_input", "mp4"))) == 0
+    found, _ = statuses(tmp_path)
+    assert status_of(found, "reward:") == "PASS"
