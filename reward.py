@@ -621,13 +621,12 @@ class RewardMix:
         self.needs_frames = any(r.input == "frames" for r in self.rewards.values())
 
     def formula(self):
-        """The total as a readable sum, e.g. "1·videoalign(0.5·vq + 0.5·mq + 1·ta) + 0.5·clipscore"."""
-        def one(name):
-            parts = " + ".join(f"{w:g}·{c}" for c, w in self.rewards[name].weights.items())
-            return f"{name}({parts})" if parts else name
+        """The total as a readable sum, e.g. "1·videoalign(0.5·vq + 0.5·mq + 1·ta) + 0.5·clipscore"; one
+        reward alone: its own sum ("0.5·vq + 0.5·mq + 1·ta")."""
+        sums = {n: " + ".join(f"{w:g}·{c}" for c, w in self.rewards[n].weights.items()) for n in self.names}
         if len(self.names) == 1:
-            return one(self.names[0]).partition("(")[2].rstrip(")") or self.names[0]
-        return " + ".join(f"{self.weights[n]:g}·{one(n)}" for n in self.names)
+            return sums[self.names[0]] or self.names[0]
+        return " + ".join(f"{self.weights[n]:g}·{n}" + (f"({sums[n]})" if sums[n] else "") for n in self.names)
 
     def __call__(self, frames, latents, prompts):
         scores = {}
