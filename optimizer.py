@@ -63,6 +63,9 @@ MUON_ADJUST_LR = "match_rms_adamw"
 MUON_ADAMW_BETAS = (0.95, 0.95)
 # AdamW alone: official use_muon=False branch, torch.optim.AdamW(betas=(0.9, 0.999), eps=1e-8).
 ADAMW_BETAS = (0.9, 0.999)
+# Both AdamWs run fused (one kernel over all parameters, CPU and CUDA): torch's default on CPU is a loop of
+# ~10 DTensor-dispatched ops per sharded parameter, 4x slower on the tiny models (benchmarks/bench_train.py).
+# The same update up to round-off.
 ADAMW_EPS = 1e-8
 # The repeated blocks of HunyuanVideo15Transformer3DModel whose matrices `grouping="hidden"` gives Muon.
 HIDDEN_BLOCKS = ("transformer_blocks.", "refiner_blocks.")
@@ -145,7 +148,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
                                           adjust_lr_fn=adjust_lr_fn))
         if adamw_params:
             self.parts.append(torch.optim.AdamW(adamw_params, lr=lr, betas=adamw_betas, eps=adamw_eps,
-                                                weight_decay=weight_decay))
+                                                weight_decay=weight_decay, fused=True))
         super().__init__([group for part in self.parts for group in part.param_groups], {"lr": lr})
         self._link_parts()
 
@@ -182,7 +185,8 @@ def build_optimizer(model, kind="muon", lr=LEARNING_RATE, weight_decay=WEIGHT_DE
     check_choice("optimizer kind", kind, OPTIMIZERS)
     if kind == "adamw":
         trainable = [p for p in model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(trainable, lr=lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=weight_decay)
+        return torch.optim.AdamW(trainable, lr=lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=weight_decay,
+                                 fused=True)
     muon, adamw = muon_groups(model, grouping)
     return MuonWithAdamW([p for _, p in muon], [p for _, p in adamw], lr=lr, weight_decay=weight_decay,
                          momentum=momentum, adjust_lr_fn=adjust_lr_fn)

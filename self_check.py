@@ -26,7 +26,8 @@ one rollout is made with the run's sampler, and each check measures a number aga
                                  the others' scores
     trust region at β            ‖∂(β·L_KL)/∂μ‖ / ‖∂L_policy/∂μ‖ after one real optimizer     WARN < 1e-3
                                  step (at the start the policy equals the anchor and the KL
-                                 is 0), at --beta_start and --beta_end
+                                 is 0), at --beta_start and --beta_end (adaptive: --beta_min,
+                                 --beta_init, --beta_max)
     equalizer weights            S_t per step: finite, ≥ 0, > 0 on every stochastic step     FAIL otherwise
 
 ε_clip is --clip_range (official 1e-4): a log-prob error of that size moves the ratio to the clip.
@@ -262,7 +263,8 @@ def run(cfg, *, pipe, policy, anchor, optim, prompts, sigmas, step_weights, layo
 def trust_region_line(cfg, policy, anchor, optim, embeds, rollout, scores, step_weights, stochastic, layout, device,
                       world_size, recompute):
     """One optimizer step of the policy loss on this rollout, then ‖∂(β·L_KL)/∂μ‖ / ‖∂L_policy/∂μ‖ on the
-    same transitions at --beta_start and --beta_end (the activity train.py logs every iteration)."""
+    same transitions at the β the schedule can reach: --beta_start and --beta_end, or with --beta_schedule adaptive
+    --beta_min, --beta_init and --beta_max (the activity train.py logs every iteration)."""
     if cfg.kl_mode == "none":
         return Line("trust region at β", "--kl_mode none", "", "SKIP")
     all_rewards = distributed.all_gather_cat(scores.float().to(device), layout.dp_group)
@@ -287,21 +289,23 @@ def trust_region_line(cfg, policy, anchor, optim, embeds, rollout, scores, step_
             with torch.no_grad():
                 anchor_mean, _, _ = recompute(anchor.anchor, embeds, step)
         kl, _ = trust_region.dual_kl(mean, std, anchor_mean, step.mean, cfg.kl_mode, cfg.kl_anchor_weight,
-                                     cfg.kl_step_weight)
+                                     cfg.kl_step_weight, cfg.kl_step_estimator, log_prob, step.log_prob)
         loss, stats = grpo.clipped_policy_loss(log_prob, step.log_prob, advantages,
                                                step_weights[k].expand(len(advantages)), cfg.clip_range)
         push_policy += torch.autograd.grad(loss * stats["num_valid_pairs"], mean, retain_graph=True)[0].norm().item()
         push_kl += torch.autograd.grad(kl.sum(), mean)[0].norm().item()  # at β = 1; the push is linear in β
     push_policy = float(distributed.all_reduce(torch.tensor(push_policy, device=device)))
     push_kl = float(distributed.all_reduce(torch.tensor(push_kl, device=device)))
-    activity = {beta: beta * push_kl / push_policy if push_policy > 0 else math.nan
-                for beta in (cfg.beta_start, cfg.beta_end)}
+    betas = ((cfg.beta_min, cfg.beta_init, cfg.beta_max) if cfg.beta_schedule == "adaptive"
+             else (cfg.beta_start, cfg.beta_end))  # the range of β the schedule can reach
+    activity = {beta: beta * push_kl / push_policy if push_policy > 0 else math.nan for beta in betas}
     top = max(activity.values())
     return Line("trust region at β (after one optimizer step)",
                 ", ".join(f"{a:.1e} at β {b:g}" for b, a in activity.items()), f"WARN < {ACTIVITY_WARN:g}",
                 "WARN" if not top >= ACTIVITY_WARN else "PASS",
                 "at these β the KL term barely pushes against the policy term: the trust region will not hold the "
-                "policy near the anchor; raise --beta_start / --beta_end if you rely on it (README: the synthetic "
+                "policy near the anchor; use --beta_schedule adaptive, or raise --beta_start / --beta_end, if you rely on it "
+                "(README: the synthetic "
                 "world measures ~3e-8 at the official β)")
 
 

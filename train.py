@@ -169,6 +169,9 @@ class Config:
     """fraction of the N steps trained per sample, in a per-sample random order (official timestep_fraction 1.0)"""
     equalizer: bool = True
     """gradient-norm equalizer S_t on the policy loss (official use_grad_balancing True)"""
+    equalizer_median: str = "geometric"
+    """geometric (ours: the geometric mean of the two middle N_t, so median(S) = 1) | lower (official torch.median:
+    the lower middle value, every S_t 1/1.0871 of ours at 20 steps); equalizer.py"""
     updates_per_rollout: int = 1
     """optimizer updates per rollout; > 1 makes the clip and the step-wise KL act (official 1)"""
     # --- trust region
@@ -180,14 +183,28 @@ class Config:
     """weight of KL(π_θ‖π_anchor) in L_KL (official dual_kl_moving_weight 1.0)"""
     kl_step_weight: float = trust_region.STEP_WEIGHT
     """weight of KL(π_θ‖π_old) in L_KL (official dual_kl_step_weight 0.1)"""
+    kl_step_estimator: str = "gaussian"
+    """the step-wise term: gaussian (ours: KL of the step means, exactly 0 at the first update after a rollout) |
+    k1 (official: the sample log-ratio mean(log p_old - log p_θ); 0 in value on-policy, but its gradient adds
+    +kl_step_weight·β/S_t to every advantage); trust_region.py"""
     beta_schedule: str = "official"
     """official (ramp beta_start -> beta_end over 100 (sample, step) pairs, then x0.9 while the KL is above 1.5e-5,
-    x1.1 below 5e-6, as the official controller; identical on every rank) | two_stage (beta_start, then beta_end
-    from beta_switch_step) | fixed (beta_start throughout); trust_region.BetaController"""
+    x1.1 below 5e-6, as the official controller; identical on every rank; inert: its β is ~1e-8 of the policy
+    term) | adaptive (PPO's rule: β x2 while the update's KL is above 1.5 kl_target, /2 below kl_target/1.5, from
+    beta_init within [beta_min, beta_max]) | two_stage (beta_start, then beta_end from beta_switch_step) | fixed
+    (beta_start throughout); trust_region.BetaController, trust_region.AdaptiveBeta"""
     beta_start: float = trust_region.BETA_START
     """smallest / first β (official kl_coef = kl_min_coef 1e-7)"""
     beta_end: float = trust_region.BETA_END
     """largest / last β, and the official controller's KL target (official kl_weight 1e-5)"""
+    kl_target: float = 1e-3
+    """adaptive only: the L_KL per (sample, step) pair that β holds (calibrated in the synthetic world, README)"""
+    beta_init: float = 1.0
+    """adaptive only: the first β (calibrated in the synthetic world, README)"""
+    beta_min: float = 1e-3
+    """adaptive only: β's floor"""
+    beta_max: float = 1e4
+    """adaptive only: β's ceiling"""
     beta_switch_step: int = 100
     """two_stage only: optimizer update at which β switches (ours: the paper gives the two values, not the switch)"""
     anchor_offload: bool = False
@@ -228,8 +245,10 @@ class Config:
     """global gradient-norm clip (official max_grad_norm 1.0)"""
     lora_rank: int = 0
     """0 = full fine-tune (official default); > 0 trains LoRA adapters of this rank (needs peft)"""
-    gradient_checkpointing: bool = True
-    """recompute block activations in backward (official enable_gradient_checkpointing)"""
+    gradient_checkpointing: typing.Optional[bool] = None
+    """recompute block activations in backward (official enable_gradient_checkpointing). Default: on with CUDA
+    (the 8.3B model's activations do not fit otherwise), off on CPU (--tiny, --world: small activations, and one
+    transformer forward fewer per trained step); --gradient_checkpointing / --no-gradient_checkpointing force it"""
     sp_size: int = 1
     """sequence parallelism: this many consecutive ranks hold the same videos and split each one's tokens (Ulysses,
     parallel.py); must divide the world size and the 16 heads (official sp_size 2 on 64 GPUs)"""
@@ -359,6 +378,8 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
     # weights are read once, by rank 0 (distributed.load_policy).
     pipe = model.load_hunyuan(model_path, device="cpu", dtype=compute_dtype, load_transformer=False)
     policy_path = checkpoint if checkpoint and cfg.lora_rank == 0 else model_path  # where the policy's weights are
+    if cfg.gradient_checkpointing is None:  # on with CUDA, off on CPU
+        cfg = dataclasses.replace(cfg, gradient_checkpointing=device.type == "cuda")
     w_anchor, _ = trust_region.kl_weights(cfg.kl_mode, cfg.kl_anchor_weight, cfg.kl_step_weight)
     policy, anchor_module = distributed.load_policy(
         policy_path, mesh, device, rank, compute_dtype,
@@ -375,9 +396,11 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
     cfg = dataclasses.replace(cfg, vae_tiling=model.set_vae_tiling(pipe.vae, cfg.vae_tiling))  # None: on with CUDA
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optim = optimizer.build_optimizer(policy, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    # β: the official controller steps once per (sample, step) pair; the two simple schedules need no state
-    beta_controller = (trust_region.BetaController("official", cfg.beta_start, cfg.beta_end)
-                       if cfg.beta_schedule == "official" else None)
+    beta_controller = None  # β: the two simple schedules need no state
+    if cfg.beta_schedule == "official":  # steps once per (sample, step) pair
+        beta_controller = trust_region.BetaController("official", cfg.beta_start, cfg.beta_end)
+    elif cfg.beta_schedule == "adaptive":  # steps once per optimizer update
+        beta_controller = trust_region.AdaptiveBeta(cfg.beta_init, cfg.kl_target, cfg.beta_min, cfg.beta_max)
     anchor = None
     if anchor_module is not None:
         anchor = trust_region.MovingAnchor(policy, trust_region.anchor_period_for(cfg.kl_mode, cfg.anchor_period),
@@ -394,7 +417,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
     sigmas = sde.shifted_sigmas(cfg.num_steps, cfg.shift)  # (N+1,) σ_0 = 1 … σ_N = 0
     latent_shape = pipe.latent_shape(cfg.num_frames, cfg.height, cfg.width)  # (C, F, H, W)
     # S_t per step (equalizer) or 1 per stochastic step; 0 marks a deterministic step (no log-prob)
-    step_weights = equalizer.step_weights(cfg.kernel, sigmas, cfg.eta, cfg.equalizer).float().to(device)
+    step_weights = equalizer.step_weights(cfg.kernel, sigmas, cfg.eta, cfg.equalizer, cfg.equalizer_median).float().to(device)
     state = {"iteration": 0, "update_step": 0, "skipped_updates": 0}
     if checkpoint:
         state = distributed.load_checkpoint(checkpoint, policy, optim, anchor, rank)
@@ -479,7 +502,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
         anchor_means = {}  # μ_anchor per trained step k, reused by every update of this rollout until a refresh
         betas_used = []
         for _ in range(cfg.updates_per_rollout if num_pairs else 0):
-            loss_finite = True
+            loss_finite, update_kl = True, 0.0  # update_kl: this rank's sum of L_KL over the update's valid pairs
             # Gradient accumulation over the trained steps. Gradients are reduce-scattered after every
             # step (not only the last): FSDP2's no-sync mode would hold full unsharded bf16 gradients
             # (16.6 GB for 8.3B) and sum 20 steps in bf16; this way they accumulate sharded, in fp32.
@@ -493,7 +516,8 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
                         anchor_means[k], _, _ = recompute_log_prob(cfg, anchor.anchor, embeds, step)
                 # the step-wise term is always measured (μ_old is recorded), weighted only in its modes
                 kl, kl_terms = trust_region.dual_kl(mean, std, anchor_means.get(k), step.mean, cfg.kl_mode,
-                                                    cfg.kl_anchor_weight, cfg.kl_step_weight)
+                                                    cfg.kl_anchor_weight, cfg.kl_step_weight, cfg.kl_step_estimator,
+                                                    log_prob, step.log_prob)
                 mask = valid[:, k]
                 beta = pair_betas(cfg, beta_controller, kl.detach(), state["update_step"], world_size)  # (B,)
                 betas_used.append(beta.mean().item())
@@ -501,6 +525,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
                 # all W ranks (with --sp_size the group's ranks each hold part of a video's gradient: they sum)
                 n = stats["num_valid_pairs"]
                 kl_loss = (beta * kl)[mask].sum()
+                update_kl += kl.detach()[mask].sum().item()
                 loss = (policy_loss * n + kl_loss) * world_size / num_pairs
                 # trust-region activity: how hard β·L_KL pushes the step means μ against the policy term. Both
                 # terms reach the weights through the same μ(θ), so their gradients w.r.t. μ compare them exactly
@@ -519,6 +544,9 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
                 with torch.no_grad():  # on-policy check: ρ = exp(log p_θ − log p_old) must be 1 at the first update
                     deviation = torch.where(mask, (log_prob - step.log_prob).exp().sub(1).abs(), 0).double().cpu()
                     ratio_deviation.scatter_reduce_(0, steps[:, k].cpu(), deviation, reduce="amax")
+            if cfg.beta_schedule == "adaptive":  # β of the next update, from this one's mean L_KL over all ranks
+                beta_controller.update(distributed.all_reduce(torch.tensor(update_kl, dtype=torch.float64,
+                                                                           device=device)) / num_pairs)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             finite = int(distributed.all_reduce(torch.tensor(int(loss_finite), device=device))) == world_size
@@ -643,10 +671,13 @@ def run_self_check(cfg, rank, world_size, device, compute_dtype, latent_shape, r
 def pair_betas(cfg, controller, kl, update_step, world_size):
     """β of each (sample, step) pair of this rank's batch, (B,). official: the controller steps once per
     pair, fed the pair's L_KL averaged over ranks (position b of every rank together), so β is the same
-    on every rank; two_stage: by optimizer update; fixed: beta_start."""
+    on every rank; adaptive: the controller's β of this optimizer update; two_stage: by optimizer update;
+    fixed: beta_start."""
     if cfg.beta_schedule == "official":
         kl_mean = distributed.all_reduce(kl.float()) / world_size  # (B,)
         return torch.tensor(controller.betas_for(kl_mean.cpu()), device=kl.device)
+    if cfg.beta_schedule == "adaptive":  # one β per optimizer update (the loop updates it after the update)
+        return torch.full(kl.shape, controller.beta, dtype=torch.float32, device=kl.device)
     beta = (trust_region.kl_coefficient(update_step, cfg.beta_start, cfg.beta_end, cfg.beta_switch_step)
             if cfg.beta_schedule == "two_stage" else cfg.beta_start)
     return torch.full(kl.shape, beta, dtype=torch.float32, device=kl.device)
@@ -705,7 +736,8 @@ def check_config(cfg, world_size):
 
 # Numeric flags and the range each must lie in (every float flag must also be finite).
 POSITIVE = ("lr", "clip_range", "adv_clip", "eta", "grad_clip", "shift", "cfg_scale", "collective_timeout_minutes")
-NON_NEGATIVE = ("weight_decay", "beta_start", "beta_end", "kl_anchor_weight", "kl_step_weight",
+NON_NEGATIVE = ("weight_decay", "beta_start", "beta_end", "kl_anchor_weight", "kl_step_weight", "kl_target", "beta_init",
+                "beta_min", "beta_max",
                 "checkpoint_every_minutes")
 
 
@@ -771,6 +803,7 @@ def _check_config(cfg, world_size):
                          "(ode has no noise, hence nothing to explore)")
     trust_region.check_kl_mode(cfg.kl_mode)
     for name, choices in (("beta_schedule", trust_region.BETA_SCHEDULES), ("optimizer", optimizer.OPTIMIZERS),
+                          ("kl_step_estimator", trust_region.STEP_ESTIMATORS), ("equalizer_median", equalizer.MEDIANS),
                           ("reward_input", ("frames", "mp4")), ("report_to", tracking.TRACKERS)):
         if getattr(cfg, name) not in choices:
             raise ConfigError(f"unknown --{name} {getattr(cfg, name)!r}: expected one of {list(choices)}")
@@ -778,6 +811,9 @@ def _check_config(cfg, world_size):
     if cfg.beta_schedule == "official" and not 0 < cfg.beta_start <= cfg.beta_end:
         raise ConfigError(f"--beta_schedule official needs 0 < beta_start <= beta_end, got {cfg.beta_start} and "
                           f"{cfg.beta_end}")
+    if cfg.beta_schedule == "adaptive" and not (0 < cfg.beta_min <= cfg.beta_init <= cfg.beta_max and cfg.kl_target > 0):
+        raise ConfigError(f"--beta_schedule adaptive needs 0 < beta_min <= beta_init <= beta_max and kl_target > 0, got "
+                          f"{cfg.beta_min}, {cfg.beta_init}, {cfg.beta_max} and {cfg.kl_target}")
     if cfg.reward_input == "mp4" and ((cfg.height or 0) % 2 or (cfg.width or 0) % 2):
         raise ConfigError(f"--reward_input mp4 needs an even height and width (yuv420p), got {cfg.height}x{cfg.width}")
     if cfg.group_size < 2:

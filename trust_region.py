@@ -23,7 +23,21 @@ Two references, two jobs:
 
     L_KL = w_anchor·KL_anchor + w_step·KL_step,   total loss = policy loss + β·L_KL.
 
-β, three schedules (`BetaController`):
+Scale: why the official β is inert. Log-probs and KLs are both element means, so per (sample, step) pair,
+on-policy, the two pushes on the step mean μ compare as
+
+    ‖∂(β·KL_anchor)/∂μ‖ / ‖∂L_policy/∂μ‖ = β · (rms(μ_θ - μ_anchor) / std) / (|A|·S_t)     (element count cancels)
+
+and rms(μ_θ - μ_anchor)/std = √(2·KL_anchor). At β ≤ 1e-5 that ratio (the loop logs it as
+`trust_region_activity`) is ~1e-8: the policy never feels the KL. A trust region that acts when the policy
+has drifted by a tenth of a step's std needs β of order 10. The `adaptive` schedule finds such a β by itself.
+
+The step-wise estimator. `gaussian` (ours, default): the closed-form KL of the step means above, exactly 0
+at the first update after a rollout (μ_θ = μ_old). `k1` (official): the sample log-ratio
+mean(log p_old - log p_θ) over the pairs; its value is 0 on-policy but its gradient is not: -∇log p_θ, i.e.
+the same as adding +w_step·β/S_t to every advantage (a push towards whatever was sampled, at every update).
+
+β, four schedules (`BetaController`, `AdaptiveBeta`):
 
 * official: what the official code runs. One controller update per (sample, step) pair that
   computes a KL. For the first 100 updates β ramps linearly from 1e-7 (`kl_coef`) towards 1e-5
@@ -39,7 +53,11 @@ Two references, two jobs:
   over ranks, so β is identical on every rank.
 * two_stage: the paper's description, small early (exploration) and larger later: 1e-7 before
   `switch_step` controller updates, 1e-5 from then on (`kl_coefficient`).
-* fixed: β = 1e-7 throughout.
+* fixed: β = beta_start throughout.
+* adaptive (`AdaptiveBeta`): the usual adaptive KL penalty (PPO, Schulman et al. 2017, sec. 4), in the usual
+  direction: after each optimizer update, with d the update's L_KL (mean over its pairs, averaged over ranks),
+
+      d > 1.5·target  ->  β <- 2·β;    d < target/1.5  ->  β <- β/2;    then β clipped to [β_min, β_max].
 
 KL modes compared in the ablation (`KL_MODES`): none, fixed (anchor never moves), step (step-wise
 only), moving (moving anchor only), dual (both).
@@ -55,6 +73,9 @@ import torch
 import sde
 
 KL_MODES = ("none", "fixed", "step", "moving", "dual")
+# The step-wise term's estimator (module docstring): the Gaussian KL of the step means (ours), or the official
+# sample log-ratio mean(log p_old - log p_θ).
+STEP_ESTIMATORS = ("gaussian", "k1")
 # Anchor refresh period in optimizer updates: paper / official `update_ref_model_step 10`.
 ANCHOR_PERIOD = 10
 # Dual weights: official `dual_kl_moving_weight 1.0`, `dual_kl_step_weight 0.1`.
@@ -64,7 +85,11 @@ STEP_WEIGHT = 0.1
 # `kl_min_coef`, which defaults to kl_coef) and `kl_weight 1e-5` (end of the ramp and maximum).
 BETA_START = 1e-7
 BETA_END = 1e-5
-BETA_SCHEDULES = ("official", "two_stage", "fixed")
+BETA_SCHEDULES = ("official", "adaptive", "two_stage", "fixed")
+# Adaptive β (PPO's rule): band factor 1.5 around the target and factor 2 per update (PPO sec. 4). Its
+# start, target and bounds are set where it is used (train.py's Config: calibrated in the synthetic world).
+ADAPTIVE_BAND = 1.5
+ADAPTIVE_FACTOR = 2.0
 # Official controller (hyvideo AdaptiveKLController): ramp length in controller updates (hard-coded
 # 100), KL window (mean of the last 10 KLs), KL target (the trainer passes kl_weight, 1e-5), band
 # ±50 % of the target, multipliers 0.9 above the band and 1.1 below it.
@@ -111,24 +136,43 @@ def anchor_period_for(mode, anchor_period=ANCHOR_PERIOD):
     return math.inf if mode == "fixed" else anchor_period
 
 
+def k1_kl(log_prob, old_log_prob):
+    """The official step-wise estimator: the sample log-ratio log p_old - log p_θ per sample.  Tensor[B].
+
+    Its expectation under π_old is KL(π_old ‖ π_θ); one sample of it is 0 on-policy, its gradient -∇log p_θ
+    is not (module docstring)."""
+    return old_log_prob.detach() - log_prob
+
+
 def dual_kl(mean, std, anchor_mean=None, old_mean=None, mode="dual",
-            anchor_weight=ANCHOR_WEIGHT, step_weight=STEP_WEIGHT):
+            anchor_weight=ANCHOR_WEIGHT, step_weight=STEP_WEIGHT, step_estimator="gaussian",
+            log_prob=None, old_log_prob=None):
     """L_KL = w_anchor·KL(π_θ ‖ π_anchor) + w_step·KL(π_θ ‖ π_old).  Returns (Tensor[B], terms).
 
     mean: the policy's μ_θ with gradients; anchor_mean: μ_anchor from the anchor model on the same
     x (no gradient); old_mean: μ_old recorded in the rollout. `terms` holds the per-sample KL,
     Tensor[B], of every reference given ("kl_anchor", "kl_step"), also one whose weight is 0 in
     `mode` (for logging). A term with a weight > 0 in `mode` needs its reference.
+    step_estimator "k1" takes the step term from log_prob (with gradients) and old_log_prob instead.
     """
+    if step_estimator not in STEP_ESTIMATORS:
+        raise ValueError(f"unknown step-wise KL estimator {step_estimator!r}: expected one of {STEP_ESTIMATORS}")
     w_anchor, w_step = kl_weights(mode, anchor_weight, step_weight)
     total = torch.zeros(mean.shape[0], device=mean.device)
     terms = {}
     for name, weight, reference in (("kl_anchor", w_anchor, anchor_mean), ("kl_step", w_step, old_mean)):
+        if name == "kl_step" and step_estimator == "k1":
+            reference = old_log_prob
         if reference is None:
             if weight != 0:
-                raise ValueError(f"KL mode {mode!r} uses {name} (weight {weight}) but its reference mean is None")
+                raise ValueError(f"KL mode {mode!r} uses {name} (weight {weight}) but its reference is None")
             continue
-        terms[name] = gaussian_kl(mean, reference.detach(), std)
+        if name == "kl_step" and step_estimator == "k1":
+            if log_prob is None:
+                raise ValueError("step_estimator 'k1' needs the policy's log_prob")
+            terms[name] = k1_kl(log_prob.float(), reference.float())
+        else:
+            terms[name] = gaussian_kl(mean, reference.detach(), std)
         total = total + weight * terms[name]
     return total, terms
 
@@ -159,8 +203,9 @@ class BetaController:
 
     def __init__(self, schedule="official", beta_start=BETA_START, beta_end=BETA_END, switch_step=None,
                  kl_target=KL_TARGET, ramp_updates=RAMP_UPDATES, window=KL_WINDOW):
-        if schedule not in BETA_SCHEDULES:
-            raise ValueError(f"unknown beta schedule {schedule!r}: expected one of {BETA_SCHEDULES}")
+        if schedule not in ("official", "two_stage", "fixed"):
+            raise ValueError(f"unknown beta schedule {schedule!r} for BetaController: expected official, two_stage or "
+                             f"fixed (adaptive is AdaptiveBeta)")
         if not (0 < beta_start <= beta_end):
             raise ValueError(f"beta must satisfy 0 < beta_start <= beta_end, got beta_start={beta_start}, beta_end={beta_end}")
         if not (isinstance(ramp_updates, int) and ramp_updates >= 1 and isinstance(window, int) and window >= 1):
@@ -217,6 +262,45 @@ class BetaController:
             raise ValueError(f"checkpoint has beta schedule {state['schedule']!r}, this controller {self.schedule!r}")
         self.beta, self.num_updates = state["beta"], state["num_updates"]
         self.kl_history = list(state["kl_history"])
+
+
+class AdaptiveBeta:
+    """β of the adaptive schedule (module docstring), one controller update per optimizer update.
+
+    Use: read `.beta` for every pair of an optimizer update, then call `.update(kl)` with that update's L_KL
+    (the mean over its valid pairs, averaged over ranks, so every rank holds the same β)."""
+
+    def __init__(self, beta_init, kl_target, beta_min, beta_max, band=ADAPTIVE_BAND, factor=ADAPTIVE_FACTOR):
+        if not (0 < beta_min <= beta_init <= beta_max):
+            raise ValueError(f"adaptive beta must satisfy 0 < beta_min <= beta_init <= beta_max, got "
+                             f"{beta_min}, {beta_init}, {beta_max}")
+        if not (kl_target > 0 and band > 1 and factor > 1):
+            raise ValueError(f"adaptive beta needs kl_target > 0, band > 1 and factor > 1, got {kl_target}, {band}, "
+                             f"{factor}")
+        self.beta, self.kl_target, self.beta_min, self.beta_max = beta_init, kl_target, beta_min, beta_max
+        self.band, self.factor = band, factor
+        self.num_updates = 0
+
+    def update(self, kl):
+        """One optimizer update's (rank-averaged) L_KL -> the β of the next update."""
+        kl = float(kl)
+        if not math.isfinite(kl):
+            raise ValueError(f"kl must be finite, got {kl}")
+        self.num_updates += 1
+        if kl > self.band * self.kl_target:      # drifted too far: press harder
+            self.beta *= self.factor
+        elif kl < self.kl_target / self.band:    # well inside: let go
+            self.beta /= self.factor
+        self.beta = min(max(self.beta, self.beta_min), self.beta_max)
+        return self.beta
+
+    def state_dict(self):
+        return {"schedule": "adaptive", "beta": self.beta, "num_updates": self.num_updates}
+
+    def load_state_dict(self, state):
+        if state.get("schedule") != "adaptive":
+            raise ValueError(f"checkpoint has beta schedule {state.get('schedule')!r}, this controller 'adaptive'")
+        self.beta, self.num_updates = state["beta"], state["num_updates"]
 
 
 class MovingAnchor:

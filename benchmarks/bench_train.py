@@ -15,7 +15,8 @@ consecutive rows of metrics.jsonl: every phase, no checkpoint write in between),
 made bare on an unwrapped copy of the same transformer with the same inputs, in a loop:
     N rollout forwards (no grad, batch 2B for CFG)
     per trained step: 1 anchor forward (no grad, if the KL mode has an anchor) and
-                      1 policy forward + backward (gradient checkpointing as in training).
+                      1 policy forward + backward (gradient checkpointing as in training: off on a CPU
+                      unless --gradient_checkpointing).
 Reported: the ratio with and without the reward phase (VAE decode + VideoAlign: real work, but
 not transformer work), and the peak resident memory of the process.
 """
@@ -64,6 +65,7 @@ def main():
     parser.add_argument("--kl_mode", default="dual")
     parser.add_argument("--optimizer", default="adamw", help="adamw (the README's figures) or muon (train.py's "
                         "default; its Newton-Schulz is measured on its own by bench_optimizer.py)")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="on in both (train.py's CPU default: off)")
     parser.add_argument("--frames", type=int, default=tiny.TINY_NUM_FRAMES, help="video frames (4k+1)")
     parser.add_argument("--height", type=int, default=tiny.TINY_HEIGHT, help="video height in pixels")
     parser.add_argument("--width", type=int, default=tiny.TINY_WIDTH, help="video width in pixels")
@@ -79,6 +81,7 @@ def main():
             "--num_steps", str(args.steps), "--group_size", str(args.videos), "--videos_per_rank", str(args.videos),
             "--kl_mode", args.kl_mode, "--max_iterations", str(args.runs + 1), "--optimizer", args.optimizer,
             "--checkpoint_every", str(10 ** 9), "--sample_every", "0",
+            "--gradient_checkpointing" if args.gradient_checkpointing else "--no-gradient_checkpointing",
             "--num_frames", str(args.frames), "--height", str(args.height), "--width", str(args.width)]))
         with open(os.path.join(out, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]
@@ -91,7 +94,8 @@ def main():
 
         pipe = model.load_hunyuan(hunyuan_path, dtype=torch.float32)
         transformer = pipe.transformer.requires_grad_(True)
-        transformer.enable_gradient_checkpointing()
+        if args.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
         prompts = ["a cat"] * args.videos
         embeds = model.encode_prompts(pipe, prompts)
         latent_shape = pipe.latent_shape(args.frames, args.height, args.width)

@@ -87,3 +87,31 @@ def test_invalid_arguments_raise_clear_errors():
         equalizer.gradient_scales("euler", sigmas, 0.5)
     with pytest.raises(ValueError, match="eta must be"):
         equalizer.gradient_scales("sage", sigmas, -1.0)
+
+
+@given(kernel=st.sampled_from(["sage", "flow_grpo", "dance_grpo"]), num_steps=st.integers(2, 30),
+       shift=st.floats(1.0, 8.0), eta=st.floats(0.1, 1.0))
+def test_lower_median_is_the_official_torch_median_of_the_scales(kernel, num_steps, shift, eta):
+    """median="lower": S_t·N_t equals the lower of the two middle N_t (odd count: the middle one), so the step
+    holding that value gets S_t = 1; for an even count every S_t is ours times sqrt(lower / upper middle)."""
+    sigmas = sde.shifted_sigmas(num_steps, shift)
+    scales = equalizer.gradient_scales(kernel, sigmas, eta)
+    ordered = scales[scales > 0].sort().values
+    n = len(ordered)
+    lower_middle = ordered[(n - 1) // 2]
+    lower = equalizer.equalizer_weights(kernel, sigmas, eta, median="lower")
+    stochastic = scales > 0
+    torch.testing.assert_close(lower[stochastic] * (scales[stochastic] + equalizer.EQUALIZER_EPS),
+                               lower_middle.expand(int(stochastic.sum())), rtol=1e-12, atol=0)
+    ours = equalizer.equalizer_weights(kernel, sigmas, eta)
+    ratio = (lower_middle / ordered[n // 2]).sqrt() if n % 2 == 0 else torch.tensor(1.0, dtype=torch.float64)
+    torch.testing.assert_close(lower[stochastic], ours[stochastic] * ratio, rtol=1e-12, atol=0)
+
+
+def test_official_median_makes_every_weight_1_0871_times_smaller_at_the_official_20_steps():
+    sigmas = sde.shifted_sigmas(20, 5.0)
+    ratio = equalizer.equalizer_weights("sage", sigmas, 0.5) / equalizer.equalizer_weights("sage", sigmas, 0.5,
+                                                                                         median="lower")
+    assert float(ratio.min()) == pytest.approx(1.0871, abs=5e-5) and float(ratio.max()) == pytest.approx(1.0871, abs=5e-5)
+    with pytest.raises(ValueError, match="unknown equalizer median 'mean'"):
+        equalizer.equalizer_weights("sage", sigmas, 0.5, median="mean")
