@@ -71,6 +71,8 @@ COMPARISON = [dict(HEADLINE, kernel=k) for k in ("flow_grpo", "dance_grpo", "cps
 # dominates the policy term (activity ≈ 0.26·β in this world at the start, so β = 100 is ~25x the policy push).
 BETAS = (1e-5, 1e-3, 1e-1, 1.0, 10.0, 100.0)
 BETA_SWEEP = [dict(HEADLINE, beta_schedule="fixed", beta_start=b, beta_end=b) for b in BETAS]
+# Calibrating the adaptive β: the KL target, from the KL the β sweep's fixed β hold (README).
+CALIBRATION = [dict(HEADLINE, beta_schedule="adaptive", kl_target=t, beta_init=0.1) for t in (3e-4, 1e-3, 3e-3)]
 # The calibrated trust region (train.py's adaptive defaults, chosen from the β sweep: README).
 CALIBRATED = dict(HEADLINE, beta_schedule="adaptive")
 MODES = [dict(CALIBRATED, kl_mode=m) for m in ("none", "fixed", "moving", "dual")] + [
@@ -80,6 +82,7 @@ KERNELS = [dict(CALIBRATED, kernel=k) for k in ("sage", "flow_grpo", "cps", "dan
 GRIDS = {"headline": ([HEADLINE], (0, 1, 2), None),
          "comparison": ([HEADLINE] + COMPARISON, (0, 1, 2), None),
          "beta": (BETA_SWEEP, (0, 1, 2, 3, 4), None),
+         "calibration": (CALIBRATION, (0, 1, 2), None),
          "modes": (MODES, (0, 1, 2, 3, 4), MODES[3]),
          "kernels": (KERNELS, tuple(range(8)), KERNELS[0])}
 KEYS = ("reward_mean", "on_manifold_reward", "off_manifold", "brightness")
@@ -97,6 +100,8 @@ def name(method):
     text = f"{method['kernel']}, equalizer {'on' if method['equalizer'] else 'off'}, KL {method['kl_mode']}"
     if method.get("beta_schedule") == "fixed":
         text += f", β fixed {method['beta_start']:g}"
+    elif method.get("beta_schedule") == "adaptive":
+        text += ", β adaptive" + "".join(f" {k} {method[k]:g}" for k in ("kl_target", "beta_init") if k in method)
     elif method.get("beta_schedule"):
         text += f", β {method['beta_schedule']}"
     if method.get("updates_per_rollout", 1) > 1:
