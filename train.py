@@ -205,6 +205,9 @@ class Config:
     """adaptive only: β's floor"""
     beta_max: float = 1e4
     """adaptive only: β's ceiling"""
+    beta_window: int = trust_region.ANCHOR_PERIOD
+    """adaptive only: optimizer updates per β decision, made on their mean KL (ours: the anchor period, over which
+    the moving anchor's KL rises from 0; 1 = PPO's per-update rule)"""
     beta_switch_step: int = 100
     """two_stage only: optimizer update at which β switches (ours: the paper gives the two values, not the switch)"""
     anchor_offload: bool = False
@@ -400,7 +403,8 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
     if cfg.beta_schedule == "official":  # steps once per (sample, step) pair
         beta_controller = trust_region.BetaController("official", cfg.beta_start, cfg.beta_end)
     elif cfg.beta_schedule == "adaptive":  # steps once per optimizer update
-        beta_controller = trust_region.AdaptiveBeta(cfg.beta_init, cfg.kl_target, cfg.beta_min, cfg.beta_max)
+        beta_controller = trust_region.AdaptiveBeta(cfg.beta_init, cfg.kl_target, cfg.beta_min, cfg.beta_max,
+                                                    cfg.beta_window)
     anchor = None
     if anchor_module is not None:
         anchor = trust_region.MovingAnchor(policy, trust_region.anchor_period_for(cfg.kl_mode, cfg.anchor_period),
@@ -835,7 +839,7 @@ def _check_config(cfg, world_size):
     if (num_frames - 1) % 4 or height % 16 or width % 16:
         raise ValueError(f"video must be 4k+1 frames and a multiple of 16 pixels (VAE 4x temporal, 16x spatial), "
                          f"got {num_frames} frames at {height}x{width}")
-    for name in ("num_steps", "updates_per_rollout", "anchor_period", "checkpoint_every", "keep_checkpoints", "max_iterations"):
+    for name in ("num_steps", "updates_per_rollout", "anchor_period", "beta_window", "checkpoint_every", "keep_checkpoints", "max_iterations"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.lora_rank < 0:

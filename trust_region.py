@@ -55,9 +55,12 @@ the same as adding +w_step·β/S_t to every advantage (a push towards whatever w
   `switch_step` controller updates, 1e-5 from then on (`kl_coefficient`).
 * fixed: β = beta_start throughout.
 * adaptive (`AdaptiveBeta`): the usual adaptive KL penalty (PPO, Schulman et al. 2017, sec. 4), in the usual
-  direction: after each optimizer update, with d the update's L_KL (mean over its pairs, averaged over ranks),
+  direction: every `window` optimizer updates, with d the mean L_KL of those updates (each a mean over its
+  pairs, averaged over ranks),
 
       d > 1.5·target  ->  β <- 2·β;    d < target/1.5  ->  β <- β/2;    then β clipped to [β_min, β_max].
+
+  PPO decides after every update (window 1); train.py's default window is the anchor period (AdaptiveBeta).
 
 KL modes compared in the ablation (`KL_MODES`): none, fixed (anchor never moves), step (step-wise
 only), moving (moving anchor only), dual (both).
@@ -265,21 +268,27 @@ class BetaController:
 
 
 class AdaptiveBeta:
-    """β of the adaptive schedule (module docstring), one controller update per optimizer update.
+    """β of the adaptive schedule (module docstring): one decision per `window` optimizer updates.
 
     Use: read `.beta` for every pair of an optimizer update, then call `.update(kl)` with that update's L_KL
-    (the mean over its valid pairs, averaged over ranks, so every rank holds the same β)."""
+    (the mean over its valid pairs, averaged over ranks, so every rank holds the same β). Every `window`
+    updates PPO's rule is applied to the mean L_KL of the window. window = 1 is PPO's per-update rule; with a
+    moving anchor the KL is a sawtooth (exactly 0 at the first update after each refresh, growing until the
+    next), so a per-update rule halves β at every refresh and doubles it in between: the window of one anchor
+    period sees the sawtooth's mean instead (measured in the synthetic world: README).
+    """
 
-    def __init__(self, beta_init, kl_target, beta_min, beta_max, band=ADAPTIVE_BAND, factor=ADAPTIVE_FACTOR):
+    def __init__(self, beta_init, kl_target, beta_min, beta_max, window=1, band=ADAPTIVE_BAND, factor=ADAPTIVE_FACTOR):
         if not (0 < beta_min <= beta_init <= beta_max):
             raise ValueError(f"adaptive beta must satisfy 0 < beta_min <= beta_init <= beta_max, got "
                              f"{beta_min}, {beta_init}, {beta_max}")
-        if not (kl_target > 0 and band > 1 and factor > 1):
-            raise ValueError(f"adaptive beta needs kl_target > 0, band > 1 and factor > 1, got {kl_target}, {band}, "
-                             f"{factor}")
+        if not (kl_target > 0 and band > 1 and factor > 1 and isinstance(window, int) and window >= 1):
+            raise ValueError(f"adaptive beta needs kl_target > 0, band > 1, factor > 1 and an int window >= 1, got "
+                             f"{kl_target}, {band}, {factor}, {window!r}")
         self.beta, self.kl_target, self.beta_min, self.beta_max = beta_init, kl_target, beta_min, beta_max
-        self.band, self.factor = band, factor
+        self.window, self.band, self.factor = window, band, factor
         self.num_updates = 0
+        self.window_kls = []  # the L_KL of the updates since the last decision
 
     def update(self, kl):
         """One optimizer update's (rank-averaged) L_KL -> the β of the next update."""
@@ -287,20 +296,27 @@ class AdaptiveBeta:
         if not math.isfinite(kl):
             raise ValueError(f"kl must be finite, got {kl}")
         self.num_updates += 1
-        if kl > self.band * self.kl_target:      # drifted too far: press harder
+        self.window_kls.append(kl)
+        if len(self.window_kls) < self.window:
+            return self.beta
+        mean_kl = sum(self.window_kls) / len(self.window_kls)
+        self.window_kls = []
+        if mean_kl > self.band * self.kl_target:      # drifted too far: press harder
             self.beta *= self.factor
-        elif kl < self.kl_target / self.band:    # well inside: let go
+        elif mean_kl < self.kl_target / self.band:    # well inside: let go
             self.beta /= self.factor
         self.beta = min(max(self.beta, self.beta_min), self.beta_max)
         return self.beta
 
     def state_dict(self):
-        return {"schedule": "adaptive", "beta": self.beta, "num_updates": self.num_updates}
+        return {"schedule": "adaptive", "beta": self.beta, "num_updates": self.num_updates,
+                "window_kls": list(self.window_kls)}
 
     def load_state_dict(self, state):
         if state.get("schedule") != "adaptive":
             raise ValueError(f"checkpoint has beta schedule {state.get('schedule')!r}, this controller 'adaptive'")
         self.beta, self.num_updates = state["beta"], state["num_updates"]
+        self.window_kls = list(state.get("window_kls", []))
 
 
 class MovingAnchor:

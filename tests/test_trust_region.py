@@ -251,7 +251,7 @@ def test_adaptive_beta_follows_ppos_rule_update_by_update(kls, target, start):
 
 
 def test_adaptive_beta_rises_while_the_kl_is_above_target_and_falls_below_it():
-    controller = tr.AdaptiveBeta(1.0, kl_target=1e-3, beta_min=1e-3, beta_max=1e4)
+    controller = tr.AdaptiveBeta(1.0, kl_target=1e-3, beta_min=1e-3, beta_max=1e4, window=1)
     rising = [controller.update(1e-2) for _ in range(5)]   # KL 10x the target: the penalty doubles each update
     assert rising == [2.0, 4.0, 8.0, 16.0, 32.0]
     assert controller.update(1e-3) == 32.0                 # inside the band: unchanged
@@ -262,13 +262,26 @@ def test_adaptive_beta_rises_while_the_kl_is_above_target_and_falls_below_it():
     assert controller.beta == 1e4                          # the ceiling holds
 
 
+@given(kls=st.lists(st.floats(0, 1.0), max_size=40), window=st.integers(1, 7), target=st.floats(1e-4, 1e-1))
+def test_adaptive_beta_with_a_window_applies_the_rule_to_each_windows_mean_kl(kls, window, target):
+    controller = tr.AdaptiveBeta(1.0, target, 1e-3, 1e4, window=window)
+    expected, betas = 1.0, []
+    for start in range(0, len(kls), window):
+        chunk = kls[start:start + window]
+        betas += [expected] * (len(chunk) - 1)  # unchanged inside a window
+        if len(chunk) == window:
+            expected = _ppo_rule(expected, sum(chunk) / window, target, 1e-3, 1e4)
+        betas.append(expected)
+    assert [controller.update(kl) for kl in kls] == pytest.approx(betas, rel=1e-12)
+
+
 def test_adaptive_beta_state_round_trip_resumes_exactly():
-    a = tr.AdaptiveBeta(1.0, 1e-3, 1e-3, 1e4)
-    for kl in (1e-2, 1e-2, 1e-5):
+    a = tr.AdaptiveBeta(1.0, 1e-3, 1e-3, 1e4, window=3)
+    for kl in (1e-2, 1e-2, 1e-5, 1e-2):  # resumed in the middle of a window
         a.update(kl)
-    b = tr.AdaptiveBeta(1.0, 1e-3, 1e-3, 1e4)
+    b = tr.AdaptiveBeta(1.0, 1e-3, 1e-3, 1e4, window=3)
     b.load_state_dict(a.state_dict())
-    assert [a.update(kl) for kl in (1e-2, 1e-1)] == [b.update(kl) for kl in (1e-2, 1e-1)]
+    assert [a.update(kl) for kl in (1e-2, 1e-1, 1.0)] == [b.update(kl) for kl in (1e-2, 1e-1, 1.0)]
     with pytest.raises(ValueError, match="checkpoint has beta schedule 'official'"):
         b.load_state_dict(tr.BetaController("official").state_dict())
 

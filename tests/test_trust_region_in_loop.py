@@ -102,19 +102,24 @@ def test_adaptive_beta_doubles_each_update_while_the_kl_is_above_target_and_halv
     L_KL = KL_anchor + 0.1·KL_step. Target 1e-30: the first update's KL is exactly 0 (policy = anchor = π_old),
     below the band, so β halves (1 -> 0.5); from then on the policy has drifted and β doubles each update."""
     run(tiny_models, tmp_path / "up", max_iterations=4, checkpoint_every=4, beta_schedule="adaptive", beta_init=1.0,
-        kl_target=1e-30, beta_min=1e-3, beta_max=1e4, optimizer="adamw")
+        kl_target=1e-30, beta_min=1e-3, beta_max=1e4, beta_window=1, optimizer="adamw")
     rows = metrics(tmp_path / "up")
     assert [r["beta"] for r in rows] == [1.0, 0.5, 1.0, 2.0]
     assert rows[0]["kl_anchor"] == 0 and all(r["kl_anchor"] > 0 for r in rows[1:])
     betas, beta = [], 1.0  # the same rule, applied by hand to the logged KLs
     for row in rows:
         betas.append(beta)
-        beta = trust_region.AdaptiveBeta(beta, 1e-30, 1e-3, 1e4).update(row["kl_anchor"] + 0.1 * row["kl_step"])
+        beta = trust_region.AdaptiveBeta(beta, 1e-30, 1e-3, 1e4, window=1).update(row["kl_anchor"] + 0.1 * row["kl_step"])
     assert [r["beta"] for r in rows] == betas
     # a target far above any drift: β halves each update down to its floor
     run(tiny_models, tmp_path / "down", max_iterations=3, checkpoint_every=3, beta_schedule="adaptive",
-        beta_init=8.0, kl_target=1e3, beta_min=2.0, beta_max=1e4, optimizer="adamw")
+        beta_init=8.0, kl_target=1e3, beta_min=2.0, beta_max=1e4, beta_window=1, optimizer="adamw")
     assert [r["beta"] for r in metrics(tmp_path / "down")] == [8.0, 4.0, 2.0]
+    # a window of 2 updates (2 per rollout): one decision per iteration, on the mean of its two updates' KLs
+    run(tiny_models, tmp_path / "window", max_iterations=2, checkpoint_every=2, beta_schedule="adaptive",
+        beta_init=8.0, kl_target=1e3, beta_min=1e-3, beta_max=1e4, beta_window=2, updates_per_rollout=2,
+        optimizer="adamw")
+    assert [r["beta"] for r in metrics(tmp_path / "window")] == [8.0, 4.0]
 
 
 def official_controller_worker(model_path, reward_path, output_dir):

@@ -72,7 +72,11 @@ COMPARISON = [dict(HEADLINE, kernel=k) for k in ("flow_grpo", "dance_grpo", "cps
 BETAS = (1e-5, 1e-3, 1e-1, 1.0, 10.0, 100.0)
 BETA_SWEEP = [dict(HEADLINE, beta_schedule="fixed", beta_start=b, beta_end=b) for b in BETAS]
 # Calibrating the adaptive β: the KL target, from the KL the β sweep's fixed β hold (README).
-CALIBRATION = [dict(HEADLINE, beta_schedule="adaptive", kl_target=t, beta_init=0.1) for t in (3e-4, 1e-3, 3e-3)]
+# Window 1 is PPO's per-update rule (it fails here: README); 10, one anchor period, is train.py's default.
+CALIBRATION = ([dict(HEADLINE, beta_schedule="adaptive", kl_target=t, beta_init=0.1, beta_window=1)
+                for t in (3e-4, 1e-3, 3e-3)] +
+               [dict(HEADLINE, beta_schedule="adaptive", kl_target=t, beta_init=0.1, beta_window=10)
+                for t in (1.5e-3, 5e-3)])
 # The calibrated trust region (train.py's adaptive defaults, chosen from the β sweep: README).
 CALIBRATED = dict(HEADLINE, beta_schedule="adaptive")
 MODES = [dict(CALIBRATED, kl_mode=m) for m in ("none", "fixed", "moving", "dual")] + [
@@ -101,7 +105,8 @@ def name(method):
     if method.get("beta_schedule") == "fixed":
         text += f", β fixed {method['beta_start']:g}"
     elif method.get("beta_schedule") == "adaptive":
-        text += ", β adaptive" + "".join(f" {k} {method[k]:g}" for k in ("kl_target", "beta_init") if k in method)
+        text += ", β adaptive" + "".join(f" {k} {method[k]:g}" for k in ("kl_target", "beta_init", "beta_window")
+                                         if k in method)
     elif method.get("beta_schedule"):
         text += f", β {method['beta_schedule']}"
     if method.get("updates_per_rollout", 1) > 1:
