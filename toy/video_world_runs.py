@@ -145,12 +145,38 @@ def read_rows(out):
     return rows
 
 
+# Finished runs are also kept as compact records in the repository (the numbers the tables and pictures read,
+# per iteration), so that a grid continues on another machine or after the run directories are gone.
+RECORDS = REPO / "assets" / "world_runs"
+RECORD_KEYS = ("iteration", "unix_time", "reward_mean", "on_manifold_reward", "off_manifold", "brightness",
+               "alignment", "composition", "trust_region_activity", "kl_anchor", "kl_step", "beta", "time_rollout",
+               "time_reward", "time_update")
+
+
+def save_record(out, rows, info):
+    RECORDS.mkdir(parents=True, exist_ok=True)
+    path = RECORDS / f"{out.name}.json"
+    short = lambda v: float(f"{v:.6g}") if isinstance(v, float) else v  # noqa: E731  (6 digits, by column: ~20 kB)
+    record = {"run": info, "columns": {k: [r.get(k) if k == "unix_time" else short(r.get(k)) for r in rows]
+                                       for k in RECORD_KEYS}}
+    path.with_suffix(".tmp").write_text(json.dumps(record, separators=(",", ":")))
+    path.with_suffix(".tmp").replace(path)
+
+
 def finished_rows(out, iterations):
-    """The rows of a finished run in `out`, else None."""
+    """The rows of a finished run in `out` (also kept as a record), or from its record; else None."""
     rows = read_rows(out)
+    record = RECORDS / f"{out.name}.json"
+    if len(rows) != iterations and record.exists():
+        saved = json.loads(record.read_text())
+        columns, info = saved["columns"], saved["run"]
+        rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    else:
+        info = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
     if len(rows) != iterations:
         return None
-    info = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+    if not record.exists():
+        save_record(out, rows, info)
     rows[-1]["wall_seconds"] = info.get("wall_seconds", rows[-1]["unix_time"] - rows[0]["unix_time"])
     rows[-1]["nproc"] = info.get("nproc", 2)
     return rows
