@@ -190,17 +190,18 @@ class Config:
     beta_schedule: str = "official"
     """official (ramp beta_start -> beta_end over 100 (sample, step) pairs, then x0.9 while the KL is above 1.5e-5,
     x1.1 below 5e-6, as the official controller; identical on every rank; inert: its β is ~1e-8 of the policy
-    term) | adaptive (PPO's rule: β x2 while the update's KL is above 1.5 kl_target, /2 below kl_target/1.5, from
-    beta_init within [beta_min, beta_max]) | two_stage (beta_start, then beta_end from beta_switch_step) | fixed
+    term) | adaptive (PPO's rule in the usual direction: every beta_window updates, β x2 if their mean KL is above
+    1.5 kl_target, /2 if below kl_target/1.5, from beta_init within [beta_min, beta_max]) | two_stage (beta_start, then beta_end from beta_switch_step) | fixed
     (beta_start throughout); trust_region.BetaController, trust_region.AdaptiveBeta"""
     beta_start: float = trust_region.BETA_START
     """smallest / first β (official kl_coef = kl_min_coef 1e-7)"""
     beta_end: float = trust_region.BETA_END
     """largest / last β, and the official controller's KL target (official kl_weight 1e-5)"""
-    kl_target: float = 1e-3
-    """adaptive only: the L_KL per (sample, step) pair that β holds (calibrated in the synthetic world, README)"""
-    beta_init: float = 1.0
-    """adaptive only: the first β (calibrated in the synthetic world, README)"""
+    kl_target: float = 1.5e-3
+    """adaptive only: the L_KL per (sample, step) pair that β holds (ours, provisional: the mean KL a fixed β of 0.1
+    holds in the synthetic world, README "The trust region, made to act")"""
+    beta_init: float = 0.1
+    """adaptive only: the first β (ours, provisional: the β sweep's best trade-off in the synthetic world, README)"""
     beta_min: float = 1e-3
     """adaptive only: β's floor"""
     beta_max: float = 1e4
@@ -402,7 +403,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
     beta_controller = None  # β: the two simple schedules need no state
     if cfg.beta_schedule == "official":  # steps once per (sample, step) pair
         beta_controller = trust_region.BetaController("official", cfg.beta_start, cfg.beta_end)
-    elif cfg.beta_schedule == "adaptive":  # steps once per optimizer update
+    elif cfg.beta_schedule == "adaptive":  # decides once per --beta_window optimizer updates
         beta_controller = trust_region.AdaptiveBeta(cfg.beta_init, cfg.kl_target, cfg.beta_min, cfg.beta_max,
                                                     cfg.beta_window)
     anchor = None
