@@ -8,6 +8,7 @@ fault a user met (kill, disk full, a corrupt file, a hung rank, a NaN flag, a se
 directory) and states what must happen. Tiny random models, CPU, gloo.
 """
 import errno
+import math
 import json
 import os
 import signal
@@ -325,3 +326,156 @@ def test_a_hung_rank_fails_the_run_after_the_collective_timeout_with_a_clear_mes
     assert "a collective failed on rank 0" in out and "another rank is hung or dead" in out, out[-3000:]
     assert "--collective_timeout_minutes 0.15" in out
     assert waited is not None and waited < 90  # the 9 s timeout (plus the iteration in flight), not 30 minutes
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. The run directory has one writer; appended files may end torn; inputs that changed are named.
+
+def test_a_second_run_into_a_directory_in_use_is_refused_naming_the_first(tiny_models, tmp_path):
+    holder = distributed.lock_run_directory(str(tmp_path))             # a first run, alive, holds the directory
+    try:
+        with pytest.raises(RuntimeError, match=rf"'{tmp_path}' is in use by another run \(pid {os.getpid()} on .*\): one "
+                                                 r"writer at a time"):
+            run(tiny_models, tmp_path)
+        assert numbered(tmp_path) == [] and not (tmp_path / "metrics.jsonl").exists()  # nothing written
+    finally:
+        holder.close()                                                 # the first run ends
+    run(tiny_models, tmp_path)                                          # now the directory is free
+    assert numbered(tmp_path) == ["checkpoint-000001"]
+
+
+def test_the_directory_lock_does_not_outlive_a_process_killed_with_sigkill(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, distributed; distributed.lock_run_directory("
+                               "sys.argv[1]); print('locked', flush=True); time.sleep(600)", str(tmp_path)],
+                              cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(distributed.DirectoryLocked, match=rf"pid {holder.pid} on"):
+            distributed.lock_run_directory(str(tmp_path))
+        holder.kill()                                                   # kill -9: no handler, no cleanup runs
+        holder.wait(timeout=60)
+        distributed.lock_run_directory(str(tmp_path)).close()         # the kernel released it
+    finally:
+        holder.kill()
+
+
+def test_a_torn_last_metrics_line_never_stops_a_resume(tiny_models, tmp_path, capsys):
+    run(tiny_models, tmp_path, max_iterations=2, checkpoint_every=2)
+    with open(tmp_path / "metrics.jsonl", "a") as f:                    # killed in the middle of writing row 3
+        f.write(json.dumps({"iteration": 3, "reward_mean": 0.0})[:17])
+    run(tiny_models, tmp_path, "--resume", max_iterations=3, checkpoint_every=2)
+    assert iterations_logged(tmp_path) == [1, 2, 3]
+    assert "metrics.jsonl: dropped 1 unreadable line(s)" in capsys.readouterr().out
+
+
+def test_resume_after_the_prompt_file_shrank_and_changed_continues_and_says_so(tiny_models, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\na fox\na owl\n")                   # 1 prompt (group) per iteration
+    output = tmp_path / "run"
+    run(tiny_models, output, prompts=prompts, max_iterations=3)        # the sampler stands at position 3 of 4
+    prompts.write_text("a cat\na dog\n")                                 # the user cut the file to 2 prompts
+    capsys.readouterr()
+    run(tiny_models, output, "--resume", prompts=prompts, max_iterations=4)
+    out = capsys.readouterr().out
+    assert iterations_logged(output) == [1, 2, 3, 4]
+    assert "resume: the prompts changed since the checkpoint (4 prompts then, 2 now" in out
+    assert "the prompt sampler stood at position 3 of epoch 0, past the end of the 2 prompts now" in out
+
+
+def test_a_shrunken_prompt_file_starts_the_sampler_on_its_next_epoch():
+    sampler = train.PromptSampler(2, 1, seed=0)
+    sampler.load_state_dict({"epoch": 0, "position": 3})                # saved with a file of 4 prompts
+    first = torch.randperm(2, generator=torch.Generator().manual_seed(0 + 1)).tolist()  # epoch 1's order, by hand
+    assert [sampler.next_indices() for _ in range(2)] == [[first[0]], [first[1]]]
+
+
+def test_resume_names_a_changed_thread_count(tiny_models, tmp_path, capsys):
+    run(tiny_models, tmp_path, max_iterations=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        capsys.readouterr()
+        run(tiny_models, tmp_path, "--resume", max_iterations=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert (f"resume: {threads + 1} CPU threads per rank now, {threads} when the checkpoint was written"
+            in capsys.readouterr().out)
+
+
+def fake_checkpoint(output_dir, iteration=5, world_size=1, lora=False, config=None):
+    """A numbered checkpoint whose trainer_state.json is all the checks before any model read."""
+    path = output_dir / f"checkpoint-{iteration:06d}"
+    (path / "policy" if lora else path).mkdir(parents=True)
+    (path / "trainer_state.json").write_text(json.dumps({"iteration": iteration, "world_size": world_size,
+                                                         "config": config or {}}))
+    distributed.write_manifest(str(path))
+    return path
+
+
+@pytest.mark.parametrize("setup, flags, message", [
+    ({}, ["--max_iterations", "3"], r"which is at iteration 5, with --max_iterations 3: nothing to do; expected "
+                                    r"--max_iterations >= 5"),
+    ({"world_size": 2}, ["--max_iterations", "9"], r"on 1 rank\(s\): it was written by 2, .* the batch would change "
+                                                   r"from 4 to 2 videos per iteration; use 2 ranks, or add "
+                                                   r"--allow_config_change"),
+    ({}, ["--max_iterations", "9", "--lora_rank", "4", "--allow_config_change"],
+     r"--lora_rank 4: the checkpoint was written by a full fine-tune \(no policy/ adapters\); resume it without "
+     r"--lora_rank, or start a new run"),
+    ({"lora": True, "config": {"lora_rank": 8}}, ["--max_iterations", "9", "--allow_config_change"],
+     r"--lora_rank 0: the checkpoint was written by a LoRA run .* resume it with its --lora_rank 8"),
+])
+def test_a_resume_that_cannot_continue_the_run_is_refused_before_any_model(setup, flags, message, tmp_path, monkeypatch):
+    monkeypatch.setattr(distributed, "setup", lambda *a, **k: pytest.fail("reached the process group"))
+    fake_checkpoint(tmp_path, **setup)
+    with pytest.raises(ValueError, match=message):
+        train.main(train.parse_config(["--tiny", "--output_dir", str(tmp_path), "--group_size", "2", "--resume"] + flags))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eta", "1e-6"], r"--eta 1e-06 gives step 1 \(σ 0.833 -> 0\) a std of 1.9e-07, below 0.0001: .* expected "
+                        r"--eta >= 0.00053 for --kernel sage, 2 steps, shift 5"),
+    (["--eta", "1e-30"], r"--eta 1e-30 gives step 1 .* a std of 1.9e-31"),
+    (["--num_steps", "100"], r"^--num_steps 100 with --kernel sage at shift 5: sage's variance is negative for the step "
+                             r"sigma = 1 -> sigma_next = 0.998"),
+])
+def test_a_schedule_flag_the_kernel_cannot_sample_is_one_error_before_any_model(flags, message, tiny_models, tmp_path,
+                                                                                monkeypatch):
+    import model
+    monkeypatch.setattr(model, "load_hunyuan", lambda *a, **k: pytest.fail("reached the models"))
+    with pytest.raises(ValueError, match=message):
+        run(tiny_models, tmp_path, *flags)
+
+
+def test_the_smallest_eta_allowed_is_the_stated_bound_on_the_step_std(tiny_models, tmp_path):
+    import sde
+    sigmas = sde.shifted_sigmas(2, 5.0).double()
+    # sage's last step, 0.833 -> 0: std = η·sqrt(−ln(1 − 0.833) − 0.833), by hand
+    per_eta = math.sqrt(-math.log(1 - 5 * 0.5 / (1 + 4 * 0.5)) - 5 * 0.5 / (1 + 4 * 0.5))
+    assert sde.step_std("sage", sigmas[1], sigmas[2], 1.0).item() == pytest.approx(per_eta, rel=1e-12)
+    bound = train.MIN_STEP_STD / per_eta
+    train.check_schedule(train.Config(kernel="sage", num_steps=2, shift=5.0, eta=bound * 1.001))
+    with pytest.raises(ValueError, match=r"below 0.0001"):
+        train.check_schedule(train.Config(kernel="sage", num_steps=2, shift=5.0, eta=bound * 0.999))
+
+
+def test_world_prompts_are_the_worlds_own_and_any_other_file_is_an_error_not_replaced(tmp_path, monkeypatch):
+    from toy import video_world
+    monkeypatch.setattr(distributed, "setup", lambda *a, **k: pytest.fail("reached the process group"))
+    cfg, prompts = train.check_config(train.Config(world=True, output_dir=str(tmp_path / "a")), 1)
+    assert cfg.prompts == video_world.PROMPTS_FILE and prompts == list(video_world.WORLD_PROMPTS)
+    for given, first in (("prompts/example.txt", None), (str(tmp_path / "mine.txt"), "A red square moving right.")):
+        if first:
+            (tmp_path / "mine.txt").write_text(first + "\n")
+        with pytest.raises(ValueError, match=r"--world: prompt file .* holds \d+ prompt\(s\) the world's reward does not "
+                                             r"know, the first .*; expected only prompts of prompts/video_world.txt"):
+            train.check_config(train.Config(world=True, prompts=given, output_dir=str(tmp_path / "b")), 1)
+    (tmp_path / "two.txt").write_text(f"{video_world.WORLD_PROMPTS[3]}\n{video_world.WORLD_PROMPTS[1]}\n")
+    _, prompts = train.check_config(train.Config(world=True, prompts=str(tmp_path / "two.txt"),
+                                                 output_dir=str(tmp_path / "c")), 1)
+    assert prompts == [video_world.WORLD_PROMPTS[3], video_world.WORLD_PROMPTS[1]]
+
+
+@pytest.mark.parametrize("name, content", [("p.txt", "\ufeffa cat\na dog\n"), ("p.csv", "\ufeffprompt,seed\na cat,1\na dog,2\n")])
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt_or_column(name, content, tmp_path):
+    (tmp_path / name).write_text(content, encoding="utf-8")
+    assert train.load_prompts(str(tmp_path / name)) == ["a cat", "a dog"]
