@@ -910,7 +910,7 @@ def check_schedule(cfg):
         k = int(torch.nonzero(std == low)[0])
         raise ConfigError(f"--eta {cfg.eta:g} gives step {k} (σ {sigmas[k]:.3g} -> {sigmas[k + 1]:.3g}) a std of "
                           f"{low:.2g}, below {MIN_STEP_STD:g}: its log-probs would be fp32 round-off; expected --eta >= "
-                          f"{cfg.eta * MIN_STEP_STD / low:.2g} for --kernel {cfg.kernel}, {cfg.num_steps} steps, shift "
+                          f"{cfg.eta * MIN_STEP_STD / low:.3g} for --kernel {cfg.kernel}, {cfg.num_steps} steps, shift "
                           f"{cfg.shift:g}" if low > 0 else f"--eta {cfg.eta:g}: every step's std underflows to 0")
 
 
