@@ -149,6 +149,24 @@ def load_policy(path, mesh, device, rank, compute_dtype, *, lora_rank=0, gradien
     return policy, anchor_module
 
 
+def exit_process(status):
+    """End a process that used a process group, skipping the interpreter's teardown: flush stdout and stderr,
+    then os._exit(status). Call it after destroy_process_group, with every file closed.
+
+    Why: destroy_process_group drops c10d's references, yet the DeviceMesh, and with it the gloo process group,
+    stay alive in DTensor's global sharding caches (the DTensorSpecs they hold name the mesh), even after
+    gc.collect(). Their C++ destructors, gloo's worker threads among them, then run during interpreter
+    finalization, where a thread that needs the GIL is ended by force: an occasional SIGABRT ("terminate called
+    without an active exception") after a run that finished, and a non-zero status from torchrun."""
+    import sys
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
 # ------------------------------------------------------------------------------------------------
 # Collectives.
 

@@ -1274,8 +1274,8 @@ if __name__ == "__main__":
         sys.exit(plan.main([arg for arg in sys.argv[1:] if arg != "--plan"]))
     try:
         result = main(parse_config())
-        if "--self_check" in sys.argv[1:]:
-            sys.exit(result)  # 1 if a check FAILed
+        status = result if "--self_check" in sys.argv[1:] else 0  # self-check: 1 if a check FAILed
     except (ConfigError, RunError) as error:  # our own message: once (rank 0), without a traceback
         report_error(f"train.py: error: {error}")
-        sys.exit(2 if isinstance(error, ConfigError) else 1)
+        status = 2 if isinstance(error, ConfigError) else 1
+    distributed.exit_process(status)  # not sys.exit: the gloo group must not be torn down by the interpreter

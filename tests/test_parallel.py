@@ -193,3 +193,4 @@ def test_an_sp_size_that_does_not_divide_the_world_or_the_heads_is_refused(tiny_
 
 if __name__ == "__main__" and sys.argv[1] == "split_forward":
     split_forward_worker(sys.argv[2])
+    distributed.exit_process(0)  # no teardown of the gloo group by the interpreter (see distributed.exit_process)

@@ -626,3 +626,4 @@ def test_trained_steps_are_a_per_sample_random_order_of_a_fraction_of_the_steps(
 
 if __name__ == "__main__":  # the torchrun worker of test_broadcast_load_gives_every_rank_the_weights_on_disk_...
     broadcast_load_worker(*sys.argv[1:])
+    distributed.exit_process(0)  # no teardown of the gloo group by the interpreter (see distributed.exit_process)
