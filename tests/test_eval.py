@@ -9,6 +9,8 @@ import distributed
 import eval as evaluate
 import train
 
+pytestmark = pytest.mark.slow  # the whole module: train.py / eval.py runs (README: Test)
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

@@ -58,6 +58,7 @@ def iterations_logged(output_dir):
 # ------------------------------------------------------------------------------------------------
 # 1, 2. Discovery and retention see only the run's own numbered checkpoints; a used directory is refused.
 
+@pytest.mark.slow
 def test_user_copies_of_checkpoints_are_never_resumed_from_or_deleted(tiny_models, tmp_path):
     run(tiny_models, tmp_path, max_iterations=2)
     import shutil
@@ -71,6 +72,7 @@ def test_user_copies_of_checkpoints_are_never_resumed_from_or_deleted(tiny_model
         assert os.path.isfile(tmp_path / copy / WEIGHTS)                # the user's copies are untouched
 
 
+@pytest.mark.slow
 def test_a_second_fresh_run_into_a_used_directory_is_refused_before_any_work(tiny_models, tmp_path):
     run(tiny_models, tmp_path, max_iterations=2)
     before = load_file(str(tmp_path / "checkpoint-000002" / WEIGHTS))
@@ -86,6 +88,7 @@ def test_a_second_fresh_run_into_a_used_directory_is_refused_before_any_work(tin
     assert not (tmp_path / "checkpoint-000002.tmp").exists()
 
 
+@pytest.mark.slow
 def test_a_resumed_run_does_not_repeat_metrics_rows(tiny_models, tmp_path):
     run(tiny_models, tmp_path, max_iterations=2, checkpoint_every=2)
     with open(tmp_path / "metrics.jsonl", "a") as f:                    # a row logged after the last checkpoint,
@@ -97,6 +100,7 @@ def test_a_resumed_run_does_not_repeat_metrics_rows(tiny_models, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # 3. A run that cannot learn stops, and says why.
 
+@pytest.mark.slow
 def test_a_run_whose_every_reward_fails_stops_and_names_the_cause(tiny_models, tmp_path, monkeypatch):
     import reward
     forward = reward.VideoAlignReward.forward
@@ -110,6 +114,7 @@ def test_a_run_whose_every_reward_fails_stops_and_names_the_cause(tiny_models, t
     assert iterations_logged(tmp_path) == [1, 2, 3] and numbered(tmp_path) == []  # nothing saved as if trained
 
 
+@pytest.mark.slow
 def test_a_run_whose_loss_is_never_finite_stops_and_names_the_cause(tiny_models, tmp_path, monkeypatch):
     import grpo
     clipped_policy_loss = grpo.clipped_policy_loss
@@ -142,6 +147,7 @@ def corrupt(path, how):
         distributed.write_manifest(str(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how, reason", [
     ("truncated weights", r"diffusion_pytorch_model.safetensors has \d+ bytes, the manifest says \d+"),
     ("bytes changed, same size", r"diffusion_pytorch_model.safetensors: SHA-256 differs from the manifest"),
@@ -163,6 +169,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint_names_it_and_continues_from_th
     assert iterations_logged(tmp_path) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_resume_with_no_sound_checkpoint_is_an_error_that_lists_each(tiny_models, tmp_path):
     run(tiny_models, tmp_path, max_iterations=2)
     corrupt(tmp_path / "checkpoint-000001", "truncated weights")
@@ -175,6 +182,7 @@ def test_resume_with_no_sound_checkpoint_is_an_error_that_lists_each(tiny_models
 # ------------------------------------------------------------------------------------------------
 # 7. A write that fails (disk full) says so, names the intact checkpoint, and leaves no partial files.
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["safetensors", "torch.save"])
 def test_a_checkpoint_write_that_fails_removes_its_partial_files_and_names_the_intact_one(
         where, tiny_models, tmp_path, monkeypatch):
@@ -220,6 +228,7 @@ def test_a_bad_number_is_refused_before_any_model_is_loaded(flags, message, tmp_
         train.main(train.parse_config(["--tiny", "--output_dir", str(tmp_path), "--group_size", "2"] + flags))
 
 
+@pytest.mark.slow
 def test_a_wrong_reward_path_and_an_unwritable_output_dir_are_refused_before_any_model(tiny_models, tmp_path,
                                                                                        monkeypatch):
     monkeypatch.setattr(distributed, "setup", lambda *a, **k: pytest.fail("reached the process group"))
@@ -247,6 +256,7 @@ def test_prompt_file_errors_name_the_file_and_the_line(name, content, message, t
         train.load_prompts(str(tmp_path / name))
 
 
+@pytest.mark.slow
 def test_an_error_on_two_ranks_is_printed_once_without_a_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "train.py", "--tiny", "--lr", "nan", "--output_dir", str(tmp_path)],
@@ -259,6 +269,7 @@ def test_an_error_on_two_ranks_is_printed_once_without_a_traceback(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # 8. Preemption and long intervals: SIGTERM writes a checkpoint; time-based checkpoints.
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_the_run_resumes_from_it(tiny_models, tmp_path):
     process = subprocess.Popen([sys.executable, "train.py"] + tiny_args(tiny_models, tmp_path, max_iterations=1000,
                                                                         checkpoint_every=1000),
@@ -278,12 +289,14 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes_from_it(tiny_models, tm
     assert iterations_logged(tmp_path) == list(range(1, stopped + 2))
 
 
+@pytest.mark.slow
 def test_time_based_checkpoints_are_written_between_the_iteration_based_ones(tiny_models, tmp_path):
     run(tiny_models, tmp_path, max_iterations=3, checkpoint_every=100, checkpoint_every_minutes=1e-6,
         keep_checkpoints=5)
     assert numbered(tmp_path) == ["checkpoint-000001", "checkpoint-000002", "checkpoint-000003"]
 
 
+@pytest.mark.slow
 def test_a_finished_run_prints_where_everything_went_and_no_fsdp_view_warning(tiny_models, tmp_path, capsys, recwarn):
     run(tiny_models, tmp_path, max_iterations=2)
     out = capsys.readouterr().out
@@ -295,6 +308,7 @@ def test_a_finished_run_prints_where_everything_went_and_no_fsdp_view_warning(ti
 # ------------------------------------------------------------------------------------------------
 # 5. A hung rank: the others fail after --collective_timeout_minutes, with a message that says so.
 
+@pytest.mark.slow
 def test_a_hung_rank_fails_the_run_after_the_collective_timeout_with_a_clear_message(tiny_models, tmp_path):
     import psutil
     process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -331,6 +345,7 @@ def test_a_hung_rank_fails_the_run_after_the_collective_timeout_with_a_clear_mes
 # ------------------------------------------------------------------------------------------------
 # 9. The run directory has one writer; appended files may end torn; inputs that changed are named.
 
+@pytest.mark.slow
 def test_a_second_run_into_a_directory_in_use_is_refused_naming_the_first(tiny_models, tmp_path):
     holder = distributed.lock_run_directory(str(tmp_path))             # a first run, alive, holds the directory
     try:
@@ -344,6 +359,7 @@ def test_a_second_run_into_a_directory_in_use_is_refused_naming_the_first(tiny_m
     assert numbered(tmp_path) == ["checkpoint-000001"]
 
 
+@pytest.mark.slow
 def test_the_directory_lock_does_not_outlive_a_process_killed_with_sigkill(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time, distributed; held = distributed.lock_run_directory("
                                "sys.argv[1]); print('locked', flush=True); time.sleep(600)", str(tmp_path)],
@@ -359,6 +375,7 @@ def test_the_directory_lock_does_not_outlive_a_process_killed_with_sigkill(tmp_p
         holder.kill()
 
 
+@pytest.mark.slow
 def test_a_torn_last_metrics_line_never_stops_a_resume(tiny_models, tmp_path, capsys):
     run(tiny_models, tmp_path, max_iterations=2, checkpoint_every=2)
     with open(tmp_path / "metrics.jsonl", "a") as f:                    # killed in the middle of writing row 3
@@ -368,6 +385,7 @@ def test_a_torn_last_metrics_line_never_stops_a_resume(tiny_models, tmp_path, ca
     assert "metrics.jsonl: dropped 1 unreadable line(s)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_resume_after_the_prompt_file_shrank_and_changed_continues_and_says_so(tiny_models, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\na fox\na owl\n")                   # 1 prompt (group) per iteration
@@ -389,6 +407,7 @@ def test_a_shrunken_prompt_file_starts_the_sampler_on_its_next_epoch():
     assert [sampler.next_indices() for _ in range(2)] == [[first[0]], [first[1]]]
 
 
+@pytest.mark.slow
 def test_resume_names_a_changed_thread_count(tiny_models, tmp_path, capsys):
     run(tiny_models, tmp_path, max_iterations=1)
     threads = torch.get_num_threads()
@@ -431,6 +450,7 @@ def test_a_resume_that_cannot_continue_the_run_is_refused_before_any_model(setup
         train.main(train.parse_config(["--tiny", "--output_dir", str(tmp_path), "--group_size", "2", "--resume"] + flags))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, message", [
     (["--eta", "1e-6"], r"--eta 1e-06 gives step 1 \(σ 0.833 -> 0\) a std of 9.8e-07, below 0.0001: .* expected "
                         r"--eta >= 0.000102 for --kernel sage, 2 steps, shift 5"),

@@ -198,6 +198,7 @@ def synthetic_gradients(transformer, step):
     return {name: torch.randn(p.shape, generator=generator) for name, p in transformer.named_parameters()}
 
 
+@pytest.mark.slow
 def test_two_ranks_fsdp2_optimizer_step_equals_one_process_bit_for_bit_on_the_same_gradients(sharded_run):
     # the sharded Newton-Schulz sees the gathered matrix, so the update is exactly the unsharded one
     # (one thread, as the worker: bf16 matmuls sum in a thread-dependent order)
@@ -225,6 +226,7 @@ def roundoff_bound(transformer, gradients):
     return n * 2.0 ** -24 * max(g.abs().max().item() for g in gradients.values())
 
 
+@pytest.mark.slow
 def test_two_ranks_fsdp2_gradients_equal_one_process_gradients_to_fp32_round_off(sharded_run):
     """Every rank feeds the same inputs, so FSDP2's averaged gradient is, exactly, the one-process gradient at the
     same weights; in fp32 the two differ by round-off only (another summation order; measured 4e-9 on one
@@ -250,6 +252,7 @@ def test_two_ranks_fsdp2_gradients_equal_one_process_gradients_to_fp32_round_off
     assert "transformer_blocks.0.attn.to_q.weight" in moved and "proj_out.weight" in moved
 
 
+@pytest.mark.slow
 def test_two_ranks_resume_from_dcp_optimizer_state_gives_the_same_next_step(sharded_run):
     assert sharded_run["resume_max_difference"] == 0.0
 

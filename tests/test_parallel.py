@@ -23,6 +23,8 @@ import distributed
 import parallel
 from test_train import REPO, WEIGHTS, metrics, optimizer_state, relative_error, run, tiny_args, tiny_models  # noqa: F401
 
+pytestmark = pytest.mark.slow  # the whole module: train.py / eval.py runs (README: Test)
+
 
 def torchrun(nproc, arguments, timeout=600):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + arguments
