@@ -15,8 +15,10 @@ from toy.trainer import Config, evaluate, train
 
 @pytest.fixture(scope="module")
 def pretrained():
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)   # tiny tensors: one thread is the fast setting (see toy/demo.py)
-    return load_or_pretrain()
+    yield load_or_pretrain()
+    torch.set_num_threads(threads)  # not leaked into the modules that run after this one
 
 
 coordinate = st.floats(-4, 4, allow_nan=False)
