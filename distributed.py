@@ -29,9 +29,15 @@ newest complete one). It holds
     rng.pt                every rank's torch / python / CUDA generator state
     trainer_state.json    iteration, update step, prompt sampler position, the run's config
 and `--resume` continues bit-identically (tested after a real SIGKILL).
+
+One writer per run directory (`lock_run_directory`). Rank 0 holds an exclusive `flock` on
+output_dir/.lock for the whole run; a second run into the same directory is refused with the first
+one's pid. The kernel drops the lock when the process ends in any way (exit, crash, kill -9), so a
+lock never outlives its run and there is nothing to clean up by hand.
 """
 import copy
 import datetime
+import fcntl
 import hashlib
 import json
 import os
@@ -149,6 +155,24 @@ def load_policy(path, mesh, device, rank, compute_dtype, *, lora_rank=0, gradien
     return policy, anchor_module
 
 
+def exit_process(status):
+    """End a process that used a process group, skipping the interpreter's teardown: flush stdout and stderr,
+    then os._exit(status). Call it after destroy_process_group, with every file closed.
+
+    Why: destroy_process_group drops c10d's references, yet the DeviceMesh, and with it the gloo process group,
+    stay alive in DTensor's global sharding caches (the DTensorSpecs they hold name the mesh), even after
+    gc.collect(). Their C++ destructors, gloo's worker threads among them, then run during interpreter
+    finalization, where a thread that needs the GIL is ended by force: an occasional SIGABRT ("terminate called
+    without an active exception") after a run that finished, and a non-zero status from torchrun."""
+    import sys
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
 # ------------------------------------------------------------------------------------------------
 # Collectives.
 
@@ -165,6 +189,37 @@ def all_reduce(x, op=dist.ReduceOp.SUM, group=None):
     x = x.clone()
     dist.all_reduce(x, op=op, group=group)
     return x
+
+
+# ------------------------------------------------------------------------------------------------
+# One writer per run directory.
+
+LOCK_FILE = ".lock"
+
+
+class DirectoryLocked(RuntimeError):
+    """Another live process writes to this directory (the message names it)."""
+
+
+def lock_run_directory(directory, what="run"):
+    """Take an exclusive, non-blocking flock on directory/.lock and return the open file (keep it open for the
+    life of the run: closing it, or the process ending in any way, kill -9 included, releases the lock).
+    Raise DirectoryLocked naming the holder's pid and command if another process holds it."""
+    os.makedirs(directory, exist_ok=True)
+    handle = open(os.path.join(directory, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise DirectoryLocked(f"{directory!r} is in use by another {what} ({holder}): one writer at a time; wait for "
+                              f"it to finish or stop it, or choose another directory") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {os.uname().nodename}, started {datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n")
+    handle.flush()
+    return handle
 
 
 # ------------------------------------------------------------------------------------------------
@@ -375,7 +430,9 @@ def load_checkpoint(path, policy, optimizer, anchor, rank):
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as error:  # noqa: BLE001 - say which checkpoint, not a 100-line trace
-        raise CheckpointError(f"{path} could not be loaded ({type(error).__name__}: {str(error)[:500]})") from error
+        # the whole message, but not the per-rank tracebacks torch.distributed.checkpoint appends to it
+        message = str(error).split("Traceback (most recent call last)")[0].strip()
+        raise CheckpointError(f"{path} could not be loaded ({type(error).__name__}: {message})") from error
 
 
 def _load_checkpoint(path, policy, optimizer, anchor, rank):

@@ -16,6 +16,19 @@ row per model) and output_dir/videos/<model>/<prompt>_<seed>.mp4 (a PNG frame gr
 imageio-ffmpeg is not installed). Both result files are rewritten after every model, so a failure
 later (a bad checkpoint, a kill) never loses the scores of the models already evaluated.
 
+The checkpoints are checked before any model is loaded, as train.py's --resume checks them
+(distributed.verify_checkpoint): a train.py checkpoint-N/ must match its manifest.json (every file's
+size and SHA-256, finite weights), else eval stops with one line naming the file and exit status 1;
+an unfinished write (a checkpoint-N.tmp/, or a checkpoint-N/ without manifest) is skipped, with a
+line saying so. A transformer directory that is not a train.py checkpoint has no manifest: its
+weights are loaded as they are and must be finite. One evaluation writes to an output_dir at a time
+(the lock of distributed.lock_run_directory).
+
+--world evaluates the synthetic video world (toy/video_world.py) instead: its pretrained policy as the
+base, its prompts, video size and sampling settings, and its exact reward of the latents (reward,
+alignment, composition, brightness, off-manifold distance, on-manifold reward) in place of VideoAlign,
+CLIPScore and PickScore, e.g. on the checkpoints of a `train.py --world` run.
+
     # real weights, one GPU: hub ids already in the hub cache (`hf download <id>` once; nothing is downloaded
     # here) or local directories, e.g. --model_path ckpts/HunyuanVideo-1.5-480p_t2v
     python eval.py --model_path hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v --reward_path KwaiVGI/VideoReward \\
@@ -25,24 +38,28 @@ later (a bad checkpoint, a kill) never loses the scores of the models already ev
     # no weights, CPU: random tiny models, e.g. on the checkpoint of a `train.py --tiny` run
     python eval.py --tiny --model_path runs/tiny/tiny_hunyuan --reward_path runs/tiny/tiny_videoalign \\
         --checkpoints runs/tiny/checkpoint-000004 --output_dir runs/tiny_eval
+    # the synthetic world, on the checkpoint of a `train.py --world` run
+    python eval.py --world --num_steps 8 --checkpoints runs/world/checkpoint-000150 --output_dir runs/world_eval
 """
 import dataclasses
 import json
 import math
 import os
 import re
+import sys
 import typing
 from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
+import distributed
 import hub
 import model
 import reward
 import sde
 import tiny
-from train import load_prompts, parse_config, resolve_sampling, save_video
+from train import DEFAULT_PROMPTS, load_prompts, parse_config, resolve_sampling, save_video
 
 
 @dataclass
@@ -61,12 +78,15 @@ class EvalConfig:
     hub id; empty = pickscore_path"""
     checkpoints: list[str] = field(default_factory=list)
     """transformer directories to compare with the base (a train.py checkpoint-N/ or its transformer/)"""
-    prompts: str = "prompts/example.txt"
-    """prompt file (.txt / .csv / .jsonl, as train.py)"""
+    prompts: str = ""
+    """prompt file (.txt / .csv / .jsonl, as train.py); default prompts/example.txt, or the world's with --world"""
     output_dir: str = "runs/eval"
     """results.json, results.md and videos/ go here"""
     tiny: bool = False
     """random tiny HunyuanVideo-1.5, VideoAlign and CLIP models built on the fly, CPU"""
+    world: bool = False
+    """the synthetic video world (toy/video_world.py), CPU: its pretrained policy as the base (unless --model_path),
+    its prompts, video size, shift / CFG, and its exact reward of the latents instead of VideoAlign / CLIP / PickScore"""
     seed: int = 0
     """seed of the first video of each prompt; prompt i, video j uses seed + 1000·i + j"""
     videos_per_prompt: int = 1
@@ -90,6 +110,62 @@ class EvalConfig:
     results.json stores the value used"""
 
 
+class EvalError(RuntimeError):
+    """A checkpoint that cannot be evaluated (corrupt, unreadable): the message names the file and why."""
+
+
+# Result columns: VideoAlign / CLIPScore / PickScore, or the world's reward and its diagnostics (--world).
+COLUMNS = {"vq": "VQ", "mq": "MQ", "ta": "TA", "overall": "VideoAlign overall", "clip_score": "CLIPScore",
+           "pick_score": "PickScore"}
+WORLD_COLUMNS = {"reward": "world reward", "alignment": "alignment", "composition": "composition",
+                 "brightness": "brightness", "off_manifold": "off-manifold distance",
+                 "on_manifold_reward": "on-manifold reward"}
+
+
+def checked_checkpoints(paths, log=print):
+    """The transformer directories to evaluate, checked as train.py's --resume checks its checkpoints, before any
+    model is loaded: a train.py checkpoint (checkpoint-NNNNNN/, or one holding a manifest.json) must verify
+    against its manifest (else EvalError naming every one that does not); an unfinished write (a .tmp directory,
+    or a numbered checkpoint without manifest) is skipped and named (`log`). Returns [(given path, directory)]."""
+    kept, corrupt = [], []
+    for path in paths:
+        normalised = os.path.normpath(path)
+        root = os.path.dirname(normalised) if os.path.basename(normalised) == "transformer" else normalised
+        name = os.path.basename(root)
+        has_manifest = os.path.isfile(os.path.join(root, distributed.MANIFEST))
+        if name.endswith(".tmp"):
+            log(f"eval: skipping {path}: an unfinished checkpoint write (.tmp, renamed only once complete)")
+            continue
+        if distributed.CHECKPOINT_NAME.fullmatch(name) and os.path.isdir(root) and not has_manifest:
+            log(f"eval: skipping {path}: no {distributed.MANIFEST}, the checkpoint was never completed")
+            continue
+        if has_manifest:
+            try:
+                distributed.verify_checkpoint(root)
+            except distributed.CheckpointError as error:
+                corrupt.append(str(error))
+                continue
+        kept.append((path, transformer_dir(path)))
+    if corrupt:
+        raise EvalError(f"{len(corrupt)} checkpoint(s) do not match their manifest, nothing was evaluated: "
+                        + "; ".join(corrupt))
+    return kept
+
+
+def load_transformer(path, device, dtype):
+    """A transformer directory's model, or EvalError naming the directory and the cause (no library traceback);
+    non-finite weights (a directory without manifest that was corrupted) are an error too."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+    try:
+        transformer = HunyuanVideo15Transformer3DModel.from_pretrained(path, torch_dtype=dtype)
+    except Exception as error:  # noqa: BLE001 - diffusers' OSError / safetensors' errors: one line with the cause
+        raise EvalError(f"{path} could not be loaded ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+    bad = next((name for name, p in transformer.state_dict().items() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise EvalError(f"{path}: tensor {bad!r} holds NaN or inf")
+    return transformer.to(device).eval()
+
+
 def transformer_dir(path):
     """Accept a checkpoint-N/ directory or a transformer directory; raise if it is neither."""
     for candidate in (path, os.path.join(path, "transformer")):
@@ -111,10 +187,8 @@ def model_names(paths):
     return names
 
 
-def markdown_table(results):
-    columns = ["vq", "mq", "ta", "overall", "clip_score", "pick_score"]
-    lines = ["| model | VQ | MQ | TA | VideoAlign overall | CLIPScore | PickScore |",
-             "|---|---|---|---|---|---|---|"]
+def markdown_table(results, columns=COLUMNS):
+    lines = ["| model | " + " | ".join(columns.values()) + " |", "|---" * (len(columns) + 1) + "|"]
     for r in results:
         lines.append(f"| {r['name']} | " + " | ".join(f"{r[c]:.4f}" for c in columns) + " |")
     return "\n".join(lines) + "\n"
@@ -123,7 +197,7 @@ def markdown_table(results):
 def write_results(cfg, results, num_videos):
     """results.json and results.md for the models evaluated so far (atomic: each file is complete or absent)."""
     os.makedirs(cfg.output_dir, exist_ok=True)
-    table = markdown_table(results)
+    table = markdown_table(results, WORLD_COLUMNS if cfg.world else COLUMNS)
     outputs = {"results.json": json.dumps({"config": dataclasses.asdict(cfg), "models": results}, indent=1),
                "results.md": f"{num_videos} videos per model, {cfg.num_steps} ODE steps, CFG {cfg.cfg_scale}, "
                              f"{cfg.num_frames} frames at {cfg.height}x{cfg.width}\n\n" + table}
@@ -135,7 +209,17 @@ def write_results(cfg, results, num_videos):
 
 
 def main(cfg):
+    if cfg.world and cfg.tiny:
+        raise ValueError("--world and --tiny are two different small worlds: give one of them")
+    if cfg.world:  # the world's prompts and video size unless given (its model below, its sampling in its configs)
+        from toy import video_world
+        cfg = dataclasses.replace(cfg, prompts=cfg.prompts or video_world.PROMPTS_FILE,
+                                  num_frames=cfg.num_frames or video_world.WORLD_NUM_FRAMES,
+                                  height=cfg.height or video_world.WORLD_HEIGHT, width=cfg.width or video_world.WORLD_WIDTH)
+    cfg = dataclasses.replace(cfg, prompts=cfg.prompts or DEFAULT_PROMPTS)
     prompts = load_prompts(cfg.prompts)  # bad input fails before any model is loaded
+    if cfg.world:
+        video_world.prompt_indices(prompts)  # ValueError naming a prompt the world's reward does not know
     for name in ("videos_per_prompt", "batch_size", "num_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
@@ -143,28 +227,41 @@ def main(cfg):
         value = getattr(cfg, name)
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ValueError(f"--{name} must be a finite number > 0, got {value}")
-    paths = [transformer_dir(p) for p in cfg.checkpoints]
+    paths = checked_checkpoints(cfg.checkpoints)  # [(given, transformer dir)]; corrupt ones: EvalError, now
     # each model a local directory, or a hub id resolved to its snapshot in the hub cache (hub.py; never
-    # downloaded); with --tiny an empty path means "build a random tiny one"
-    for name in ("model_path", "reward_path", "clip_path", "pickscore_path", "pickscore_processor_path"):
+    # downloaded); with --tiny an empty path means "build a random tiny one"; --world reads no reward model
+    for name in ("model_path",) + (() if cfg.world else ("reward_path", "clip_path", "pickscore_path",
+                                                         "pickscore_processor_path")):
         value = getattr(cfg, name)
-        if value or not (cfg.tiny or name == "pickscore_processor_path"):
+        if value or not (cfg.tiny or cfg.world or name == "pickscore_processor_path"):
             try:
                 cfg = dataclasses.replace(cfg, **{name: hub.resolve_path(value, f"--{name}")})
             except FileNotFoundError as error:
                 raise ValueError(f"{error}{'' if cfg.tiny else ', or use --tiny'}") from None
-    from diffusers import HunyuanVideo15Transformer3DModel
+    try:
+        lock = distributed.lock_run_directory(cfg.output_dir, "evaluation")  # one writer; released when eval ends
+    except OSError as error:
+        raise ValueError(f"--output_dir {cfg.output_dir!r} is not writable ({error.strerror or error})") from None
+    try:
+        return evaluate(cfg, prompts, paths)
+    finally:
+        lock.close()
 
+
+def evaluate(cfg, prompts, paths):
     model_path, reward_path, clip_path, pick_path = cfg.model_path, cfg.reward_path, cfg.clip_path, cfg.pickscore_path
     if cfg.tiny:  # random tiny models in the real layouts, the same code path as real weights (tiny.py)
         tiny_paths = tiny.tiny_model_paths(os.path.join(cfg.output_dir, "tiny_models"), hunyuan=model_path,
                                       videoalign=reward_path, clip=clip_path)
         model_path, reward_path, clip_path = tiny_paths["hunyuan"], tiny_paths["videoalign"], tiny_paths["clip"]
         pick_path = pick_path or clip_path
+    if cfg.world and not model_path:  # the world's pretrained policy (built once, cached)
+        from toy import video_world
+        model_path = video_world.prepare_world()
     cfg = dataclasses.replace(cfg, **dict(zip(("num_frames", "height", "width"),
                                               tiny.video_size(cfg.num_frames, cfg.height, cfg.width, cfg.tiny))))
     cfg, sources = resolve_sampling(cfg, model_path)  # shift and CFG scale: the base checkpoint's unless given
-    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.tiny else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and not (cfg.tiny or cfg.world) else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     # text encoders, VAE, scheduler only: each evaluated transformer, the base one included, is loaded below
@@ -175,18 +272,18 @@ def main(cfg):
     print(f"eval: shift {cfg.shift:g} ({sources['shift']}), CFG scale {cfg.cfg_scale:g} ({sources['cfg_scale']}), "
           f"{cfg.num_steps} ODE steps, {cfg.num_frames} frames at {cfg.height}x{cfg.width}, "
           f"VAE tiling {'on' if cfg.vae_tiling else 'off'}", flush=True)
-    videoalign = reward.VideoAlignReward.from_pretrained(reward_path, device=device, dtype=dtype)
-    clip_score = reward.ClipScore.from_pretrained(clip_path, device=device, dtype=dtype)
-    pick_score = reward.PickScore.from_pretrained(pick_path, processor_path=cfg.pickscore_processor_path or None,
-                                                   device=device, dtype=dtype)
+    score = (world_scorer() if cfg.world else
+             video_scorer(pipe, reward_path, clip_path, pick_path, cfg.pickscore_processor_path, device, dtype))
+    columns = WORLD_COLUMNS if cfg.world else COLUMNS
     embeds = model.encode_prompts(pipe, prompts, device=device, dtype=dtype)
     samples = [(i, j, cfg.seed + 1000 * i + j) for i in range(len(prompts)) for j in range(cfg.videos_per_prompt)]
     sigmas = sde.shifted_sigmas(cfg.num_steps, cfg.shift)
     latent_shape = pipe.latent_shape(cfg.num_frames, cfg.height, cfg.width)
 
-    results = []
-    for name, path in zip(model_names(paths), [os.path.join(model_path, "transformer")] + paths):
-        transformer = HunyuanVideo15Transformer3DModel.from_pretrained(path, torch_dtype=dtype).to(device).eval()
+    results, table = [], ""
+    given = [p for p, _ in paths]
+    for name, path in zip(model_names(given), [os.path.join(model_path, "transformer")] + [d for _, d in paths]):
+        transformer = load_transformer(path, device, dtype)
         rows = []
         for start in tqdm(range(0, len(samples), cfg.batch_size), desc=name, unit="batch"):
             batch = samples[start:start + cfg.batch_size]
@@ -194,26 +291,58 @@ def main(cfg):
             # ODE sampler: the same noise gives the same video for the same weights (all calls run without grad)
             rollout = model.rollout(transformer, embeds.select([i for i, _, _ in batch]), [s for _, _, s in batch],
                                     latent_shape, sigmas, kernel="ode", eta=0.0, guidance_scale=cfg.cfg_scale)
-            frames = model.decode_latents(pipe.vae, rollout.final_latents)  # (B, F, 3, H, W) in [0, 1]
-            va = videoalign(frames, batch_prompts)
-            clip, pick = clip_score(frames, batch_prompts), pick_score(frames, batch_prompts)
+            scores, save = score(rollout.final_latents, batch_prompts)
             for b, (i, j, seed) in enumerate(batch):
                 slug = re.sub(r"[^a-z0-9]+", "_", prompts[i].lower())[:40].strip("_")
-                video = (frames[b].permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu()  # (F, H, W, 3)
-                file = save_video(video, os.path.join(cfg.output_dir, "videos", name, f"{i:03d}_{slug}_seed{seed}"))
-                vq, mq, ta = (float(va[k][b]) for k in ("vq", "mq", "ta"))
-                rows.append({"prompt": prompts[i], "seed": seed, "vq": vq, "mq": mq, "ta": ta, "overall": vq + mq + ta,
-                             "clip_score": float(clip[b]), "pick_score": float(pick[b]),
+                file = save(b, os.path.join(cfg.output_dir, "videos", name, f"{i:03d}_{slug}_seed{seed}"))
+                rows.append({"prompt": prompts[i], "seed": seed, **{k: float(scores[k][b]) for k in columns},
                              "video": os.path.relpath(file, cfg.output_dir)})
         del transformer
-        means = {k: torch.tensor([r[k] for r in rows]).nanmean().item()
-                 for k in ("vq", "mq", "ta", "overall", "clip_score", "pick_score")}
+        means = {k: torch.tensor([r[k] for r in rows]).nanmean().item() for k in columns}
+        first = next(iter(columns))
         results.append({"name": name, "path": path, **means,
-                        "num_failed": sum(r["vq"] != r["vq"] for r in rows), "samples": rows})
+                        "num_failed": sum(r[first] != r[first] for r in rows), "samples": rows})
         table = write_results(cfg, results, len(samples))  # each model's scores on disk as soon as they exist
     print(table)
     return results
 
 
+def video_scorer(pipe, reward_path, clip_path, pick_path, processor_path, device, dtype):
+    """score(final latents, prompts) -> ({column: (B,)}, save(b, path) -> file written): decoded once, VideoAlign
+    (overall = VQ + MQ + TA), CLIPScore, PickScore; each video saved as mp4 (or a PNG frame grid)."""
+    videoalign = reward.VideoAlignReward.from_pretrained(reward_path, device=device, dtype=dtype)
+    clip_score = reward.ClipScore.from_pretrained(clip_path, device=device, dtype=dtype)
+    pick_score = reward.PickScore.from_pretrained(pick_path, processor_path=processor_path or None,
+                                                   device=device, dtype=dtype)
+
+    def score(latents, prompts):
+        frames = model.decode_latents(pipe.vae, latents)  # (B, F, 3, H, W) in [0, 1]
+        scores = dict(videoalign(frames, prompts))
+        scores["overall"] = scores["vq"] + scores["mq"] + scores["ta"]
+        scores["clip_score"], scores["pick_score"] = clip_score(frames, prompts), pick_score(frames, prompts)
+        save = lambda b, path: save_video((frames[b].permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu(), path)  # noqa: E731
+        return scores, save
+    return score
+
+
+def world_scorer():
+    """score(final latents, prompts) for --world: the world's exact reward of the latents and its diagnostics
+    (toy/video_world.WorldReward, default weights); each sample saved as a PNG of its latents."""
+    from toy import video_world
+    world_reward = video_world.WorldReward()
+
+    def score(latents, prompts):
+        def save(b, path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            video_world.render_latents(latents[b:b + 1].cpu(), path + ".png", prompts=prompts[b:b + 1])
+            return path + ".png"
+        return world_reward(latents, prompts), save
+    return score
+
+
 if __name__ == "__main__":
-    main(parse_config(cls=EvalConfig, description=__doc__))
+    try:
+        main(parse_config(cls=EvalConfig, description=__doc__))
+    except (ValueError, EvalError, distributed.DirectoryLocked) as error:  # ours: one line, no traceback
+        print(f"eval.py: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2 if isinstance(error, ValueError) else 1)

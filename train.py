@@ -113,8 +113,9 @@ class Config:
     """PickScore, for --reward pickscore: a local directory or a hub id (yuvalkirstain/PickScore_v1) in the hub cache"""
     pickscore_processor_path: str = ""
     """its image processor + tokenizer (PickScore_v1 uses laion/CLIP-ViT-H-14-laion2B-s32B-b79K's); empty = pickscore_path"""
-    prompts: str = "prompts/example.txt"
-    """prompt file: .txt (one per line), .csv (column `prompt`) or .jsonl ({"prompt": ...})"""
+    prompts: str = ""
+    """prompt file: .txt (one per line), .csv (column `prompt`) or .jsonl ({"prompt": ...}), UTF-8 (a BOM is
+    allowed); default prompts/example.txt, or the world's prompts/video_world.txt with --world"""
     output_dir: str = "runs/sage_grpo"
     """checkpoints, metrics.jsonl and sample videos go here (shared filesystem for multi-node)"""
     resume: bool = False
@@ -374,8 +375,10 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
         model_path = video_world.prepare_world()
     cfg, sources = resolve_sampling(cfg, model_path)  # shift and CFG scale: the checkpoint's unless given
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    # the verified checkpoint to resume from, or None (the self-check never deletes a run: no --overwrite for it)
-    checkpoint = prepare_output_dir(dataclasses.replace(cfg, overwrite=False) if cfg.self_check else cfg, rank)
+    check_schedule(cfg)  # sage's first step, the smallest step std at --eta: flag errors, before any model
+    # one writer per output_dir (a lock held by rank 0 until the run ends), then the verified checkpoint to resume
+    # from, or None (the self-check never deletes a run: no --overwrite for it)
+    checkpoint = prepare_output_dir(dataclasses.replace(cfg, overwrite=False) if cfg.self_check else cfg, rank, closing)
 
     # Frozen parts (text encoders, VAE) in the compute dtype; the policy in fp32 (master weights),
     # from the checkpoint when resuming. The pipeline is loaded without its transformer: the policy's
@@ -426,6 +429,8 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
     state = {"iteration": 0, "update_step": 0, "skipped_updates": 0}
     if checkpoint:
         state = distributed.load_checkpoint(checkpoint, policy, optim, anchor, rank)
+        for line in resume_notes(state, run_fingerprint(prompts, world_size), sampler) if rank == 0 else ():
+            print(line, flush=True)
         sampler.load_state_dict(state["sampler"])
         if beta_controller is not None:
             beta_controller.load_state_dict(state["beta_controller"])
@@ -610,7 +615,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
         due, stop = (bool(x) for x in distributed.all_reduce(torch.tensor([int(due), int(preempted[0])], device=device),
                                                              op=dist.ReduceOp.MAX).tolist())
         if due or stop or (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.max_iterations:
-            state.update(iteration=iteration + 1, sampler=sampler.state_dict(),
+            state.update(iteration=iteration + 1, sampler=sampler.state_dict(), **run_fingerprint(prompts, world_size),
                          anchor_last_refresh=anchor.last_refresh if anchor is not None else 0,
                          beta_controller=beta_controller and beta_controller.state_dict(), config=dataclasses.asdict(cfg))
             saved = distributed.save_checkpoint(cfg.output_dir, iteration + 1, state, policy, optim, anchor, rank,
@@ -630,6 +635,37 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
 
 # ------------------------------------------------------------------------------------------------
 # Pieces of the loop.
+
+def run_fingerprint(prompts, world_size):
+    """What a checkpoint records about the run's inputs and machine beyond its flags, so that a resume can name
+    what changed (resume_notes): the prompts (count and SHA-256 of their text), the world size and the CPU threads."""
+    import hashlib
+    return {"num_prompts": len(prompts), "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+            "world_size": world_size, "num_threads": torch.get_num_threads()}
+
+
+def resume_notes(saved, now, sampler):
+    """Lines rank 0 prints at a resume for every input that differs from the checkpoint's (`saved`: its trainer
+    state; `now`: run_fingerprint of this run). A checkpoint without a field (older code) is not compared on it."""
+    notes = []
+    if "prompts_sha256" in saved and saved["prompts_sha256"] != now["prompts_sha256"]:
+        notes.append(f"resume: the prompts changed since the checkpoint ({saved['num_prompts']} prompts then, "
+                     f"{now['num_prompts']} now, SHA-256 {saved['prompts_sha256'][:12]} -> {now['prompts_sha256'][:12]}): "
+                     f"the run continues with the new prompts, so it is not the run it would have been")
+    position = saved.get("sampler", {}).get("position", 0)
+    if position >= sampler.num_prompts:
+        notes.append(f"resume: the prompt sampler stood at position {position} of epoch {saved['sampler']['epoch']}, "
+                     f"past the end of the {sampler.num_prompts} prompts now: that epoch ends, the next one starts")
+    if "world_size" in saved and saved["world_size"] != now["world_size"]:  # only with --allow_config_change
+        notes.append(f"resume: {now['world_size']} ranks now, {saved['world_size']} when the checkpoint was written "
+                     f"(--allow_config_change): the batch per iteration changes and every rank's random state is "
+                     f"re-seeded, not restored")
+    if "num_threads" in saved and saved["num_threads"] != now["num_threads"]:
+        notes.append(f"resume: {now['num_threads']} CPU threads per rank now, {saved['num_threads']} when the checkpoint "
+                     f"was written (OMP_NUM_THREADS / torch.set_num_threads): CPU reductions sum in a thread-dependent "
+                     f"order, so the run continues correctly but not bit-identically to an uninterrupted one")
+    return notes
+
 
 class Totals:
     """Named sums of the diagnostics over the (update, trained step, sample) pairs of one iteration,
@@ -739,6 +775,9 @@ def check_config(cfg, world_size):
         raise ConfigError(str(error)) from None
 
 
+DEFAULT_PROMPTS = "prompts/example.txt"
+"""--prompts when none is given (--world: the world's own file)"""
+
 # Numeric flags and the range each must lie in (every float flag must also be finite).
 POSITIVE = ("lr", "clip_range", "adv_clip", "eta", "grad_clip", "shift", "cfg_scale", "collective_timeout_minutes")
 NON_NEGATIVE = ("weight_decay", "beta_start", "beta_end", "kl_anchor_weight", "kl_step_weight", "kl_target", "beta_init",
@@ -760,8 +799,7 @@ def _check_config(cfg, world_size):
         if cfg.tiny:
             raise ConfigError("--world and --tiny are two different small worlds: give one of them")
         cfg = dataclasses.replace(cfg, reward=["world"] if cfg.reward == Config().reward else cfg.reward,
-                                  prompts=video_world.PROMPTS_FILE if cfg.prompts == Config.prompts
-                                  else cfg.prompts, num_frames=cfg.num_frames or video_world.WORLD_NUM_FRAMES,
+                                  prompts=cfg.prompts or video_world.PROMPTS_FILE, num_frames=cfg.num_frames or video_world.WORLD_NUM_FRAMES,
                                   height=cfg.height or video_world.WORLD_HEIGHT, width=cfg.width or video_world.WORLD_WIDTH)
     try:
         reward_specs = reward.parse_reward_specs(cfg.reward)
@@ -850,10 +888,18 @@ def _check_config(cfg, world_size):
             import peft  # noqa: F401
         except ImportError:
             raise ValueError("--lora_rank > 0 needs the optional dependency peft (pip install peft)") from None
+    cfg = dataclasses.replace(cfg, prompts=cfg.prompts or DEFAULT_PROMPTS)
     prompts = load_prompts(cfg.prompts)
+    if cfg.world:  # the world's reward knows its own prompts only: any other is an error, never replaced
+        from toy import video_world
+        unknown = [p for p in prompts if p not in video_world.WORLD_PROMPTS]
+        if unknown:
+            raise ConfigError(f"--world: prompt file {cfg.prompts!r} holds {len(unknown)} prompt(s) the world's reward "
+                              f"does not know, the first {unknown[0]!r}; expected only prompts of "
+                              f"{video_world.PROMPTS_FILE} (exactly as written there): {list(video_world.WORLD_PROMPTS)}")
     check_output_dir(cfg)
-    if cfg.resume and not cfg.allow_config_change and distributed.latest_checkpoint(cfg.output_dir):
-        check_resume_config(cfg, distributed.latest_checkpoint(cfg.output_dir))
+    if cfg.resume and distributed.latest_checkpoint(cfg.output_dir):
+        check_resume_config(cfg, distributed.latest_checkpoint(cfg.output_dir), world_size)
     return cfg, prompts
 
 
@@ -881,6 +927,34 @@ def check_output_dir(cfg):
                           f"in {cfg.output_dir!r}")
 
 
+# The smallest std a stochastic step may have. The log-prob is built on (x′ − μ)/std, and x′, μ are fp32 latents of
+# order 1, rounded to ~6e-8: at std ≥ 1e-4 that quotient is exact to ~1e-3. Below it the log-probs are round-off (at
+# --eta 1e-6 the tiny model's gradient norm reaches 4.6e4) and at --eta 1e-30 std² underflows to 0 (ours).
+MIN_STEP_STD = 1e-4
+
+
+def check_schedule(cfg):
+    """Flag errors that need the resolved shift (so they come after resolve_sampling, before any model is loaded):
+    sage's first step too short for its σ clamp (too many --num_steps), and a --eta so small that some step's std
+    is below MIN_STEP_STD (float64, so that the check itself does not underflow)."""
+    sigmas = sde.shifted_sigmas(cfg.num_steps, cfg.shift).double()
+    try:
+        std = sde.step_std(cfg.kernel, sigmas[:-1], sigmas[1:], cfg.eta)  # (N,)
+    except ValueError as error:
+        raise ConfigError(f"--num_steps {cfg.num_steps} with --kernel {cfg.kernel} at shift {cfg.shift:g}: {error}") from None
+    if cfg.kernel == "cps":  # its last step (σ′ = 0) is deterministic by construction, at any η
+        std = std[:-1]
+    if not len(std):
+        return  # no stochastic step at all: equalizer.step_weights says so
+    low = std.min().item()
+    if not low >= MIN_STEP_STD:
+        k = int(torch.nonzero(std == low)[0])
+        raise ConfigError(f"--eta {cfg.eta:g} gives step {k} (σ {sigmas[k]:.3g} -> {sigmas[k + 1]:.3g}) a std of "
+                          f"{low:.2g}, below {MIN_STEP_STD:g}: its log-probs would be fp32 round-off; expected --eta >= "
+                          f"{cfg.eta * MIN_STEP_STD / low:.3g} for --kernel {cfg.kernel}, {cfg.num_steps} steps, shift "
+                          f"{cfg.shift:g}" if low > 0 else f"--eta {cfg.eta:g}: every step's std underflows to 0")
+
+
 def resolve_sampling(cfg, model_path):
     """Fill in shift and cfg_scale from the checkpoint (model.sampling_defaults) where the user gave none.
     Returns (cfg, {"shift": where it came from, "cfg_scale": ...}) for the run's log."""
@@ -899,31 +973,56 @@ RESUMABLE_CHANGES = {"resume", "allow_config_change", "max_iterations", "checkpo
                      "collective_timeout_minutes", "report_to"}
 
 
-def check_resume_config(cfg, checkpoint):
-    """A resumed run must use the checkpoint's settings: list every flag that differs. A setting left to
-    the checkpoint (None: shift, cfg_scale) is the checkpoint's by definition. An unreadable state file
-    is left to the verification at load time, which names it."""
+def check_resume_config(cfg, checkpoint, world_size):
+    """A resumed run must use the checkpoint's settings: list every flag that differs (unless
+    --allow_config_change), and a world size that differs (it changes the batch). Always refused: a
+    --max_iterations below the checkpoint's iteration, and LoRA against a full checkpoint or the reverse.
+    A setting left to the checkpoint (None: shift, cfg_scale) is the checkpoint's by definition. An
+    unreadable state file is left to the verification at load time, which names it."""
     try:
         with open(os.path.join(checkpoint, "trainer_state.json")) as f:
-            saved = json.load(f).get("config", {})
+            state = json.load(f)
+        saved = state.get("config", {})
     except (OSError, ValueError):
+        return
+    if cfg.max_iterations < state.get("iteration", 0):
+        raise ConfigError(f"--resume from {checkpoint!r}, which is at iteration {state['iteration']}, with --max_iterations "
+                          f"{cfg.max_iterations}: nothing to do; expected --max_iterations >= {state['iteration']}")
+    lora_checkpoint = os.path.isdir(os.path.join(checkpoint, "policy"))  # the sharded adapters exist only with LoRA
+    if (cfg.lora_rank > 0) != lora_checkpoint:
+        raise ConfigError(
+            f"--resume from {checkpoint!r} with --lora_rank {cfg.lora_rank}: the checkpoint was written by a "
+            + ("LoRA run (its policy/ holds the adapters); resume it with its --lora_rank "
+               f"{saved.get('lora_rank', '(see its trainer_state.json)')}" if lora_checkpoint else
+               "full fine-tune (no policy/ adapters); resume it without --lora_rank")
+            + ", or start a new run in another --output_dir")
+    if "world_size" in state and state["world_size"] != world_size and not cfg.allow_config_change:
+        raise ConfigError(f"--resume from {checkpoint!r} on {world_size} rank(s): it was written by {state['world_size']}, "
+                          f"and each rank makes --videos_per_rank {cfg.videos_per_rank} videos, so the batch would change "
+                          f"from {state['world_size'] // cfg.sp_size * cfg.videos_per_rank} to "
+                          f"{world_size // cfg.sp_size * cfg.videos_per_rank} videos per iteration; use "
+                          f"{state['world_size']} ranks, or add --allow_config_change to continue anyway")
+    if cfg.allow_config_change:
         return
     changed = {k: (saved[k], v) for k, v in dataclasses.asdict(cfg).items()
                if k in saved and k not in RESUMABLE_CHANGES and v is not None and saved[k] != v}
     if changed:
         listing = ", ".join(f"--{k} {new!r} (checkpoint: {old!r})" for k, (old, new) in sorted(changed.items()))
-        raise ValueError(f"--resume from {checkpoint!r} with different settings: {listing}; "
+        raise ConfigError(f"--resume from {checkpoint!r} with different settings: {listing}; "
                          "use the checkpoint's flags, or add --allow_config_change to continue anyway")
 
 
-def prepare_output_dir(cfg, rank):
-    """Make output_dir ready (rank 0 works, every rank gets the result): stale .tmp directories removed;
-    with --overwrite the previous run's files deleted; with --resume the newest checkpoint that verifies
-    chosen (each newer one that does not is named, with the reason) and metrics.jsonl cut back to its
-    iteration, so that no row is repeated. Returns the checkpoint to resume from, or None."""
+def prepare_output_dir(cfg, rank, closing):
+    """Make output_dir ready (rank 0 works, every rank gets the result): first the directory's lock (one
+    writer at a time; `closing` holds it until the run ends), then stale .tmp directories removed; with
+    --overwrite the previous run's files deleted; with --resume the newest checkpoint that verifies chosen
+    (each newer one that does not is named, with the reason) and metrics.jsonl cut back to its iteration,
+    so that no row is repeated (a torn last line, from a crash mid-write, is dropped). Returns the
+    checkpoint to resume from, or None."""
     chosen = [None]
     if rank == 0:
         try:
+            closing.enter_context(distributed.lock_run_directory(cfg.output_dir))
             distributed.remove_stale_tmp(cfg.output_dir)
             if cfg.overwrite:
                 for _, path in distributed.checkpoints(cfg.output_dir):
@@ -935,11 +1034,13 @@ def prepare_output_dir(cfg, rank):
                     shutil.rmtree(os.path.join(cfg.output_dir, name), ignore_errors=True)
             if cfg.resume:
                 chosen[0] = distributed.find_resumable(cfg.output_dir, log=lambda line: print(line, flush=True))
-                if chosen[0] != distributed.latest_checkpoint(cfg.output_dir) and not cfg.allow_config_change:
-                    check_resume_config(cfg, chosen[0])
+                if chosen[0] != distributed.latest_checkpoint(cfg.output_dir):
+                    check_resume_config(cfg, chosen[0], dist.get_world_size())
                 with open(os.path.join(chosen[0], "trainer_state.json")) as f:
-                    truncate_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), json.load(f)["iteration"])
-        except (distributed.CheckpointError, ValueError) as error:
+                    torn = truncate_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), json.load(f)["iteration"])
+                if torn:
+                    print(f"resume: metrics.jsonl: dropped {torn} unreadable line(s) (a row torn by the crash)", flush=True)
+        except (distributed.CheckpointError, distributed.DirectoryLocked, ValueError) as error:
             chosen[0] = error
     dist.broadcast_object_list(chosen, src=0)
     if isinstance(chosen[0], Exception):
@@ -947,15 +1048,35 @@ def prepare_output_dir(cfg, rank):
     return chosen[0]
 
 
+def read_metrics(path):
+    """(rows of metrics.jsonl as dicts, number of unreadable lines). An appended file may end in a line torn by a
+    crash (or hold one written by hand): such a line is counted, never an error."""
+    rows, torn = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("iteration"), int):
+                rows.append(row)
+            else:
+                torn += 1
+    return rows, torn
+
+
 def truncate_metrics(path, iteration):
-    """Keep the rows of metrics.jsonl up to `iteration` (a resumed run logs the later ones again); atomic."""
+    """Keep the rows of metrics.jsonl up to `iteration` (a resumed run logs the later ones again) and drop
+    unreadable (torn) lines; atomic. Returns the number of lines dropped as unreadable."""
     if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["iteration"] <= iteration]
+        return 0
+    rows, torn = read_metrics(path)
     with open(path + ".tmp", "w") as f:
-        f.writelines(rows)
+        f.writelines(json.dumps(row) + "\n" for row in rows if row["iteration"] <= iteration)
     os.replace(path + ".tmp", path)
+    return torn
 
 
 @contextlib.contextmanager
@@ -972,8 +1093,11 @@ def sigterm_flag():
 
 def print_summary(cfg):
     """Rank 0, at the end of a run: where everything went and how the reward moved."""
-    with open(os.path.join(cfg.output_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows, _ = read_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"))
+    if not rows:  # resumed at --max_iterations: nothing trained now, nothing logged
+        print(f"\ndone: nothing to train (--max_iterations {cfg.max_iterations} reached); checkpoint "
+              f"{distributed.latest_checkpoint(cfg.output_dir)}", flush=True)
+        return
     first, last = rows[0], rows[-1]
     print(f"\ndone: {last['iteration']} iterations, {last['update_step']} updates "
           f"({last['skipped_updates_total']} skipped); reward_mean {first['reward_mean']:.4f} (iteration "
@@ -997,7 +1121,7 @@ def load_prompts(path):
     if ext not in (".txt", ".csv", ".jsonl"):
         raise ValueError(f"prompt file {path!r}: expected a .txt, .csv or .jsonl file, found {ext or 'no extension'!r}")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is not text
             text = f.read()
     except UnicodeDecodeError as error:
         line = open(path, "rb").read()[:error.start].count(b"\n") + 1
@@ -1057,7 +1181,11 @@ class PromptSampler:
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state):
+        """A position at or past the end of a prompt file that shrank since the state was saved ends that
+        epoch: the next permutation starts (train.resume_notes says so)."""
         self.epoch, self.position = state["epoch"], state["position"]
+        if self.position >= self.num_prompts:
+            self.epoch, self.position = self.epoch + 1, 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1106,8 +1234,7 @@ def plot_metrics(metrics_path, png_path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    with open(metrics_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows, _ = read_metrics(metrics_path)
     rows = list({r["iteration"]: r for r in rows}.values())  # a resumed run may have logged an iteration twice
     figure, axes = plt.subplots(3, 3, figsize=(13, 9.75))
     components = tuple(rows[-1].get("reward_components", ())) if rows else ()
@@ -1171,15 +1298,25 @@ class PhaseTimer:
         self.start = (name, now) if name else None
 
 
+def report_error(message):
+    """Print a one-line error on rank 0 only. Under torchrun also write it to the rank's error file
+    (TORCHELASTIC_ERROR_FILE), so that torchrun's failure summary, which it prints after its own traceback
+    whenever a rank exits non-zero (nothing a rank can prevent), names the cause instead of a link."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(message, file=sys.stderr, flush=True)
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        with contextlib.suppress(OSError), open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+            json.dump({"message": message, "timestamp": int(time.time())}, f)
+
+
 if __name__ == "__main__":
     if "--plan" in sys.argv[1:]:  # the memory/time planner (plan.py): meta-device models, no weights, no GPU
         import plan
         sys.exit(plan.main([arg for arg in sys.argv[1:] if arg != "--plan"]))
     try:
         result = main(parse_config())
-        if "--self_check" in sys.argv[1:]:
-            sys.exit(result)  # 1 if a check FAILed
+        status = result if "--self_check" in sys.argv[1:] else 0  # self-check: 1 if a check FAILed
     except (ConfigError, RunError) as error:  # our own message: once (rank 0), without a traceback
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"train.py: error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2 if isinstance(error, ConfigError) else 1)
+        report_error(f"train.py: error: {error}")
+        status = 2 if isinstance(error, ConfigError) else 1
+    distributed.exit_process(status)  # not sys.exit: the gloo group must not be torn down by the interpreter

@@ -115,3 +115,19 @@ def test_official_median_makes_every_weight_1_0871_times_smaller_at_the_official
     assert float(ratio.min()) == pytest.approx(1.0871, abs=5e-5) and float(ratio.max()) == pytest.approx(1.0871, abs=5e-5)
     with pytest.raises(ValueError, match="unknown equalizer median 'mean'"):
         equalizer.equalizer_weights("sage", sigmas, 0.5, median="mean")
+
+
+def test_the_equalizer_epsilon_is_1e_minus_8_and_the_weights_are_median_over_n():
+    # ε only keeps S_t finite; the documented value is 1e-8. The constancy test above sizes its tolerance from
+    # ε itself, so it cannot notice a larger ε: here the weights are held to median(N)/N within what ε = 1e-8 allows
+    assert equalizer.EQUALIZER_EPS == 1e-8
+    sigmas = sde.shifted_sigmas(20, 5.0)
+    for kernel in sde.STOCHASTIC_KERNELS:
+        scales = equalizer.gradient_scales(kernel, sigmas, 0.5)
+        stochastic = scales > 0
+        n = scales[stochastic]
+        median = torch.quantile(n.log(), 0.5).exp()            # log-scale median, as documented
+        # S = median/(N + ε) = (median/N)·(1 − ε/N + …): relative deviation from median/N at most ε/min(N)
+        tolerance = 2 * 1e-8 / n.min().item()
+        torch.testing.assert_close(equalizer.equalizer_weights(kernel, sigmas, 0.5)[stochastic], median / n,
+                                   rtol=tolerance, atol=0)

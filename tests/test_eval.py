@@ -5,8 +5,11 @@ import os
 import pytest
 import torch
 
+import distributed
 import eval as evaluate
 import train
+
+pytestmark = pytest.mark.slow  # the whole module: train.py / eval.py runs (README: Test)
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +28,7 @@ def tiny(tmp_path_factory):
         for p in transformer.parameters():
             p.add_(0.05 * torch.randn_like(p))
     transformer.save_pretrained(str(root / "run" / "checkpoint-000007" / "transformer"))
+    distributed.write_manifest(str(root / "run" / "checkpoint-000007"))  # complete, as train.py writes it
     (root / "prompts.txt").write_text("a red car drives through rain\na cat jumps onto a sofa\n")
     return root, paths
 
@@ -138,3 +142,101 @@ def test_eval_keeps_the_scores_of_models_already_evaluated_when_a_later_checkpoi
 def test_eval_refuses_counts_below_one_before_any_model(flag, value, message, tiny, tmp_path):
     with pytest.raises(ValueError, match=message):
         evaluate.main(train.parse_config(eval_args(tiny, tmp_path, []) + [flag, value], cls=evaluate.EvalConfig))
+
+
+# ------------------------------------------------------------------------------------------------
+# The checkpoints are checked as --resume checks them, before any model is loaded.
+
+def manifested_checkpoint(tiny, directory):
+    """A train.py-style checkpoint: the trained transformer/ and a manifest.json of its files."""
+    import shutil
+
+    import distributed
+    root, _ = tiny
+    shutil.copytree(root / "run" / "checkpoint-000007" / "transformer", directory / "transformer")
+    distributed.write_manifest(str(directory))
+    return directory
+
+
+@pytest.mark.parametrize("how, reason", [
+    ("truncated", r"diffusion_pytorch_model.safetensors has \d+ bytes, the manifest says \d+"),
+    ("bytes changed", r"diffusion_pytorch_model.safetensors: SHA-256 differs from the manifest"),
+])
+def test_eval_refuses_a_checkpoint_that_does_not_match_its_manifest_before_any_model(how, reason, tiny, tmp_path,
+                                                                                     monkeypatch):
+    import model
+    monkeypatch.setattr(model, "load_hunyuan", lambda *a, **k: pytest.fail("reached the models"))
+    checkpoint = manifested_checkpoint(tiny, tmp_path / "run" / "checkpoint-000008")
+    weights = checkpoint / "transformer" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    weights.write_bytes(bytes(data[:len(data) // 2]) if how == "truncated" else
+                        bytes(data[:len(data) // 2]) + b"\x7f" * 8 + bytes(data[len(data) // 2 + 8:]))
+    args = eval_args(tiny, tmp_path / "out", [str(checkpoint)])
+    with pytest.raises(evaluate.EvalError, match=r"1 checkpoint\(s\) do not match their manifest, nothing was "
+                                                 r"evaluated: .*checkpoint-000008/transformer/" + reason):
+        evaluate.main(train.parse_config(args, cls=evaluate.EvalConfig))
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_eval_skips_unfinished_checkpoint_writes_and_says_so(tiny, tmp_path, capsys):
+    unfinished = manifested_checkpoint(tiny, tmp_path / "run" / "checkpoint-000009.tmp")  # killed before its rename
+    no_manifest = manifested_checkpoint(tiny, tmp_path / "run" / "checkpoint-000010")
+    os.remove(no_manifest / "manifest.json")                                           # killed before its manifest
+    sound = manifested_checkpoint(tiny, tmp_path / "run" / "checkpoint-000011")
+    results = evaluate.main(train.parse_config(eval_args(tiny, tmp_path / "out", [str(unfinished), str(no_manifest),
+                                                                                   str(sound)]), cls=evaluate.EvalConfig))
+    out = capsys.readouterr().out
+    assert f"eval: skipping {unfinished}: an unfinished checkpoint write (.tmp" in out
+    assert f"eval: skipping {no_manifest}: no manifest.json, the checkpoint was never completed" in out
+    assert [r["name"] for r in results] == ["base", "checkpoint-000011"]
+
+
+def test_eval_errors_are_one_line_with_a_nonzero_status_and_no_traceback(tiny, tmp_path):
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    checkpoint = manifested_checkpoint(tiny, tmp_path / "run" / "checkpoint-000008")
+    (checkpoint / "transformer" / "config.json").write_text("{}")                  # changed after the manifest
+    for given, status, message in ((str(checkpoint), 1, "config.json has 2 bytes, the manifest says"),
+                                   (str(tmp_path / "missing"), 2, "nothing (no such directory)")):
+        done = subprocess.run([sys.executable, "eval.py"] + eval_args(tiny, tmp_path / "out", [given]), cwd=repo,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == status, done.stderr[-3000:]
+        assert done.stderr.startswith("eval.py: error: ") and message in done.stderr, done.stderr[-3000:]
+        assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_eval_of_a_world_checkpoint_scores_with_the_worlds_reward(tmp_path):
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    from toy import video_world
+    transformer = HunyuanVideo15Transformer3DModel.from_pretrained(os.path.join(video_world.prepare_world(),
+                                                                                "transformer"))
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.mul_(0.5)                                                  # a different policy than the pretrained one
+    transformer.save_pretrained(str(tmp_path / "run" / "checkpoint-000003" / "transformer"))
+    distributed.write_manifest(str(tmp_path / "run" / "checkpoint-000003"))
+    cfg = evaluate.EvalConfig(world=True, num_steps=2, checkpoints=[str(tmp_path / "run" / "checkpoint-000003")],
+                              output_dir=str(tmp_path / "out"))
+    base, trained = evaluate.main(cfg)
+    assert len(base["samples"]) == len(video_world.WORLD_PROMPTS)       # the world's own prompts
+    world_reward = video_world.WorldReward()
+    for result in (base, trained):
+        for s in result["samples"]:
+            # the reward is the weighted sum of its components, as the world defines it
+            assert s["reward"] == pytest.approx(sum(world_reward.weights[c] * s[c] for c in world_reward.components),
+                                                rel=1e-6)
+            assert all(torch.isfinite(torch.tensor(s[k])) for k in evaluate.WORLD_COLUMNS)
+    assert [s["reward"] for s in base["samples"]] != [s["reward"] for s in trained["samples"]]
+    assert "| model | world reward | alignment |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_a_second_evaluation_into_the_same_directory_is_refused(tiny, tmp_path):
+    import distributed
+    held = distributed.lock_run_directory(str(tmp_path))
+    try:
+        with pytest.raises(distributed.DirectoryLocked, match=r"is in use by another evaluation"):
+            evaluate.main(train.parse_config(eval_args(tiny, tmp_path, []), cls=evaluate.EvalConfig))
+    finally:
+        held.close()

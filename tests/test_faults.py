@@ -8,6 +8,7 @@ fault a user met (kill, disk full, a corrupt file, a hung rank, a NaN flag, a se
 directory) and states what must happen. Tiny random models, CPU, gloo.
 """
 import errno
+import math
 import json
 import os
 import signal
@@ -57,6 +58,7 @@ def iterations_logged(output_dir):
 # ------------------------------------------------------------------------------------------------
 # 1, 2. Discovery and retention see only the run's own numbered checkpoints; a used directory is refused.
 
+@pytest.mark.slow
 def test_user_copies_of_checkpoints_are_never_resumed_from_or_deleted(tiny_models, tmp_path):
     run(tiny_models, tmp_path, max_iterations=2)
     import shutil
@@ -70,6 +72,7 @@ def test_user_copies_of_checkpoints_are_never_resumed_from_or_deleted(tiny_model
         assert os.path.isfile(tmp_path / copy / WEIGHTS)                # the user's copies are untouched
 
 
+@pytest.mark.slow
 def test_a_second_fresh_run_into_a_used_directory_is_refused_before_any_work(tiny_models, tmp_path):
     run(tiny_models, tmp_path, max_iterations=2)
     before = load_file(str(tmp_path / "checkpoint-000002" / WEIGHTS))
@@ -85,6 +88,7 @@ def test_a_second_fresh_run_into_a_used_directory_is_refused_before_any_work(tin
     assert not (tmp_path / "checkpoint-000002.tmp").exists()
 
 
+@pytest.mark.slow
 def test_a_resumed_run_does_not_repeat_metrics_rows(tiny_models, tmp_path):
     run(tiny_models, tmp_path, max_iterations=2, checkpoint_every=2)
     with open(tmp_path / "metrics.jsonl", "a") as f:                    # a row logged after the last checkpoint,
@@ -96,6 +100,7 @@ def test_a_resumed_run_does_not_repeat_metrics_rows(tiny_models, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # 3. A run that cannot learn stops, and says why.
 
+@pytest.mark.slow
 def test_a_run_whose_every_reward_fails_stops_and_names_the_cause(tiny_models, tmp_path, monkeypatch):
     import reward
     forward = reward.VideoAlignReward.forward
@@ -109,6 +114,7 @@ def test_a_run_whose_every_reward_fails_stops_and_names_the_cause(tiny_models, t
     assert iterations_logged(tmp_path) == [1, 2, 3] and numbered(tmp_path) == []  # nothing saved as if trained
 
 
+@pytest.mark.slow
 def test_a_run_whose_loss_is_never_finite_stops_and_names_the_cause(tiny_models, tmp_path, monkeypatch):
     import grpo
     clipped_policy_loss = grpo.clipped_policy_loss
@@ -141,6 +147,7 @@ def corrupt(path, how):
         distributed.write_manifest(str(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how, reason", [
     ("truncated weights", r"diffusion_pytorch_model.safetensors has \d+ bytes, the manifest says \d+"),
     ("bytes changed, same size", r"diffusion_pytorch_model.safetensors: SHA-256 differs from the manifest"),
@@ -162,6 +169,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint_names_it_and_continues_from_th
     assert iterations_logged(tmp_path) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_resume_with_no_sound_checkpoint_is_an_error_that_lists_each(tiny_models, tmp_path):
     run(tiny_models, tmp_path, max_iterations=2)
     corrupt(tmp_path / "checkpoint-000001", "truncated weights")
@@ -174,6 +182,7 @@ def test_resume_with_no_sound_checkpoint_is_an_error_that_lists_each(tiny_models
 # ------------------------------------------------------------------------------------------------
 # 7. A write that fails (disk full) says so, names the intact checkpoint, and leaves no partial files.
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["safetensors", "torch.save"])
 def test_a_checkpoint_write_that_fails_removes_its_partial_files_and_names_the_intact_one(
         where, tiny_models, tmp_path, monkeypatch):
@@ -219,6 +228,7 @@ def test_a_bad_number_is_refused_before_any_model_is_loaded(flags, message, tmp_
         train.main(train.parse_config(["--tiny", "--output_dir", str(tmp_path), "--group_size", "2"] + flags))
 
 
+@pytest.mark.slow
 def test_a_wrong_reward_path_and_an_unwritable_output_dir_are_refused_before_any_model(tiny_models, tmp_path,
                                                                                        monkeypatch):
     monkeypatch.setattr(distributed, "setup", lambda *a, **k: pytest.fail("reached the process group"))
@@ -246,6 +256,7 @@ def test_prompt_file_errors_name_the_file_and_the_line(name, content, message, t
         train.load_prompts(str(tmp_path / name))
 
 
+@pytest.mark.slow
 def test_an_error_on_two_ranks_is_printed_once_without_a_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "train.py", "--tiny", "--lr", "nan", "--output_dir", str(tmp_path)],
@@ -258,6 +269,7 @@ def test_an_error_on_two_ranks_is_printed_once_without_a_traceback(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # 8. Preemption and long intervals: SIGTERM writes a checkpoint; time-based checkpoints.
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_the_run_resumes_from_it(tiny_models, tmp_path):
     process = subprocess.Popen([sys.executable, "train.py"] + tiny_args(tiny_models, tmp_path, max_iterations=1000,
                                                                         checkpoint_every=1000),
@@ -277,12 +289,14 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes_from_it(tiny_models, tm
     assert iterations_logged(tmp_path) == list(range(1, stopped + 2))
 
 
+@pytest.mark.slow
 def test_time_based_checkpoints_are_written_between_the_iteration_based_ones(tiny_models, tmp_path):
     run(tiny_models, tmp_path, max_iterations=3, checkpoint_every=100, checkpoint_every_minutes=1e-6,
         keep_checkpoints=5)
     assert numbered(tmp_path) == ["checkpoint-000001", "checkpoint-000002", "checkpoint-000003"]
 
 
+@pytest.mark.slow
 def test_a_finished_run_prints_where_everything_went_and_no_fsdp_view_warning(tiny_models, tmp_path, capsys, recwarn):
     run(tiny_models, tmp_path, max_iterations=2)
     out = capsys.readouterr().out
@@ -294,6 +308,7 @@ def test_a_finished_run_prints_where_everything_went_and_no_fsdp_view_warning(ti
 # ------------------------------------------------------------------------------------------------
 # 5. A hung rank: the others fail after --collective_timeout_minutes, with a message that says so.
 
+@pytest.mark.slow
 def test_a_hung_rank_fails_the_run_after_the_collective_timeout_with_a_clear_message(tiny_models, tmp_path):
     import psutil
     process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -325,3 +340,162 @@ def test_a_hung_rank_fails_the_run_after_the_collective_timeout_with_a_clear_mes
     assert "a collective failed on rank 0" in out and "another rank is hung or dead" in out, out[-3000:]
     assert "--collective_timeout_minutes 0.15" in out
     assert waited is not None and waited < 90  # the 9 s timeout (plus the iteration in flight), not 30 minutes
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. The run directory has one writer; appended files may end torn; inputs that changed are named.
+
+@pytest.mark.slow
+def test_a_second_run_into_a_directory_in_use_is_refused_naming_the_first(tiny_models, tmp_path):
+    holder = distributed.lock_run_directory(str(tmp_path))             # a first run, alive, holds the directory
+    try:
+        with pytest.raises(RuntimeError, match=rf"'{tmp_path}' is in use by another run \(pid {os.getpid()} on .*\): one "
+                                                 r"writer at a time"):
+            run(tiny_models, tmp_path)
+        assert numbered(tmp_path) == [] and not (tmp_path / "metrics.jsonl").exists()  # nothing written
+    finally:
+        holder.close()                                                 # the first run ends
+    run(tiny_models, tmp_path)                                          # now the directory is free
+    assert numbered(tmp_path) == ["checkpoint-000001"]
+
+
+@pytest.mark.slow
+def test_the_directory_lock_does_not_outlive_a_process_killed_with_sigkill(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, distributed; held = distributed.lock_run_directory("
+                               "sys.argv[1]); print('locked', flush=True); time.sleep(600)", str(tmp_path)],
+                              cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(distributed.DirectoryLocked, match=rf"pid {holder.pid} on"):
+            distributed.lock_run_directory(str(tmp_path))
+        holder.kill()                                                   # kill -9: no handler, no cleanup runs
+        holder.wait(timeout=60)
+        distributed.lock_run_directory(str(tmp_path)).close()         # the kernel released it
+    finally:
+        holder.kill()
+
+
+@pytest.mark.slow
+def test_a_torn_last_metrics_line_never_stops_a_resume(tiny_models, tmp_path, capsys):
+    run(tiny_models, tmp_path, max_iterations=2, checkpoint_every=2)
+    with open(tmp_path / "metrics.jsonl", "a") as f:                    # killed in the middle of writing row 3
+        f.write(json.dumps({"iteration": 3, "reward_mean": 0.0})[:17])
+    run(tiny_models, tmp_path, "--resume", max_iterations=3, checkpoint_every=2)
+    assert iterations_logged(tmp_path) == [1, 2, 3]
+    assert "metrics.jsonl: dropped 1 unreadable line(s)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_resume_after_the_prompt_file_shrank_and_changed_continues_and_says_so(tiny_models, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\na fox\na owl\n")                   # 1 prompt (group) per iteration
+    output = tmp_path / "run"
+    run(tiny_models, output, prompts=prompts, max_iterations=3)        # the sampler stands at position 3 of 4
+    prompts.write_text("a cat\na dog\n")                                 # the user cut the file to 2 prompts
+    capsys.readouterr()
+    run(tiny_models, output, "--resume", prompts=prompts, max_iterations=4)
+    out = capsys.readouterr().out
+    assert iterations_logged(output) == [1, 2, 3, 4]
+    assert "resume: the prompts changed since the checkpoint (4 prompts then, 2 now" in out
+    assert "the prompt sampler stood at position 3 of epoch 0, past the end of the 2 prompts now" in out
+
+
+def test_a_shrunken_prompt_file_starts_the_sampler_on_its_next_epoch():
+    sampler = train.PromptSampler(2, 1, seed=0)
+    sampler.load_state_dict({"epoch": 0, "position": 3})                # saved with a file of 4 prompts
+    first = torch.randperm(2, generator=torch.Generator().manual_seed(0 + 1)).tolist()  # epoch 1's order, by hand
+    assert [sampler.next_indices() for _ in range(2)] == [[first[0]], [first[1]]]
+
+
+@pytest.mark.slow
+def test_resume_names_a_changed_thread_count(tiny_models, tmp_path, capsys):
+    run(tiny_models, tmp_path, max_iterations=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        capsys.readouterr()
+        run(tiny_models, tmp_path, "--resume", max_iterations=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert (f"resume: {threads + 1} CPU threads per rank now, {threads} when the checkpoint was written"
+            in capsys.readouterr().out)
+
+
+def fake_checkpoint(output_dir, iteration=5, world_size=1, lora=False, config=None):
+    """A numbered checkpoint whose trainer_state.json is all the checks before any model read."""
+    path = output_dir / f"checkpoint-{iteration:06d}"
+    (path / "policy" if lora else path).mkdir(parents=True)
+    (path / "trainer_state.json").write_text(json.dumps({"iteration": iteration, "world_size": world_size,
+                                                         "config": config or {}}))
+    distributed.write_manifest(str(path))
+    return path
+
+
+@pytest.mark.parametrize("setup, flags, message", [
+    ({}, ["--max_iterations", "3"], r"which is at iteration 5, with --max_iterations 3: nothing to do; expected "
+                                    r"--max_iterations >= 5"),
+    ({"world_size": 2}, ["--max_iterations", "9"], r"on 1 rank\(s\): it was written by 2, .* the batch would change "
+                                                   r"from 4 to 2 videos per iteration; use 2 ranks, or add "
+                                                   r"--allow_config_change"),
+    ({}, ["--max_iterations", "9", "--lora_rank", "4", "--allow_config_change"],
+     r"--lora_rank 4: the checkpoint was written by a full fine-tune \(no policy/ adapters\); resume it without "
+     r"--lora_rank, or start a new run"),
+    ({"lora": True, "config": {"lora_rank": 8}}, ["--max_iterations", "9", "--allow_config_change"],
+     r"--lora_rank 0: the checkpoint was written by a LoRA run .* resume it with its --lora_rank 8"),
+])
+def test_a_resume_that_cannot_continue_the_run_is_refused_before_any_model(setup, flags, message, tmp_path, monkeypatch):
+    monkeypatch.setattr(distributed, "setup", lambda *a, **k: pytest.fail("reached the process group"))
+    fake_checkpoint(tmp_path, **setup)
+    with pytest.raises(ValueError, match=message):
+        train.main(train.parse_config(["--tiny", "--output_dir", str(tmp_path), "--group_size", "2", "--resume"] + flags))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, message", [
+    (["--eta", "1e-6"], r"--eta 1e-06 gives step 1 \(σ 0.833 -> 0\) a std of 9.8e-07, below 0.0001: .* expected "
+                        r"--eta >= 0.000102 for --kernel sage, 2 steps, shift 5"),
+    (["--eta", "1e-30"], r"--eta 1e-30 gives step 1 .* a std of 9.8e-31"),
+    (["--num_steps", "100"], r"^--num_steps 100 with --kernel sage at shift 5: sage's variance is negative for the step "
+                             r"sigma = 1 -> sigma_next = 0.997984"),
+])
+def test_a_schedule_flag_the_kernel_cannot_sample_is_one_error_before_any_model(flags, message, tiny_models, tmp_path,
+                                                                                monkeypatch):
+    import model
+    monkeypatch.setattr(model, "load_hunyuan", lambda *a, **k: pytest.fail("reached the models"))
+    with pytest.raises(ValueError, match=message):
+        run(tiny_models, tmp_path, *flags)
+
+
+def test_the_smallest_eta_allowed_is_the_stated_bound_on_the_step_std(tiny_models, tmp_path):
+    import sde
+    sigmas = sde.shifted_sigmas(2, 5.0).double()
+    # sage's last step, 0.833 -> 0: std = η·sqrt(−ln(1 − 0.833) − 0.833), by hand
+    per_eta = math.sqrt(-math.log(1 - 5 * 0.5 / (1 + 4 * 0.5)) - 5 * 0.5 / (1 + 4 * 0.5))
+    assert sde.step_std("sage", sigmas[1], sigmas[2], 1.0).item() == pytest.approx(per_eta, rel=1e-12)
+    bound = train.MIN_STEP_STD / per_eta
+    train.check_schedule(train.Config(kernel="sage", num_steps=2, shift=5.0, eta=bound * 1.001))
+    with pytest.raises(ValueError, match=r"below 0.0001"):
+        train.check_schedule(train.Config(kernel="sage", num_steps=2, shift=5.0, eta=bound * 0.999))
+
+
+def test_world_prompts_are_the_worlds_own_and_any_other_file_is_an_error_not_replaced(tmp_path, monkeypatch):
+    from toy import video_world
+    monkeypatch.setattr(distributed, "setup", lambda *a, **k: pytest.fail("reached the process group"))
+    cfg, prompts = train.check_config(train.Config(world=True, group_size=2, output_dir=str(tmp_path / "a")), 1)
+    assert cfg.prompts == video_world.PROMPTS_FILE and prompts == list(video_world.WORLD_PROMPTS)
+    for given, first in (("prompts/example.txt", None), (str(tmp_path / "mine.txt"), "A red square moving right.")):
+        if first:
+            (tmp_path / "mine.txt").write_text(first + "\n")
+        with pytest.raises(ValueError, match=r"--world: prompt file .* holds \d+ prompt\(s\) the world's reward does not "
+                                             r"know, the first .*; expected only prompts of prompts/video_world.txt"):
+            train.check_config(train.Config(world=True, group_size=2, prompts=given, output_dir=str(tmp_path / "b")), 1)
+    (tmp_path / "two.txt").write_text(f"{video_world.WORLD_PROMPTS[3]}\n{video_world.WORLD_PROMPTS[1]}\n")
+    _, prompts = train.check_config(train.Config(world=True, group_size=2, prompts=str(tmp_path / "two.txt"),
+                                                 output_dir=str(tmp_path / "c")), 1)
+    assert prompts == [video_world.WORLD_PROMPTS[3], video_world.WORLD_PROMPTS[1]]
+
+
+@pytest.mark.parametrize("name, content", [("p.txt", "\ufeffa cat\na dog\n"), ("p.csv", "\ufeffprompt,seed\na cat,1\na dog,2\n")])
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt_or_column(name, content, tmp_path):
+    (tmp_path / name).write_text(content, encoding="utf-8")
+    assert train.load_prompts(str(tmp_path / name)) == ["a cat", "a dog"]

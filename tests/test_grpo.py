@@ -163,3 +163,53 @@ def test_per_reward_with_one_reward_is_the_grpo_advantage():
     rewards = torch.randn(1, 12, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     torch.testing.assert_close(grpo.decoupled_advantages(rewards, [2.0], 4), grpo.group_advantages(rewards[0], 4),
                                rtol=1e-3, atol=1e-4)  # equal up to where ε enters (ε = 1e-4 against spreads ~1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Values and cases the tests above do not pin down (each one a mutation they let through).
+
+def test_the_loss_is_the_mean_over_the_valid_pairs_and_so_is_its_gradient():
+    # 6 pairs: one failed reward (NaN advantage), one deterministic step (weight 0): 4 valid
+    advantages = torch.tensor([1.0, -2.0, float("nan"), 0.5, 3.0, -1.0], dtype=torch.float64)
+    weights = torch.tensor([1.0, 2.0, 1.0, 0.0, 0.5, 1.0], dtype=torch.float64)
+    log_prob = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    loss, stats = grpo.clipped_policy_loss(log_prob, log_prob.detach(), advantages, weights)
+    loss.backward()
+    # by hand, on-policy (ρ = 1): loss = −Σ_valid S·A / 4, ∂loss/∂log p_i = −S_i·A_i / 4 for a valid pair, else 0
+    valid = [0, 1, 4, 5]
+    assert stats["num_valid_pairs"] == 4
+    assert loss.item() == pytest.approx(-sum(weights[i].item() * advantages[i].item() for i in valid) / 4, rel=1e-12)
+    expected = torch.zeros(6, dtype=torch.float64)
+    expected[valid] = -weights[valid] * advantages[valid] / 4
+    torch.testing.assert_close(log_prob.grad, expected, rtol=1e-12, atol=0)
+
+
+def test_per_reward_inner_normalisation_is_not_clamped_only_the_final_advantage():
+    # a group of 30 where reward 0 has one outlier: its normalised value is √29 ≈ 5.39 > adv_clip = 5, so a clamp
+    # inside would change the sum (groups below 27 members cannot reach 5 this way: max z = √(G − 1))
+    group = 30
+    first = [0.0] * (group - 1) + [1.0]
+    second = [float(i % 7) for i in range(group)]
+    rows = [first, second]
+    weights = [1.0, 0.5]
+    combined = [0.0] * group
+    for row, w in zip(rows, weights):
+        combined = [c + w * x for c, x in zip(combined, _norm(row))]  # unclamped inner values
+    expected = [max(-5.0, min(5.0, x)) for x in _norm(combined)]
+    assert _norm(first)[-1] > 5.0
+    got = grpo.decoupled_advantages(torch.tensor(rows, dtype=torch.float64), weights, group, clip=5.0)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+def test_a_group_of_equal_rewards_has_zero_advantage_even_without_epsilon():
+    rewards = torch.tensor([0.7, 0.7, 0.7, 0.7, 0.0, 1.0, 0.5, 0.5], dtype=torch.float64)
+    advantages = grpo.group_advantages(rewards, 4, eps=0.0)   # 0/0 without the rule: NaN
+    assert advantages[:4].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert torch.isfinite(advantages).all()
+
+
+def test_the_advantage_epsilon_is_flowgrpos_1e_minus_4():
+    assert grpo.ADVANTAGE_EPS == 1e-4  # FlowGRPO's; the README's table of differences states it
+    # a group [0, d]: mean d/2, population std d/2, so A = ±(d/2)/(d/2 + ε); d = 2ε gives ±1/2 exactly
+    advantages = grpo.group_advantages(torch.tensor([0.0, 2e-4], dtype=torch.float64), 2)
+    torch.testing.assert_close(advantages, torch.tensor([-0.5, 0.5], dtype=torch.float64), rtol=1e-9, atol=0)

@@ -23,7 +23,10 @@ import statistics
 import subprocess
 import sys
 
+import pytest
 import torch
+
+pytestmark = pytest.mark.slow  # the whole module: train.py / eval.py runs (README: Test)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITERATIONS, LAST = 44, 10

@@ -23,6 +23,8 @@ import distributed
 import parallel
 from test_train import REPO, WEIGHTS, metrics, optimizer_state, relative_error, run, tiny_args, tiny_models  # noqa: F401
 
+pytestmark = pytest.mark.slow  # the whole module: train.py / eval.py runs (README: Test)
+
 
 def torchrun(nproc, arguments, timeout=600):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + arguments
@@ -193,3 +195,4 @@ def test_an_sp_size_that_does_not_divide_the_world_or_the_heads_is_refused(tiny_
 
 if __name__ == "__main__" and sys.argv[1] == "split_forward":
     split_forward_worker(sys.argv[2])
+    distributed.exit_process(0)  # no teardown of the gloo group by the interpreter (see distributed.exit_process)

@@ -12,6 +12,8 @@ import pytest
 import optimizer as optim
 import plan
 
+pytestmark = pytest.mark.slow  # the whole module: train.py / eval.py runs (README: Test)
+
 
 def rank0_chunk(shape, world_size):
     """Elements of rank 0's FSDP2 shard of a parameter: dim 0 cut in ceil(d0 / W) rows (torch.chunk)."""

@@ -15,6 +15,8 @@ import model
 import reward
 import train
 
+pytestmark = pytest.mark.slow  # the whole module: train.py / eval.py runs (README: Test)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 4
 LINES = ("on-policy ratio", "bf16 vs fp32", "batched CFG vs two forwards", "batch 1 vs batch 2", "reward:",

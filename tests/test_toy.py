@@ -15,8 +15,10 @@ from toy.trainer import Config, evaluate, train
 
 @pytest.fixture(scope="module")
 def pretrained():
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)   # tiny tensors: one thread is the fast setting (see toy/demo.py)
-    return load_or_pretrain()
+    yield load_or_pretrain()
+    torch.set_num_threads(threads)  # not leaked into the modules that run after this one
 
 
 coordinate = st.floats(-4, 4, allow_nan=False)
@@ -48,6 +50,7 @@ def test_reward_is_maximal_off_the_manifold():
     assert torch.allclose(reward(targets(labels), labels), torch.zeros(2))   # the hack: off the circle
 
 
+@pytest.mark.slow
 def test_pretrained_ode_samples_lie_near_the_manifold(pretrained):
     metrics, (x, labels) = evaluate(pretrained, Config(num_seeds=1, eval_samples=512))
     # Threshold 0.03: N(0, I) noise lies 0.5 from the unit circle on average (E| |ε| - 1 | for a 2-D
@@ -60,6 +63,7 @@ def test_pretrained_ode_samples_lie_near_the_manifold(pretrained):
     assert ((x[0, :, 1] > 0) == (labels[0] == 0)).float().mean() > 0.95
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel", ["flow_grpo", "dance_grpo", "cps", "sage"])
 def test_trainer_ratio_is_exactly_one_at_the_first_update(pretrained, kernel):
     # ρ = exp(log p_θ − log p_old) against the log-probs RECORDED during the rollout (as train.py's test)
@@ -67,6 +71,7 @@ def test_trainer_ratio_is_exactly_one_at_the_first_update(pretrained, kernel):
     assert history["first_update_ratio"] == (1.0, 0.0)
 
 
+@pytest.mark.slow
 def test_trainer_replicas_are_independent(pretrained, monkeypatch):
     """Replica 1 of an ensemble run trains exactly as if replica 0 were not there: a run in which replica
     0 sees entirely different rewards (hence other advantages, gradients, clip factors, weights) leaves
@@ -115,6 +120,7 @@ def test_gaussian_check_sage_ends_nearer_the_thin_manifold_than_flow_grpo():
         assert sage < flow
 
 
+@pytest.mark.slow
 def test_fast_demo_runs_end_to_end_and_grpo_raises_the_reward(tmp_path):
     pretrained_metrics, results = demo.main(["--fast", "--out", str(tmp_path)])
     # the same evaluation noise for the pretrained policy and the trained ones (evaluate's fixed seed)
@@ -125,6 +131,7 @@ def test_fast_demo_runs_end_to_end_and_grpo_raises_the_reward(tmp_path):
         assert picture.exists() and picture.stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_guided_velocity_combines_conditional_and_null_prompt(pretrained):
     from toy.velocity import guided_velocity
     model = pretrained.replicate(2)

@@ -89,6 +89,7 @@ def tensorboard_run(tiny_models, tmp_path_factory):
     return output_dir, before
 
 
+@pytest.mark.slow
 def test_tensorboard_shows_every_number_of_every_metrics_row_the_config_and_the_samples(tensorboard_run):
     _, ((scalars, texts, images), rows, sample_1) = tensorboard_run
     assert [r["iteration"] for r in rows] == [1, 2, 3]
@@ -101,6 +102,7 @@ def test_tensorboard_shows_every_number_of_every_metrics_row_the_config_and_the_
     assert [step for step, _ in texts["sample_prompt"]] == [1, 3]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_shows_each_iteration_once_with_the_values_of_metrics_jsonl(tensorboard_run):
     output_dir, _ = tensorboard_run
     scalars, texts, images = shown_by_tensorboard(output_dir)
@@ -216,6 +218,7 @@ def wandb_offline(monkeypatch, tmp_path):
         monkeypatch.setenv(name, str(tmp_path / "wandb_home" / name.lower()))
 
 
+@pytest.mark.slow
 def test_a_wandb_tracker_logs_its_rows_and_a_resumed_one_continues_the_same_run(wandb_offline, tmp_path):
     png = tmp_path / "iter000002.png"
     from PIL import Image
@@ -253,6 +256,7 @@ def test_a_wandb_tracker_logs_its_rows_and_a_resumed_one_continues_the_same_run(
     assert wandb_runs(tmp_path)[-1]["id"] == (tmp_path / tracking.WANDB_RUN_ID).read_text() != run_id
 
 
+@pytest.mark.slow
 def test_a_wandb_training_run_logs_the_metrics_rows_and_overwrite_forgets_the_tracker_runs(wandb_offline,
                                                                                           tiny_models, tmp_path):
     run(tiny_models, tmp_path, report_to="wandb", max_iterations=2, sample_every=1)

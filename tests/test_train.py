@@ -78,6 +78,22 @@ def two_rank_run(tiny_models, tmp_path_factory):
     return output_dir
 
 
+# The official recipe's values (paper; Tencent-Hunyuan/SAGE-GRPO post_train.py, train_grpo.sh), each named in its
+# Config field's docstring. β's schedule is left to the trust-region tests (its default is a measured choice).
+OFFICIAL_DEFAULTS = {"num_steps": 20, "eta": 0.5, "kernel": "sage", "group_size": 4, "videos_per_rank": 2,
+                     "same_noise_per_group": False, "clip_range": 1e-4, "adv_clip": 5.0, "train_step_fraction": 1.0,
+                     "equalizer": True, "updates_per_rollout": 1, "kl_mode": "dual", "anchor_period": 10,
+                     "kl_anchor_weight": 1.0, "kl_step_weight": 0.1, "optimizer": "muon", "lr": 1e-5,
+                     "weight_decay": 0.01, "grad_clip": 1.0, "lora_rank": 0, "gradient_checkpointing": True,
+                     "seed": 42, "max_iterations": 10000, "checkpoint_every": 100, "sample_every": 50,
+                     "reward": ["videoalign"]}
+
+
+def test_config_defaults_are_the_official_recipes_values():
+    defaults = train.parse_config([])  # what a user gets with no flags, through the real parser
+    assert {name: getattr(defaults, name) for name in OFFICIAL_DEFAULTS} == OFFICIAL_DEFAULTS
+
+
 def test_training_curves_are_drawn_from_the_metrics(tmp_path):
     from PIL import Image
     rows = [{"iteration": 1, "reward_mean": 0.1, "grad_norm": 3.0, "vq": 0.3}, {"iteration": 2, "reward_mean": 0.5},
@@ -96,6 +112,7 @@ def test_training_curves_are_drawn_from_the_metrics(tmp_path):
     assert len(image.convert("L").getcolors(maxcolors=10 ** 6)) > 10  # drawn, not blank
 
 
+@pytest.mark.slow
 def test_a_run_draws_its_curves_from_its_own_metrics(two_rank_run):
     drawn = train.plot_metrics(str(two_rank_run / "metrics.jsonl"), str(two_rank_run / "curves_again.png"))
     rewards = [r["reward_mean"] for r in metrics(two_rank_run)]
@@ -103,6 +120,7 @@ def test_a_run_draws_its_curves_from_its_own_metrics(two_rank_run):
     os.remove(two_rank_run / "curves_again.png")
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_trains_and_writes_a_checkpoint_that_eval_scores(two_rank_run, tiny_models, tmp_path):
     import eval as evaluate
     from diffusers import HunyuanVideo15Transformer3DModel
@@ -158,6 +176,7 @@ def broadcast_load_worker(model_path, output_dir):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_broadcast_load_gives_every_rank_the_weights_on_disk_and_the_plain_forward(tiny_models, tmp_path):
     """Rank 0 reads the weights, rank 1 builds on the meta device: afterwards both hold the disk weights."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
@@ -167,6 +186,7 @@ def test_broadcast_load_gives_every_rank_the_weights_on_disk_and_the_plain_forwa
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
 
+@pytest.mark.slow
 def test_two_ranks_update_like_one_rank_on_the_same_global_batch(two_rank_run, tiny_models, tmp_path):
     # the same 4 videos (seeds are a function of the global sample index) on one rank, same 2 updates
     run(tiny_models, tmp_path, group_size=4, videos_per_rank=4, max_iterations=2, optimizer="adamw",
@@ -185,6 +205,7 @@ def test_two_ranks_update_like_one_rank_on_the_same_global_batch(two_rank_run, t
     assert relative_error(moment(state_two), moment(state_one)) < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer, beta", [("adamw", "two_stage"), ("muon", "official")])
 def test_a_run_killed_after_iteration_two_resumes_exactly_like_an_uninterrupted_run(optimizer, beta, tiny_models,
                                                                                      tmp_path):
@@ -226,6 +247,7 @@ def test_a_run_killed_after_iteration_two_resumes_exactly_like_an_uninterrupted_
     assert rows_a[-1]["kl_anchor"] > 0 and rows_a[-1]["kl_step"] > 0
 
 
+@pytest.mark.slow
 def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tiny_models, tmp_path, monkeypatch):
     run(tiny_models, tmp_path, max_iterations=1)
     previous = load_file(os.path.join(tmp_path, "checkpoint-000001", WEIGHTS))
@@ -271,6 +293,7 @@ train.main(train.parse_config(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_a_sigkill_in_the_middle_of_a_checkpoint_write_leaves_the_previous_one_loadable(tiny_models, tmp_path):
     run(tiny_models, tmp_path, max_iterations=1)
     previous = load_file(os.path.join(tmp_path, "checkpoint-000001", WEIGHTS))
@@ -298,6 +321,7 @@ def test_a_sigkill_in_the_middle_of_a_checkpoint_write_leaves_the_previous_one_l
                                                                                      "checkpoint-000002"]
 
 
+@pytest.mark.slow
 def test_resuming_with_different_settings_is_an_error_that_lists_them(tiny_models, tmp_path):
     run(tiny_models, tmp_path, max_iterations=1)
     with pytest.raises(ValueError, match=r"--eta 0.7 \(checkpoint: 0.5\).*--kernel 'flow_grpo' \(checkpoint: 'sage'\)"):
@@ -308,6 +332,7 @@ def test_resuming_with_different_settings_is_an_error_that_lists_them(tiny_model
                                           + ["--resume", "--allow_config_change"]), 1)
 
 
+@pytest.mark.slow
 def test_a_transformer_saved_in_shards_loads_with_diffusers_like_the_single_file(two_rank_run, tmp_path):
     from diffusers import HunyuanVideo15Transformer3DModel
     single = HunyuanVideo15Transformer3DModel.from_pretrained(os.path.join(two_rank_run, "checkpoint-000002", "transformer"))
@@ -320,6 +345,7 @@ def test_a_transformer_saved_in_shards_loads_with_diffusers_like_the_single_file
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_skips_the_update_and_never_writes_nan_weights(tiny_models, tmp_path, monkeypatch):
     clipped_policy_loss = grpo.clipped_policy_loss
 
@@ -335,6 +361,7 @@ def test_a_non_finite_loss_skips_the_update_and_never_writes_nan_weights(tiny_mo
     assert all(torch.equal(base[k], saved[k]) for k in base)
 
 
+@pytest.mark.slow
 def test_lora_trains_only_the_adapters(tiny_models, tmp_path):
     pytest.importorskip("peft")  # optional dependency
     run(tiny_models, tmp_path, lora_rank=4)
@@ -364,6 +391,7 @@ def test_lora_trains_only_the_adapters(tiny_models, tmp_path):
     assert any(not torch.equal(saved.state_dict()[k], base[k]) for k in base)  # the adapters changed something
 
 
+@pytest.mark.slow
 def test_muon_on_two_ranks_updates_like_one_rank(tiny_models, tmp_path):
     """train.py with Muon on 2 ranks (every matrix sharded in two, orthogonalised whole) updates like 1 rank.
 
@@ -387,6 +415,7 @@ def test_muon_on_two_ranks_updates_like_one_rank(tiny_models, tmp_path):
     assert relative_error(update_two, update_one) < 0.1
 
 
+@pytest.mark.slow
 def test_the_official_beta_ramps_once_per_sample_and_step_pair(tiny_models, tmp_path):
     # 2 samples x 2 steps = 4 controller updates per iteration; the pair n's loss uses the β before update n:
     # β_n = 1e-7 + (1e-5 - 1e-7)·n/100, so iteration 1 averages n = 0..3 and iteration 2 n = 4..7
@@ -396,6 +425,7 @@ def test_the_official_beta_ramps_once_per_sample_and_step_pair(tiny_models, tmp_
     assert [r["beta"] for r in metrics(tmp_path)] == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_same_noise_per_group_gives_a_group_one_initial_noise_and_its_own_sde_noise(tiny_models, tmp_path,
                                                                                    monkeypatch):
     import model
@@ -416,6 +446,7 @@ def test_same_noise_per_group_gives_a_group_one_initial_noise_and_its_own_sde_no
     assert calls
 
 
+@pytest.mark.slow
 def test_the_mp4_reward_input_scores_the_round_tripped_videos(tiny_models, tmp_path):
     run(tiny_models, tmp_path / "frames")
     run(tiny_models, tmp_path / "mp4", reward_input="mp4")
@@ -446,6 +477,7 @@ def shift3_model(tmp_path_factory):
     return tiny.build_tiny_hunyuan(str(tmp_path_factory.mktemp("shift3") / "hunyuan"), shift=3.0, guidance_scale=4.0)
 
 
+@pytest.mark.slow
 def test_a_run_samples_with_the_checkpoints_shift_and_cfg_scale_unless_flags_override(shift3_model, tiny_models,
                                                                                       tmp_path, monkeypatch, capsys):
     import model
@@ -463,6 +495,7 @@ def test_a_run_samples_with_the_checkpoints_shift_and_cfg_scale_unless_flags_ove
     assert "shift 1 (--shift), CFG scale 2.5 (--cfg_scale)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_reward_weights_are_applied_once_by_the_reward_model(tiny_models, tmp_path):
     run(tiny_models, tmp_path, "--reward_weights", "vq=0", "ta=2")
     (row,) = metrics(tmp_path)
@@ -471,6 +504,7 @@ def test_the_reward_weights_are_applied_once_by_the_reward_model(tiny_models, tm
     assert row["reward_mean"] != pytest.approx(0.5 * row["vq"] + 0.5 * row["mq"] + row["ta"], rel=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("normalization", ["per_reward", "total"])
 def test_two_rewards_are_logged_by_name_and_their_advantages_follow_the_normalization(normalization, tiny_models,
                                                                                       tmp_path, monkeypatch):
@@ -498,6 +532,7 @@ def test_two_rewards_are_logged_by_name_and_their_advantages_follow_the_normaliz
     assert not torch.allclose(expected, other, atol=1e-2)  # the two modes really differ on these rewards
 
 
+@pytest.mark.slow
 def test_the_vae_tiling_flag_reaches_the_vae_that_decodes_the_rollouts(tiny_models, tmp_path, monkeypatch):
     import model
     seen, decode = [], model.decode_latents
@@ -513,6 +548,7 @@ def test_the_vae_tiling_flag_reaches_the_vae_that_decodes_the_rollouts(tiny_mode
             assert json.load(f)["config"]["vae_tiling"] is used
 
 
+@pytest.mark.slow
 def test_the_video_size_is_each_flag_given_else_the_tiny_or_the_official_default():
     import tiny
     assert tiny.video_size(tiny=False) == (81, 352, 624)
@@ -551,6 +587,7 @@ def _write(path, text):
     ("clip_reward_without_path", r"--clip_path is required \(a local directory or a hub id"),
     ("unknown_normalization", r"unknown --reward_normalization 'zscore'"),
 ])
+@pytest.mark.slow
 def test_bad_input_raises_a_clear_error_before_any_work(case, message, tmp_path, monkeypatch):
     if case == "lora_without_peft":  # hide peft whether or not it is installed
         monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` then raises ImportError
@@ -588,6 +625,7 @@ def test_bad_input_raises_a_clear_error_before_any_work(case, message, tmp_path,
 # ------------------------------------------------------------------------------------------------
 # The small pieces.
 
+@pytest.mark.slow
 def test_every_config_field_is_a_command_line_flag():
     cfg = train.parse_config(["--eta", "0.3", "--no-equalizer", "--kernel", "flow_grpo", "--lora_rank", "8",
                               "--anchor_offload", "--kl_mode", "moving", "--train_step_fraction", "0.5"])
@@ -598,6 +636,7 @@ def test_every_config_field_is_a_command_line_flag():
     assert set(docs) == {f.name for f in train.dataclasses.fields(train.Config)} and all(docs.values())
 
 
+@pytest.mark.slow
 def test_prompt_sampler_reshuffles_every_epoch_deterministically_and_resumes():
     sampler = train.PromptSampler(num_prompts=6, per_iteration=2, seed=0)
     epochs = [sum((sampler.next_indices() for _ in range(3)), []) for _ in range(3)]
@@ -610,12 +649,14 @@ def test_prompt_sampler_reshuffles_every_epoch_deterministically_and_resumes():
     assert resumed.next_indices() == epochs[1][2:4]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ext, text", [(".txt", "a cat\n\na dog\n"), (".csv", "id,prompt\n1,a cat\n2,a dog\n"),
                                        (".jsonl", '{"prompt": "a cat"}\n{"prompt": "a dog"}\n')])
 def test_prompt_files_in_three_formats(ext, text, tmp_path):
     assert train.load_prompts(_write(tmp_path / f"p{ext}", text)) == ["a cat", "a dog"]
 
 
+@pytest.mark.slow
 def test_trained_steps_are_a_per_sample_random_order_of_a_fraction_of_the_steps():
     steps = train.trained_steps([1, 2, 3], num_steps=20, fraction=1.0)
     assert steps.shape == (3, 20) and all(sorted(row.tolist()) == list(range(20)) for row in steps)
@@ -626,3 +667,4 @@ def test_trained_steps_are_a_per_sample_random_order_of_a_fraction_of_the_steps(
 
 if __name__ == "__main__":  # the torchrun worker of test_broadcast_load_gives_every_rank_the_weights_on_disk_...
     broadcast_load_worker(*sys.argv[1:])
+    distributed.exit_process(0)  # no teardown of the gloo group by the interpreter (see distributed.exit_process)

@@ -143,6 +143,7 @@ def test_posterior_mean_matches_numerical_integration(sigma, conditional):
     assert torch.allclose(got, torch.stack(expected), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_ideal_velocity_sampled_with_the_worlds_settings_lands_on_the_manifold():
     # the sampler of the world's settings (steps, shift, CFG scale) is not what keeps a policy off M: with
     # the exact velocity its ODE samples lie on their prompt's part of M
@@ -276,6 +277,7 @@ def world_layout(tmp_path_factory):
     return model.load_hunyuan(str(path), dtype=torch.float32)
 
 
+@pytest.mark.slow
 def test_world_directory_loads_with_the_worlds_settings(world_layout):
     assert world_layout.latent_shape(world.WORLD_NUM_FRAMES, world.WORLD_HEIGHT, world.WORLD_WIDTH) == \
         world.WORLD_LATENT_SHAPE
@@ -285,6 +287,7 @@ def test_world_directory_loads_with_the_worlds_settings(world_layout):
     assert x.shape == (2, *world.WORLD_LATENT_SHAPE)
 
 
+@pytest.mark.slow
 def test_the_transformer_sees_the_prompt_not_the_system_prompt(world_layout):
     # the world tokenizer makes the pipeline's crop remove the system prompt: what is left is the prompt's
     # bytes + <|im_end|> \n <|im_start|> "assistant\n" (13 tokens); the negative prompt "" is templated as " "
@@ -302,6 +305,7 @@ WORLD_DISTANCE_LIMIT = 0.25
 WORLD_ALIGNMENT_MIN = 0.9
 
 
+@pytest.mark.slow
 def test_committed_weights_are_those_of_the_default_config():
     # otherwise prepare_world() would pretrain (minutes) in every fresh checkout: a change of the world's
     # constants or of WorldPretrainConfig must come with new weights (python -m toy.video_world_pretrain --retrain)
@@ -311,6 +315,7 @@ def test_committed_weights_are_those_of_the_default_config():
     assert world_pretrain.WEIGHTS_FILE.stat().st_size < 5e6
 
 
+@pytest.mark.slow
 def test_pretrained_ode_samples_lie_near_the_manifold_and_follow_their_prompt():
     policy = model.load_hunyuan(world.prepare_world(), dtype=torch.float32)
     prompts = list(world.WORLD_PROMPTS) * 2
