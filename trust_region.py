@@ -173,7 +173,8 @@ def dual_kl(mean, std, anchor_mean=None, old_mean=None, mode="dual",
         if name == "kl_step" and step_estimator == "k1":
             if log_prob is None:
                 raise ValueError("step_estimator 'k1' needs the policy's log_prob")
-            terms[name] = k1_kl(log_prob.float(), reference.float())
+            dtype = torch.promote_types(log_prob.dtype, torch.float32)  # at least fp32 (bf16 models)
+            terms[name] = k1_kl(log_prob.to(dtype), reference.to(dtype))
         else:
             terms[name] = gaussian_kl(mean, reference.detach(), std)
         total = total + weight * terms[name]

@@ -80,7 +80,7 @@ def test_muon_step_equals_torch_muon_and_adamw_built_by_hand_bit_for_bit():
     others = [p for p in hand_model.parameters() if p.ndim != 2]
     hand = [torch.optim.Muon(matrices, lr=LR, weight_decay=0.1, momentum=0.95, nesterov=True,
                              adjust_lr_fn="match_rms_adamw"),
-            torch.optim.AdamW(others, lr=LR, betas=(0.95, 0.95), eps=1e-8, weight_decay=0.1)]
+            torch.optim.AdamW(others, lr=LR, betas=(0.95, 0.95), eps=1e-8, weight_decay=0.1, fused=True)]
     tokens = torch.randint(0, 5, (4, 6), generator=torch.Generator().manual_seed(1))
     for _ in range(3):
         for model, optimizers in ((ours_model, ours), (hand_model, hand)):

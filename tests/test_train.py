@@ -84,9 +84,11 @@ OFFICIAL_DEFAULTS = {"num_steps": 20, "eta": 0.5, "kernel": "sage", "group_size"
                      "same_noise_per_group": False, "clip_range": 1e-4, "adv_clip": 5.0, "train_step_fraction": 1.0,
                      "equalizer": True, "updates_per_rollout": 1, "kl_mode": "dual", "anchor_period": 10,
                      "kl_anchor_weight": 1.0, "kl_step_weight": 0.1, "optimizer": "muon", "lr": 1e-5,
-                     "weight_decay": 0.01, "grad_clip": 1.0, "lora_rank": 0, "gradient_checkpointing": True,
+                     "weight_decay": 0.01, "grad_clip": 1.0, "lora_rank": 0,
                      "seed": 42, "max_iterations": 10000, "checkpoint_every": 100, "sample_every": 50,
-                     "reward": ["videoalign"]}
+                     "reward": ["videoalign"], "beta_schedule": "official", "beta_start": 1e-7, "beta_end": 1e-5,
+                     # None: on with CUDA (the official enable_gradient_checkpointing), off on a CPU
+                     "gradient_checkpointing": None}
 
 
 def test_config_defaults_are_the_official_recipes_values():

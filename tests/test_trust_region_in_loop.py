@@ -22,6 +22,8 @@ import torch
 import train
 import trust_region
 
+pytestmark = pytest.mark.slow  # every test here runs train.py
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_train import metrics, run, tiny_args, tiny_models  # noqa: E402,F401  (tiny_models is a fixture)
