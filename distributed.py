@@ -138,18 +138,12 @@ def load_policy(path, mesh, device, rank, compute_dtype, *, lora_rank=0, gradien
     if uninitialised:  # to_empty leaves them garbage and the broadcast does not carry them
         raise NotImplementedError(f"non-persistent buffers {uninitialised[:5]} would not be initialised by the "
                                   f"rank-0 broadcast load")
-    # FSDP2 where it does something: sharding over several ranks, or bf16 compute on fp32 master weights. One
-    # fp32 rank (CPU: tests, --tiny, a 1-rank --world run) keeps the plain module, the same numbers without a
-    # copy of every parameter per call (~10 % of a 1-rank world iteration, benchmarks/bench_train.py).
-    sharded = mesh.size() > 1 or compute_dtype != torch.float32
     anchor_module = None
     if with_anchor:  # same structure, compute dtype, sharded the same way (optionally on CPU)
         anchor_module = copy.deepcopy(policy).to(compute_dtype).requires_grad_(False).eval()
-        if sharded:
-            shard(anchor_module, mesh, None, offload=anchor_offload)
+        shard(anchor_module, mesh, None, offload=anchor_offload)
         anchor_module.to_empty(device="cpu" if anchor_offload else device)  # values: MovingAnchor.refresh
-    if sharded:
-        shard(policy, mesh, compute_dtype if device.type == "cuda" else None)
+    shard(policy, mesh, compute_dtype if device.type == "cuda" else None)
     policy.to_empty(device=device)
     set_model_state_dict(policy, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return policy, anchor_module
