@@ -326,3 +326,13 @@ if __name__ == "__main__":  # the torchrun worker of the two-rank tests above
     import distributed
     sharded_worker(*sys.argv[1:])
     distributed.exit_process(0)  # no teardown of the gloo group by the interpreter (see distributed.exit_process)
+
+
+def test_newton_schulz_returns_torchs_result_and_zero_for_a_zero_matrix_without_iterating():
+    """optimizer.newton_schulz short-cuts an all-zero momentum (a weight that never gets a gradient): the result must
+    be torch's own NS_5 bit for bit, for a zero matrix (0) and for any other."""
+    from torch.optim._muon import _zeropower_via_newtonschulz
+    args = ((3.4445, -4.775, 2.0315), 5, 1e-7)
+    for matrix in (torch.zeros(6, 4), torch.randn(6, 4, generator=torch.Generator().manual_seed(0))):
+        ours, theirs = optimizer.newton_schulz(matrix, *args), _zeropower_via_newtonschulz(matrix, *args)
+        assert ours.dtype == theirs.dtype == torch.bfloat16 and torch.equal(ours, theirs)
