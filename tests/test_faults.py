@@ -262,10 +262,11 @@ def test_an_error_on_two_ranks_is_printed_once_without_a_traceback(tmp_path):
                            "train.py", "--tiny", "--lr", "nan", "--output_dir", str(tmp_path)],
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
-    # once from rank 0; torchrun's failure summary (after its ==== rule) repeats it from the ranks' error files
+    # at most once from rank 0 (torchrun may stop it first, when rank 1 fails first), and always in torchrun's
+    # failure summary (after its ==== rule), which reads the failing rank's error file
     ours, _, summary = done.stderr.partition("=" * 60)
     message = "train.py: error: --lr must be a finite number, got nan"
-    assert ours.count(message) == 1 and message in summary, done.stderr[-3000:]
+    assert ours.count(message) <= 1 and message in summary, done.stderr[-3000:]
     assert 'train.py", line' not in done.stderr  # no traceback from our code (torchrun adds its own summary)
 
 
