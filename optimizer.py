@@ -67,6 +67,12 @@ ADAMW_BETAS = (0.9, 0.999)
 # ~10 DTensor-dispatched ops per sharded parameter, 4x slower on the tiny models (benchmarks/bench_train.py).
 # The same update up to round-off.
 ADAMW_EPS = 1e-8
+
+
+def _fused(params):
+    """fused=True, except for meta tensors (plan.py steps an optimizer on them to count its states), where
+    torch has no fused kernel."""
+    return all(p.device.type != "meta" for p in params)
 # The repeated blocks of HunyuanVideo15Transformer3DModel whose matrices `grouping="hidden"` gives Muon.
 HIDDEN_BLOCKS = ("transformer_blocks.", "refiner_blocks.")
 
@@ -98,7 +104,7 @@ def newton_schulz(matrix, ns_coefficients, ns_steps, eps):
     (0 / max(‖0‖, eps), then products of zeros), and such a matrix is common, the momentum of a weight that never
     gets a gradient (the tiny models' byT5 glyph projector, 2048 x 2048: its NS takes minutes in bf16 on a CPU
     without AVX-512)."""
-    if not bool(matrix.any()):
+    if matrix.device.type != "meta" and not bool(matrix.any()):  # plan.py steps on meta tensors: shapes only
         return torch.zeros_like(matrix, dtype=torch.bfloat16)
     return _zeropower_via_newtonschulz(matrix, ns_coefficients, ns_steps, eps)
 
@@ -158,7 +164,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
                                           adjust_lr_fn=adjust_lr_fn))
         if adamw_params:
             self.parts.append(torch.optim.AdamW(adamw_params, lr=lr, betas=adamw_betas, eps=adamw_eps,
-                                                weight_decay=weight_decay, fused=True))
+                                                weight_decay=weight_decay, fused=_fused(adamw_params)))
         super().__init__([group for part in self.parts for group in part.param_groups], {"lr": lr})
         self._link_parts()
 
@@ -196,7 +202,7 @@ def build_optimizer(model, kind="muon", lr=LEARNING_RATE, weight_decay=WEIGHT_DE
     if kind == "adamw":
         trainable = [p for p in model.parameters() if p.requires_grad]
         return torch.optim.AdamW(trainable, lr=lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=weight_decay,
-                                 fused=True)
+                                 fused=_fused(trainable))
     muon, adamw = muon_groups(model, grouping)
     return MuonWithAdamW([p for _, p in muon], [p for _, p in adamw], lr=lr, weight_decay=weight_decay,
                          momentum=momentum, adjust_lr_fn=adjust_lr_fn)

@@ -205,8 +205,7 @@ def test_a_checkpoint_write_that_fails_removes_its_partial_files_and_names_the_i
                                              r"left on device|RuntimeError: \[enforce fail).*the newest intact checkpoint "
                                              r"is .*checkpoint-000001"):
         run(tiny_models, tmp_path, "--resume", max_iterations=2)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-000001", "curves.png", "metrics.jsonl", "tiny_hunyuan",
-                                            "tiny_videoalign"] or numbered(tmp_path) == ["checkpoint-000001"]
+    assert sorted(os.listdir(tmp_path)) == [".lock", "checkpoint-000001", "curves.png", "metrics.jsonl"]
     assert not (tmp_path / "checkpoint-000002.tmp").exists()
     distributed.verify_checkpoint(str(tmp_path / "checkpoint-000001"))
 

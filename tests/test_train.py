@@ -136,7 +136,7 @@ def test_torchrun_two_ranks_trains_and_writes_a_checkpoint_that_eval_scores(two_
     assert all(r["ratio_max_dev_per_step"] == [0.0, 0.0] and r["approx_kl"] == 0 for r in rows)
     checkpoint = distributed.latest_checkpoint(str(two_rank_run))
     assert os.path.basename(checkpoint) == "checkpoint-000002"
-    assert sorted(os.listdir(two_rank_run)) == ["checkpoint-000001", "checkpoint-000002", "curves.png", "metrics.jsonl",
+    assert sorted(os.listdir(two_rank_run)) == [".lock", "checkpoint-000001", "checkpoint-000002", "curves.png", "metrics.jsonl",
                                                 "samples"]  # --keep_checkpoints 2 by default
     transformer = HunyuanVideo15Transformer3DModel.from_pretrained(os.path.join(checkpoint, "transformer"))
     assert all(torch.isfinite(p).all() for p in transformer.parameters())
