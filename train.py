@@ -216,6 +216,10 @@ class Config:
     """keep the anchor's shards on CPU (FSDP2 CPUOffloadPolicy; official reference_mode_offload)"""
     text_encoder_offload: bool = False
     """keep the text encoders (Qwen2.5-VL-7B: 15 GB bf16) on CPU, on the GPU only while encoding prompts; our choice"""
+    prompt_cache: int = 512
+    """prompts whose embeddings are kept (on the CPU, real tokens only: ~0.5 MB each at the real model's widths)
+    and reused when they come back in a later iteration (model.PromptCache); our choice: the text encoders are
+    frozen, so a prompt is encoded once per run instead of once per iteration"""
     vae_tiling: typing.Optional[bool] = None
     """decode the rollouts in overlapping 256-pixel tiles (model.set_vae_tiling; diffusers' tile defaults, as its
     HunyuanVideo-1.5 example): far less decoder memory at 81x352x624, frames differ slightly at the tile seams
@@ -250,6 +254,11 @@ class Config:
     """global gradient-norm clip (official max_grad_norm 1.0)"""
     lora_rank: int = 0
     """0 = full fine-tune (official default); > 0 trains LoRA adapters of this rank (needs peft)"""
+    train_glyph_projector: bool = True
+    """full fine-tune: train the byT5 glyph projector too (official: the whole transformer). It only gets a gradient
+    from prompts that quote text to render; --no-train_glyph_projector freezes it and keeps it whole on every rank
+    instead of sharding it (no all-gather per forward). Our choice for the video world (its prompts quote no text,
+    and the projector is 87 % of its parameters)"""
     gradient_checkpointing: typing.Optional[bool] = None
     """recompute block activations in backward (official enable_gradient_checkpointing). Default: on with CUDA
     (the 8.3B model's activations do not fit otherwise), off on CPU (--tiny, --world: small activations, and one
@@ -391,7 +400,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
     policy, anchor_module = distributed.load_policy(
         policy_path, mesh, device, rank, compute_dtype,
         lora_rank=cfg.lora_rank, gradient_checkpointing=cfg.gradient_checkpointing, with_anchor=w_anchor > 0,
-        anchor_offload=cfg.anchor_offload)
+        anchor_offload=cfg.anchor_offload, train_glyph_projector=cfg.train_glyph_projector)
     # --sp_size: the ranks of a sequence-parallel group split each video's tokens (policy and anchor alike)
     layout = parallel.SequenceParallel(cfg.sp_size, device.type)
     for module in (policy, anchor_module):
@@ -401,6 +410,8 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
     for module in (pipe.vae,) + (() if cfg.text_encoder_offload else text_encoders):
         module.to(device)
     cfg = dataclasses.replace(cfg, vae_tiling=model.set_vae_tiling(pipe.vae, cfg.vae_tiling))  # None: on with CUDA
+    prompt_cache = model.PromptCache(pipe, device, compute_dtype, capacity=cfg.prompt_cache,
+                                     offload=cfg.text_encoder_offload)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optim = optimizer.build_optimizer(policy, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
     beta_controller = None  # β: the two simple schedules need no state
@@ -465,13 +476,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
         group_prompts = [prompts[i] for i in sampler.next_indices()]  # one prompt per group, all ranks agree
         sample_prompts = [group_prompts[(first + b) // group_size] for b in range(videos_per_rank)]
         seeds = [sample_seed(cfg.seed, iteration, first + b, videos_per_iteration) for b in range(videos_per_rank)]
-        unique = list(dict.fromkeys(sample_prompts))  # encode each prompt once, reuse for its G rollouts
-        for module in text_encoders if cfg.text_encoder_offload else ():
-            module.to(device)
-        embeds = model.encode_prompts(pipe, unique, device=device, dtype=compute_dtype)
-        embeds = embeds.select([unique.index(p) for p in sample_prompts])
-        for module in text_encoders if cfg.text_encoder_offload else ():
-            module.to("cpu")
+        embeds = prompt_cache(sample_prompts)  # each distinct prompt encoded once per run, then reused
         # same_noise_per_group: every member starts from the noise of its group's first member
         initial_seeds = [sample_seed(cfg.seed, iteration, (first + b) // group_size * group_size, videos_per_iteration)
                          for b in range(videos_per_rank)] if cfg.same_noise_per_group else None
@@ -881,6 +886,8 @@ def _check_config(cfg, world_size):
     for name in ("num_steps", "updates_per_rollout", "anchor_period", "beta_window", "checkpoint_every", "keep_checkpoints", "max_iterations"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.prompt_cache < 1:
+        raise ValueError(f"prompt_cache must be >= 1 (prompts kept), got {cfg.prompt_cache}")
     if cfg.lora_rank < 0:
         raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tune), got {cfg.lora_rank}")
     if cfg.lora_rank > 0:
@@ -969,7 +976,7 @@ def resolve_sampling(cfg, model_path):
 # Flags that may change between a run and its resumption without breaking "continues exactly".
 RESUMABLE_CHANGES = {"resume", "allow_config_change", "max_iterations", "checkpoint_every", "keep_checkpoints",
                      "sample_every", "output_dir", "model_path", "reward_path", "prompts", "text_encoder_offload",
-                     "anchor_offload", "overwrite", "checkpoint_every_minutes", "max_failed_iterations",
+                     "prompt_cache", "anchor_offload", "overwrite", "checkpoint_every_minutes", "max_failed_iterations",
                      "collective_timeout_minutes", "report_to"}
 
 
