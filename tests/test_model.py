@@ -300,6 +300,48 @@ def test_trimmed_prompt_embeds_give_the_velocity_of_the_padded_pipeline_inputs(p
     assert (ours - reference).abs().max() <= PARITY_ATOL
 
 
+def test_the_prompt_cache_gives_the_velocity_of_encode_prompts_and_encodes_each_prompt_once(policy, latent_shape,
+                                                                                        monkeypatch):
+    """PromptCache rows: encode_prompts' real tokens and masks (each prompt encoded alone, padded with zeros
+    instead of the pipeline's masked padding), the same velocity, and no encoder call for a prompt seen before."""
+    prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[1]]  # glyph text in rows 0 and 2, a repeat
+    cache = model.PromptCache(policy, "cpu", torch.float32)
+    reference = model.encode_prompts(policy, prompts)
+    got = cache(prompts)
+    assert cache.encoded == 2
+    for name in ("mask", "mask_2", "negative_mask", "negative_mask_2"):
+        assert torch.equal(getattr(got, name), getattr(reference, name)), name
+    for name in ("embeds", "embeds_2", "negative_embeds", "negative_embeds_2"):
+        mask = getattr(got, name.replace("embeds", "mask")).bool()
+        ours, theirs = getattr(got, name), getattr(reference, name)
+        assert ours.shape == theirs.shape and not ours[~mask].any(), name   # padding: zeros
+        # real tokens: the same encoder on a batch of 1 instead of 2 rows: round-off of the encoder's outputs
+        if mask.any():  # (the negative prompt quotes no text: no glyph token)
+            assert (ours[mask] - theirs[mask]).abs().max() <= 1e-5 * max(theirs[mask].abs().max(), 1), name
+    latents = torch.randn(3, *latent_shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ours = model.cfg_velocity(policy.transformer, latents, 0.7, got, guidance_scale=6.0)
+        theirs = model.cfg_velocity(policy.transformer, latents, 0.7, reference, guidance_scale=6.0)
+    assert (ours - theirs).abs().max() <= PARITY_ATOL
+    # seen prompts come from the cache: the pipeline's encoder is not called again
+    calls = []
+    encode = policy.pipeline.encode_prompt
+    monkeypatch.setattr(policy.pipeline, "encode_prompt", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    again = cache([PROMPTS[0]])
+    assert not calls and cache.encoded == 2 and torch.equal(again.embeds[0], got.embeds[1][:again.embeds.shape[1]])
+
+
+def test_the_prompt_cache_keeps_the_most_recently_used_prompts(policy):
+    cache = model.PromptCache(policy, "cpu", torch.float32, capacity=2)
+    for prompts in (["a"], ["b"], ["a"], ["c"]):  # "b" is the least recently used when "c" arrives
+        cache(prompts)
+    assert set(cache.rows) == {"a", "c"} and cache.encoded == 3
+    cache(["b"])
+    assert set(cache.rows) == {"c", "b"} and cache.encoded == 4
+    with pytest.raises(ValueError, match="at least 1 prompt, got capacity 0"):
+        model.PromptCache(policy, "cpu", torch.float32, capacity=0)
+
+
 def test_cfg_runs_exactly_one_transformer_forward_per_step(policy, embeds, latent_shape):
     calls = []
     handle = policy.transformer.register_forward_hook(lambda module, args, kwargs_output: calls.append(1))

@@ -42,9 +42,9 @@ def run(tiny_models, output_dir, *flags, **overrides):
     train.main(train.parse_config(tiny_args(tiny_models, output_dir, **overrides) + list(flags)))
 
 
-def torchrun(nproc, tiny_models, output_dir, **overrides):
+def torchrun(nproc, tiny_models, output_dir, *flags, **overrides):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "train.py"] + tiny_args(tiny_models, output_dir, **overrides)
+               "train.py"] + tiny_args(tiny_models, output_dir, **overrides) + list(flags)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -205,6 +205,27 @@ def test_two_ranks_update_like_one_rank_on_the_same_global_batch(two_rank_run, t
     state_one, state_two = optimizer_state(one, tmp_path / "one"), optimizer_state(two, tmp_path / "two")
     moment = lambda state: torch.cat([state[k]["exp_avg"].flatten() for k in sorted(state_one)])  # noqa: E731
     assert relative_error(moment(state_two), moment(state_one)) < 1e-4
+
+
+@pytest.mark.slow
+def test_a_frozen_glyph_projector_stays_put_and_the_rest_trains_as_before(two_rank_run, tiny_models, tmp_path):
+    """--no-train_glyph_projector on 2 ranks: the projector (kept whole on each rank, not sharded) ends exactly
+    as loaded, and every other weight as in the same run that trains it, since the tiny prompts quote no text
+    and give the projector a zero gradient. The runs differ only in the projector's weight decay."""
+    torchrun(2, tiny_models, tmp_path, "--no-train_glyph_projector", group_size=4, videos_per_rank=2,
+             max_iterations=2, sample_every=1, optimizer="adamw", beta_schedule="two_stage")
+    base = load_file(os.path.join(tiny_models[0], WEIGHTS))
+    frozen = load_file(os.path.join(distributed.latest_checkpoint(str(tmp_path)), WEIGHTS))
+    trained = load_file(os.path.join(distributed.latest_checkpoint(str(two_rank_run)), WEIGHTS))
+    glyph = [k for k in base if k.startswith("context_embedder_2.")]
+    assert glyph and frozen.keys() == base.keys()
+    assert all(torch.equal(frozen[k], base[k]) for k in glyph)
+    assert any(not torch.equal(trained[k], base[k]) for k in glyph)  # weight decay moved it in the default run
+    rest = sorted(set(base) - set(glyph))
+    flat = lambda params: torch.cat([params[k].flatten() for k in rest])  # noqa: E731
+    assert (flat(frozen) - flat(base)).norm() > 1e-3 * flat(base).norm()  # the rest trained
+    assert relative_error(flat(frozen), flat(trained)) < 1e-6
+    assert [r["reward_mean"] for r in metrics(tmp_path)] == [r["reward_mean"] for r in metrics(two_rank_run)]
 
 
 @pytest.mark.slow
