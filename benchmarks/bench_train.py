@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 import model  # noqa: E402
+import parallel  # noqa: E402
 import reward  # noqa: E402
 import sde  # noqa: E402
 import tiny  # noqa: E402
@@ -99,6 +100,8 @@ def main():
 
         pipe = model.load_hunyuan(hunyuan_path, dtype=torch.float32)
         transformer = pipe.transformer.requires_grad_(True)
+        for block in transformer.transformer_blocks:  # the attention train.py runs (parallel.enable, sp 1)
+            block.attn.set_processor(parallel.KeyMaskAttnProcessor())
         if args.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         prompts = ["a cat"] * args.videos

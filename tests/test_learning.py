@@ -7,7 +7,7 @@ its exact reward) and states what GRPO must do: the rollouts' reward at the end 
 the pretrained policy's by more than three standard errors of seed noise.
 
 The pretrained policy's reward is measured independently, in this process: SDE rollouts of the
-pretrained model with the run's sampler (sage, η 0.5, the world's steps, shift and CFG), 64 batches of
+pretrained model with the run's sampler (sage, η 0.5, the world's steps, shift and CFG), 32 batches of
 16 videos with seeds the run never uses. Its batch-to-batch spread is the seed noise of
 one iteration's mean (16 videos, as in the run). The reward is the world's composition alone
 (`--reward_weights alignment=0 composition=1 brightness=0`: 1 for a square through the frame's
@@ -32,10 +32,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITERATIONS, LAST = 44, 10
 FLAGS = ["--world", "--num_steps", "8", "--optimizer", "adamw", "--lr", "2e-4", "--group_size", "8",
          "--videos_per_rank", "8", "--reward_weights", "alignment=0", "composition=1", "brightness=0", "--sample_every", "0",
-         "--checkpoint_every", "1000", "--max_iterations", str(ITERATIONS)]
+         "--checkpoint_every", "1000", "--max_iterations", str(ITERATIONS), "--no-train_glyph_projector"]
 
 
-def pretrained_reward_batches(num_batches=64, batch=16):
+def pretrained_reward_batches(num_batches=32, batch=16):
     """Mean world reward of `num_batches` batches of SDE rollouts of the pretrained policy."""
     import model
     import sde
