@@ -118,6 +118,7 @@ def test_a_cfg_batch_that_mixes_up_the_branches_fails_the_cfg_line(tiny_models, 
 def test_with_the_mp4_reward_input_a_failed_video_is_scored_nan_not_a_crash(tiny_models, tmp_path):
     """The REWARD call the loop makes (train.score_videos), with the official mp4 input: a non-finite video is
     not encoded (the encoder refuses it) but left non-finite, so the reward scores it NaN and it is excluded."""
-    assert train.main(train.parse_config(flags(tiny_models, tmp_path, "--reward_input", "mp4"))) == 0
+    status = train.main(train.parse_config(flags(tiny_models, tmp_path, "--reward_input", "mp4")))
+    assert status == 0, open(os.path.join(tmp_path, "self_check.md")).read()  # the table names the failing line
     found, _ = statuses(tmp_path)
     assert status_of(found, "reward:") == "PASS"
