@@ -44,11 +44,17 @@ What is derived (formulas below, in `plan`)
   communication (overlapped by FSDP2's prefetch when it can be), the VAE decode and the reward.
 
 Memory is in GiB (2^30 bytes); an H100 holds 79.6 GiB usable (torch.cuda.mem_get_info on an 80 GB card).
+
+None of this has been checked on a GPU yet: benchmarks/gpu_check.py runs the real transformer and one real
+block (random weights) on one and reports each measurement beside these functions' predictions. That is
+why the block and FLOP measurements take a `config` (transformer_kwargs): its `--tiny` mode runs the same
+functions on the tiny model on a CPU.
 """
 import argparse
 import contextlib
 import dataclasses
 import functools
+import inspect
 import math
 import sys
 
@@ -141,14 +147,28 @@ def fake_world(world_size):
         dist.destroy_process_group()
 
 
-def build_transformer(lora_rank=0, dtype=torch.float32, num_layers=None):
-    """The real 8.3B HunyuanVideo-1.5 T2V transformer on the meta device, prepared as distributed.load_policy
-    prepares it (LoRA adapters or all parameters trainable)."""
+def transformer_kwargs(config=()):
+    """Keyword arguments of HunyuanVideo15Transformer3DModel: the real 8.3B T2V model (diffusers' defaults with
+    task_type t2v) with the (name, value) pairs of `config` over them. A tuple of pairs, not a dict, so that the
+    cached measurements below can take it as a key: () is the real model (everything the planner plans);
+    benchmarks/gpu_check.py --tiny measures the tiny model (tiny.TINY_TRANSFORMER_CONFIG) with the same functions."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+    parameters = inspect.signature(HunyuanVideo15Transformer3DModel.__init__).parameters.values()
+    defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+    return {**defaults, "task_type": "t2v", **dict(config)}
+
+
+def build_transformer(lora_rank=0, dtype=torch.float32, num_layers=None, config=()):
+    """The real 8.3B HunyuanVideo-1.5 T2V transformer (or `config`'s, transformer_kwargs) on the meta device,
+    prepared as distributed.load_policy prepares it (LoRA adapters or all parameters trainable)."""
     from diffusers import HunyuanVideo15Transformer3DModel
 
     import distributed
+    kwargs = transformer_kwargs(config)
+    if num_layers:
+        kwargs["num_layers"] = num_layers
     with torch.device("meta"):
-        transformer = HunyuanVideo15Transformer3DModel(task_type="t2v", **({"num_layers": num_layers} if num_layers else {}))
+        transformer = HunyuanVideo15Transformer3DModel(**kwargs)
     transformer = transformer.to(dtype)
     if lora_rank > 0:
         from peft import LoraConfig
@@ -203,24 +223,30 @@ def measure_states(world_size, lora_rank, optimizer_kind, num_layers=None):
     return measured
 
 
-def _block_inputs(device, dtype, video_tokens, text_tokens, batch=1):
-    """Random inputs of one HunyuanVideo15TransformerBlock (hidden 2048, rope dim 128); all text tokens valid."""
+def block_inputs(device, dtype, video_tokens, text_tokens, batch=1, config=()):
+    """Random inputs of one HunyuanVideo15TransformerBlock (real model: hidden D = 16 x 128 = 2048, rope dim d =
+    128); all text tokens valid."""
+    kwargs = transformer_kwargs(config)
+    width, head_dim = kwargs["num_attention_heads"] * kwargs["attention_head_dim"], kwargs["attention_head_dim"]
     with torch.device(device):
-        hidden = torch.randn(batch, video_tokens, 2048, dtype=dtype, requires_grad=True)  # (B, Lv, D)
-        text = torch.randn(batch, text_tokens, 2048, dtype=dtype, requires_grad=True)     # (B, Lt, D)
-        temb = torch.randn(batch, 2048, dtype=dtype)                                       # (B, D)
-        mask = torch.ones(batch, text_tokens, dtype=torch.bool)                            # (B, Lt)
-        freqs = (torch.randn(video_tokens, 128), torch.randn(video_tokens, 128))           # cos, sin (Lv, d)
+        hidden = torch.randn(batch, video_tokens, width, dtype=dtype, requires_grad=True)  # (B, Lv, D)
+        text = torch.randn(batch, text_tokens, width, dtype=dtype, requires_grad=True)     # (B, Lt, D)
+        temb = torch.randn(batch, width, dtype=dtype)                                       # (B, D)
+        mask = torch.ones(batch, text_tokens, dtype=torch.bool)                             # (B, Lt)
+        freqs = (torch.randn(video_tokens, head_dim), torch.randn(video_tokens, head_dim))  # cos, sin (Lv, d)
     return hidden, text, temb, mask, freqs
 
 
-def _block(device, dtype, lora_rank=0):
+def build_block(device, dtype, lora_rank=0, config=()):
+    """One dual-stream block of the real model (or of `config`'s), seeded random weights."""
     from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15TransformerBlock
 
     import distributed
+    kwargs = transformer_kwargs(config)
     torch.manual_seed(0)
     with torch.device(device):
-        block = HunyuanVideo15TransformerBlock(16, 128, mlp_ratio=4.0).to(dtype)
+        block = HunyuanVideo15TransformerBlock(kwargs["num_attention_heads"], kwargs["attention_head_dim"],
+                                               mlp_ratio=kwargs["mlp_ratio"], qk_norm=kwargs["qk_norm"]).to(dtype)
     if lora_rank > 0:
         from peft import LoraConfig, inject_adapter_in_model
         block.requires_grad_(False)
@@ -229,20 +255,23 @@ def _block(device, dtype, lora_rank=0):
     return block
 
 
-@functools.lru_cache(maxsize=1)
-def calibration_block():
-    """One real-size dual-stream block (hidden 2048, 16 heads), random weights, bf16, CPU, with the
-    attention processor train.py uses (parallel.KeyMaskAttnProcessor)."""
+@functools.lru_cache(maxsize=None)
+def calibration_block(config=()):
+    """One real-size dual-stream block (hidden 2048, 16 heads; or `config`'s), random weights, bf16, CPU, with
+    the attention processor train.py uses (parallel.KeyMaskAttnProcessor)."""
     import parallel
-    block = _block("cpu", torch.bfloat16)
+    block = build_block("cpu", torch.bfloat16, config=config)
     block.attn.set_processor(parallel.KeyMaskAttnProcessor())
     return block
 
 
-def saved_activation_bytes(video_tokens, text_tokens=CALIBRATION_TEXT, dtype=torch.bfloat16):
+def saved_activation_bytes(video_tokens, text_tokens=CALIBRATION_TEXT, dtype=torch.bfloat16, config=(), block=None):
     """Bytes autograd saves for backward in one real block's forward on the CPU (each storage once,
-    parameters excluded): the activation memory of one sequence of video_tokens + text_tokens."""
-    block = calibration_block()
+    parameters excluded): the activation memory of one sequence of video_tokens + text_tokens.
+    block: another block of `config`'s shape to run instead, on its own device (benchmarks/gpu_check.py
+    counts a GPU block the same way)."""
+    block = calibration_block(config) if block is None else block
+    device = next(block.parameters()).device
     parameter_storages = {p.untyped_storage().data_ptr() for p in block.parameters()}
     saved = {}
 
@@ -253,33 +282,40 @@ def saved_activation_bytes(video_tokens, text_tokens=CALIBRATION_TEXT, dtype=tor
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        block(*_block_inputs("cpu", dtype, video_tokens, text_tokens))
+        block(*block_inputs(device, dtype, video_tokens, text_tokens, config=config))
     return sum(saved.values())
 
 
 @functools.lru_cache(maxsize=None)
-def calibrate_activations():
+def calibrate_activations(config=()):
     """Fit saved bytes = c + a·L + b·L² (L = video + text tokens) on CPU runs at CALIBRATION_LENGTHS.
     Returns {"per_token": a, "per_token_squared": b, "constant": c, "points": [(L, bytes)]}."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    points = [(v + CALIBRATION_TEXT, saved_activation_bytes(v)) for v in CALIBRATION_LENGTHS]
+    points = [(v + CALIBRATION_TEXT, saved_activation_bytes(v, config=config)) for v in CALIBRATION_LENGTHS]
     lengths = torch.tensor([float(n) for n, _ in points], dtype=torch.float64)
     design = torch.stack([torch.ones_like(lengths), lengths, lengths ** 2], dim=1)  # (3, 3): exact fit
     c, a, b = torch.linalg.solve(design, torch.tensor([float(s) for _, s in points], dtype=torch.float64)).tolist()
     return {"per_token": a, "per_token_squared": b, "constant": c, "points": points}
 
 
+def block_activation_bytes(activation, tokens):
+    """a·l + b·l²: what one block's forward saves for one sequence of `tokens` tokens (calibrate_activations'
+    fit, without its constant)."""
+    return activation["per_token"] * tokens + activation["per_token_squared"] * tokens ** 2
+
+
 @functools.lru_cache(maxsize=None)
-def measure_flops(video_tokens, text_tokens, lora_rank=0):
+def measure_flops(video_tokens, text_tokens, lora_rank=0, config=()):
     """FLOPs of one sequence through one block (forward, backward) and through the token refiner and
-    the patch embedding / output head (forward), counted by torch.utils.flop_counter on meta tensors."""
+    the patch embedding / output head (forward), counted by torch.utils.flop_counter on meta tensors
+    (the real model, or `config`'s)."""
     from diffusers import HunyuanVideo15Transformer3DModel
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
-    block = _block("meta", torch.bfloat16, lora_rank)
+    block = build_block("meta", torch.bfloat16, lora_rank, config)
     if lora_rank == 0:
         block.requires_grad_(True)
-    inputs = _block_inputs("meta", torch.bfloat16, video_tokens, text_tokens)
+    inputs = block_inputs("meta", torch.bfloat16, video_tokens, text_tokens, config=config)
     with counter:
         hidden, text = block(*inputs)
     forward = counter.get_total_flops()
@@ -287,10 +323,11 @@ def measure_flops(video_tokens, text_tokens, lora_rank=0):
         (hidden.float().sum() + text.float().sum()).backward()
     backward = counter.get_total_flops()
     with torch.device("meta"):
-        model = HunyuanVideo15Transformer3DModel(task_type="t2v").to(torch.bfloat16)
+        model = HunyuanVideo15Transformer3DModel(**transformer_kwargs(config)).to(torch.bfloat16)
         text_in = torch.randn(1, text_tokens, model.config.text_embed_dim, dtype=torch.bfloat16)
         latent = torch.randn(1, model.config.in_channels, 1, 1, video_tokens, dtype=torch.bfloat16)
-        tokens = torch.randn(1, video_tokens, 2048, dtype=torch.bfloat16)
+        width = model.config.num_attention_heads * model.config.attention_head_dim  # D
+        tokens = torch.randn(1, video_tokens, width, dtype=torch.bfloat16)
         timestep, text_mask = torch.ones(1, dtype=torch.bfloat16), torch.ones(1, text_tokens)
     with counter:
         model.context_embedder(text_in, timestep, text_mask)
@@ -317,9 +354,20 @@ def frozen_model_bytes():
 # ------------------------------------------------------------------------------------------------
 # The plan of one setup.
 
+def latent_grid(setup):
+    """Latent (F, H, W) of the real VAE (4x temporal, 16x spatial): 81x352x624 -> (21, 22, 39)."""
+    return (setup.num_frames - 1) // 4 + 1, setup.height // 16, setup.width // 16
+
+
 def video_tokens(setup):
-    """Latent tokens F·H·W of the real VAE (4x temporal, 16x spatial) and patch size 1: 81x352x624 -> 18,018."""
-    return ((setup.num_frames - 1) // 4 + 1) * (setup.height // 16) * (setup.width // 16)
+    """Latent tokens F·H·W at patch size 1: 81x352x624 -> 18,018."""
+    return math.prod(latent_grid(setup))
+
+
+def forward_flops(flops, sp_size=1):
+    """FLOPs of one sequence's forward through the whole transformer on one rank (measure_flops' counts): every
+    block (1/sp of each with sequence parallelism) and the rest (embedders, refiner, head: whole on every rank)."""
+    return flops["num_blocks"] * flops["block_forward"] / sp_size + flops["rest_forward"]
 
 
 def check_setup(setup):
@@ -350,7 +398,7 @@ def plan(setup, gpu_memory_gib=H100_MEMORY_GIB, mfu=MFU, peak_tflops=H100_PEAK_T
     length = video_tokens(setup) + text_tokens          # L: one sequence, video + text
     local = math.ceil(length / setup.sp_size)            # l = L / sp tokens on each rank of the group
     sequences = 2 * setup.videos_per_rank                # S: CFG doubles the batch
-    one_block = activation["per_token"] * local + activation["per_token_squared"] * local ** 2  # a·l + b·l²
+    one_block = block_activation_bytes(activation, local)  # a·l + b·l²
     flops = measure_flops(video_tokens(setup), text_tokens, setup.lora_rank)
     blocks = flops["num_blocks"]
     if setup.gradient_checkpointing:  # block inputs of every block + one recomputed block, x2 in its backward
@@ -373,7 +421,7 @@ def plan(setup, gpu_memory_gib=H100_MEMORY_GIB, mfu=MFU, peak_tflops=H100_PEAK_T
     total = sum(memory.values())
 
     # FLOPs per GPU per iteration: each rank of an SP group does 1/sp of the block work
-    forward = blocks * flops["block_forward"] / setup.sp_size + flops["rest_forward"]
+    forward = forward_flops(flops, setup.sp_size)
     backward = blocks * flops["block_backward"] / setup.sp_size + 2 * flops["rest_forward"]
     recompute = blocks * flops["block_forward"] / setup.sp_size if setup.gradient_checkpointing else 0
     trained = max(1, math.ceil(setup.train_step_fraction * setup.num_steps))

@@ -29,6 +29,13 @@ import reward
 TINY_NUM_FRAMES = 5
 TINY_HEIGHT = 16
 TINY_WIDTH = 16
+# The tiny transformer (diffusers' HunyuanVideo-1.5 pipeline tests): 4 latent channels (input: latent, image
+# condition, mask = 2·4 + 1), one block of 2 heads x 8, widths of the tiny text encoders below (16, byT5's 32).
+# benchmarks/gpu_check.py --tiny measures it in place of the real 8.3B model.
+TINY_TRANSFORMER_CONFIG = dict(
+    in_channels=2 * 4 + 1, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+    num_refiner_layers=1, mlp_ratio=2.0, text_embed_dim=16, text_embed_2_dim=32, image_embed_dim=12,
+    rope_axes_dim=(2, 2, 4), target_size=16, task_type="t2v")
 
 
 def video_size(num_frames=None, height=None, width=None, tiny=False):
@@ -121,10 +128,7 @@ def build_tiny_hunyuan(path, seed=0, shift=5.0, guidance_scale=model.DEFAULT_GUI
         bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id))
     text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=32, num_layers=1,
                                              num_heads=2))
-    transformer = HunyuanVideo15Transformer3DModel(
-        in_channels=2 * 4 + 1, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
-        num_refiner_layers=1, mlp_ratio=2.0, text_embed_dim=16, text_embed_2_dim=32, image_embed_dim=12,
-        rope_axes_dim=(2, 2, 4), target_size=16, task_type="t2v")
+    transformer = HunyuanVideo15Transformer3DModel(**TINY_TRANSFORMER_CONFIG)
     vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(16, 16), layers_per_block=1,
                                       spatial_compression_ratio=4, temporal_compression_ratio=2,
                                       downsample_match_channel=False, upsample_match_channel=False)
