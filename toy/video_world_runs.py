@@ -88,7 +88,7 @@ KERNELS = [dict(CALIBRATED, kernel=k) for k in ("sage", "flow_grpo", "cps", "dan
 # name: (methods, seeds, reference method of the paired differences or None)
 GRIDS = {"headline": ([HEADLINE], (0, 1, 2), None),
          "comparison": ([HEADLINE] + COMPARISON, (0, 1, 2), None),
-         "beta": (BETA_SWEEP, (0, 1, 2, 3, 4), None),
+         "beta": (BETA_SWEEP, (0, 1, 2, 3, 4), BETA_SWEEP[0]),
          "calibration": (CALIBRATION, (0, 1, 2), None),
          "modes": (MODES, (0, 1, 2, 3, 4), MODES[3]),
          "kernels": (KERNELS, tuple(range(8)), KERNELS[0])}
@@ -223,12 +223,13 @@ def cell(values, digits=3):
 def table(results):
     """results: {method name: [summary per seed]} -> markdown: before -> after, mean ± 95 % CI over seeds."""
     lines = ["| run | seeds | reward ↑ (before → after) | on-manifold reward ↑ | off-manifold distance ↓ | "
-             "brightness (>1: off the manifold) | trust-region activity | β (end) |", "|---|---|---|---|---|---|---|---|"]
+             "brightness (>1: off the manifold) | trust-region activity | KL to the anchor | β (end) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for method, runs in results.items():
         cells = [f"{cell(r['before'][key] for r in runs)} → {cell(r['after'][key] for r in runs)}" for key in KEYS]
-        activity = interval(r["activity"] for r in runs)
-        lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) +
-                     f" | {activity[0]:.2g} ± {activity[1]:.1g} | {statistics.fmean(r['beta'] for r in runs):.3g} |")
+        activity, kl = interval(r["activity"] for r in runs), interval(r["kl_anchor"] for r in runs)
+        lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + f" | {activity[0]:.2g} ± {activity[1]:.1g} | "
+                     f"{kl[0]:.2g} ± {kl[1]:.1g} | {statistics.fmean(r['beta'] for r in runs):.3g} |")
     return "\n".join(lines) + "\n"
 
 
