@@ -34,6 +34,8 @@ def main():
     parser.add_argument("--batch", type=int, default=2, help="rollouts per call")
     parser.add_argument("--kernel", default="sage", choices=sde.KERNELS)
     parser.add_argument("--eta", type=float, default=0.5, help="official SAGE-GRPO default 0.5")
+    parser.add_argument("--cfg_scale", type=float, default=None, help="guidance scale (default: the checkpoint's); "
+                        "1 = CFG-free: the conditional branch alone, one forward of batch B per step")
     parser.add_argument("--frames", type=int, default=tiny.TINY_NUM_FRAMES)
     parser.add_argument("--height", type=int, default=tiny.TINY_HEIGHT)
     parser.add_argument("--width", type=int, default=tiny.TINY_WIDTH)
@@ -45,9 +47,12 @@ def main():
     embeds = model.encode_prompts(policy, ["a corgi surfing a wave at sunset"]).repeat_interleave(args.batch)
     latent_shape = policy.latent_shape(args.frames, args.height, args.width)
     sigmas = sde.shifted_sigmas(args.steps, policy.shift)
+    scale = policy.guidance_scale if args.cfg_scale is None else args.cfg_scale
 
-    forwards = []
+    forwards, rows = [], []  # forward passes, and the batch rows each one carries
     policy.transformer.register_forward_hook(lambda module, inputs, output: forwards.append(1))
+    policy.transformer.register_forward_pre_hook(lambda module, args, kwargs: rows.append(kwargs["hidden_states"].shape[0]),
+                                                 with_kwargs=True)
 
     def one_rollout(run):
         seeds = [1000 * run + b for b in range(args.batch)]
@@ -55,22 +60,24 @@ def main():
             torch.cuda.synchronize()
         start = time.perf_counter()
         model.rollout(policy.transformer, embeds, seeds, latent_shape, sigmas, kernel=args.kernel, eta=args.eta,
-                      guidance_scale=policy.guidance_scale)
+                      guidance_scale=scale)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
     one_rollout(run=0)  # warm-up
     forwards.clear()
+    rows.clear()
     times = [one_rollout(run) for run in range(1, args.runs + 1)]
 
     print(f"model: {'tiny random (build_tiny_hunyuan)' if args.path is None else args.path}; device {args.device}, "
           f"{args.dtype}, {torch.get_num_threads()} CPU threads")
     print(f"rollout: batch {args.batch}, latent {latent_shape}, {args.steps} steps, kernel {args.kernel}, "
-          f"CFG {policy.guidance_scale:g}")
+          f"CFG {scale:g}")
     print(f"median rollout time over {args.runs} runs: {statistics.median(times):.3f} s "
           f"(min {min(times):.3f}, max {max(times):.3f}); per step {statistics.median(times) / args.steps * 1e3:.1f} ms")
-    print(f"transformer forward passes per step: {len(forwards) / (args.runs * args.steps):g}")
+    print(f"transformer forward passes per step: {len(forwards) / (args.runs * args.steps):g}, "
+          f"{statistics.fmean(rows):g} rows each (batch {args.batch}; x2 with CFG)")
     print(f"text tokens per row: {embeds.mask.shape[1]} Qwen2.5-VL + {embeds.mask_2.shape[1]} byT5 + "
           f"{model.IMAGE_EMBED_TOKENS} image slot (padding trimmed; the pipeline feeds 1000 + 256 + 729)")
 

@@ -353,6 +353,23 @@ def test_cfg_runs_exactly_one_transformer_forward_per_step(policy, embeds, laten
     assert len(calls) == 2
 
 
+def test_at_guidance_scale_1_one_forward_of_batch_b_gives_the_conditional_velocity(policy, embeds, latent_shape):
+    """CFG-free (scale 1): v = v_uncond + 1·(v_cond − v_uncond) = v_cond, computed from the conditional rows alone."""
+    rows = []
+    handle = policy.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)
+    latents = torch.randn(2, *latent_shape, generator=torch.Generator().manual_seed(4))
+    try:
+        with torch.no_grad():
+            free = model.cfg_velocity(policy.transformer, latents, 0.6, embeds, guidance_scale=1.0)
+    finally:
+        handle.remove()
+    assert rows == [2]  # one forward, B rows, no unconditional half
+    with torch.no_grad():
+        _, cond, _ = guidance_of_two_separate_forwards(policy.transformer, latents, 0.6, embeds, 6.0)
+    assert (free - cond).abs().max() <= PARITY_ATOL
+
+
 def test_cfg_gradients_flow_through_both_branches(policy, embeds, latent_shape):
     transformer = copy.deepcopy(policy.transformer).requires_grad_(True)
     text = embeds.embeds.clone().requires_grad_(True)
