@@ -11,6 +11,7 @@ import errno
 import math
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,6 +151,14 @@ def corrupt(path, how):
         distributed.write_manifest(str(path))
 
 
+@pytest.fixture(scope="module")
+def two_iterations(tiny_models, tmp_path_factory):
+    """A finished 2-iteration run (checkpoints 1 and 2), copied by each test that corrupts one."""
+    output_dir = tmp_path_factory.mktemp("two_iterations")
+    run(tiny_models, output_dir, max_iterations=2)
+    return output_dir
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how, reason", [
     ("truncated weights", r"diffusion_pytorch_model.safetensors has \d+ bytes, the manifest says \d+"),
@@ -159,8 +168,8 @@ def corrupt(path, how):
     ("NaN weights, manifest rewritten", r"tensor .* holds NaN or inf"),
 ])
 def test_resume_skips_a_corrupt_newest_checkpoint_names_it_and_continues_from_the_previous(
-        how, reason, tiny_models, tmp_path, capsys):
-    run(tiny_models, tmp_path, max_iterations=2)
+        how, reason, tiny_models, two_iterations, tmp_path, capsys):
+    shutil.copytree(two_iterations, tmp_path, dirs_exist_ok=True)
     corrupt(tmp_path / "checkpoint-000002", how)
     capsys.readouterr()
     run(tiny_models, tmp_path, "--resume", max_iterations=3)
@@ -173,8 +182,8 @@ def test_resume_skips_a_corrupt_newest_checkpoint_names_it_and_continues_from_th
 
 
 @pytest.mark.slow
-def test_resume_with_no_sound_checkpoint_is_an_error_that_lists_each(tiny_models, tmp_path):
-    run(tiny_models, tmp_path, max_iterations=2)
+def test_resume_with_no_sound_checkpoint_is_an_error_that_lists_each(tiny_models, two_iterations, tmp_path):
+    shutil.copytree(two_iterations, tmp_path, dirs_exist_ok=True)
     corrupt(tmp_path / "checkpoint-000001", "truncated weights")
     corrupt(tmp_path / "checkpoint-000002", "truncated rng")
     with pytest.raises(RuntimeError, match=r"no checkpoint in .* verifies: .*checkpoint-000002/rng.pt has 10 bytes.*"
