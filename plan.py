@@ -189,11 +189,29 @@ def _local_bytes(tensors):
     return total
 
 
-@functools.lru_cache(maxsize=None)
+LINEAR_IN_BLOCKS = ("weights", "gradients", "optimizer", "anchor", "parameters", "trainable")
+
+
 def measure_states(world_size, lora_rank, optimizer_kind, num_layers=None):
     """Per-GPU bytes of the sharded policy: {"weights", "gradients", "optimizer", "anchor", "gathered",
     "parameters", "trainable"} (the last two: global counts), from the meta model sharded over a fake
-    process group of `world_size` ranks (module docstring). num_layers: fewer blocks (tests only)."""
+    process group of `world_size` ranks (module docstring). num_layers: the number of blocks (default: the real
+    model's 54).
+
+    Measured on 1 and 2 blocks and extended to the rest: the blocks are identical and FSDP2 shards each
+    parameter on its own, so every block adds the same bytes to rank 0 and each figure is exactly
+    m(1) + (L − 1)·(m(2) − m(1)) (tested against a direct measurement). Stepping an optimizer over the 54
+    blocks' DTensors on the meta device took ~15 s per setup; two small models take under one."""
+    layers = num_layers or transformer_kwargs()["num_layers"]
+    if layers <= 2:
+        return _measure_states(world_size, lora_rank, optimizer_kind, layers)
+    one, two = (_measure_states(world_size, lora_rank, optimizer_kind, n) for n in (1, 2))
+    return {**one, **{key: one[key] + (layers - 1) * (two[key] - one[key]) for key in LINEAR_IN_BLOCKS}}
+
+
+@functools.lru_cache(maxsize=None)
+def _measure_states(world_size, lora_rank, optimizer_kind, num_layers):
+    """measure_states, measured directly on a model of `num_layers` blocks."""
     from torch.distributed.device_mesh import init_device_mesh
 
     import distributed

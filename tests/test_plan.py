@@ -22,10 +22,11 @@ def rank0_chunk(shape, world_size):
 
 
 @pytest.mark.parametrize("kind", ["adamw", "muon"])
-def test_sharded_weights_gradients_and_optimizer_states_are_rank0s_chunks(kind):
+@pytest.mark.parametrize("num_layers", [2, 5])  # 2: measured directly; 5: extended from 1 and 2 blocks
+def test_sharded_weights_gradients_and_optimizer_states_are_rank0s_chunks(kind, num_layers):
     world_size = 4
-    measured = plan.measure_states(world_size, 0, kind, num_layers=2)
-    model = plan.build_transformer(0, num_layers=2)
+    measured = plan.measure_states(world_size, 0, kind, num_layers=num_layers)
+    model = plan.build_transformer(0, num_layers=num_layers)
     chunks = {name: rank0_chunk(tuple(p.shape), world_size) for name, p in model.named_parameters()}
     assert measured["weights"] == 4 * sum(chunks.values())  # fp32 master shards
     assert measured["gradients"] == 4 * sum(chunks.values())  # every parameter trainable
