@@ -12,8 +12,8 @@ pretrained model with the run's sampler (sage, η 0.5, the world's steps, shift 
 one iteration's mean (16 videos, as in the run). The reward is the world's composition alone
 (`--reward_weights alignment=0 composition=1 brightness=0`: 1 for a square through the frame's
 centre, 0 otherwise, an on-manifold reward the pretrained model earns a third of the time), the
-component with the most room, so that 44 iterations on 2 CPU cores (~86 s) show learning with a wide margin
-(measured: 0.588 against the pretrained 0.279 + margin 0.107; with the advantage sign flipped 0.256);
+component with the most room, so that 44 iterations on 2 CPU cores (~76 s) show learning with a wide margin
+(measured: 0.588 against the pretrained 0.289 + margin 0.122 over 32 batches; with the advantage sign flipped 0.256);
 the headline runs in the README optimise the default weighted reward.
 """
 import json
