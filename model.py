@@ -315,8 +315,8 @@ class PromptCache:
     prompt is encoded alone (the pipeline pads every prompt to its fixed 1000 + 256 tokens, so a prompt's
     numbers do not depend on the others of its iteration, and a resumed run, whose cache starts empty, gets
     the same ones) and kept on the CPU with its real tokens only (~0.5 MB per prompt at the real model's
-    widths in bf16), with the negative prompt's (the same each time: `encode_prompts` encodes both). `__call__(prompts)` returns the PromptEmbeds of
-    those rows, each padded with zeros (mask 0) to the longest real length, as `PromptEmbeds.trim_padding`
+    widths in bf16), with the negative prompt's (the same each time: `encode_prompts` encodes both).
+    `__call__(prompts)` returns the PromptEmbeds of those rows, each padded with zeros (mask 0) to the longest real length, as `PromptEmbeds.trim_padding`
     does: the transformer masks padding, so its values never matter. At most `capacity` prompts are kept;
     the least recently used goes first. offload: the text encoders live on the CPU and visit `device` only
     while a prompt is encoded (train.py --text_encoder_offload).
