@@ -386,6 +386,7 @@ def main(argv=None):
             for future in concurrent.futures.as_completed(futures):
                 m, s = futures[future]
                 rows = future.result()
+                finished_rows(run_dir(out, m, s), args.iterations)  # its record, now: a grid stopped later keeps it
                 print(f"  done: {name(m)}, seed {s}: reward {rows[0]['reward_mean']:.3f} -> "
                       f"{statistics.fmean(r['reward_mean'] for r in rows[-LAST:]):.3f}, "
                       f"{rows[-1]['wall_seconds']:.0f} s", flush=True)
