@@ -199,10 +199,11 @@ class Config:
     beta_end: float = trust_region.BETA_END
     """largest / last β, and the official controller's KL target (official kl_weight 1e-5)"""
     kl_target: float = 1.5e-3
-    """adaptive only: the L_KL per (sample, step) pair that β holds (ours, provisional: the mean KL a fixed β of 0.1
-    holds in the synthetic world, README "The trust region, made to act")"""
+    """adaptive only: the L_KL per (sample, step) pair that β holds (ours: the KL a fixed β of 0.1 holds in the
+    synthetic world; there the adaptive rule drifts to its floor, and a fixed β chosen by its activity is what
+    worked: README "The trust region, made to act")"""
     beta_init: float = 0.1
-    """adaptive only: the first β (ours, provisional: the β sweep's best trade-off in the synthetic world, README)"""
+    """adaptive only: the first β (ours: the β sweep's knee in the synthetic world, README)"""
     beta_min: float = 1e-3
     """adaptive only: β's floor"""
     beta_max: float = 1e4
