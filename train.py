@@ -192,8 +192,9 @@ class Config:
     """official (ramp beta_start -> beta_end over 100 (sample, step) pairs, then x0.9 while the KL is above 1.5e-5,
     x1.1 below 5e-6, as the official controller; identical on every rank; inert: its β is ~1e-8 of the policy
     term) | adaptive (PPO's rule in the usual direction: every beta_window updates, β x2 if their mean KL is above
-    1.5 kl_target, /2 if below kl_target/1.5, from beta_init within [beta_min, beta_max]) | two_stage (beta_start, then beta_end from beta_switch_step) | fixed
-    (beta_start throughout); trust_region.BetaController, trust_region.AdaptiveBeta"""
+    1.5 kl_target, /2 if below kl_target/1.5, from beta_init within [beta_min, beta_max]) | two_stage (beta_start,
+    then beta_end from beta_switch_step) | fixed (beta_start throughout); trust_region.BetaController,
+    trust_region.AdaptiveBeta"""
     beta_start: float = trust_region.BETA_START
     """smallest / first β (official kl_coef = kl_min_coef 1e-7)"""
     beta_end: float = trust_region.BETA_END
@@ -437,7 +438,8 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
     sigmas = sde.shifted_sigmas(cfg.num_steps, cfg.shift)  # (N+1,) σ_0 = 1 … σ_N = 0
     latent_shape = pipe.latent_shape(cfg.num_frames, cfg.height, cfg.width)  # (C, F, H, W)
     # S_t per step (equalizer) or 1 per stochastic step; 0 marks a deterministic step (no log-prob)
-    step_weights = equalizer.step_weights(cfg.kernel, sigmas, cfg.eta, cfg.equalizer, cfg.equalizer_median).float().to(device)
+    step_weights = equalizer.step_weights(cfg.kernel, sigmas, cfg.eta, cfg.equalizer,
+                                          cfg.equalizer_median).float().to(device)
     state = {"iteration": 0, "update_step": 0, "skipped_updates": 0}
     if checkpoint:
         state = distributed.load_checkpoint(checkpoint, policy, optim, anchor, rank)
