@@ -26,6 +26,8 @@ newest complete one). It holds
                           `HunyuanVideo15Transformer3DModel.from_pretrained`; with LoRA the adapters
                           merged in, and the adapters themselves in policy/ (sharded)
     optimizer/, anchor/   torch.distributed.checkpoint (each rank writes its own shards)
+    ema/, ema_transformer/  with --ema_decay: the weights' EMA, sharded (for --resume) and in diffusers
+                          layout like transformer/ (what eval.py evaluates beside it)
     rng.pt                every rank's torch / python / CUDA generator state
     trainer_state.json    iteration, update step, prompt sampler position, the run's config
 and `--resume` continues bit-identically (tested after a real SIGKILL).
@@ -66,6 +68,7 @@ LORA_SCALE = 1.0
 # Largest safetensors file of a saved transformer (diffusers' own save_pretrained default): the 8.3B
 # fp32 policy becomes 7 shards + an index instead of one 33 GB file.
 MAX_SHARD_SIZE = "5GB"
+EMA_TRANSFORMER = "ema_transformer"  # the EMA's diffusers directory inside a checkpoint
 
 
 # ------------------------------------------------------------------------------------------------
@@ -338,13 +341,19 @@ def remove_stale_tmp(output_dir):
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
-def save_transformer(transformer, path, rank, max_shard_size=MAX_SHARD_SIZE, lora_scale=None):
+def save_transformer(transformer, path, rank, max_shard_size=MAX_SHARD_SIZE, lora_scale=None, replace=None):
     """Gather the full (fp32 master) state and write it in diffusers layout (rank 0): safetensors
     shards and, when there is more than one, the index diffusers' from_pretrained reads. With LoRA
-    (`lora_scale` = alpha / r) the adapters are merged in, so the result is a plain transformer."""
+    (`lora_scale` = alpha / r) the adapters are merged in, so the result is a plain transformer.
+    replace: {state-dict name: tensor or DTensor shard} written instead of the module's own (the EMA's
+    averages, optimizer.WeightEMA); every rank calls this, the shards are gathered."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
     state = get_model_state_dict(transformer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    for name, tensor in (replace or {}).items():  # a collective per sharded tensor: every rank, in the same order
+        full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+        if name in state:  # rank 0's full state (cpu_offload leaves the other ranks' empty)
+            state[name] = full.detach().to("cpu", state[name].dtype)
     if lora_scale is not None:  # PEFT keys name the adapter (`lora_A.default.weight`): drop it, then fold
         from reward import merge_lora
         state = merge_lora({re.sub(r"\.default(?=\.|$)", "", k): v for k, v in state.items()}, lora_scale)
@@ -368,7 +377,8 @@ def _agree(ok):
     return bool(flag.item())
 
 
-def save_checkpoint(output_dir, iteration, trainer_state, policy, optimizer, anchor, rank, *, lora=False, keep=2):
+def save_checkpoint(output_dir, iteration, trainer_state, policy, optimizer, anchor, rank, *, lora=False, keep=2,
+                    ema=None):
     """Write output_dir/checkpoint-NNNNNN/ (layout in the module docstring) via .tmp, manifest, rename;
     then delete all but the `keep` newest of the run's numbered checkpoints. Every rank calls it.
 
@@ -400,6 +410,10 @@ def save_checkpoint(output_dir, iteration, trainer_state, policy, optimizer, anc
     if ok and anchor is not None:
         ok = attempt(lambda: dcp.save({"anchor": get_model_state_dict(anchor.anchor)},
                                       checkpoint_id=os.path.join(tmp, "anchor")))
+    if ok and ema is not None:  # the EMA: sharded for --resume, and in diffusers format beside transformer/
+        ok = attempt(lambda: dcp.save({"ema": ema.state_dict()}, checkpoint_id=os.path.join(tmp, "ema")))
+        ok = ok and attempt(lambda: save_transformer(policy, os.path.join(tmp, EMA_TRANSFORMER), rank,
+                                                     lora_scale=LORA_SCALE if lora else None, replace=ema.state_dict()))
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     rngs = [None] * dist.get_world_size()
@@ -431,12 +445,13 @@ def save_checkpoint(output_dir, iteration, trainer_state, policy, optimizer, anc
     return final
 
 
-def load_checkpoint(path, policy, optimizer, anchor, rank):
-    """Optimizer, anchor, RNG and trainer state from `path`; the policy weights too if they are sharded
+def load_checkpoint(path, policy, optimizer, anchor, rank, ema=None):
+    """Optimizer, anchor, EMA, RNG and trainer state from `path`; the policy weights too if they are sharded
     (LoRA), otherwise they were loaded from path/transformer when the policy was built. Returns the
-    trainer state (trainer_state.json)."""
+    trainer state (trainer_state.json). A run that turns --ema_decay on at a resume from a checkpoint without
+    an EMA starts its average from the checkpoint's weights (trainer state "ema_started_at_resume")."""
     try:
-        return _load_checkpoint(path, policy, optimizer, anchor, rank)
+        return _load_checkpoint(path, policy, optimizer, anchor, rank, ema)
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as error:  # noqa: BLE001 - say which checkpoint, not a 100-line trace
@@ -445,7 +460,7 @@ def load_checkpoint(path, policy, optimizer, anchor, rank):
         raise CheckpointError(f"{path} could not be loaded ({type(error).__name__}: {message})") from error
 
 
-def _load_checkpoint(path, policy, optimizer, anchor, rank):
+def _load_checkpoint(path, policy, optimizer, anchor, rank, ema):
     if os.path.isdir(os.path.join(path, "policy")):
         state = {"policy": get_model_state_dict(policy)}
         dcp.load(state, checkpoint_id=os.path.join(path, "policy"))
@@ -459,6 +474,11 @@ def _load_checkpoint(path, policy, optimizer, anchor, rank):
         state = {"anchor": get_model_state_dict(anchor.anchor)}
         dcp.load(state, checkpoint_id=os.path.join(path, "anchor"))
         set_model_state_dict(anchor.anchor, state["anchor"])
+    ema_started = False
+    if ema is not None and os.path.isdir(os.path.join(path, "ema")):
+        dcp.load({"ema": ema.state_dict()}, checkpoint_id=os.path.join(path, "ema"))  # in place, into the averages
+    elif ema is not None:  # built from the weights just loaded: the average starts here
+        ema_started = True
     rngs = torch.load(os.path.join(path, "rng.pt"), weights_only=False)
     if len(rngs) == dist.get_world_size():
         torch.set_rng_state(rngs[rank]["torch"])
@@ -466,4 +486,4 @@ def _load_checkpoint(path, policy, optimizer, anchor, rank):
         if torch.cuda.is_available() and rngs[rank]["cuda"] is not None:
             torch.cuda.set_rng_state(rngs[rank]["cuda"])
     with open(os.path.join(path, "trainer_state.json")) as f:
-        return json.load(f)
+        return {**json.load(f), "ema_started_at_resume": ema_started}

@@ -70,18 +70,22 @@ def gradient_scales(kernel, sigmas, eta):
 MEDIANS = ("geometric", "lower")
 
 
-def equalizer_weights(kernel, sigmas, eta, eps=EQUALIZER_EPS, median="geometric"):
+def equalizer_weights(kernel, sigmas, eta, eps=EQUALIZER_EPS, median="geometric", window=None):
     """S_t = median_τ(N_τ) / (N_t + ε) over the stochastic steps, 0 for deterministic ones.
 
     Returns Tensor[N] (float64). Raises ValueError if no step is stochastic (e.g. kernel "ode" or
     η = 0): there is nothing to equalize and no policy gradient at all. median: one of MEDIANS.
+    window: (start, stop) or None. With an SDE window only the steps start ≤ t < stop are stochastic
+    (the others are ODE steps, `model.rollout`'s sde_window): they alone get weights, and the median
+    is taken over them, so that median(S) = 1 over the steps that are trained.
     """
     if median not in MEDIANS:
         raise ValueError(f"unknown equalizer median {median!r}: expected one of {MEDIANS}")
     scales = gradient_scales(kernel, sigmas, eta)
-    stochastic = scales > 0
+    stochastic = (scales > 0) & sde.window_mask(len(scales), window)
     if not bool(stochastic.any()):
-        raise ValueError(f"kernel {kernel!r} with eta={eta} has no stochastic step: GRPO needs a kernel "
+        where = "" if window is None else f" inside the SDE window {tuple(window)}"
+        raise ValueError(f"kernel {kernel!r} with eta={eta} has no stochastic step{where}: GRPO needs a kernel "
                          f"with std > 0 (one of {list(sde.STOCHASTIC_KERNELS)}) and eta > 0")
     # Median on a log scale (N_t spans orders of magnitude): for an even number of steps it is the
     # geometric mean of the two middle values, which makes median(S) = 1 exactly (up to ε).
@@ -93,13 +97,15 @@ def equalizer_weights(kernel, sigmas, eta, eps=EQUALIZER_EPS, median="geometric"
     return torch.where(stochastic, median_scale / (scales + eps), torch.zeros_like(scales))
 
 
-def step_weights(kernel, sigmas, eta, equalize=True, median="geometric"):
+def step_weights(kernel, sigmas, eta, equalize=True, median="geometric", window=None):
     """The weight of each step's policy loss, Tensor[N] (float64): S_t with the equalizer on, else 1
-    for every stochastic step; 0 for deterministic steps either way (they carry no log-prob)."""
+    for every stochastic step; 0 for deterministic steps either way (they carry no log-prob), and
+    0 outside the SDE window (start, stop) when one is given (window=None: every step)."""
     if equalize:
-        return equalizer_weights(kernel, sigmas, eta, median=median)
+        return equalizer_weights(kernel, sigmas, eta, median=median, window=window)
     sde.check_kernel(kernel)
     sde.check_eta(eta)
     sde.check_schedule(sigmas)
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
-    return (sde.step_std(kernel, sigmas[:-1], sigmas[1:], eta) > 0).double()
+    stochastic = sde.step_std(kernel, sigmas[:-1], sigmas[1:], eta) > 0
+    return (stochastic & sde.window_mask(len(stochastic), window)).double()

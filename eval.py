@@ -1,9 +1,10 @@
 """Evaluate HunyuanVideo-1.5 checkpoints side by side: deterministic ODE samples, scored by VideoAlign,
 CLIPScore and PickScore.
 
-Every model (the base transformer of --model_path, then each --checkpoints directory) samples the
-same prompts from the same seeded noise with the deterministic ODE (Euler) sampler, so the only
-difference between rows of the table is the transformer weights. Each video is decoded once and
+Every model (the base transformer of --model_path, then each --checkpoints directory, and the EMA of
+a checkpoint that holds one) samples the same prompts from the same seeded noise with the
+deterministic ODE (Euler) sampler, so the only difference between rows of the table is the
+transformer weights. Each video is decoded once and
 scored by
     VideoAlign  VQ (visual quality), MQ (motion quality), TA (text alignment) and
                 overall = VQ + MQ + TA, the unweighted sum the paper's tables report
@@ -77,7 +78,8 @@ class EvalConfig:
     """its image processor + tokenizer (PickScore_v1 uses laion/CLIP-ViT-H-14-laion2B-s32B-b79K's), directory or
     hub id; empty = pickscore_path"""
     checkpoints: list[str] = field(default_factory=list)
-    """transformer directories to compare with the base (a train.py checkpoint-N/ or its transformer/)"""
+    """transformer directories to compare with the base (a train.py checkpoint-N/, its transformer/ or its
+    ema_transformer/; a checkpoint-N/ of a --ema_decay run is evaluated twice: its policy, then its EMA, "checkpoint-N-ema")"""
     prompts: str = ""
     """prompt file (.txt / .csv / .jsonl, as train.py); default prompts/example.txt, or the world's with --world"""
     output_dir: str = "runs/eval"
@@ -130,7 +132,8 @@ def checked_checkpoints(paths, log=print):
     kept, corrupt = [], []
     for path in paths:
         normalised = os.path.normpath(path)
-        root = os.path.dirname(normalised) if os.path.basename(normalised) == "transformer" else normalised
+        inside = os.path.basename(normalised) in ("transformer", distributed.EMA_TRANSFORMER)
+        root = os.path.dirname(normalised) if inside else normalised
         name = os.path.basename(root)
         has_manifest = os.path.isfile(os.path.join(root, distributed.MANIFEST))
         if name.endswith(".tmp"):
@@ -146,6 +149,9 @@ def checked_checkpoints(paths, log=print):
                 corrupt.append(str(error))
                 continue
         kept.append((path, transformer_dir(path)))
+        if not inside and os.path.isdir(os.path.join(root, distributed.EMA_TRANSFORMER)):  # --ema_decay's average
+            kept.append((os.path.join(path, distributed.EMA_TRANSFORMER),
+                         transformer_dir(os.path.join(root, distributed.EMA_TRANSFORMER))))
     if corrupt:
         raise EvalError(f"{len(corrupt)} checkpoint(s) do not match their manifest, nothing was evaluated: "
                         + "; ".join(corrupt))
@@ -182,7 +188,9 @@ def model_names(paths):
     names = ["base"]
     for path in paths:
         parts = os.path.normpath(path).split(os.sep)
-        name = parts[-2] if parts[-1] == "transformer" and len(parts) > 1 else parts[-1]
+        name = parts[-1]
+        if parts[-1] in ("transformer", distributed.EMA_TRANSFORMER) and len(parts) > 1:  # inside a checkpoint
+            name = parts[-2] + ("-ema" if parts[-1] == distributed.EMA_TRANSFORMER else "")
         names.append(name if name not in names else f"{name}_{len(names)}")
     return names
 

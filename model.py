@@ -515,11 +515,7 @@ def rollout(transformer, prompt_embeds, seeds, latent_shape, sigmas, kernel="sag
     if seeds.numel() != len(prompt_embeds):
         raise ValueError(f"need one seed per sample: {len(prompt_embeds)} prompt rows, {seeds.numel()} seeds")
     num_steps = len(sigmas) - 1
-    start, stop = sde_window if sde_window is not None else (0, num_steps)
-    if not 0 <= start < stop <= num_steps:
-        raise ValueError(f"sde_window must satisfy 0 <= start < stop <= {num_steps}, got {sde_window}")
-    stochastic = torch.zeros(num_steps, dtype=torch.bool)
-    stochastic[start:stop] = True
+    stochastic = sde.window_mask(num_steps, sde_window)  # (N,) True: `kernel`, False: the ODE step
     device = prompt_embeds.embeds.device
 
     # float32 schedule, the same numbers `Rollout.transitions` hands to `transition_log_prob` later, so the

@@ -206,3 +206,39 @@ def build_optimizer(model, kind="muon", lr=LEARNING_RATE, weight_decay=WEIGHT_DE
     muon, adamw = muon_groups(model, grouping)
     return MuonWithAdamW([p for _, p in muon], [p for _, p in adamw], lr=lr, weight_decay=weight_decay,
                          momentum=momentum, adjust_lr_fn=adjust_lr_fn)
+
+
+# ------------------------------------------------------------------------------------------------
+# EMA of the trained weights (--ema_decay).
+
+class WeightEMA:
+    """An exponential moving average of the trained weights, updated after every optimizer step:
+
+        θ_ema <- d·θ_ema + (1 − d)·θ        (d = --ema_decay; FlowGRPO's and Flow-Factory's ema)
+
+    starting from the weights the run starts with. GRPO's policy moves with the noise of each 16-video batch; the
+    average is a smoother model to evaluate and to release (README: "Cost options"). Each average is a copy of a
+    trained parameter as the policy holds it (fp32; with FSDP2 a DTensor shard), so it is sharded like the policy,
+    costs one fp32 copy of the trainable weights per GPU divided by the world size, and is updated without
+    communication. `state_dict()` names the averages as the policy's state dict names its parameters, so that
+    torch.distributed.checkpoint saves and loads them like the optimizer's state (exact resume) and the
+    checkpoint exports them in diffusers format (distributed.save_transformer's `replace`).
+    """
+
+    def __init__(self, module, decay):
+        if not 0 < decay < 1:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+        self.names = [name for name, _ in named]
+        self.params = [p for _, p in named]
+        self.averages = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self):
+        for average, p in zip(self.averages, self.params):
+            average.lerp_(p.detach(), 1 - self.decay)   # d·average + (1 − d)·θ
+
+    def state_dict(self):
+        """{parameter name: average}: the tensors themselves (loading into them restores the average in place)."""
+        return dict(zip(self.names, self.averages))

@@ -103,8 +103,10 @@ class Setup:
     kl_mode: str = "dual"
     num_steps: int = 20
     train_step_fraction: float = 1.0
+    sde_window: int = 0
     updates_per_rollout: int = 1
     gradient_checkpointing: bool = True
+    cfg_scale: float = 6.0
 
     def flags(self):
         """The flags of this setup that differ from train.py's defaults, e.g. '--sp_size 2 --lora_rank 64'."""
@@ -388,6 +390,27 @@ def forward_flops(flops, sp_size=1):
     return flops["num_blocks"] * flops["block_forward"] / sp_size + flops["rest_forward"]
 
 
+def forward_equivalents(setup):
+    """Transformer passes per video per iteration, the hardware-independent cost, as train.py counts them
+    (train.ForwardCount: one video through the transformer is one forward, a CFG pair two).
+
+    rollout: N steps x the CFG branches (1 at --cfg_scale 1). update: each optimizer update recomputes the trained
+    steps with gradients, ceil(fraction x K) of the SDE window's K steps (K = N without a window). anchor: the
+    anchor's forward of each trained step, once per rollout (an anchor refresh inside a rollout adds one more;
+    not counted here). forward_equivalents = rollout + anchor + update x (1 + 2 for the backward + 1 with gradient
+    checkpointing). Returns {"branches", "forwards_rollout", "forwards_update", "forwards_anchor",
+    "forward_equivalents"}.
+    """
+    branches = 1 if setup.cfg_scale == 1 else 2
+    trained = max(1, math.ceil(setup.train_step_fraction * (setup.sde_window or setup.num_steps)))
+    counts = {"branches": branches, "forwards_rollout": setup.num_steps * branches,
+              "forwards_update": setup.updates_per_rollout * trained * branches,
+              "forwards_anchor": trained * branches if setup.kl_mode in ("fixed", "moving", "dual") else 0}
+    counts["forward_equivalents"] = (counts["forwards_rollout"] + counts["forwards_anchor"]
+                                     + (3 + int(setup.gradient_checkpointing)) * counts["forwards_update"])
+    return counts
+
+
 def check_setup(setup):
     """Raise ValueError (expected vs found) for a setup train.py would refuse."""
     if setup.world_size % setup.sp_size:
@@ -404,6 +427,8 @@ def check_setup(setup):
     if (setup.num_frames - 1) % 4 or setup.height % 16 or setup.width % 16:
         raise ValueError(f"video must be 4k+1 frames and multiples of 16 pixels, found "
                          f"{setup.num_frames}x{setup.height}x{setup.width}")
+    if not 0 <= setup.sde_window <= setup.num_steps:
+        raise ValueError(f"--sde_window must be 0 (every step) … --num_steps {setup.num_steps}, found {setup.sde_window}")
 
 
 def plan(setup, gpu_memory_gib=H100_MEMORY_GIB, mfu=MFU, peak_tflops=H100_PEAK_TFLOPS, text_tokens=PROMPT_TOKENS):
@@ -415,7 +440,8 @@ def plan(setup, gpu_memory_gib=H100_MEMORY_GIB, mfu=MFU, peak_tflops=H100_PEAK_T
     has_anchor = setup.kl_mode in ("fixed", "moving", "dual")
     length = video_tokens(setup) + text_tokens          # L: one sequence, video + text
     local = math.ceil(length / setup.sp_size)            # l = L / sp tokens on each rank of the group
-    sequences = 2 * setup.videos_per_rank                # S: CFG doubles the batch
+    passes = forward_equivalents(setup)
+    sequences = passes["branches"] * setup.videos_per_rank  # S: CFG doubles the batch
     one_block = block_activation_bytes(activation, local)  # a·l + b·l²
     flops = measure_flops(video_tokens(setup), text_tokens, setup.lora_rank)
     blocks = flops["num_blocks"]
@@ -442,15 +468,16 @@ def plan(setup, gpu_memory_gib=H100_MEMORY_GIB, mfu=MFU, peak_tflops=H100_PEAK_T
     forward = forward_flops(flops, setup.sp_size)
     backward = blocks * flops["block_backward"] / setup.sp_size + 2 * flops["rest_forward"]
     recompute = blocks * flops["block_forward"] / setup.sp_size if setup.gradient_checkpointing else 0
-    trained = max(1, math.ceil(setup.train_step_fraction * setup.num_steps))
-    rollout = setup.num_steps * sequences * forward
-    update = setup.updates_per_rollout * trained * sequences * (
-        forward + backward + recompute + (forward if has_anchor else 0))
+    # the forward counts of forward_equivalents, each at its FLOPs (a backward is measured, not taken as 2 forwards)
+    rollout = passes["forwards_rollout"] * setup.videos_per_rank * forward
+    update = setup.videos_per_rank * (passes["forwards_update"] * (forward + backward + recompute)
+                                      + passes["forwards_anchor"] * forward)
     iteration = rollout + update
     return {"setup": setup, "memory_gib": memory, "total_gib": total, "fits": total <= gpu_memory_gib,
             "gpu_memory_gib": gpu_memory_gib, "tokens": length, "local_tokens": local,
             "videos_per_iteration": setup.world_size // setup.sp_size * setup.videos_per_rank,
             "flops": {"rollout": rollout, "update": update, "iteration": iteration, "forward_per_sequence": forward},
+            "forward_equivalents": passes["forward_equivalents"],
             "seconds": iteration / (peak_tflops * 1e12 * mfu), "mfu": mfu, "peak_tflops": peak_tflops,
             "parameters": states["parameters"], "trainable": states["trainable"]}
 
@@ -539,6 +566,7 @@ def table(plans):
     row("PFLOP per GPU per iteration (rollout + update)", [f"{p['flops']['iteration'] / 1e15:.0f} "
                                                           f"({p['flops']['rollout'] / 1e15:.0f} + "
                                                           f"{p['flops']['update'] / 1e15:.0f})" for p in plans])
+    row("transformer forward-equivalents per video", [f"{p['forward_equivalents']}" for p in plans])
     row(f"time per iteration at {plans[0]['mfu']:.0%} MFU", [f"{p['seconds'] / 60:.1f} min" for p in plans])
     return "\n".join(lines)
 

@@ -120,6 +120,22 @@ def shifted_sigmas(num_steps, shift=5.0):
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
+def window_mask(num_steps, window=None):
+    """BoolTensor[N]: which of the N steps are stochastic under an SDE window (start, stop).
+
+    An SDE window (MixGRPO; FlowGRPO-Fast trains 1–2 steps) samples with the stochastic kernel only on
+    the steps start ≤ i < stop and with the ODE step elsewhere, so that only those steps carry a
+    log-prob and need a recompute in the update. window=None: every step (the official recipe).
+    """
+    start, stop = (0, num_steps) if window is None else window
+    if not 0 <= start < stop <= num_steps:
+        raise ValueError(f"an SDE window (start, stop) must satisfy 0 <= start < stop <= {num_steps}, "
+                         f"got {tuple(window)}")
+    mask = torch.zeros(num_steps, dtype=torch.bool)
+    mask[start:stop] = True
+    return mask
+
+
 def per_sample(sigma, x):
     """A float or Tensor[B] of noise levels as a float32+ tensor of shape (B, 1, ..., 1) like x."""
     sigma_dtype = sigma.dtype if torch.is_tensor(sigma) else torch.float64   # Python floats are doubles

@@ -167,7 +167,20 @@ class Config:
     adv_clip: float = grpo.ADVANTAGE_CLIP
     """advantage clamp (official adv_clip_max 5)"""
     train_step_fraction: float = 1.0
-    """fraction of the N steps trained per sample, in a per-sample random order (official timestep_fraction 1.0)"""
+    """fraction of the N steps (of the SDE window's K with --sde_window) trained per sample, in a per-sample random
+    order (official timestep_fraction 1.0)"""
+    sde_window: int = 0
+    """K > 0: only a window of K consecutive steps is stochastic and trained, the others are ODE steps, so the update
+    recomputes K steps instead of N (MixGRPO; Flow-Factory num_sde_steps, VeRL-Omni sde_window_size); 0: all N steps
+    (official). README: "Cost options" """
+    sde_window_placement: str = "fixed"
+    """where the window lies: fixed (steps sde_window_start … +K−1) | random (a new start every iteration, the same
+    on every rank) | moving (MixGRPO's progressive window: it starts at step 0, the highest noise, moves one step
+    towards low noise every --sde_window_shift_every iterations and stays at the last K steps)"""
+    sde_window_start: int = 0
+    """first step of a fixed window (0 = σ 1, the highest noise)"""
+    sde_window_shift_every: int = 25
+    """iterations per one-step move of a moving window"""
     equalizer: bool = True
     """gradient-norm equalizer S_t on the policy loss (official use_grad_balancing True)"""
     equalizer_median: str = "geometric"
@@ -175,6 +188,10 @@ class Config:
     the lower middle value, every S_t 1/1.0871 of ours at 20 steps); equalizer.py"""
     updates_per_rollout: int = 1
     """optimizer updates per rollout; > 1 makes the clip and the step-wise KL act (official 1)"""
+    ema_decay: float = 0.0
+    """d in (0, 1): keep θ_ema <- d·θ_ema + (1 − d)·θ after every update, in each checkpoint (ema/ for --resume,
+    ema_transformer/ in diffusers format, which eval.py evaluates beside transformer/); 0: none (official).
+    FlowGRPO's ema; README: "Cost options" """
     # --- trust region
     kl_mode: str = "dual"
     """none | fixed | step | moving | dual (official use_moving_KL + use_dual_kl = dual)"""
@@ -304,10 +321,10 @@ def sample_seed(seed, iteration, index, videos_per_iteration):
     return seed * 1_000_003 + iteration * videos_per_iteration + index
 
 
-def sample_rollout(cfg, policy, embeds, seeds, latent_shape, sigmas, initial_seeds=None):
-    """ROLLOUT's sampler call (the self-check makes its rollout with the same)."""
+def sample_rollout(cfg, policy, embeds, seeds, latent_shape, sigmas, initial_seeds=None, window=None):
+    """ROLLOUT's sampler call (the self-check makes its rollout with the same); window: sde_window's."""
     return model.rollout(policy, embeds, seeds, latent_shape, sigmas, cfg.kernel, cfg.eta, cfg.cfg_scale,
-                         initial_seeds=initial_seeds)
+                         sde_window=window, initial_seeds=initial_seeds)
 
 
 def recompute_log_prob(cfg, transformer, embeds, transition):
@@ -331,11 +348,38 @@ def score_videos(cfg, pipe, reward_model, latents, prompts):
     return frames, reward_model(frames, latents, prompts)
 
 
-def trained_steps(seeds, num_steps, fraction):
-    """Per-sample random order of the N steps, first ceil(fraction·N) kept -> LongTensor (B, K).
-    E.g. seeds [7, 8], N = 4, fraction 0.5 -> [[2, 0], [3, 1]]: each sample trains its own K steps."""
-    keep = max(1, math.ceil(fraction * num_steps))
-    return torch.stack([torch.randperm(num_steps, generator=torch.Generator().manual_seed(s + 1))[:keep] for s in seeds])
+def trained_steps(seeds, num_steps, fraction, window=None):
+    """Per-sample random order of the N steps (of the window's, steps start … stop−1), first ceil(fraction·n) kept
+    -> LongTensor (B, n_kept). E.g. seeds [7, 8], N = 4, fraction 0.5 -> [[2, 0], [3, 1]]: each sample trains its
+    own steps."""
+    start, stop = (0, num_steps) if window is None else window
+    keep = max(1, math.ceil(fraction * (stop - start)))
+    return torch.stack([start + torch.randperm(stop - start, generator=torch.Generator().manual_seed(s + 1))[:keep]
+                        for s in seeds])
+
+
+def step_weights(cfg, sigmas, window, device):
+    """Tensor[N] of the policy loss's step weights: S_t (equalizer) or 1 per stochastic step; 0 for a deterministic
+    step (no log-prob) and for a step outside the SDE window (the equalizer's median is over the window's steps)."""
+    return equalizer.step_weights(cfg.kernel, sigmas, cfg.eta, cfg.equalizer, cfg.equalizer_median, window).float().to(device)
+
+
+SDE_WINDOW_PLACEMENTS = ("fixed", "random", "moving")
+
+
+def sde_window(cfg, iteration):
+    """(start, stop) of the steps that are stochastic and trained at `iteration` (0-based), None for all N steps.
+    Every rank computes the same window (random: from --seed and the iteration only)."""
+    size, last = cfg.sde_window, cfg.num_steps - cfg.sde_window  # last: the largest start
+    if not size or size == cfg.num_steps:
+        return None
+    if cfg.sde_window_placement == "fixed":
+        start = cfg.sde_window_start
+    elif cfg.sde_window_placement == "random":
+        start = int(torch.randint(last + 1, (1,), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)))
+    else:  # moving: high noise first, one step later every sde_window_shift_every iterations, then the last K steps
+        start = min(iteration // cfg.sde_window_shift_every, last)
+    return start, start + size
 
 
 # ------------------------------------------------------------------------------------------------
@@ -416,6 +460,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
                                      offload=cfg.text_encoder_offload)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optim = optimizer.build_optimizer(policy, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = optimizer.WeightEMA(policy, cfg.ema_decay) if cfg.ema_decay else None  # sharded like the policy
     beta_controller = None  # β: the two simple schedules need no state
     if cfg.beta_schedule == "official":  # steps once per (sample, step) pair
         beta_controller = trust_region.BetaController("official", cfg.beta_start, cfg.beta_end)
@@ -437,12 +482,11 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
     sampler = PromptSampler(len(prompts), videos_per_iteration // group_size, cfg.seed)
     sigmas = sde.shifted_sigmas(cfg.num_steps, cfg.shift)  # (N+1,) σ_0 = 1 … σ_N = 0
     latent_shape = pipe.latent_shape(cfg.num_frames, cfg.height, cfg.width)  # (C, F, H, W)
-    # S_t per step (equalizer) or 1 per stochastic step; 0 marks a deterministic step (no log-prob)
-    step_weights = equalizer.step_weights(cfg.kernel, sigmas, cfg.eta, cfg.equalizer,
-                                          cfg.equalizer_median).float().to(device)
     state = {"iteration": 0, "update_step": 0, "skipped_updates": 0}
     if checkpoint:
-        state = distributed.load_checkpoint(checkpoint, policy, optim, anchor, rank)
+        state = distributed.load_checkpoint(checkpoint, policy, optim, anchor, rank, ema)
+        if state.pop("ema_started_at_resume") and rank == 0:
+            print(f"--ema_decay: {checkpoint} holds no EMA; the average starts from its weights", flush=True)
         for line in resume_notes(state, run_fingerprint(prompts, world_size), sampler) if rank == 0 else ():
             print(line, flush=True)
         sampler.load_state_dict(state["sampler"])
@@ -453,7 +497,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
     if cfg.self_check:  # the pre-flight check on exactly this setup, instead of training
         return run_self_check(cfg, rank, world_size, device, compute_dtype, pipe=pipe, policy=policy, anchor=anchor,
                               optim=optim, reward_model=reward_model, prompts=prompts, sigmas=sigmas,
-                              step_weights=step_weights, layout=layout, latent_shape=latent_shape,
+                              step_weights=step_weights(cfg, sigmas, sde_window(cfg, 0), device), layout=layout, latent_shape=latent_shape,
                               model_path=policy_path)
     last_save, failed_iterations = time.monotonic(), 0
     # --report_to: the rows and samples also go to TensorBoard / W&B (tracking.py), from rank 0 only
@@ -470,6 +514,8 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
                                                       if len(reward_specs) > 1 else ""),
               flush=True)
 
+    forwards = ForwardCount(policy, anchor.anchor if anchor is not None else None, videos_per_rank,
+                            cfg.gradient_checkpointing)
     bar = tqdm(range(state["iteration"], cfg.max_iterations), disable=rank != 0, initial=state["iteration"],
                total=cfg.max_iterations, desc="iterations")
     for iteration in bar:
@@ -483,7 +529,8 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
         # same_noise_per_group: every member starts from the noise of its group's first member
         initial_seeds = [sample_seed(cfg.seed, iteration, (first + b) // group_size * group_size, videos_per_iteration)
                          for b in range(videos_per_rank)] if cfg.same_noise_per_group else None
-        rollout = sample_rollout(cfg, policy, embeds, seeds, latent_shape, sigmas, initial_seeds)
+        window = sde_window(cfg, iteration)  # None: every step stochastic (official)
+        rollout = sample_rollout(cfg, policy, embeds, seeds, latent_shape, sigmas, initial_seeds, window)
 
         # ======================================================================== REWARD
         timer("reward")
@@ -506,8 +553,8 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
         else:
             all_advantages = grpo.group_advantages(all_rewards, group_size, cfg.adv_clip)  # (W·B,) NaN = failed
         advantages = all_advantages[first:first + videos_per_rank]  # (B,) this rank's samples
-        steps = trained_steps(seeds, cfg.num_steps, cfg.train_step_fraction).to(device)  # (B, K)
-        pair_weights = step_weights[steps]  # (B, K) S_t of each (sample, trained step)
+        steps = trained_steps(seeds, cfg.num_steps, cfg.train_step_fraction, window).to(device)  # (B, K)
+        pair_weights = step_weights(cfg, sigmas, window, device)[steps]  # (B, K) S_t of each (sample, trained step)
         valid = torch.isfinite(advantages)[:, None] & (pair_weights > 0)  # (B, K) pairs that enter the loss
         num_pairs = int(distributed.all_reduce(valid.sum(), group=layout.dp_group))  # loss: mean over the global pairs
 
@@ -571,6 +618,8 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
             if finite and math.isfinite(grad_norm):  # a non-finite loss or gradient never reaches the weights
                 optim.step()
                 state["update_step"] += 1
+                if ema is not None:
+                    ema.update()
                 # ================================================================ ANCHOR
                 if anchor is not None and anchor.update_if_due(state["update_step"]):  # hard copy every period
                     refreshed = True
@@ -602,6 +651,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
             "skipped_update": skipped_now, "skipped_updates_total": state["skipped_updates"],
             "anchor_refreshed": refreshed, "ratio_max_dev_per_step": ratio_deviation.tolist(),
             **{k: round(v, 4) for k, v in timer.times.items()}, "peak_memory_gb": peak_memory_gb(device),
+            **forwards.take(),  # transformer forwards per video this iteration, counted (ForwardCount)
         }
         if rank == 0:
             log_metrics(cfg, metrics, bar, tracker)
@@ -627,7 +677,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
                          anchor_last_refresh=anchor.last_refresh if anchor is not None else 0,
                          beta_controller=beta_controller and beta_controller.state_dict(), config=dataclasses.asdict(cfg))
             saved = distributed.save_checkpoint(cfg.output_dir, iteration + 1, state, policy, optim, anchor, rank,
-                                                lora=cfg.lora_rank > 0, keep=cfg.keep_checkpoints)
+                                                lora=cfg.lora_rank > 0, keep=cfg.keep_checkpoints, ema=ema)
             last_save = time.monotonic()
             if rank == 0:
                 plot_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), os.path.join(cfg.output_dir, "curves.png"))
@@ -702,7 +752,7 @@ def run_self_check(cfg, rank, world_size, device, compute_dtype, latent_shape, r
     lines, per_step, sigma_pairs = self_check.run(
         cfg, **setup, device=device, compute_dtype=compute_dtype, rank=rank, world_size=world_size,
         sample=lambda policy, embeds, seeds: sample_rollout(cfg, policy, embeds, seeds, latent_shape,
-                                                            setup["sigmas"]),
+                                                            setup["sigmas"], window=sde_window(cfg, 0)),
         recompute=lambda transformer, embeds, step: recompute_log_prob(cfg, transformer, embeds, step),
         score=lambda latents, prompts: score_videos(cfg, setup["pipe"], reward_model, latents, prompts)[1],
         seed_of=lambda b: sample_seed(cfg.seed, 0, b, cfg.videos_per_rank * world_size))
@@ -789,7 +839,7 @@ DEFAULT_PROMPTS = "prompts/example.txt"
 # Numeric flags and the range each must lie in (every float flag must also be finite).
 POSITIVE = ("lr", "clip_range", "adv_clip", "eta", "grad_clip", "shift", "cfg_scale", "collective_timeout_minutes")
 NON_NEGATIVE = ("weight_decay", "beta_start", "beta_end", "kl_anchor_weight", "kl_step_weight", "kl_target", "beta_init",
-                "beta_min", "beta_max",
+                "beta_min", "beta_max", "sde_window", "sde_window_start", "ema_decay",
                 "checkpoint_every_minutes")
 
 
@@ -855,6 +905,7 @@ def _check_config(cfg, world_size):
     trust_region.check_kl_mode(cfg.kl_mode)
     for name, choices in (("beta_schedule", trust_region.BETA_SCHEDULES), ("optimizer", optimizer.OPTIMIZERS),
                           ("kl_step_estimator", trust_region.STEP_ESTIMATORS), ("equalizer_median", equalizer.MEDIANS),
+                          ("sde_window_placement", SDE_WINDOW_PLACEMENTS),
                           ("reward_input", ("frames", "mp4")), ("report_to", tracking.TRACKERS)):
         if getattr(cfg, name) not in choices:
             raise ConfigError(f"unknown --{name} {getattr(cfg, name)!r}: expected one of {list(choices)}")
@@ -879,6 +930,9 @@ def _check_config(cfg, world_size):
                          f"iteration cannot hold whole groups of group_size {cfg.group_size}: it must be a multiple of it")
     if not 0 < cfg.train_step_fraction <= 1:
         raise ValueError(f"train_step_fraction must be in (0, 1], got {cfg.train_step_fraction}")
+    check_sde_window(cfg)
+    if not 0 <= cfg.ema_decay < 1:
+        raise ConfigError(f"--ema_decay must be in [0, 1) (0: no EMA; FlowGRPO uses 0.9), got {cfg.ema_decay}")
     if not cfg.eta > 0:
         raise ValueError(f"eta must be > 0 for exploration, got {cfg.eta}")
     num_frames, height, width = tiny.video_size(cfg.num_frames, cfg.height, cfg.width, cfg.tiny)
@@ -886,7 +940,8 @@ def _check_config(cfg, world_size):
     if (num_frames - 1) % 4 or height % 16 or width % 16:
         raise ValueError(f"video must be 4k+1 frames and a multiple of 16 pixels (VAE 4x temporal, 16x spatial), "
                          f"got {num_frames} frames at {height}x{width}")
-    for name in ("num_steps", "updates_per_rollout", "anchor_period", "beta_window", "checkpoint_every", "keep_checkpoints", "max_iterations"):
+    for name in ("num_steps", "updates_per_rollout", "anchor_period", "beta_window", "sde_window_shift_every",
+                 "checkpoint_every", "keep_checkpoints", "max_iterations"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.prompt_cache < 1:
@@ -963,6 +1018,28 @@ def check_schedule(cfg):
                           f"{low:.2g}, below {MIN_STEP_STD:g}: its log-probs would be fp32 round-off; expected --eta >= "
                           f"{cfg.eta * MIN_STEP_STD / low:.3g} for --kernel {cfg.kernel}, {cfg.num_steps} steps, shift "
                           f"{cfg.shift:g}" if low > 0 else f"--eta {cfg.eta:g}: every step's std underflows to 0")
+
+
+def check_sde_window(cfg):
+    """--sde_window K: at most --num_steps; a fixed window inside the schedule; every window the run can place holds a
+    stochastic step (cps's last step is deterministic: a window of only that step would train nothing)."""
+    if not cfg.sde_window:
+        return
+    if cfg.sde_window > cfg.num_steps:
+        raise ConfigError(f"--sde_window {cfg.sde_window} is more than the {cfg.num_steps} steps (--num_steps): expected "
+                          f"1 … {cfg.num_steps}, or 0 for every step")
+    last = cfg.num_steps - cfg.sde_window
+    if cfg.sde_window_placement == "fixed" and cfg.sde_window_start > last:
+        raise ConfigError(f"--sde_window_start {cfg.sde_window_start} puts a window of {cfg.sde_window} steps past step "
+                          f"{cfg.num_steps - 1} (--num_steps {cfg.num_steps}): expected a start of 0 … {last}")
+    starts = [cfg.sde_window_start] if cfg.sde_window_placement == "fixed" else range(last + 1)
+    sigmas = sde.shifted_sigmas(cfg.num_steps, cfg.shift or 1.0)  # which steps are deterministic does not depend on it
+    stochastic = sde.step_std(cfg.kernel, sigmas[:-1], sigmas[1:], cfg.eta) > 0
+    empty = [s for s in starts if not stochastic[s:s + cfg.sde_window].any()]
+    if empty:
+        raise ConfigError(f"--sde_window {cfg.sde_window} ({cfg.sde_window_placement}) can lie on steps {empty[0]} … "
+                          f"{empty[0] + cfg.sde_window - 1}, where --kernel {cfg.kernel} is deterministic: nothing to "
+                          f"train; expected a larger window")
 
 
 def resolve_sampling(cfg, model_path):
@@ -1291,6 +1368,38 @@ def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+class ForwardCount:
+    """Transformer forwards of one iteration per video, counted by forward pre-hooks on the policy and the anchor:
+    the hardware-independent cost (README: "Cost options"). One video through the transformer is one forward, so a
+    CFG pair (a batch of 2B) counts 2 per video. rollout: the policy without gradients; update: the policy's
+    recomputes with gradients; anchor: the anchor's forwards (once per trained step and rollout, again after an
+    anchor refresh). forward_equivalents adds the backward passes at the usual 2 forwards each, and 1 more with
+    gradient checkpointing (each block's forward is recomputed in the backward)."""
+
+    PHASES = ("rollout", "update", "anchor")
+
+    def __init__(self, policy, anchor, videos, gradient_checkpointing):
+        self.videos, self.backward = videos, 2 + int(bool(gradient_checkpointing))
+        self.counts = dict.fromkeys(self.PHASES, 0)
+        policy.register_forward_pre_hook(self._hook(False), with_kwargs=True)
+        if anchor is not None:
+            anchor.register_forward_pre_hook(self._hook(True), with_kwargs=True)
+
+    def _hook(self, is_anchor):
+        def count(module, args, kwargs):
+            phase = "anchor" if is_anchor else "update" if torch.is_grad_enabled() else "rollout"
+            self.counts[phase] += kwargs["hidden_states"].shape[0]
+        return count
+
+    def take(self):
+        """{forwards_<phase>: per video, forward_equivalents: per video} of the iteration so far; restarts the count."""
+        per_video = {f"forwards_{phase}": n / self.videos for phase, n in self.counts.items()}
+        self.counts = dict.fromkeys(self.PHASES, 0)
+        per_video["forward_equivalents"] = (per_video["forwards_rollout"] + per_video["forwards_anchor"]
+                                            + (1 + self.backward) * per_video["forwards_update"])
+        return per_video
 
 
 class PhaseTimer:

@@ -425,7 +425,7 @@ def test_sde_window_leaves_the_other_steps_deterministic(policy, embeds, latent_
     assert (result.stds[:, 1] > 0).all()
     # a deterministic step lands exactly on its mean
     assert torch.equal(result.latents[:, 1], result.means[:, 0])
-    with pytest.raises(ValueError, match="sde_window"):
+    with pytest.raises(ValueError, match="SDE window"):
         model.rollout(policy.transformer, embeds, SEEDS, latent_shape, sde.shifted_sigmas(2, 5.0), sde_window=(1, 5))
 
 

@@ -73,12 +73,15 @@ def relative_error(a, b):
 
 # ------------------------------------------------------------------------------------------------
 
+EMA_DECAY = 0.75
+
+
 @pytest.fixture(scope="module")
 def two_rank_run(tiny_models, tmp_path_factory):
-    """torchrun, 2 ranks x 2 videos, one group of 4 spanning both ranks, 2 iterations."""
+    """torchrun, 2 ranks x 2 videos, one group of 4 spanning both ranks, 2 iterations, an EMA of the weights."""
     output_dir = tmp_path_factory.mktemp("two_ranks")
     torchrun(2, tiny_models, output_dir, group_size=4, videos_per_rank=2, max_iterations=2, sample_every=1,
-             optimizer="adamw", beta_schedule="two_stage", train_glyph_projector=True)
+             optimizer="adamw", beta_schedule="two_stage", train_glyph_projector=True, ema_decay=EMA_DECAY)
     return output_dir
 
 
@@ -87,6 +90,7 @@ def two_rank_run(tiny_models, tmp_path_factory):
 OFFICIAL_DEFAULTS = {"num_steps": 20, "eta": 0.5, "kernel": "sage", "group_size": 4, "videos_per_rank": 2,
                      "same_noise_per_group": False, "clip_range": 1e-4, "adv_clip": 5.0, "train_step_fraction": 1.0,
                      "equalizer": True, "updates_per_rollout": 1, "kl_mode": "dual", "anchor_period": 10,
+                     "sde_window": 0, "ema_decay": 0.0,  # every step stochastic and trained; no EMA
                      "kl_anchor_weight": 1.0, "kl_step_weight": 0.1, "optimizer": "muon", "lr": 1e-5,
                      "weight_decay": 0.01, "grad_clip": 1.0, "lora_rank": 0,
                      "seed": 42, "max_iterations": 10000, "checkpoint_every": 100, "sample_every": 50,
@@ -149,8 +153,30 @@ def test_torchrun_two_ranks_trains_and_writes_a_checkpoint_that_eval_scores(two_
     results = evaluate.main(train.parse_config(
         ["--tiny", "--model_path", tiny_models[0], "--reward_path", tiny_models[1], "--checkpoints", checkpoint,
          "--prompts", prompts, "--output_dir", str(tmp_path / "eval"), "--num_steps", "2"], cls=evaluate.EvalConfig))
-    assert [r["name"] for r in results] == ["base", "checkpoint-000002"]
+    assert [r["name"] for r in results] == ["base", "checkpoint-000002", "checkpoint-000002-ema"]  # and its EMA
     assert all(r["num_failed"] == 0 and torch.isfinite(torch.tensor(r["overall"])) for r in results)
+    assert results[1]["samples"] != results[2]["samples"]
+
+
+@pytest.mark.slow
+def test_the_ema_of_a_sharded_run_is_the_closed_form_average_of_its_weights(two_rank_run, tiny_models):
+    """θ_ema after 2 updates = d²·θ_0 + d(1 − d)·θ_1 + (1 − d)·θ_2, from the weights on disk (the tiny model and the two
+    checkpoints), in float64; the 2-rank run holds its EMA sharded, the checkpoint exports it whole."""
+    d = EMA_DECAY
+    theta = [load_file(os.path.join(tiny_models[0], WEIGHTS))] + [
+        load_file(os.path.join(two_rank_run, f"checkpoint-00000{i}", WEIGHTS)) for i in (1, 2)]
+    ema = load_file(os.path.join(two_rank_run, "checkpoint-000002", distributed.EMA_TRANSFORMER,
+                                 "diffusion_pytorch_model.safetensors"))
+    assert set(ema) == set(theta[2])
+    moved = 0
+    for name in ema:
+        t0, t1, t2 = (t[name].double() for t in theta)
+        expected = d * d * t0 + d * (1 - d) * t1 + (1 - d) * t2
+        # two fp32 lerps, each rounding to half an ulp of the largest value involved
+        bound = 2 * 2.0 ** -24 * max(t.abs().max().item() for t in (t0, t1, t2)) + 1e-30
+        assert (ema[name].double() - expected).abs().max().item() <= bound, name
+        moved += not torch.equal(t2, t0)
+    assert moved > 10  # the run trained: the average is not the trivial one
 
 
 def broadcast_load_worker(model_path, output_dir):
@@ -244,6 +270,8 @@ def test_a_run_killed_after_iteration_two_resumes_exactly_like_an_uninterrupted_
                "optimizer": optimizer, "beta_schedule": beta}
     if beta == "two_stage":
         options.update(beta_start=1.0, beta_end=1.0)
+    else:  # and an EMA of the weights, whose average must resume too
+        options.update(ema_decay=0.9)
     run(tiny_models, straight, **options)
     # the same run in its own process, SIGKILLed as soon as its iteration-2 checkpoint is complete
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()),  # same float arithmetic as in-process
@@ -261,6 +289,11 @@ def test_a_run_killed_after_iteration_two_resumes_exactly_like_an_uninterrupted_
     assert os.path.basename(a) == os.path.basename(b) == "checkpoint-000004"
     params_a, params_b = load_file(os.path.join(a, WEIGHTS)), load_file(os.path.join(b, WEIGHTS))
     assert all(torch.equal(params_a[k], params_b[k]) for k in params_a)
+    if "ema_decay" in options:  # the EMA, bit-identical, and not the weights themselves
+        ema = os.path.join(distributed.EMA_TRANSFORMER, "diffusion_pytorch_model.safetensors")
+        ema_a, ema_b = load_file(os.path.join(a, ema)), load_file(os.path.join(b, ema))
+        assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+        assert not all(torch.equal(ema_a[k], params_a[k]) for k in ema_a)
     state_a, state_b = optimizer_state(a, tmp_path / "a"), optimizer_state(b, tmp_path / "b")
     # every moment / momentum buffer of every parameter that has one (the resumed optimizer also holds empty
     # entries for parameters that never had a gradient)
