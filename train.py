@@ -301,6 +301,14 @@ class Config:
     one can fall back to the previous (ours: disk)"""
     sample_every: int = 50
     """iterations between saved sample videos (official validation_interval 50); 0 = never"""
+    eval_every: int = 0
+    """N > 0: before iteration 1 and every N iterations, the policy's ODE samples of --eval_prompts from fixed seeds,
+    scored by every loaded reward (one of weight 0 too: a hacking monitor), logged as eval/<name> in
+    metrics.jsonl, curves.png and the tracker; 0: none (official). README: "Cost options" """
+    eval_prompts: str = ""
+    """held-out prompt file for --eval_every (formats as --prompts); default with --world: the world's prompts"""
+    eval_videos_per_prompt: int = 1
+    """--eval_every's videos per held-out prompt, each from its own fixed seed"""
     report_to: str = "none"
     """none | tensorboard (output_dir/tensorboard/) | wandb (WANDB_MODE=offline for no network): the metrics rows,
     the config and the sample videos also go to this experiment tracker, from rank 0; resume continues its run
@@ -380,6 +388,46 @@ def sde_window(cfg, iteration):
     else:  # moving: high noise first, one step later every sde_window_shift_every iterations, then the last K steps
         start = min(iteration // cfg.sde_window_shift_every, last)
     return start, start + size
+
+
+EVAL_SEED = 10 ** 9  # --eval_every's seeds: EVAL_SEED + row, never a rollout seed of a run with --seed < 1000
+
+
+@torch.no_grad()
+def held_out_eval(cfg, pipe, policy, reward_model, prompt_cache, prompts, latent_shape, sigmas, layout, device,
+                  iteration):
+    """--eval_every: the policy's deterministic (ODE) samples of the held-out prompts, the same seeds every time,
+    scored by every loaded reward. Returns {"eval/<name>": mean over the videos} for the total reward, each reward
+    (a weight-0 one too), each component and diagnostic (the world's off-manifold distance and on-manifold
+    reward), and "eval/after_iterations". The videos are split over the data-parallel ranks, --videos_per_rank
+    at a time; a rank with fewer videos runs its missing batches on a repeated video and drops it (every rank
+    runs the same number of forwards: FSDP's collectives).""" 
+    rows = [(p, v) for p in range(len(prompts)) for v in range(cfg.eval_videos_per_prompt)]  # (prompt, video)
+    per_rank = math.ceil(len(rows) / layout.dp_size)
+    mine = rows[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]
+    names = list(dict.fromkeys(("reward", *reward_model.components, *reward_model.diagnostics)))  # + each reward's total
+    values = {name: [] for name in names}
+    for start in range(0, per_rank, cfg.videos_per_rank):
+        chunk = mine[start:start + cfg.videos_per_rank]
+        real = len(chunk)  # a rank past its share still runs the batch's forwards, on one repeated video
+        chunk = chunk or [(mine or rows)[-1]]
+        batch_prompts = [prompts[p] for p, _ in chunk]
+        seeds = [EVAL_SEED + p * cfg.eval_videos_per_prompt + v for p, v in chunk]
+        result = model.rollout(policy, prompt_cache(batch_prompts), seeds, latent_shape, sigmas, "ode",
+                               guidance_scale=cfg.cfg_scale)
+        own = layout.own_rows(len(chunk))
+        _, scores = (score_videos(cfg, pipe, reward_model, result.final_latents[own], [batch_prompts[i] for i in own])
+                     if own else (None, {}))
+        scores = layout.gather_rows(scores, own, len(chunk), names, device)
+        for name in names:
+            values[name].append(scores[name][:real])
+    means = {}
+    for name in names:  # every rank's videos (padded to per_rank with NaN), then the mean over the finite ones
+        local = torch.cat(values[name]) if values[name] else torch.zeros(0, device=device)
+        padded = torch.full((per_rank,), float("nan"), device=device)
+        padded[:len(local)] = local
+        means[f"eval/{name}"] = distributed.all_gather_cat(padded, layout.dp_group).nanmean().item()
+    return {**means, "eval/after_iterations": iteration}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -516,10 +564,18 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
 
     forwards = ForwardCount(policy, anchor.anchor if anchor is not None else None, videos_per_rank,
                             cfg.gradient_checkpointing)
+    eval_prompts = load_prompts(cfg.eval_prompts) if cfg.eval_every else []
     bar = tqdm(range(state["iteration"], cfg.max_iterations), disable=rank != 0, initial=state["iteration"],
                total=cfg.max_iterations, desc="iterations")
     for iteration in bar:
         timer = PhaseTimer(device)
+        evaluation = {}  # --eval_every: the held-out prompts' scores of the policy as it enters this iteration
+        if cfg.eval_every and iteration % cfg.eval_every == 0:
+            timer("eval")
+            forwards.evaluating = True
+            evaluation = held_out_eval(cfg, pipe, policy, reward_model, prompt_cache, eval_prompts, latent_shape, sigmas,
+                                       layout, device, iteration)
+            forwards.evaluating = False
         # ======================================================================== ROLLOUT
         timer("rollout")
         group_prompts = [prompts[i] for i in sampler.next_indices()]  # one prompt per group, all ranks agree
@@ -652,6 +708,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
             "anchor_refreshed": refreshed, "ratio_max_dev_per_step": ratio_deviation.tolist(),
             **{k: round(v, 4) for k, v in timer.times.items()}, "peak_memory_gb": peak_memory_gb(device),
             **forwards.take(),  # transformer forwards per video this iteration, counted (ForwardCount)
+            **evaluation,
         }
         if rank == 0:
             log_metrics(cfg, metrics, bar, tracker)
@@ -839,7 +896,7 @@ DEFAULT_PROMPTS = "prompts/example.txt"
 # Numeric flags and the range each must lie in (every float flag must also be finite).
 POSITIVE = ("lr", "clip_range", "adv_clip", "eta", "grad_clip", "shift", "cfg_scale", "collective_timeout_minutes")
 NON_NEGATIVE = ("weight_decay", "beta_start", "beta_end", "kl_anchor_weight", "kl_step_weight", "kl_target", "beta_init",
-                "beta_min", "beta_max", "sde_window", "sde_window_start", "ema_decay",
+                "beta_min", "beta_max", "sde_window", "sde_window_start", "ema_decay", "eval_every",
                 "checkpoint_every_minutes")
 
 
@@ -941,6 +998,7 @@ def _check_config(cfg, world_size):
         raise ValueError(f"video must be 4k+1 frames and a multiple of 16 pixels (VAE 4x temporal, 16x spatial), "
                          f"got {num_frames} frames at {height}x{width}")
     for name in ("num_steps", "updates_per_rollout", "anchor_period", "beta_window", "sde_window_shift_every",
+                 "eval_videos_per_prompt",
                  "checkpoint_every", "keep_checkpoints", "max_iterations"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -962,6 +1020,14 @@ def _check_config(cfg, world_size):
             raise ConfigError(f"--world: prompt file {cfg.prompts!r} holds {len(unknown)} prompt(s) the world's reward "
                               f"does not know, the first {unknown[0]!r}; expected only prompts of "
                               f"{video_world.PROMPTS_FILE} (exactly as written there): {list(video_world.WORLD_PROMPTS)}")
+    if cfg.eval_every:  # the held-out prompts, read now so that a missing or empty file fails before any work
+        if not cfg.eval_prompts and not cfg.world:
+            raise ConfigError("--eval_every needs --eval_prompts: a file of held-out prompts (formats as --prompts)")
+        cfg = dataclasses.replace(cfg, eval_prompts=cfg.eval_prompts or video_world.PROMPTS_FILE)
+        unknown = [p for p in load_prompts(cfg.eval_prompts) if cfg.world and p not in video_world.WORLD_PROMPTS]
+        if unknown:
+            raise ConfigError(f"--world: --eval_prompts {cfg.eval_prompts!r} holds a prompt the world's reward does not "
+                              f"know, {unknown[0]!r}; expected only prompts of {video_world.PROMPTS_FILE}")
     check_output_dir(cfg)
     if cfg.resume and distributed.latest_checkpoint(cfg.output_dir):
         check_resume_config(cfg, distributed.latest_checkpoint(cfg.output_dir), world_size)
@@ -1312,7 +1378,9 @@ CURVE_PANELS = (("reward", ("reward_mean",)), ("KL terms", ("kl_anchor", "kl_ste
                 ("clip fraction", ("clip_fraction",)), ("gradient norm", ("grad_norm",)),
                 ("groups with equal rewards", ("zero_std_ratio",)),
                 ("seconds per phase", ("time_rollout", "time_reward", "time_update")),
-                ("world: off-manifold distance of the rollouts", ("off_manifold",)))
+                ("world: off-manifold distance of the rollouts", ("off_manifold",)),
+                ("held-out eval (ODE, fixed seeds; --eval_every)", ("eval/reward", "eval/on_manifold_reward",
+                                                                    "eval/off_manifold")))
 
 
 def plot_metrics(metrics_path, png_path):
@@ -1323,11 +1391,13 @@ def plot_metrics(metrics_path, png_path):
     import matplotlib.pyplot as plt
     rows, _ = read_metrics(metrics_path)
     rows = list({r["iteration"]: r for r in rows}.values())  # a resumed run may have logged an iteration twice
-    figure, axes = plt.subplots(3, 3, figsize=(13, 9.75))
+    figure, axes = plt.subplots(4, 3, figsize=(13, 13))
     components = tuple(rows[-1].get("reward_components", ())) if rows else ()
     for axis, (title, keys) in zip(axes.flat, CURVE_PANELS):
         for key in keys + (components if title == "reward" else ()):
-            points = [(r["iteration"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            # an eval/ number is of the policy as it entered its row's iteration: drawn at the iterations done
+            points = [(r.get("eval/after_iterations", r["iteration"]) if key.startswith("eval/") else r["iteration"],
+                       r[key]) for r in rows if isinstance(r.get(key), (int, float))]
             if points:
                 axis.plot(*zip(*points), marker="." if len(points) < 30 else None, label=key)
         axis.set_title(title, fontsize=9)
@@ -1375,21 +1445,24 @@ class ForwardCount:
     the hardware-independent cost (README: "Cost options"). One video through the transformer is one forward, so a
     CFG pair (a batch of 2B) counts 2 per video. rollout: the policy without gradients; update: the policy's
     recomputes with gradients; anchor: the anchor's forwards (once per trained step and rollout, again after an
-    anchor refresh). forward_equivalents adds the backward passes at the usual 2 forwards each, and 1 more with
+    anchor refresh); eval: --eval_every's samples (per training video, not part of the training cost).
+    forward_equivalents adds the backward passes at the usual 2 forwards each, and 1 more with
     gradient checkpointing (each block's forward is recomputed in the backward)."""
 
-    PHASES = ("rollout", "update", "anchor")
+    PHASES = ("rollout", "update", "anchor", "eval")
 
     def __init__(self, policy, anchor, videos, gradient_checkpointing):
         self.videos, self.backward = videos, 2 + int(bool(gradient_checkpointing))
         self.counts = dict.fromkeys(self.PHASES, 0)
+        self.evaluating = False  # held_out_eval's forwards: counted apart, not a training cost
         policy.register_forward_pre_hook(self._hook(False), with_kwargs=True)
         if anchor is not None:
             anchor.register_forward_pre_hook(self._hook(True), with_kwargs=True)
 
     def _hook(self, is_anchor):
         def count(module, args, kwargs):
-            phase = "anchor" if is_anchor else "update" if torch.is_grad_enabled() else "rollout"
+            phase = ("anchor" if is_anchor else "eval" if self.evaluating else
+                     "update" if torch.is_grad_enabled() else "rollout")
             self.counts[phase] += kwargs["hidden_states"].shape[0]
         return count
 
@@ -1397,6 +1470,8 @@ class ForwardCount:
         """{forwards_<phase>: per video, forward_equivalents: per video} of the iteration so far; restarts the count."""
         per_video = {f"forwards_{phase}": n / self.videos for phase, n in self.counts.items()}
         self.counts = dict.fromkeys(self.PHASES, 0)
+        if not per_video["forwards_eval"]:
+            del per_video["forwards_eval"]  # only in the rows of iterations that evaluated
         per_video["forward_equivalents"] = (per_video["forwards_rollout"] + per_video["forwards_anchor"]
                                             + (1 + self.backward) * per_video["forwards_update"])
         return per_video

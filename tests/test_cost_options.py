@@ -177,7 +177,16 @@ def test_the_official_recipe_costs_240_forward_equivalents_per_video_and_the_opt
     (["--sde_window", "2", "--sde_window_placement", "sliding"], r"unknown --sde_window_placement 'sliding'"),
     (["--sde_window", "-1"], r"--sde_window must be >= 0"),
     (["--sde_window", "2", "--sde_window_shift_every", "0"], r"sde_window_shift_every must be >= 1"),
+    (["--ema_decay", "1"], r"--ema_decay must be in \[0, 1\)"),
+    (["--eval_every", "5"], r"--eval_every needs --eval_prompts"),
+    (["--eval_every", "-1"], r"--eval_every must be >= 0"),
+    (["--eval_every", "5", "--eval_prompts", "/nonexistent/held_out.txt"], r"'/nonexistent/held_out.txt' does not exist"),
+    (["--world", "--eval_every", "5", "--eval_prompts", "HELD_OUT"], r"--eval_prompts .* holds a prompt the world's "
+                                                                       r"reward does not know, 'a cat'"),
 ])
-def test_a_window_that_cannot_train_is_a_flag_error(flags, message, tmp_path):
+def test_a_cost_option_that_cannot_work_is_a_flag_error(flags, message, tmp_path):
+    (tmp_path / "held_out.txt").write_text("a cat\n")
+    flags = [str(tmp_path / "held_out.txt") if f == "HELD_OUT" else f for f in flags]
+    world = ["--videos_per_rank", "2"] if "--world" in flags else ["--tiny"]
     with pytest.raises(ValueError, match=message):
-        train.main(train.parse_config(["--tiny", "--group_size", "2", "--output_dir", str(tmp_path)] + flags))
+        train.main(train.parse_config(world + ["--group_size", "2", "--output_dir", str(tmp_path / "run")] + flags))

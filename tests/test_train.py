@@ -74,14 +74,17 @@ def relative_error(a, b):
 # ------------------------------------------------------------------------------------------------
 
 EMA_DECAY = 0.75
+HELD_OUT = ("a red kite over a hill", "a slow river at dawn", "a dog chasing a ball")  # 3 videos on 2 ranks: 2 + 1
 
 
 @pytest.fixture(scope="module")
 def two_rank_run(tiny_models, tmp_path_factory):
     """torchrun, 2 ranks x 2 videos, one group of 4 spanning both ranks, 2 iterations, an EMA of the weights."""
     output_dir = tmp_path_factory.mktemp("two_ranks")
+    _write(output_dir.parent / "held_out.txt", "\n".join(HELD_OUT) + "\n")
     torchrun(2, tiny_models, output_dir, group_size=4, videos_per_rank=2, max_iterations=2, sample_every=1,
-             optimizer="adamw", beta_schedule="two_stage", train_glyph_projector=True, ema_decay=EMA_DECAY)
+             optimizer="adamw", beta_schedule="two_stage", train_glyph_projector=True, ema_decay=EMA_DECAY,
+             eval_every=1, eval_prompts=output_dir.parent / "held_out.txt")
     return output_dir
 
 
@@ -109,7 +112,8 @@ def test_training_curves_are_drawn_from_the_metrics(tmp_path):
     rows = [{"iteration": 1, "reward_mean": 0.1, "grad_norm": 3.0, "vq": 0.3}, {"iteration": 2, "reward_mean": 0.5},
             {"iteration": 3, "reward_mean": 0.2, "grad_norm": float("nan")},
             {"iteration": 2, "reward_mean": 0.4, "grad_norm": 2.0},  # iteration 2 again, after a resume: it wins
-            {"iteration": 4, "reward_mean": 0.9, "vq": 0.7, "mq": "n/a", "reward_components": ["vq", "mq"]}]
+            {"iteration": 4, "reward_mean": 0.9, "vq": 0.7, "mq": "n/a", "reward_components": ["vq", "mq"],
+             "eval/reward": 0.6, "eval/after_iterations": 3}]  # the held-out eval of the policy after 3 iterations
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     drawn = train.plot_metrics(str(tmp_path / "metrics.jsonl"), str(tmp_path / "curves.png"))
     assert drawn[("reward", "reward_mean")] == ([1, 2, 3, 4], [0.1, 0.4, 0.2, 0.9])
@@ -117,8 +121,9 @@ def test_training_curves_are_drawn_from_the_metrics(tmp_path):
     assert xs == [1, 2, 3] and ys[:2] == [3.0, 2.0] and ys[2] != ys[2]
     assert drawn[("reward", "vq")] == ([1, 4], [0.3, 0.7])  # the components the rows name, where numeric
     assert ("reward", "mq") not in drawn and ("KL terms", "kl_step") not in drawn  # nothing numeric to draw
+    assert drawn[("held-out eval (ODE, fixed seeds; --eval_every)", "eval/reward")] == ([3], [0.6])
     image = Image.open(tmp_path / "curves.png")
-    assert image.size == (13 * 80, int(9.75 * 80))
+    assert image.size == (13 * 80, 13 * 80)
     assert len(image.convert("L").getcolors(maxcolors=10 ** 6)) > 10  # drawn, not blank
 
 
@@ -156,6 +161,37 @@ def test_torchrun_two_ranks_trains_and_writes_a_checkpoint_that_eval_scores(two_
     assert [r["name"] for r in results] == ["base", "checkpoint-000002", "checkpoint-000002-ema"]  # and its EMA
     assert all(r["num_failed"] == 0 and torch.isfinite(torch.tensor(r["overall"])) for r in results)
     assert results[1]["samples"] != results[2]["samples"]
+
+
+@pytest.mark.slow
+def test_the_held_out_eval_of_a_two_rank_run_scores_the_weights_it_had_like_a_single_process(two_rank_run,
+                                                                                              tiny_models):
+    """Each row's eval/ numbers are the policy's ODE samples of the held-out prompts from the fixed seeds, scored by
+    VideoAlign: recomputed here in one process from the weights on disk (the tiny model before iteration 1, the
+    iteration-1 checkpoint before iteration 2), with model.rollout and the reward model directly."""
+    import model
+    import reward
+    import sde
+    import tiny
+    rows = metrics(two_rank_run)
+    pipe = model.load_hunyuan(tiny_models[0], dtype=torch.float32)
+    scorer = reward.load_training_rewards({"videoalign": 1.0}, {"videoalign": tiny_models[1]})
+    sigmas = sde.shifted_sigmas(2, pipe.shift)
+    shape = pipe.latent_shape(*tiny.video_size(tiny=True))
+    embeds = model.encode_prompts(pipe, list(HELD_OUT))
+    seeds = [train.EVAL_SEED + p for p in range(len(HELD_OUT))]
+    for row, weights in zip(rows, [tiny_models[0], os.path.join(two_rank_run, "checkpoint-000001")]):
+        assert row["eval/after_iterations"] == row["iteration"] - 1
+        transformer = type(pipe.transformer).from_pretrained(os.path.join(weights, "transformer"))
+        result = model.rollout(transformer, embeds, seeds, shape, sigmas, "ode", guidance_scale=pipe.guidance_scale)
+        frames = model.decode_latents(pipe.vae, result.final_latents)
+        scores = scorer(frames, result.final_latents, list(HELD_OUT))
+        for name in ("reward", "vq", "mq", "ta"):
+            expected = scores[name].double().mean().item()
+            # fp32 end to end in both; the sharded forward sums in another order: a few ulps of each score
+            assert row[f"eval/{name}"] == pytest.approx(expected, rel=1e-5, abs=1e-5), (name, row[f"eval/{name}"], expected)
+        # 3 prompts x 2 steps x a CFG pair, per rank: rank 0 runs 2 of them, i.e. 12 forwards / 2 training videos
+        assert row["forwards_eval"] == 2 * 2 * 2 / 2
 
 
 @pytest.mark.slow

@@ -9,6 +9,8 @@ script only launches runs, reads their metrics.jsonl and draws pictures:
     python toy/video_world_runs.py --grid beta      # the trust region's β sweep (dual KL, fixed β), 5 seeds
     python toy/video_world_runs.py --grid modes     # KL modes at the calibrated β, 5 seeds
     python toy/video_world_runs.py --grid kernels   # the four kernels at the calibrated β, 8 seeds, paired
+    python toy/video_world_runs.py --grid window    # SDE windows of 2, 4 and all 8 steps: reward against cost
+    python toy/video_world_runs.py --grid eval      # --eval_every 10 at the official and the calibrated β
     python toy/video_world_runs.py --grid beta --jobs 2 --nproc 1   # two 1-rank runs at a time (same maths)
 
 A finished run (its metrics.jsonl has every iteration) is reused, so a grid accumulates over several
@@ -85,13 +87,21 @@ CALIBRATED = dict(HEADLINE, beta_schedule="fixed", beta_start=0.1, beta_end=0.1)
 MODES = [dict(CALIBRATED, kl_mode=m) for m in ("none", "fixed", "moving", "dual")] + [
     dict(CALIBRATED, kl_mode="step", updates_per_rollout=2)]     # the Gaussian step term is 0 at one update
 KERNELS = [dict(CALIBRATED, kernel=k) for k in ("sage", "flow_grpo", "cps", "dance_grpo")]
+# The SDE window (--sde_window K, a new random start every iteration) at the calibrated setting. K = 8 is every
+# step, the same runs as CALIBRATED (train.py treats K = N as no window), rerun in the same sitting so that the
+# wall times compare.
+WINDOWS = [dict(CALIBRATED, sde_window=k, sde_window_placement="random") for k in (8, 4, 2)]
+# The held-out evaluation during training (--eval_every): ODE samples of the world's prompts from fixed seeds.
+EVALS = [dict(HEADLINE, eval_every=10, eval_videos_per_prompt=4), dict(CALIBRATED, eval_every=10, eval_videos_per_prompt=4)]
 # name: (methods, seeds, reference method of the paired differences or None)
 GRIDS = {"headline": ([HEADLINE], (0, 1, 2), None),
          "comparison": ([HEADLINE] + COMPARISON, (0, 1, 2), None),
          "beta": (BETA_SWEEP, (0, 1, 2, 3, 4), BETA_SWEEP[0]),
          "calibration": (CALIBRATION, (0, 1, 2), None),
          "modes": (MODES, (0, 1, 2, 3, 4), MODES[3]),
-         "kernels": (KERNELS, tuple(range(8)), KERNELS[0])}
+         "kernels": (KERNELS, tuple(range(8)), KERNELS[0]),
+         "window": (WINDOWS, (0, 1, 2), WINDOWS[0]),
+         "eval": (EVALS, (0,), None)}
 KEYS = ("reward_mean", "on_manifold_reward", "off_manifold", "brightness")
 
 
@@ -114,6 +124,10 @@ def name(method):
         text += f", β {method['beta_schedule']}"
     if method.get("updates_per_rollout", 1) > 1:
         text += f", {method['updates_per_rollout']} updates/rollout"
+    if method.get("sde_window"):
+        text += f", SDE window {method['sde_window']} {method.get('sde_window_placement', 'fixed')}"
+    if method.get("eval_every"):
+        text += f", eval every {method['eval_every']}"
     return text
 
 
@@ -153,7 +167,8 @@ def read_rows(out):
 RECORDS = REPO / "assets" / "world_runs"
 RECORD_KEYS = ("iteration", "unix_time", "reward_mean", "on_manifold_reward", "off_manifold", "brightness",
                "alignment", "composition", "trust_region_activity", "kl_anchor", "kl_step", "beta", "time_rollout",
-               "time_reward", "time_update")
+               "time_reward", "time_update", "forward_equivalents", "time_eval", "eval/after_iterations", "eval/reward",
+               "eval/on_manifold_reward", "eval/off_manifold", "eval/brightness")
 
 
 def save_record(out, rows, info):
@@ -332,6 +347,77 @@ def comparison_curves(rows_per_method, path, window=10):
     plt.close(figure)
 
 
+def iteration_seconds(row):
+    """The trainer's own time of one iteration: rollout + reward + update (advantage and logging are ~ms)."""
+    return row["time_rollout"] + row["time_reward"] + row["time_update"]
+
+
+def cost_table(rows_of):
+    """The window grid's cost: per method, transformer forward-equivalents per video per iteration (counted by
+    the run), seconds per iteration (median over its iterations, mean over seeds) and the reward reached."""
+    lines = ["| run | seeds | forward-equivalents per video per iteration | seconds per iteration | "
+             "reward after (last 10) | reward at 50 % of the all-steps run's forward-equivalents |",
+             "|---|---|---|---|---|---|"]
+    budget = None
+    for method, runs in rows_of.items():
+        fe = statistics.fmean(r["forward_equivalents"] for rows in runs for r in rows)
+        seconds = statistics.fmean(statistics.median(iteration_seconds(r) for r in rows) for rows in runs)
+        budget = budget or 0.5 * fe * len(runs[0])  # the first method is the reference (every step)
+        at_budget = [statistics.fmean(r["reward_mean"] for r in rows[max(0, int(budget / fe) - LAST):int(budget / fe)])
+                     for rows in runs]
+        lines.append(f"| {method} | {len(runs)} | {fe:.0f} | {seconds:.2f} | "
+                     f"{cell(statistics.fmean(r['reward_mean'] for r in rows[-LAST:]) for rows in runs)} | "
+                     f"{cell(at_budget)} |")
+    return "\n".join(lines) + "\n"
+
+
+def cost_curves(rows_of, path, window=10):
+    """Reward (mean over seeds, running mean over `window` iterations) against the cumulative transformer
+    forward-equivalents per video and against the cumulative seconds of the trainer."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for method, runs in rows_of.items():
+        n = min(len(rows) for rows in runs)
+        mean = [statistics.fmean(rows[i]["reward_mean"] for rows in runs) for i in range(n)]
+        smooth = [statistics.fmean(mean[max(0, i - window + 1):i + 1]) for i in range(n)]
+        for axis, cost in ((axes[0], lambda r: r["forward_equivalents"]), (axes[1], iteration_seconds)):
+            spent = [statistics.fmean(sum(cost(r) for r in rows[:i + 1]) for rows in runs) for i in range(n)]
+            axis.plot(spent, smooth, label=method, linewidth=1.2)
+    axes[0].set_xlabel("transformer forward-equivalents per video (cumulative, counted)")
+    axes[1].set_xlabel("trainer seconds (cumulative: rollout + reward + update, 2 shared CPU cores)")
+    for axis in axes:
+        axis.set_ylabel(f"reward (mean of seeds, running mean {window})")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def eval_curves(rows_of, path):
+    """--eval_every's held-out numbers against the iterations done, next to the rollouts' own."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    for axis, key, title in ((axes[0], "reward", "reward ↑"), (axes[1], "on_manifold_reward", "on-manifold reward ↑"),
+                             (axes[2], "off_manifold", "off-manifold distance ↓")):
+        for (method, runs), colour in zip(rows_of.items(), ("tab:red", "tab:blue", "tab:green")):
+            rows = runs[0]
+            points = [(r["eval/after_iterations"], r[f"eval/{key}"]) for r in rows
+                      if isinstance(r.get(f"eval/{key}"), (int, float))]
+            axis.plot(*zip(*points), marker="o", color=colour, label=f"{method}: held-out ODE eval")
+            axis.plot([r["iteration"] for r in rows], [r["reward_mean" if key == "reward" else key] for r in rows],
+                      color=colour, alpha=0.3, linewidth=0.8, label=f"{method}: training rollouts (SDE)")
+        axis.set_title(title, fontsize=9)
+        axis.set_xlabel("iterations done")
+    axes[0].legend(fontsize=6)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
 def before_after(checkpoint, path, seeds=(0, 1, 2, 3)):
     """ODE samples of the pretrained world policy and of a trained checkpoint, same prompts and noise."""
     import torch
@@ -415,6 +501,14 @@ def main(argv=None):
     if grid == "beta":
         pictures.append(out / "beta_frontier.png")
         frontier(results, pictures[-1])
+    if grid == "window":
+        text += "\n" + cost_table(rows_of)
+        (out / f"{grid}_table.md").write_text(text)
+        pictures.append(out / "window_cost.png")
+        cost_curves(rows_of, pictures[-1])
+    if grid == "eval":
+        pictures.append(out / "eval_curves.png")
+        eval_curves(rows_of, pictures[-1])
     if grid in ("headline", "comparison"):
         pictures.append(out / "headline_curves.png")
         curves(dict(zip(seeds_of[name(HEADLINE)], rows_of[name(HEADLINE)])), pictures[-1])
