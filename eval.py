@@ -264,8 +264,8 @@ def evaluate(cfg, prompts, paths):
         model_path, reward_path, clip_path = tiny_paths["hunyuan"], tiny_paths["videoalign"], tiny_paths["clip"]
         pick_path = pick_path or clip_path
     if cfg.world and not model_path:  # the world's pretrained policy (built once, cached)
-        from toy import video_world
-        model_path = video_world.prepare_world()
+        from toy import video_world_pretrain
+        model_path = video_world_pretrain.prepare_world()
     cfg = dataclasses.replace(cfg, **dict(zip(("num_frames", "height", "width"),
                                               tiny.video_size(cfg.num_frames, cfg.height, cfg.width, cfg.tiny))))
     cfg, sources = resolve_sampling(cfg, model_path)  # shift and CFG scale: the base checkpoint's unless given

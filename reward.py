@@ -83,12 +83,14 @@ to uint8 nor h264-compressed before resizing); LoRA is merged instead of kept as
 a failed video gives NaN (SAGE-GRPO's official fallback is -1 or NaN depending on the path);
 `forward` returns tensors, not Python floats.
 """
+import dataclasses
 import glob
 import json
 import logging
 import math
 import os
 import re
+import typing
 
 import torch
 import torch.nn.functional as F
@@ -527,23 +529,51 @@ def parse_weights(items, components, defaults):
     return tuple(weights[name] for name in components)
 
 
-TRAINING_REWARDS = ("videoalign", "clipscore", "pickscore", "world")
-# The train.py flag that holds each training reward's local directory (the world's reward needs none).
-REWARD_PATH_FLAGS = {"videoalign": "reward_path", "clipscore": "clip_path", "pickscore": "pickscore_path"}
+@dataclasses.dataclass(frozen=True)
+class TrainingReward:
+    """What train.py knows of a reward it can optimise before loading it: its components and their default
+    weights (for the flag checks), the train.py flag that holds its directory (None: it needs none), and
+    load(path, device, dtype, weights, processor_path) -> the reward (the interface above)."""
+    components: tuple
+    default_weights: tuple
+    path_flag: typing.Optional[str]
+    load: typing.Callable
+
+
+# name -> TrainingReward: the three rewards of this file, and any other plugged in with register_training_reward
+# (the synthetic video world's exact reward registers itself when toy/video_world.py is imported: this file
+# never imports the toy).
+TRAINING_REWARDS = {}
+
+
+def register_training_reward(name, components, default_weights, load, path_flag=None):
+    """Make `name` a `--reward` choice. load(path, device, dtype, weights, processor_path) returns the reward:
+    called with the reward's directory (the value of `--<path_flag>`) and its component weights in the order of
+    `components`. Registering a name again replaces it (a module imported twice)."""
+    if len(components) != len(default_weights):
+        raise ValueError(f"reward {name!r}: {len(components)} components but {len(default_weights)} default weights")
+    TRAINING_REWARDS[name] = TrainingReward(tuple(components), tuple(default_weights), path_flag, load)
+
+
+register_training_reward(
+    "videoalign", DIMENSIONS, DEFAULT_WEIGHTS, path_flag="reward_path",
+    load=lambda path, device, dtype, weights, processor_path: VideoAlignReward.from_pretrained(
+        path, device=device, dtype=dtype, weights=weights))
+register_training_reward(   # CLIPScore and PickScore are one number each: no components (their total is their score)
+    "clipscore", (), (), path_flag="clip_path",
+    load=lambda path, device, dtype, weights, processor_path: ClipScore.from_pretrained(
+        path, processor_path=processor_path, device=device, dtype=dtype))
+register_training_reward(
+    "pickscore", (), (), path_flag="pickscore_path",
+    load=lambda path, device, dtype, weights, processor_path: PickScore.from_pretrained(
+        path, processor_path=processor_path, device=device, dtype=dtype))
 
 
 def training_reward_components(name):
-    """(components, default weights) of a training reward, without loading it (for flag checks).
-    CLIPScore and PickScore are one number each: no components (their total is their score)."""
-    if name == "videoalign":
-        return DIMENSIONS, DEFAULT_WEIGHTS
-    if name in ("clipscore", "pickscore"):
-        return (), ()
-    if name == "world":
-        from toy import video_world
-        return video_world.WorldReward.components, tuple(video_world.DEFAULT_WEIGHTS[c]
-                                                         for c in video_world.WorldReward.components)
-    raise ValueError(f"unknown reward {name!r}: expected one of {TRAINING_REWARDS}")
+    """(components, default weights) of a training reward, without loading it (for flag checks)."""
+    if name not in TRAINING_REWARDS:
+        raise ValueError(f"unknown reward {name!r}: expected one of {list(TRAINING_REWARDS)}")
+    return TRAINING_REWARDS[name].components, TRAINING_REWARDS[name].default_weights
 
 
 def parse_reward_specs(items):
@@ -586,19 +616,13 @@ def split_component_weights(items, names):
 
 
 def load_training_reward(name, path="", device="cpu", dtype=torch.float32, weight_items=(), processor_path=None):
-    """One reward train.py can optimise, with the interface above. name: "videoalign" (the checkpoint at
-    `path`), "clipscore" / "pickscore" (a CLIP / PickScore directory at `path`, its processor at
-    `processor_path` if elsewhere) or "world" (the synthetic video world's exact reward, toy/video_world.py;
-    no checkpoint). weight_items: "component=value" strings (`--reward_weights`), applied by the reward itself."""
+    """One reward train.py can optimise (TRAINING_REWARDS), with the interface above: "videoalign" (the
+    checkpoint at `path`), "clipscore" / "pickscore" (a CLIP / PickScore directory at `path`, its processor at
+    `processor_path` if elsewhere), or one plugged in with register_training_reward. weight_items:
+    "component=value" strings (`--reward_weights`), applied by the reward itself."""
     components, defaults = training_reward_components(name)
     weights = parse_weights(weight_items, components, defaults)
-    if name == "videoalign":
-        return VideoAlignReward.from_pretrained(path, device=device, dtype=dtype, weights=weights)
-    if name in ("clipscore", "pickscore"):
-        return (ClipScore if name == "clipscore" else PickScore).from_pretrained(
-            path, processor_path=processor_path, device=device, dtype=dtype)
-    from toy import video_world
-    return video_world.WorldReward(dict(zip(components, weights)))
+    return TRAINING_REWARDS[name].load(path, device, dtype, weights, processor_path)
 
 
 class RewardMix:

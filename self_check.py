@@ -56,7 +56,6 @@ from diffusers import HunyuanVideo15Transformer3DModel
 import distributed
 import grpo
 import model
-import sde
 import trust_region
 
 RATIO_FAIL = 0.1       # × ε_clip: max |ρ − 1| at the first update

@@ -463,7 +463,8 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
     random.seed(cfg.seed)
     reward_specs = reward.parse_reward_specs(cfg.reward)  # {name: weight}
     model_path = cfg.model_path
-    reward_paths = {name: getattr(cfg, reward.REWARD_PATH_FLAGS[name]) for name in reward_specs if name != "world"}
+    reward_paths = {name: getattr(cfg, reward.TRAINING_REWARDS[name].path_flag) for name in reward_specs
+                    if reward.TRAINING_REWARDS[name].path_flag}
     if cfg.tiny:  # random tiny models in the real on-disk layouts, loaded by the same code as real ones
         if rank == 0:
             tiny.tiny_model_paths(cfg.output_dir, hunyuan=model_path, **reward_paths)
@@ -471,11 +472,11 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
         paths = tiny.tiny_model_paths(cfg.output_dir, hunyuan=model_path, **reward_paths)
         model_path, reward_paths = paths.pop("hunyuan"), paths
     if cfg.world and not model_path:  # the world's pretrained policy: built (or read from its cache) by rank 0
-        from toy import video_world
+        from toy import video_world_pretrain
         if rank == 0:
-            video_world.prepare_world()
+            video_world_pretrain.prepare_world()
         dist.barrier()
-        model_path = video_world.prepare_world()
+        model_path = video_world_pretrain.prepare_world()
     cfg, sources = resolve_sampling(cfg, model_path)  # shift and CFG scale: the checkpoint's unless given
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     check_schedule(cfg)  # sage's first step, the smallest step std at --eta: flag errors, before any model
@@ -916,14 +917,16 @@ def _check_config(cfg, world_size):
         cfg = dataclasses.replace(cfg, reward=["world"] if cfg.reward == Config().reward else cfg.reward,
                                   prompts=cfg.prompts or video_world.PROMPTS_FILE, num_frames=cfg.num_frames or video_world.WORLD_NUM_FRAMES,
                                   height=cfg.height or video_world.WORLD_HEIGHT, width=cfg.width or video_world.WORLD_WIDTH)
+    if "world" in (item.partition("=")[0] for item in cfg.reward):
+        if not cfg.world:
+            raise ConfigError("--reward world scores the synthetic world's latents: it needs --world (its model and prompts)")
+        from toy import video_world  # noqa: F401  (registers the world's reward with reward.py)
     try:
         reward_specs = reward.parse_reward_specs(cfg.reward)
         for name, items in reward.split_component_weights(cfg.reward_weights, tuple(reward_specs)).items():
             reward.parse_weights(items, *reward.training_reward_components(name))
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    if "world" in reward_specs and not cfg.world:
-        raise ConfigError("--reward world scores the synthetic world's latents: it needs --world (its model and prompts)")
     if cfg.reward_normalization not in ("per_reward", "total"):
         raise ConfigError(f"unknown --reward_normalization {cfg.reward_normalization!r}: expected one of "
                           f"['per_reward', 'total']")
@@ -931,7 +934,8 @@ def _check_config(cfg, world_size):
     # from here on, the checks, the loaders and the config saved in checkpoints see the local directory.
     # Needed: the policy's, and the directory of every reward that has one (--tiny builds the missing ones,
     # --world has its own policy).
-    path_flags = [reward.REWARD_PATH_FLAGS[name] for name in reward_specs if name != "world"]
+    path_flags = [reward.TRAINING_REWARDS[name].path_flag for name in reward_specs
+                  if reward.TRAINING_REWARDS[name].path_flag]
     for name in ("model_path", *path_flags, "pickscore_processor_path"):
         path = getattr(cfg, name)
         needed = name != "pickscore_processor_path" and not cfg.tiny and not (cfg.world and name == "model_path")

@@ -10,7 +10,6 @@ plan.forward_equivalents, which derives them from the flags alone.
 """
 import json
 import math
-import os
 
 import pytest
 import torch

@@ -39,8 +39,8 @@ def pretrained_reward_batches(num_batches=16, batch=16):
     """Mean world reward of `num_batches` batches of SDE rollouts of the pretrained policy."""
     import model
     import sde
-    from toy import video_world
-    pipe = model.load_hunyuan(video_world.prepare_world(), dtype=torch.float32)
+    from toy import video_world, video_world_pretrain
+    pipe = model.load_hunyuan(video_world_pretrain.prepare_world(), dtype=torch.float32)
     reward = video_world.WorldReward({"alignment": 0.0, "composition": 1.0, "brightness": 0.0})
     shape = pipe.latent_shape(video_world.WORLD_NUM_FRAMES, video_world.WORLD_HEIGHT, video_world.WORLD_WIDTH)
     sigmas = sde.shifted_sigmas(8, pipe.shift)

@@ -317,7 +317,7 @@ def test_committed_weights_are_those_of_the_default_config():
 
 @pytest.mark.slow
 def test_pretrained_ode_samples_lie_near_the_manifold_and_follow_their_prompt():
-    policy = model.load_hunyuan(world.prepare_world(), dtype=torch.float32)
+    policy = model.load_hunyuan(world_pretrain.prepare_world(), dtype=torch.float32)
     prompts = list(world.WORLD_PROMPTS) * 2
     x = world_pretrain.sample(policy, prompts, seeds=range(len(prompts)))
     blank = torch.zeros(1, *world.WORLD_LATENT_SHAPE)

@@ -78,13 +78,15 @@ pretraining regresses on it instead of on the noisy target ε − x_0 (video_wor
 
 Pictures: `render_latents` maps each latent pixel to RGB through the colour directions (frames side
 by side, one row per sample). The pretrained policy of this world is in video_world_pretrain.py;
-`prepare_world` (re-exported here) returns its diffusers-format directory.
+`video_world_pretrain.prepare_world` returns its diffusers-format directory.
 """
 import dataclasses
 import math
 import re
 
 import torch
+
+import reward
 
 # ----------------------------------------------------------------------------------------------
 # The world's geometry (each constant: why this value).
@@ -496,7 +498,8 @@ def render_latents(latents, path, prompts=None, titles=None, pixel=8):
     return path
 
 
-def prepare_world(cache_dir=None, verbose=False):
-    """Path of the world's pretrained diffusers-format HunyuanVideo-1.5 directory (video_world_pretrain.py)."""
-    from toy.video_world_pretrain import prepare_world as prepare   # diffusers is imported only when needed
-    return prepare(cache_dir=cache_dir, verbose=verbose)
+# The world's reward as a train.py `--reward` choice ("world"): plugged into reward.py's registry from here, so
+# that the product (reward.py, train.py's flag checks) never imports the toy; train.py imports this module for --world.
+reward.register_training_reward(
+    "world", WorldReward.components, tuple(DEFAULT_WEIGHTS[c] for c in WorldReward.components),
+    load=lambda path, device, dtype, weights, processor_path: WorldReward(dict(zip(WorldReward.components, weights))))

@@ -59,7 +59,6 @@ import dataclasses
 import hashlib
 import inspect
 import json
-import os
 import shutil
 import tempfile
 import time

@@ -424,8 +424,8 @@ def before_after(checkpoint, path, seeds=(0, 1, 2, 3)):
     from diffusers import HunyuanVideo15Transformer3DModel
     import model
     import sde
-    from toy import video_world
-    base = video_world.prepare_world()
+    from toy import video_world, video_world_pretrain
+    base = video_world_pretrain.prepare_world()
     pipe = model.load_hunyuan(base, dtype=torch.float32)
     prompts = list(video_world.WORLD_PROMPTS[:len(seeds)])
     embeds = model.encode_prompts(pipe, prompts)

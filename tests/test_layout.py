@@ -1,0 +1,62 @@
+"""The repository's dependencies point one way: maths ← model / reward ← train / eval ← toy.
+
+The import graph is read from the source (every `import` statement, inside functions too), not from what a
+run happens to import. Print it with `pytest tests/test_layout.py -s -k graph`.
+"""
+import ast
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MATHS = ("sde", "equalizer", "grpo", "trust_region")
+# The product: what `train.py` / `eval.py` run on the real model. None of it may import the toy.
+PRODUCT = MATHS + ("model", "reward", "tiny", "hub", "distributed", "parallel", "optimizer", "plan", "tracking",
+                   "self_check")
+
+
+def module_names():
+    names = [f[:-3] for f in os.listdir(REPO) if f.endswith(".py")]
+    names += [f"toy.{f[:-3]}" for f in os.listdir(os.path.join(REPO, "toy")) if f.endswith(".py") and f != "__init__.py"]
+    return sorted(names)
+
+
+def imports_of(name, known):
+    """The repository modules `name` imports anywhere in its source."""
+    path = os.path.join(REPO, *name.split(".")) + ".py"
+    found = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)   # from toy import video_world
+    return sorted(m for m in found if m in known and m != name)
+
+
+def graph():
+    known = set(module_names())
+    return {name: imports_of(name, known) for name in sorted(known)}
+
+
+def test_the_product_never_imports_the_toy_and_the_maths_import_only_maths():
+    edges = graph()
+    for name in PRODUCT:
+        assert not [m for m in edges[name] if m.startswith("toy.")], (name, edges[name])
+    for name in MATHS:
+        assert set(edges[name]) <= set(MATHS), (name, edges[name])
+
+
+def test_the_import_graph_has_no_cycle():
+    edges = graph()
+    print("\n".join(f"{name} -> {', '.join(targets) or '-'}" for name, targets in edges.items()))
+    state = {}
+
+    def visit(node, path):
+        if state.get(node) == "done":
+            return
+        assert state.get(node) != "open", "cycle: " + " -> ".join(path + [node])
+        state[node] = "open"
+        for target in edges[node]:
+            visit(target, path + [node])
+        state[node] = "done"
+    for node in edges:
+        visit(node, [])
