@@ -99,7 +99,7 @@ import trust_region
 
 @dataclass
 class Config:
-    # --- paths and run
+    # --- model and data
     model_path: str = ""
     """diffusers-format HunyuanVideo-1.5 (transformer/, vae/, text_encoder/, ...): a local directory or a hub id
     (hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v[@revision]) already in the hub cache; never downloaded
@@ -116,6 +116,19 @@ class Config:
     prompts: str = ""
     """prompt file: .txt (one per line), .csv (column `prompt`) or .jsonl ({"prompt": ...}), UTF-8 (a BOM is
     allowed); default prompts/example.txt, or the world's prompts/video_world.txt with --world"""
+    world: bool = False
+    """the synthetic video world (toy/video_world.py), CPU: its pretrained tiny HunyuanVideo-1.5 (built once, cached),
+    prompts, video size, shift / CFG (its checkpoint's configs) and exact, hackable reward (--reward world)"""
+    tiny: bool = False
+    """random tiny HunyuanVideo-1.5 and VideoAlign (tiny.py), CPU, gloo: the pipeline without weights; an empty
+    --model_path / --reward_path is built once under output_dir"""
+    num_frames: typing.Optional[int] = None
+    """video frames, 4k+1; default 81 (official sample_n_frames), 5 with --tiny"""
+    height: typing.Optional[int] = None
+    """video height in pixels, multiple of 16; default 352 (official 480p bucket 352x624), 16 with --tiny"""
+    width: typing.Optional[int] = None
+    """video width in pixels, multiple of 16; default 624 (official 480p bucket 352x624), 16 with --tiny"""
+    # --- run
     output_dir: str = "runs/sage_grpo"
     """checkpoints, metrics.jsonl and sample videos go here (shared filesystem for multi-node)"""
     resume: bool = False
@@ -126,16 +139,15 @@ class Config:
     """start afresh in an output_dir that holds a run: first delete its numbered checkpoints, metrics.jsonl,
     curves.png, samples/ and the tracker's tensorboard/ and wandb_run_id (nothing else); without it (or --resume)
     such a directory is refused"""
-    world: bool = False
-    """the synthetic video world (toy/video_world.py), CPU: its pretrained tiny HunyuanVideo-1.5 (built once, cached),
-    prompts, video size, shift / CFG (its checkpoint's configs) and exact, hackable reward (--reward world)"""
-    tiny: bool = False
-    """random tiny HunyuanVideo-1.5 and VideoAlign (tiny.py), CPU, gloo: the pipeline without weights; an empty
-    --model_path / --reward_path is built once under output_dir"""
     seed: int = 42
     """base seed of prompt order, rollout noise and step order (official post_train.py: 42)"""
     max_iterations: int = 10000
     """number of rollout iterations (official max_steps 10000)"""
+    self_check: bool = False
+    """instead of training, the pre-flight check of this setup (self_check.py): one rollout, then the on-policy
+    ratio per step, bf16 vs fp32 log-probs, batched CFG vs two forwards, batch 1 vs B, the reward and a failed
+    video, the trust region's activity at β, the equalizer weights; a pass/fail table, printed and written to
+    output_dir/self_check.md; exit status 1 on a FAIL. Nothing is saved; an output_dir holding a run is untouched"""
     # --- sampling (rollouts)
     num_steps: int = 20
     """denoising steps N per rollout (paper / official grpo_sampling_steps 20)"""
@@ -148,12 +160,18 @@ class Config:
     """stochastic transition kernel: sage | flow_grpo | dance_grpo | cps (sde.STOCHASTIC_KERNELS)"""
     cfg_scale: typing.Optional[float] = None
     """classifier-free guidance scale; default: the checkpoint's guider config (480p T2V: 6, = official cfg_scale)"""
-    num_frames: typing.Optional[int] = None
-    """video frames, 4k+1; default 81 (official sample_n_frames), 5 with --tiny"""
-    height: typing.Optional[int] = None
-    """video height in pixels, multiple of 16; default 352 (official 480p bucket 352x624), 16 with --tiny"""
-    width: typing.Optional[int] = None
-    """video width in pixels, multiple of 16; default 624 (official 480p bucket 352x624), 16 with --tiny"""
+    sde_window: int = 0
+    """K > 0: only a window of K consecutive steps is stochastic and trained, the others are ODE steps, so the update
+    recomputes K steps instead of N (MixGRPO; Flow-Factory num_sde_steps, VeRL-Omni sde_window_size); 0: all N steps
+    (official). README: "Cost options" """
+    sde_window_placement: str = "fixed"
+    """where the window lies: fixed (steps sde_window_start … +K−1) | random (a new start every iteration, the same
+    on every rank) | moving (MixGRPO's progressive window: it starts at step 0, the highest noise, moves one step
+    towards low noise every --sde_window_shift_every iterations and stays at the last K steps)"""
+    sde_window_start: int = 0
+    """first step of a fixed window (0 = σ 1, the highest noise)"""
+    sde_window_shift_every: int = 25
+    """iterations per one-step move of a moving window"""
     # --- GRPO
     group_size: int = 4
     """rollouts per prompt G (official num_generations 4)"""
@@ -169,18 +187,6 @@ class Config:
     train_step_fraction: float = 1.0
     """fraction of the N steps (of the SDE window's K with --sde_window) trained per sample, in a per-sample random
     order (official timestep_fraction 1.0)"""
-    sde_window: int = 0
-    """K > 0: only a window of K consecutive steps is stochastic and trained, the others are ODE steps, so the update
-    recomputes K steps instead of N (MixGRPO; Flow-Factory num_sde_steps, VeRL-Omni sde_window_size); 0: all N steps
-    (official). README: "Cost options" """
-    sde_window_placement: str = "fixed"
-    """where the window lies: fixed (steps sde_window_start … +K−1) | random (a new start every iteration, the same
-    on every rank) | moving (MixGRPO's progressive window: it starts at step 0, the highest noise, moves one step
-    towards low noise every --sde_window_shift_every iterations and stays at the last K steps)"""
-    sde_window_start: int = 0
-    """first step of a fixed window (0 = σ 1, the highest noise)"""
-    sde_window_shift_every: int = 25
-    """iterations per one-step move of a moving window"""
     equalizer: bool = True
     """gradient-norm equalizer S_t on the policy loss (official use_grad_balancing True)"""
     equalizer_median: str = "geometric"
@@ -188,10 +194,6 @@ class Config:
     the lower middle value, every S_t 1/1.0871 of ours at 20 steps); equalizer.py"""
     updates_per_rollout: int = 1
     """optimizer updates per rollout; > 1 makes the clip and the step-wise KL act (official 1)"""
-    ema_decay: float = 0.0
-    """d in (0, 1): keep θ_ema <- d·θ_ema + (1 − d)·θ after every update, in each checkpoint (ema/ for --resume,
-    ema_transformer/ in diffusers format, which eval.py evaluates beside transformer/); 0: none (official).
-    FlowGRPO's ema; README: "Cost options" """
     # --- trust region
     kl_mode: str = "dual"
     """none | fixed | step | moving | dual (official use_moving_KL + use_dual_kl = dual)"""
@@ -231,19 +233,6 @@ class Config:
     the moving anchor's KL rises from 0; 1 = PPO's per-update rule)"""
     beta_switch_step: int = 100
     """two_stage only: optimizer update at which β switches (ours: the paper gives the two values, not the switch)"""
-    anchor_offload: bool = False
-    """keep the anchor's shards on CPU (FSDP2 CPUOffloadPolicy; official reference_mode_offload)"""
-    text_encoder_offload: bool = False
-    """keep the text encoders (Qwen2.5-VL-7B: 15 GB bf16) on CPU, on the GPU only while encoding prompts; our choice"""
-    prompt_cache: int = 512
-    """prompts whose embeddings are kept (on the CPU, real tokens only: ~0.5 MB each at the real model's widths)
-    and reused when they come back in a later iteration (model.PromptCache); our choice: the text encoders are
-    frozen, so a prompt is encoded once per run instead of once per iteration"""
-    vae_tiling: typing.Optional[bool] = None
-    """decode the rollouts in overlapping 256-pixel tiles (model.set_vae_tiling; diffusers' tile defaults, as its
-    HunyuanVideo-1.5 example): far less decoder memory at 81x352x624, frames differ slightly at the tile seams
-    (measured in the README). Default: on with CUDA, off on CPU, where videos are smaller than a tile anyway;
-    --no-vae_tiling / --vae_tiling force it. Checkpoints store the value used"""
     # --- reward
     reward: list[str] = dataclasses.field(default_factory=lambda: ["videoalign"])
     """the rewards optimised, each name or name=weight: videoalign (the paper's, --reward_path) | clipscore
@@ -261,7 +250,7 @@ class Config:
     """name=value per reward component to reweight, e.g. --reward_weights ta=2; unnamed components keep the
     reward's defaults (VideoAlign: vq=0.5 mq=0.5 ta=1.0, paper setting B / official reward_weights; the world:
     alignment=1 composition=0.5 brightness=0.5)"""
-    # --- optimisation
+    # --- optimizer
     optimizer: str = "muon"
     """muon (official use_muon: Newton-Schulz on every 2-D weight, lr matched to AdamW's update RMS, AdamW for
     the rest; whole matrices under FSDP2) | adamw; optimizer.py"""
@@ -278,27 +267,32 @@ class Config:
     from prompts that quote text to render; --no-train_glyph_projector freezes it and keeps it whole on every rank
     instead of sharding it (no all-gather per forward). Our choice for the video world (its prompts quote no text,
     and the projector is 87 % of its parameters)"""
+    ema_decay: float = 0.0
+    """d in (0, 1): keep θ_ema <- d·θ_ema + (1 − d)·θ after every update, in each checkpoint (ema/ for --resume,
+    ema_transformer/ in diffusers format, which eval.py evaluates beside transformer/); 0: none (official).
+    FlowGRPO's ema; README: "Cost options" """
+    # --- parallelism and memory
+    sp_size: int = 1
+    """sequence parallelism: this many consecutive ranks hold the same videos and split each one's tokens (Ulysses,
+    parallel.py); must divide the world size and the 16 heads (official sp_size 2 on 64 GPUs)"""
     gradient_checkpointing: typing.Optional[bool] = None
     """recompute block activations in backward (official enable_gradient_checkpointing). Default: on with CUDA
     (the 8.3B model's activations do not fit otherwise), off on CPU (--tiny, --world: small activations, and one
     transformer forward fewer per trained step); --gradient_checkpointing / --no-gradient_checkpointing force it"""
-    sp_size: int = 1
-    """sequence parallelism: this many consecutive ranks hold the same videos and split each one's tokens (Ulysses,
-    parallel.py); must divide the world size and the 16 heads (official sp_size 2 on 64 GPUs)"""
-    self_check: bool = False
-    """instead of training, the pre-flight check of this setup (self_check.py): one rollout, then the on-policy
-    ratio per step, bf16 vs fp32 log-probs, batched CFG vs two forwards, batch 1 vs B, the reward and a failed
-    video, the trust region's activity at β, the equalizer weights; a pass/fail table, printed and written to
-    output_dir/self_check.md; exit status 1 on a FAIL. Nothing is saved; an output_dir holding a run is untouched"""
-    # --- logging and checkpoints
-    checkpoint_every: int = 100
-    """iterations between checkpoints (official save_interval 100); the last iteration is always saved"""
-    checkpoint_every_minutes: float = 60.0
-    """also checkpoint once this many minutes have passed since the last one (0 = off; ours: at ~5 min per
-    iteration, 100 iterations are 8 hours); SIGTERM (preemption) always writes one, then the run exits"""
-    keep_checkpoints: int = 2
-    """newest complete checkpoints kept, deleted only once a newer one is complete; 2 so that a corrupt newest
-    one can fall back to the previous (ours: disk)"""
+    anchor_offload: bool = False
+    """keep the anchor's shards on CPU (FSDP2 CPUOffloadPolicy; official reference_mode_offload)"""
+    text_encoder_offload: bool = False
+    """keep the text encoders (Qwen2.5-VL-7B: 15 GB bf16) on CPU, on the GPU only while encoding prompts; our choice"""
+    prompt_cache: int = 512
+    """prompts whose embeddings are kept (on the CPU, real tokens only: ~0.5 MB each at the real model's widths)
+    and reused when they come back in a later iteration (model.PromptCache); our choice: the text encoders are
+    frozen, so a prompt is encoded once per run instead of once per iteration"""
+    vae_tiling: typing.Optional[bool] = None
+    """decode the rollouts in overlapping 256-pixel tiles (model.set_vae_tiling; diffusers' tile defaults, as its
+    HunyuanVideo-1.5 example): far less decoder memory at 81x352x624, frames differ slightly at the tile seams
+    (measured in the README). Default: on with CUDA, off on CPU, where videos are smaller than a tile anyway;
+    --no-vae_tiling / --vae_tiling force it. Checkpoints store the value used"""
+    # --- logging and tracking
     sample_every: int = 50
     """iterations between saved sample videos (official validation_interval 50); 0 = never"""
     eval_every: int = 0
@@ -313,6 +307,15 @@ class Config:
     """none | tensorboard (output_dir/tensorboard/) | wandb (WANDB_MODE=offline for no network): the metrics rows,
     the config and the sample videos also go to this experiment tracker, from rank 0; resume continues its run
     (tracking.py; the packages are optional: pip install tensorboard / wandb)"""
+    # --- reliability
+    checkpoint_every: int = 100
+    """iterations between checkpoints (official save_interval 100); the last iteration is always saved"""
+    checkpoint_every_minutes: float = 60.0
+    """also checkpoint once this many minutes have passed since the last one (0 = off; ours: at ~5 min per
+    iteration, 100 iterations are 8 hours); SIGTERM (preemption) always writes one, then the run exits"""
+    keep_checkpoints: int = 2
+    """newest complete checkpoints kept, deleted only once a newer one is complete; 2 so that a corrupt newest
+    one can fall back to the previous (ours: disk)"""
     max_failed_iterations: int = 10
     """stop after this many consecutive iterations without an optimizer update (every reward failed, or the loss
     or gradient was not finite): a broken reward model must not burn days (ours)"""
@@ -850,30 +853,58 @@ def collective_failure(error):
 # Configuration: flags, checks (all before any model is loaded), the settings read from the checkpoint.
 
 def _field_docs(cls):
-    """{field: the string literal under it} (cleanrl-style field docs, reused as --help)."""
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    return {a.target.id: b.value.value for a, b in zip(body, body[1:])
+    """({field: the string literal under it}, {field: its group}): cleanrl-style field docs reused as --help, and the
+    `# --- title` comment above each field, which groups the flags in --help."""
+    source = inspect.getsource(cls)
+    body = ast.parse(source).body[0].body
+    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    titles, title = [], "options"
+    for line in source.splitlines():
+        title = line.strip()[len("# --- "):] if line.strip().startswith("# --- ") else title
+        titles.append(title)
+    groups = {a.target.id: titles[a.lineno - 1] for a in body if isinstance(a, ast.AnnAssign)}
+    return docs, groups
 
 
-def parse_config(argv=None, cls=Config, description=__doc__):
+def parse_config(argv=None, cls=Config, description=__doc__, extra=(), usage=None):
     """Every field of the config dataclass is a flag: --name value; booleans --name / --no-name; lists
-    nargs; an Optional field left out stays None ("from the checkpoint" or "the default size")."""
-    parser = argparse.ArgumentParser(description=description.splitlines()[0])
-    docs = _field_docs(cls)
+    nargs; an Optional field left out stays None ("from the checkpoint" or "the default size"). --help lists them
+    in the groups of the dataclass's `# --- title` comments. extra: (flag, help) of flags handled before parsing
+    (train.py's --plan), listed in --help only."""
+    parser = argparse.ArgumentParser(description=description.splitlines()[0], usage=usage,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    docs, groups = _field_docs(cls)
+    sections = {}
     for field in dataclasses.fields(cls):
+        group = groups.get(field.name, "options")
+        if group not in sections:
+            sections[group] = parser.add_argument_group(group)
         default = field.default_factory() if field.default is dataclasses.MISSING else field.default
-        help = f"{' '.join(docs.get(field.name, '').split())} (default: {default})"
+        help = " ".join(docs.get(field.name, "").split()).replace("%", "%%") or " "  # argparse formats with %
         kind = field.type
         if typing.get_origin(kind) is typing.Union:  # Optional[X] -> X
             kind = next(t for t in typing.get_args(kind) if t is not type(None))
         if kind is bool:
-            parser.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, default=default, help=help)
+            sections[group].add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, default=default,
+                                         help=help)
         elif typing.get_origin(kind) is list:
-            parser.add_argument(f"--{field.name}", nargs="*", type=typing.get_args(kind)[0], default=default, help=help)
+            sections[group].add_argument(f"--{field.name}", nargs="*", type=typing.get_args(kind)[0], default=default,
+                                         help=help)
         else:
-            parser.add_argument(f"--{field.name}", type=kind, default=default, help=help)
-    return cls(**vars(parser.parse_args(argv)))
+            sections[group].add_argument(f"--{field.name}", type=kind, default=default, help=help)
+    for flag, help in extra:
+        parser.add_argument(flag, action="store_true", help=help)
+    args = vars(parser.parse_args(argv))
+    for flag, _ in extra:
+        args.pop(flag.lstrip("-"))
+    return cls(**args)
+
+
+USAGE = ("python train.py [flags]   |   torchrun --nproc_per_node N train.py [flags]   |   "
+         "python train.py --plan [plan.py flags]")
+PLAN_HELP = ("instead of training: plan.py's memory per GPU and time per iteration for the plan.py flags that follow "
+             "(e.g. --plan --world_size 8 --sp_size 2 --sde_window 4; python plan.py --help); no weights, no GPU")
 
 
 class ConfigError(ValueError):
@@ -1512,7 +1543,7 @@ if __name__ == "__main__":
         import plan
         sys.exit(plan.main([arg for arg in sys.argv[1:] if arg != "--plan"]))
     try:
-        result = main(parse_config())
+        result = main(parse_config(extra=[("--plan", PLAN_HELP)], usage=USAGE))
         status = result if "--self_check" in sys.argv[1:] else 0  # self-check: 1 if a check FAILed
     except (ConfigError, RunError) as error:  # our own message: once (rank 0), without a traceback
         report_error(f"train.py: error: {error}")

@@ -4,8 +4,10 @@ atomic checkpoints, non-finite updates skipped, and input errors raised before a
 Every run is tiny (2 denoising steps, 5x16x16 video -> latent (4, 3, 4, 4), one transformer block);
 the learning rate is raised to 1e-3 so that one update is far above float noise.
 """
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -721,6 +723,22 @@ def test_bad_input_raises_a_clear_error_before_any_work(case, message, tmp_path,
 # ------------------------------------------------------------------------------------------------
 # The small pieces.
 
+def test_help_lists_every_flag_in_its_group_and_the_planner(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_config(["--help"], extra=[("--plan", train.PLAN_HELP)], usage=train.USAGE)
+    text = capsys.readouterr().out
+    titles = ["model and data:", "run:", "sampling (rollouts):", "GRPO:", "trust region:", "reward:", "optimizer:",
+              "parallelism and memory:", "logging and tracking:", "reliability:"]
+    positions = [text.index("\n" + title + "\n") for title in titles]
+    assert positions == sorted(positions)                                   # the groups, in this order
+    sections = dict(zip(titles, [text[a:b] for a, b in zip(positions, positions[1:] + [len(text)])]))
+    assert "--sde_window " in sections["sampling (rollouts):"] and "--beta_schedule" in sections["trust region:"]
+    assert "--sp_size" in sections["parallelism and memory:"] and "--checkpoint_every " in sections["reliability:"]
+    assert "--plan" in text[:positions[0]] and "python train.py --plan [plan.py flags]" in text
+    for field in dataclasses.fields(train.Config):                          # every field, once
+        assert len(re.findall(rf"^  --{field.name}\b", text, re.MULTILINE)) == 1, field.name
+
+
 @pytest.mark.slow
 def test_every_config_field_is_a_command_line_flag():
     cfg = train.parse_config(["--eta", "0.3", "--no-equalizer", "--kernel", "flow_grpo", "--lora_rank", "8",
@@ -728,7 +746,7 @@ def test_every_config_field_is_a_command_line_flag():
     assert (cfg.eta, cfg.equalizer, cfg.kernel, cfg.lora_rank, cfg.anchor_offload, cfg.kl_mode,
             cfg.train_step_fraction) == (0.3, False, "flow_grpo", 8, True, "moving", 0.5)
     assert train.parse_config([]) == train.Config()
-    docs = train._field_docs(train.Config)
+    docs, _ = train._field_docs(train.Config)
     assert set(docs) == {f.name for f in train.dataclasses.fields(train.Config)} and all(docs.values())
 
 
