@@ -178,8 +178,9 @@ class Config:
     same_noise_per_group: bool = False
     """every member of a group starts from the same initial noise; the SDE noise still differs (official
     use_same_noise False; FlowGRPO same_latent, DanceGRPO use_same_noise)"""
-    videos_per_rank: int = 2
-    """rollouts each rank makes per iteration (official batch_size 2)"""
+    videos_per_rank: typing.Optional[int] = None
+    """rollouts each rank makes per iteration; default: the fewest, at least 2, that fill whole groups of
+    --group_size over the data-parallel ranks: 2 on 8 ranks (official batch_size 2), 4 on one process"""
     clip_range: float = grpo.CLIP_RANGE
     """PPO clip ε on the per-step ratio (official clip_range 1e-4)"""
     adv_clip: float = grpo.ADVANTAGE_CLIP
@@ -1012,7 +1013,9 @@ def _check_config(cfg, world_size):
         raise ConfigError(f"--reward_input mp4 needs an even height and width (yuv420p), got {cfg.height}x{cfg.width}")
     if cfg.group_size < 2:
         raise ValueError(f"group_size must be >= 2 (a group of one has no baseline), got {cfg.group_size}")
-    if cfg.videos_per_rank < 1:
+    if cfg.sp_size >= 1 and world_size % cfg.sp_size == 0 and cfg.videos_per_rank is None:
+        cfg = dataclasses.replace(cfg, videos_per_rank=default_videos_per_rank(cfg.group_size, world_size // cfg.sp_size))
+    if cfg.videos_per_rank is not None and cfg.videos_per_rank < 1:
         raise ValueError(f"videos_per_rank must be >= 1, got {cfg.videos_per_rank}")
     if cfg.sp_size < 1 or world_size % cfg.sp_size:
         raise ValueError(f"--sp_size must be a divisor of the world size {world_size}, got {cfg.sp_size}")
@@ -1119,6 +1122,12 @@ def check_schedule(cfg):
                           f"{low:.2g}, below {MIN_STEP_STD:g}: its log-probs would be fp32 round-off; expected --eta >= "
                           f"{cfg.eta * MIN_STEP_STD / low:.3g} for --kernel {cfg.kernel}, {cfg.num_steps} steps, shift "
                           f"{cfg.shift:g}" if low > 0 else f"--eta {cfg.eta:g}: every step's std underflows to 0")
+
+
+def default_videos_per_rank(group_size, dp_size):
+    """The fewest videos per rank, at least 2, whose total over `dp_size` data-parallel ranks is a multiple of
+    the group size: (4, 8) -> 2 (the official layout), (4, 1) -> 4, (8, 2) -> 4, (4, 3) -> 4."""
+    return next(v for v in range(2, 2 * group_size + 1) if (v * dp_size) % group_size == 0)
 
 
 def check_sde_window(cfg):

@@ -92,7 +92,8 @@ def two_rank_run(tiny_models, tmp_path_factory):
 
 # The official recipe's values (paper; Tencent-Hunyuan/SAGE-GRPO post_train.py, train_grpo.sh), each named in its
 # Config field's docstring. β's schedule is left to the trust-region tests (its default is a measured choice).
-OFFICIAL_DEFAULTS = {"num_steps": 20, "eta": 0.5, "kernel": "sage", "group_size": 4, "videos_per_rank": 2,
+OFFICIAL_DEFAULTS = {"num_steps": 20, "eta": 0.5, "kernel": "sage", "group_size": 4,
+                     "videos_per_rank": None,  # derived: 2 on the official 8 ranks (test below), 4 on one process
                      "same_noise_per_group": False, "clip_range": 1e-4, "adv_clip": 5.0, "train_step_fraction": 1.0,
                      "equalizer": True, "updates_per_rollout": 1, "kl_mode": "dual", "anchor_period": 10,
                      "sde_window": 0, "ema_decay": 0.0,  # every step stochastic and trained; no EMA
@@ -107,6 +108,18 @@ OFFICIAL_DEFAULTS = {"num_steps": 20, "eta": 0.5, "kernel": "sage", "group_size"
 def test_config_defaults_are_the_official_recipes_values():
     defaults = train.parse_config([])  # what a user gets with no flags, through the real parser
     assert {name: getattr(defaults, name) for name in OFFICIAL_DEFAULTS} == OFFICIAL_DEFAULTS
+    # videos per rank: the official batch_size 2 on its 8 ranks; on fewer ranks the fewest that fill whole groups
+    assert [train.default_videos_per_rank(4, ranks) for ranks in (8, 4, 2, 1)] == [2, 2, 2, 4]
+    assert train.default_videos_per_rank(8, 1) == 8 and train.default_videos_per_rank(4, 3) == 4
+
+
+@pytest.mark.slow
+def test_the_tiny_defaults_run_on_one_process(tmp_path):
+    """`python train.py --tiny --num_steps 2 --max_iterations 1 --output_dir X`: no other flag needed on one process."""
+    train.main(train.parse_config(["--tiny", "--num_steps", "2", "--max_iterations", "1", "--output_dir", str(tmp_path)]))
+    (row,) = metrics(tmp_path)
+    assert row["update_step"] == 1 and json.load(open(tmp_path / "checkpoint-000001" / "trainer_state.json"))[
+        "config"]["videos_per_rank"] == 4   # one group of the default 4
 
 
 def test_training_curves_are_drawn_from_the_metrics(tmp_path):
@@ -715,7 +728,7 @@ def test_bad_input_raises_a_clear_error_before_any_work(case, message, tmp_path,
             "unknown_normalization": ["--tiny", "--reward_normalization", "zscore"],
             }[case]
     if "--group_size" not in args:
-        args += ["--group_size", "2"]  # the defaults (G = 4, 2 videos per rank) need 2 ranks
+        args += ["--group_size", "2"]  # a group of 2: the fewest videos per rank (2) on one process
     with pytest.raises(ValueError, match=message):
         train.main(train.parse_config(args))
 
