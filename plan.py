@@ -571,6 +571,13 @@ def table(plans):
     return "\n".join(lines)
 
 
+def quadratic_term(activation):
+    """' + b B x L' of the activation fit, or ' (no L² term)' when b is below one byte per 10^6 tokens (a flash
+    attention saves no L x L matrix: the fit's b is then round-off, printed as ±0.0e+00 otherwise)."""
+    b = activation["per_token_squared"]
+    return " (no L² term)" if abs(b) < 1e-6 else f" + {b:.1e} B x L"
+
+
 def report(setups, **limits):
     plans = [plan(s, **limits) for s in setups]
     activation = calibrate_activations()
@@ -582,7 +589,7 @@ def report(setups, **limits):
                          + (f"fits with: {' | '.join(f'`{text}`' for text, _ in fixes)}" if fixes else
                             "no set of up to 3 changes tried fits"))
     lines.append(f"\nMeasured: transformer parameters {measure_states(1, 0, 'adamw')['parameters'] / 1e9:.3f}B; activations per block per token "
-                 f"{activation['per_token'] / 1024:.1f} KiB + {activation['per_token_squared']:.1e} B x L "
+                 f"{activation['per_token'] / 1024:.1f} KiB{quadratic_term(activation)} "
                  f"(bf16, CPU calibration at L = {', '.join(str(n) for n, _ in activation['points'])}); "
                  f"forward per sequence {plans[0]['flops']['forward_per_sequence'] / 1e12:.0f} TFLOP "
                  f"({plans[0]['setup'].name}).")

@@ -96,3 +96,9 @@ def test_the_command_prints_the_table_and_what_to_change(capsys):
     assert plan.main(["--world_size", "8", "--anchor_offload", "--gpu_memory_gib", "60"]) == 0
     out = capsys.readouterr().out
     assert "| **total GiB** (H100: 60.0) |" in out and "fits with: `--text_encoder_offload`" in out
+
+
+def test_the_report_says_no_quadratic_term_instead_of_printing_round_off():
+    assert plan.quadratic_term({"per_token_squared": -0.0}) == " (no L² term)"
+    assert plan.quadratic_term({"per_token_squared": 3e-9}) == " (no L² term)"
+    assert plan.quadratic_term({"per_token_squared": 2.5}) == " + 2.5e+00 B x L"

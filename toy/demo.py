@@ -79,13 +79,27 @@ def draw_circle(ax):
     ax.set_aspect("equal"), ax.set_xlim(-1.9, 1.9), ax.set_ylim(-1.9, 1.9), ax.set_xticks([]), ax.set_yticks([])
 
 
-def scatter(ax, x, labels, title):
+LEGEND_ROOM = (0, 0.07, 1, 1)  # tight_layout's rect for a figure with scatter's legend below it
+
+
+def scatter(ax, x, labels, title, legend=False):
+    """Samples coloured by their prompt (blue: prompt 0, red: prompt 1) around the data manifold (grey circle), and
+    each prompt's reward target (hollow star of its colour). legend: explain them below the figure (the caller
+    leaves room: tight_layout(rect=LEGEND_ROOM))."""
     draw_circle(ax)
     ax.scatter(x[:, 0], x[:, 1], c=labels, cmap="coolwarm", s=2, alpha=0.5, vmin=0, vmax=1)
     t = targets(torch.arange(2))
     # hollow stars: a policy that hacks the reward piles its samples right on them
     ax.scatter(t[:, 0], t[:, 1], marker="*", s=160, facecolors="none", edgecolors=["tab:blue", "tab:red"], zorder=3)
     ax.set_title(title, fontsize=9)
+    if legend:
+        from matplotlib.lines import Line2D
+        handles = [Line2D([], [], color="0.6", lw=0.8, label="data manifold (circle)"),
+                   Line2D([], [], ls="", marker="o", color=plt.get_cmap("coolwarm")(0.0), label="sample, prompt 0"),
+                   Line2D([], [], ls="", marker="o", color=plt.get_cmap("coolwarm")(1.0), label="sample, prompt 1"),
+                   Line2D([], [], ls="", marker="*", markersize=10, markerfacecolor="none", color="0.3",
+                          label="reward target of the prompt (off the manifold: a hacking policy piles its samples here)")]
+        ax.figure.legend(handles=handles, fontsize=7, loc="lower center", ncol=4, frameon=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,10 +128,11 @@ def experiment_1(model, settings, out):
         lines.append(f"| {k} | " + " | ".join(f"{distance[k, n]:.4f}" for n in settings.step_counts) + f" | {first_last} |")
 
     # pictures: rollouts per kernel (a row of scatter plots), and the paper's Fig. 1 analogue
-    fig, axes = plt.subplots(1, len(KERNELS), figsize=(3 * len(KERNELS), 3.7))
+    fig, axes = plt.subplots(1, len(KERNELS), figsize=(3 * len(KERNELS), 4.1))
     for ax, k in zip(axes, KERNELS):
-        scatter(ax, samples[k, n_mid], labels, f"{k}: {n_mid} steps\noff-manifold {distance[k, n_mid]:.4f}")
-    fig.tight_layout(), fig.savefig(out / "rollouts_per_kernel.png", dpi=110), plt.close(fig)
+        scatter(ax, samples[k, n_mid], labels, f"{k}: {n_mid} steps\noff-manifold {distance[k, n_mid]:.4f}",
+                legend=ax is axes[0])
+    fig.tight_layout(rect=LEGEND_ROOM), fig.savefig(out / "rollouts_per_kernel.png", dpi=110), plt.close(fig)
 
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 3.8))
     for k in GRPO_KERNELS:
@@ -167,13 +182,13 @@ def experiment_2(model, settings, out):
               for name, (c, m, _, _) in results.items()]
 
     # samples before / after (seed 0), and training curves (mean ± std band over seeds)
-    fig, axes = plt.subplots(1, 1 + len(results), figsize=(3.2 * (1 + len(results)), 3.8))
+    fig, axes = plt.subplots(1, 1 + len(results), figsize=(3.2 * (1 + len(results)), 4.2))
     x, labels = pretrained_samples
     scatter(axes[0], x[0], labels[0], f"pretrained\nreward {pretrained_metrics['reward'][0]:.3f}, "
-                                      f"off {pretrained_metrics['off_manifold'][0]:.3f}")
+                                      f"off {pretrained_metrics['off_manifold'][0]:.3f}", legend=True)
     for ax, (name, (_, m, (x, labels), _)) in zip(axes[1:], results.items()):
         scatter(ax, x[0], labels[0], f"{name} (seed 0)\nreward {m['reward'][0]:.3f}, off {m['off_manifold'][0]:.3f}")
-    fig.tight_layout(), fig.savefig(out / "samples_before_after.png", dpi=110), plt.close(fig)
+    fig.tight_layout(rect=LEGEND_ROOM), fig.savefig(out / "samples_before_after.png", dpi=110), plt.close(fig)
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     for name, (_, _, _, history) in results.items():
