@@ -308,6 +308,9 @@ class Config:
     """none | tensorboard (output_dir/tensorboard/) | wandb (WANDB_MODE=offline for no network): the metrics rows,
     the config and the sample videos also go to this experiment tracker, from rank 0; resume continues its run
     (tracking.py; the packages are optional: pip install tensorboard / wandb)"""
+    verbose: bool = False
+    """keep diffusers' and transformers' own messages and progress bars (loading, weight conversion warnings); without
+    it the run prints one line per setup phase and its progress bar"""
     # --- reliability
     checkpoint_every: int = 100
     """iterations between checkpoints (official save_interval 100); the last iteration is always saved"""
@@ -443,6 +446,8 @@ class RunError(RuntimeError):
 def main(cfg):
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     cfg, prompts = check_config(cfg, world_size)  # every input error raises here, before any model is loaded
+    if not cfg.verbose:
+        quiet_libraries()
     rank, world_size, device, mesh = distributed.setup(use_cuda=not (cfg.tiny or cfg.world),
                                                        timeout_minutes=cfg.collective_timeout_minutes)
     try:
@@ -491,11 +496,15 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
     # Frozen parts (text encoders, VAE) in the compute dtype; the policy in fp32 (master weights),
     # from the checkpoint when resuming. The pipeline is loaded without its transformer: the policy's
     # weights are read once, by rank 0 (distributed.load_policy).
+    say = print if rank == 0 else (lambda *args, **kwargs: None)
+    say(f"setup: text encoders and VAE from {model_path}", flush=True)
     pipe = model.load_hunyuan(model_path, device="cpu", dtype=compute_dtype, load_transformer=False)
     policy_path = checkpoint if checkpoint and cfg.lora_rank == 0 else model_path  # where the policy's weights are
     if cfg.gradient_checkpointing is None:  # on with CUDA, off on CPU
         cfg = dataclasses.replace(cfg, gradient_checkpointing=device.type == "cuda")
     w_anchor, _ = trust_region.kl_weights(cfg.kl_mode, cfg.kl_anchor_weight, cfg.kl_step_weight)
+    say(f"setup: the policy from {policy_path} (FSDP2 over {world_size} rank(s){', with its anchor' if w_anchor else ''})",
+        flush=True)
     policy, anchor_module = distributed.load_policy(
         policy_path, mesh, device, rank, compute_dtype,
         lora_rank=cfg.lora_rank, gradient_checkpointing=cfg.gradient_checkpointing, with_anchor=w_anchor > 0,
@@ -525,6 +534,8 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
         anchor = trust_region.MovingAnchor(policy, trust_region.anchor_period_for(cfg.kl_mode, cfg.anchor_period),
                                            anchor=anchor_module)
     # the rewards and their weights; the total is computed by the mix (reward.RewardMix), train.py reads "reward"
+    say(f"setup: reward {', '.join(f'{n} ({reward_paths[n]})' if n in reward_paths else n for n in reward_specs)}",
+        flush=True)
     reward_model = reward.load_training_rewards(reward_specs, reward_paths, device=device, dtype=compute_dtype,
                                                 weight_items=cfg.reward_weights,
                                                 processor_paths={"pickscore": cfg.pickscore_processor_path or None})
@@ -1534,6 +1545,18 @@ class PhaseTimer:
         if self.start is not None:
             self.times[f"time_{self.start[0]}"] = now - self.start[1]
         self.start = (name, now) if name else None
+
+
+def quiet_libraries():
+    """diffusers' and transformers' info and warnings (loading reports, "Guiders are an experimental feature", the
+    float32-modules note) and their progress bars off: the run's own lines stay readable; --verbose keeps them."""
+    import diffusers
+    import huggingface_hub
+    import transformers
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def report_error(message):
