@@ -13,8 +13,8 @@ scored by
     CLIPScore   CLIP image-text similarity, averaged over frames;
     PickScore   the PickScore CLIP model's image-text score, averaged over frames.
 Writes output_dir/results.json (per model and per sample), output_dir/results.md (one table, one
-row per model) and output_dir/videos/<model>/<prompt>_<seed>.mp4 (a PNG frame grid when
-imageio-ffmpeg is not installed). Both result files are rewritten after every model, so a failure
+row per model) and output_dir/videos/<model>/<prompt>_<seed>.mp4 (H.264 written by PyAV, the reward's
+own mp4 writer; a PNG frame grid for an odd frame size). Both result files are rewritten after every model, so a failure
 later (a bad checkpoint, a kill) never loses the scores of the models already evaluated.
 
 The checkpoints are checked before any model is loaded, as train.py's --resume checks them
@@ -328,7 +328,7 @@ def video_scorer(pipe, reward_path, clip_path, pick_path, processor_path, device
         scores = dict(videoalign(frames, prompts))
         scores["overall"] = scores["vq"] + scores["mq"] + scores["ta"]
         scores["clip_score"], scores["pick_score"] = clip_score(frames, prompts), pick_score(frames, prompts)
-        save = lambda b, path: save_video((frames[b].permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu(), path)  # noqa: E731
+        save = lambda b, path: save_video(frames[b], path)  # noqa: E731
         return scores, save
     return score
 

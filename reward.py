@@ -298,24 +298,23 @@ MP4_CODEC = "libx264"
 MP4_PIXEL_FORMAT = "yuv420p"
 
 
-def mp4_round_trip(frames, fps=MP4_FPS, crf=MP4_CRF):
-    """Encode frames as an 8-bit H.264 mp4 in memory and decode it back.  (F, 3, H, W) -> (F, 3, H, W).
+def encode_mp4(frames, fps=MP4_FPS, crf=MP4_CRF):
+    """Frames (F, 3, H, W), float in [0, 1] (clamped), as the bytes of an 8-bit H.264 mp4 (yuv420p, CRF `crf`).
 
-    frames: float in [0, 1] (clamped), H and W even (4:2:0 chroma halves both; an odd size raises
-    ValueError rather than padding, which would change what the reward sees). Colours are rounded to
-    8 bits, converted RGB -> YUV 4:2:0 and back by FFmpeg's default (BT.601) conversion, as FFmpeg's
-    command line does. Returns float32 in [0, 1] on frames' device.
+    H and W must be even (4:2:0 chroma halves both; an odd size raises ValueError rather than padding, which
+    would change what the reward sees). Colours are rounded to 8 bits and converted RGB -> YUV 4:2:0 by
+    FFmpeg's default (BT.601) conversion, as FFmpeg's command line does. The one video writer of the
+    project: the reward's mp4 input (mp4_round_trip) and the saved sample / evaluation videos.
     """
     import io
 
     import av  # PyAV: FFmpeg with libx264 in its wheel; imported here so that reward.py works without it
     check_frames(frames)
-    num_frames, _, height, width = frames.shape
+    _, _, height, width = frames.shape
     if height % 2 or width % 2:
         raise ValueError(f"mp4 ({MP4_PIXEL_FORMAT}) needs even frame sizes, got H x W = {height} x {width}")
     # (F, 3, H, W) float -> (F, H, W, 3) uint8, rounded
     pixels = (frames.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="mp4") as container:
         stream = container.add_stream(MP4_CODEC, rate=fps)
@@ -326,13 +325,27 @@ def mp4_round_trip(frames, fps=MP4_FPS, crf=MP4_CRF):
             frame.pts = index
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))  # flush the encoder's delayed frames
+    return buffer.getvalue()
 
-    buffer.seek(0)
-    with av.open(buffer, mode="r") as container:
+
+def decode_mp4(data):
+    """The bytes of an mp4 -> its frames (F, 3, H, W), uint8 (CPU)."""
+    import io
+
+    import av
+    with av.open(io.BytesIO(data), mode="r") as container:
         decoded = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-    if len(decoded) != num_frames:
-        raise RuntimeError(f"the mp4 round trip returned {len(decoded)} frames for {num_frames}")
-    video = torch.stack([torch.from_numpy(image) for image in decoded]).permute(0, 3, 1, 2)  # (F, 3, H, W) uint8
+    return torch.stack([torch.from_numpy(image) for image in decoded]).permute(0, 3, 1, 2)
+
+
+def mp4_round_trip(frames, fps=MP4_FPS, crf=MP4_CRF):
+    """Encode frames as an 8-bit H.264 mp4 in memory and decode it back.  (F, 3, H, W) -> (F, 3, H, W).
+
+    frames: float in [0, 1] (clamped), H and W even (encode_mp4). Returns float32 in [0, 1] on frames' device.
+    """
+    video = decode_mp4(encode_mp4(frames, fps, crf))  # (F, 3, H, W) uint8
+    if len(video) != len(frames):
+        raise RuntimeError(f"the mp4 round trip returned {len(video)} frames for {len(frames)}")
     return (video.float() / 255).to(frames.device)
 
 

@@ -13,7 +13,7 @@ What is logged, at step = the row's `iteration` (1-based):
   `unix_time` (every event carries its own wall time);
 - the config, once per (re)start, at the iteration the run starts from: a markdown table of flags in
   TensorBoard's text tab; W&B's run config;
-- each sample train.py saves (samples/iterNNNNNN.png, or .mp4 with imageio-ffmpeg) with its prompt:
+- each sample train.py saves (samples/iterNNNNNN.mp4, or .png for the world's latents) with its prompt:
   in TensorBoard an image (a PNG as it is, an mp4 as a strip of 8 evenly spaced frames: add_video
   would need moviepy), in W&B an Image or a Video.
 

@@ -1416,7 +1416,7 @@ def save_sample(cfg, iteration, frames, latents, prompts, tracker):
     also sent to the tracker, with its prompt. Returns the path written."""
     path = os.path.join(cfg.output_dir, "samples", f"iter{iteration:06d}")
     if frames is not None:
-        path = save_video((frames[0].permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu(), path)  # (F, H, W, 3)
+        path = save_video(frames[0], path)  # (F, 3, H, W) in [0, 1]
     else:
         from toy import video_world
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -1469,24 +1469,28 @@ def plot_metrics(metrics_path, png_path):
 
 
 def save_video(frames, path):
-    """frames: (F, H, W, 3) uint8. mp4 if imageio-ffmpeg is installed, otherwise a PNG grid of frames."""
-    try:
-        import imageio.v2 as imageio
-        import imageio_ffmpeg  # noqa: F401
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        imageio.mimwrite(path + ".mp4", list(frames.numpy()), fps=24)
+    """frames: (F, 3, H, W) float in [0, 1] -> path.mp4 (H.264, reward.encode_mp4: the same writer as the reward's
+    mp4 input), or, for an odd frame size that yuv420p cannot hold, path.png (a grid of the frames). Returns the
+    path written."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    _, _, height, width = frames.shape
+    if height % 2 == 0 and width % 2 == 0:
+        with open(path + ".mp4", "wb") as f:
+            f.write(reward.encode_mp4(frames.cpu(), fps=SAMPLE_FPS))
         return path + ".mp4"
-    except ImportError:
-        from PIL import Image
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        f, h, w, _ = frames.shape
-        cols = min(f, 8)
-        rows = math.ceil(f / cols)
-        grid = torch.zeros(rows * h, cols * w, 3, dtype=torch.uint8)
-        for i in range(f):
-            grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = frames[i]
-        Image.fromarray(grid.numpy()).save(path + ".png")
-        return path + ".png"
+    from PIL import Image
+    pixels = (frames.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()  # (F, H, W, 3)
+    f, h, w, _ = pixels.shape
+    cols = min(f, 8)
+    rows = math.ceil(f / cols)
+    grid = torch.zeros(rows * h, cols * w, 3, dtype=torch.uint8)
+    for i in range(f):
+        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = pixels[i]
+    Image.fromarray(grid.numpy()).save(path + ".png")
+    return path + ".png"
+
+
+SAMPLE_FPS = 24  # HunyuanVideo-1.5's frame rate
 
 
 def peak_memory_gb(device):

@@ -69,9 +69,13 @@ def nan_as_text(series):
             for tag, points in series.items()}
 
 
-def png_pixels(path):
-    from PIL import Image
-    return np.asarray(Image.open(path).convert("RGB"))
+def sample_pixels(path):
+    """The sample train.py wrote, read here: an mp4's frames decoded (reward.decode_mp4), min(8, F) evenly spaced
+    ones side by side, the strip TensorBoard must show."""
+    import reward
+    frames = reward.decode_mp4(open(path, "rb").read()).permute(0, 2, 3, 1).numpy()   # (F, H, W, 3) uint8
+    shown = np.linspace(0, len(frames) - 1, min(8, len(frames))).round().astype(int)
+    return np.concatenate([frames[i] for i in shown], axis=1)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +87,7 @@ def tensorboard_run(tiny_models, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("tensorboard_run")
     options = {"report_to": "tensorboard", "max_iterations": 3, "checkpoint_every": 2, "sample_every": 2}
     run(tiny_models, output_dir, **options)
-    before = shown_by_tensorboard(output_dir), metrics(output_dir), png_pixels(output_dir / "samples" / "iter000001.png")
+    before = shown_by_tensorboard(output_dir), metrics(output_dir), sample_pixels(output_dir / "samples" / "iter000001.mp4")
     shutil.rmtree(output_dir / "checkpoint-000003")
     run(tiny_models, output_dir, "--resume", **{**options, "max_iterations": 4})
     return output_dir, before
@@ -98,7 +102,7 @@ def test_tensorboard_shows_every_number_of_every_metrics_row_the_config_and_the_
     (step, config), = texts["config"]
     assert step == 0 and "| lr | `0.001` |" in config and "| report_to | `'tensorboard'` |" in config
     assert [step for step, _ in images["sample"]] == [1, 3]  # --sample_every 2: iterations 1 and 3
-    assert np.array_equal(images["sample"][0][1], sample_1)  # the PNG train.py wrote, pixel for pixel
+    assert np.array_equal(images["sample"][0][1], sample_1)  # the video train.py wrote, pixel for pixel
     assert [step for step, _ in texts["sample_prompt"]] == [1, 3]
 
 
@@ -113,11 +117,11 @@ def test_a_resumed_run_shows_each_iteration_once_with_the_values_of_metrics_json
     assert nan_as_text(scalars) == expected_scalars(rows)
     assert [step for step, _ in texts["config"]] == [0, 2]  # the config of each start, at its first iteration
     assert [step for step, _ in images["sample"]] == [1, 3]
-    assert np.array_equal(images["sample"][1][1], png_pixels(output_dir / "samples" / "iter000003.png"))
+    assert np.array_equal(images["sample"][1][1], sample_pixels(output_dir / "samples" / "iter000003.mp4"))
 
 
 def write_grey_mp4(path, num_frames=17):
-    """An mp4 sample as train.py writes one with imageio-ffmpeg (H.264, yuv420p), 16x16; frame i all grey 15·i."""
+    """An mp4 sample (H.264, yuv420p, as train.save_video writes), 16x16; frame i all grey 15·i."""
     import av
     with av.open(path, "w") as container:
         stream = container.add_stream("libx264", rate=24)

@@ -752,6 +752,20 @@ def test_help_lists_every_flag_in_its_group_and_the_planner(capsys):
         assert len(re.findall(rf"^  --{field.name}\b", text, re.MULTILINE)) == 1, field.name
 
 
+def test_a_saved_video_is_an_h264_mp4_of_the_frames_and_an_odd_size_a_png_grid(tmp_path):
+    import reward
+    from PIL import Image
+    greys = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9])
+    frames = greys[:, None, None, None].expand(5, 3, 16, 16)                # 5 flat grey frames
+    path = train.save_video(frames, str(tmp_path / "samples" / "iter000001"))
+    assert path.endswith(".mp4") and open(path, "rb").read(12)[4:8] == b"ftyp"  # an ISO mp4
+    decoded = reward.decode_mp4(open(path, "rb").read()).float() / 255    # (5, 3, 16, 16)
+    # a flat frame survives 8-bit rounding and 4:2:0 H.264 to within a few levels of 255
+    assert decoded.shape == (5, 3, 16, 16) and (decoded.mean(dim=(1, 2, 3)) - greys).abs().max() < 3 / 255
+    odd = train.save_video(frames[:, :, :15, :], str(tmp_path / "odd"))   # yuv420p needs even sizes
+    assert odd.endswith(".png") and Image.open(odd).size == (5 * 16, 15)
+
+
 @pytest.mark.slow
 def test_every_config_field_is_a_command_line_flag():
     cfg = train.parse_config(["--eta", "0.3", "--no-equalizer", "--kernel", "flow_grpo", "--lora_rank", "8",
