@@ -632,12 +632,9 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
 
         # ======================================================================== UPDATE
         timer("update")
-        totals = Totals("pairs", "loss", "policy_loss", "approx_kl", "clip_fraction", "kl_anchor", "kl_step",
-                        "push_policy", "push_kl")
-        ratio_deviation = torch.zeros(cfg.num_steps, dtype=torch.float64)  # max |ρ − 1| per denoising step
+        diagnostics = UpdateDiagnostics(cfg.num_steps)  # what the update measures besides the loss (LOG reads it)
         grad_norms, skipped_now, refreshed = [], 0, False
         anchor_means = {}  # μ_anchor per trained step k, reused by every update of this rollout until a refresh
-        betas_used = []
         for _ in range(cfg.updates_per_rollout if num_pairs else 0):
             loss_finite, update_kl = True, 0.0  # update_kl: this rank's sum of L_KL over the update's valid pairs
             # Gradient accumulation over the trained steps. Gradients are reduce-scattered after every
@@ -657,30 +654,17 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
                                                     log_prob, step.log_prob)
                 mask = valid[:, k]
                 beta = pair_betas(cfg, beta_controller, kl.detach(), state["update_step"], world_size)  # (B,)
-                betas_used.append(beta.mean().item())
                 # mean over the global valid pairs of  loss_it + β_i·L_KL;  × W undoes FSDP's gradient averaging over
                 # all W ranks (with --sp_size the group's ranks each hold part of a video's gradient: they sum)
                 n = stats["num_valid_pairs"]
                 kl_loss = (beta * kl)[mask].sum()
                 update_kl += kl.detach()[mask].sum().item()
                 loss = (policy_loss * n + kl_loss) * world_size / num_pairs
-                # trust-region activity: how hard β·L_KL pushes the step means μ against the policy term. Both
-                # terms reach the weights through the same μ(θ), so their gradients w.r.t. μ compare them exactly
-                # (two backward passes through the loss formulas only, not through the transformer)
-                push_policy = torch.autograd.grad(policy_loss * n, mean, retain_graph=True)[0].norm().item()
-                push_kl = (torch.autograd.grad(kl_loss, mean, retain_graph=True)[0].norm().item()
-                           if kl_loss.requires_grad else 0.0)
+                # before the backward (it reads the graph): the trust region's push, the KL terms, ρ; loss.item()
+                loss_value = diagnostics.record(loss * num_pairs / world_size, policy_loss * n, kl_loss, mean, stats,
+                                                kl_terms, mask, log_prob, step.log_prob, steps[:, k], beta)
                 loss.backward()
-                loss_value = loss.item()  # one device sync per step, for the skip test and the logs
                 loss_finite &= math.isfinite(loss_value)
-                totals.add(push_policy=push_policy, push_kl=push_kl)
-                totals.add(pairs=n, loss=loss_value * num_pairs / world_size, policy_loss=policy_loss.item() * n,
-                           approx_kl=stats["approx_kl"] * n, clip_fraction=stats["clip_fraction"] * n,
-                           kl_step=kl_terms["kl_step"][mask].sum().item(),
-                           kl_anchor=kl_terms["kl_anchor"][mask].sum().item() if "kl_anchor" in kl_terms else 0.0)
-                with torch.no_grad():  # on-policy check: ρ = exp(log p_θ − log p_old) must be 1 at the first update
-                    deviation = torch.where(mask, (log_prob - step.log_prob).exp().sub(1).abs(), 0).double().cpu()
-                    ratio_deviation.scatter_reduce_(0, steps[:, k].cpu(), deviation, reduce="amax")
             if cfg.beta_schedule == "adaptive":  # β of the next update, from this one's mean L_KL over all ranks
                 beta_controller.update(distributed.all_reduce(torch.tensor(update_kl, dtype=torch.float64,
                                                                            device=device)) / num_pairs)
@@ -704,10 +688,6 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
 
         # ======================================================================== LOG
         timer("log")
-        totals = totals.reduce(device)
-        pairs = max(totals.pop("pairs", 0.0), 1.0)
-        push_policy, push_kl = totals.pop("push_policy"), totals.pop("push_kl")
-        ratio_deviation = distributed.all_reduce(ratio_deviation.to(device), op=dist.ReduceOp.MAX).cpu()
         components = {k: distributed.all_gather_cat(scores[k], layout.dp_group) for k in logged}
         metrics = {
             "iteration": iteration + 1, "update_step": state["update_step"], "unix_time": time.time(),
@@ -715,13 +695,10 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
             **{k: v.nanmean().item() for k, v in components.items()},
             "reward_components": list(reward_model.components),
             "advantage_abs_mean": all_advantages.nan_to_num().abs().mean().item(),
-            **{name: total / pairs for name, total in totals.items()},  # means over the valid pairs
-            "beta": sum(betas_used) / len(betas_used) if betas_used else float("nan"),
-            # ‖∂(β·L_KL)/∂μ‖ / ‖∂L_policy/∂μ‖ summed over the steps: ~0 means the trust region is inert at this β
-            "trust_region_activity": push_kl / push_policy if push_policy > 0 else float("nan"),
+            **diagnostics.metrics(device),  # loss terms, β, the trust region's activity, max |ρ − 1| per step
             "grad_norm": grad_norms[-1] if grad_norms else float("nan"),
             "skipped_update": skipped_now, "skipped_updates_total": state["skipped_updates"],
-            "anchor_refreshed": refreshed, "ratio_max_dev_per_step": ratio_deviation.tolist(),
+            "anchor_refreshed": refreshed,
             **{k: round(v, 4) for k, v in timer.times.items()}, "peak_memory_gb": peak_memory_gb(device),
             **forwards.take(),  # transformer forwards per video this iteration, counted (ForwardCount)
             **evaluation,
@@ -798,24 +775,59 @@ def resume_notes(saved, now, sampler):
     return notes
 
 
-class Totals:
-    """Named sums of the diagnostics over the (update, trained step, sample) pairs of one iteration,
-    summed over ranks once per iteration: Totals("pairs", "approx_kl"); .add(pairs=2, approx_kl=...);
-    .reduce(device) -> {"pairs": ..., "approx_kl": ...}. Every name starts at 0, so an iteration without
-    an update still logs every metric."""
+class UpdateDiagnostics:
+    """What one iteration's UPDATE measures besides its loss, summed over its (update, trained step, sample) pairs
+    and over the ranks once, at LOG:
 
-    def __init__(self, *names):
-        self.sums = dict.fromkeys(names, 0.0)
+    * the loss terms (loss, policy_loss, approx_kl, clip_fraction, kl_anchor, kl_step): means over the valid pairs;
+    * beta: the mean β of the pairs;
+    * trust_region_activity = ‖∂(β·L_KL)/∂μ‖ / ‖∂L_policy/∂μ‖ summed over the steps: how hard the trust region
+      pushes the step means μ against the policy term (~0: inert at this β). Both terms reach the weights through
+      the same μ(θ), so their gradients with respect to μ compare them exactly: two backward passes through the
+      loss formulas only, not through the transformer;
+    * ratio_max_dev_per_step: max |ρ − 1| per denoising step, ρ = exp(log p_θ − log p_old) (0 at the first update:
+      the on-policy check).
+    Every number starts at 0, so an iteration without an update still logs every metric."""
 
-    def add(self, **values):
-        for name, value in values.items():
-            self.sums[name] = self.sums.get(name, 0.0) + float(value)
+    NAMES = ("pairs", "loss", "policy_loss", "approx_kl", "clip_fraction", "kl_anchor", "kl_step", "push_policy",
+             "push_kl")
 
-    def reduce(self, device):
-        """{name: sum over every rank}."""
+    def __init__(self, num_steps):
+        self.sums = dict.fromkeys(self.NAMES, 0.0)
+        self.ratio_deviation = torch.zeros(num_steps, dtype=torch.float64)
+        self.betas = []
+
+    def record(self, loss, policy_term, kl_loss, mean, stats, kl_terms, mask, log_prob, old_log_prob, steps, beta):
+        """One trained step's pairs, before its backward. loss: the step's loss summed over the global pairs' share
+        of this rank; policy_term: the clipped policy loss x its valid pairs; kl_loss: Σ β·L_KL over the valid
+        pairs; mean: the recomputed μ (B, ...) both depend on. Returns loss.item()."""
+        push_policy = torch.autograd.grad(policy_term, mean, retain_graph=True)[0].norm().item()
+        push_kl = torch.autograd.grad(kl_loss, mean, retain_graph=True)[0].norm().item() if kl_loss.requires_grad else 0.0
+        n, value = stats["num_valid_pairs"], loss.item()
+        for name, amount in (("pairs", n), ("loss", value), ("policy_loss", policy_term.item()),
+                             ("approx_kl", stats["approx_kl"] * n), ("clip_fraction", stats["clip_fraction"] * n),
+                             ("kl_step", kl_terms["kl_step"][mask].sum().item()),
+                             ("kl_anchor", kl_terms["kl_anchor"][mask].sum().item() if "kl_anchor" in kl_terms else 0.0),
+                             ("push_policy", push_policy), ("push_kl", push_kl)):
+            self.sums[name] += float(amount)
+        with torch.no_grad():
+            deviation = torch.where(mask, (log_prob - old_log_prob).exp().sub(1).abs(), 0).double().cpu()
+            self.ratio_deviation.scatter_reduce_(0, steps.cpu(), deviation, reduce="amax")
+        self.betas.append(beta.mean().item())
+        return value
+
+    def metrics(self, device):
+        """The iteration's numbers over every rank: one all-reduce of the sums, one of the ratio deviations."""
         names = sorted(self.sums)
-        summed = distributed.all_reduce(torch.tensor([self.sums[n] for n in names], dtype=torch.float64, device=device))
-        return dict(zip(names, summed.tolist()))
+        summed = dict(zip(names, distributed.all_reduce(torch.tensor([self.sums[n] for n in names], dtype=torch.float64,
+                                                                     device=device)).tolist()))
+        pairs = max(summed.pop("pairs"), 1.0)
+        push_policy, push_kl = summed.pop("push_policy"), summed.pop("push_kl")
+        deviation = distributed.all_reduce(self.ratio_deviation.to(device), op=dist.ReduceOp.MAX).cpu()
+        return {**{name: total / pairs for name, total in summed.items()},
+                "beta": sum(self.betas) / len(self.betas) if self.betas else float("nan"),
+                "trust_region_activity": push_kl / push_policy if push_policy > 0 else float("nan"),
+                "ratio_max_dev_per_step": deviation.tolist()}
 
 
 def run_self_check(cfg, rank, world_size, device, compute_dtype, latent_shape, reward_model, **setup):
