@@ -355,7 +355,7 @@ def save_transformer(transformer, path, rank, max_shard_size=MAX_SHARD_SIZE, lor
         if name in state:  # rank 0's full state (cpu_offload leaves the other ranks' empty)
             state[name] = full.detach().to("cpu", state[name].dtype)
     if lora_scale is not None:  # PEFT keys name the adapter (`lora_A.default.weight`): drop it, then fold
-        from reward import merge_lora
+        from videoalign_checkpoint import merge_lora
         state = merge_lora({re.sub(r"\.default(?=\.|$)", "", k): v for k, v in state.items()}, lora_scale)
     if rank == 0:
         os.makedirs(path, exist_ok=True)

@@ -24,6 +24,7 @@ from diffusers.guiders import ClassifierFreeGuidance
 
 import model
 import reward
+import videoalign_checkpoint
 
 # A video size the tiny HunyuanVideo-1.5 turns into a (4, 3, 4, 4) latent (VAE 4× spatial, 2× temporal).
 TINY_NUM_FRAMES = 5
@@ -232,13 +233,13 @@ def build_tiny_videoalign(path, layout="full", output_dim=3, seed=0):
     checkpoint_dir = os.path.join(path, "checkpoint-12")
     os.makedirs(checkpoint_dir, exist_ok=True)
     if layout == "full":
-        torch.save(full, os.path.join(checkpoint_dir, reward.FULL_CHECKPOINT_FILE))
+        torch.save(full, os.path.join(checkpoint_dir, videoalign_checkpoint.FULL_CHECKPOINT_FILE))
     else:  # PEFT saves adapters without the adapter name; non-LoRA = trainable non-LoRA parameters
         save_file({k.replace(".default", ""): v.contiguous() for k, v in lora.items()},
-                  os.path.join(checkpoint_dir, reward.ADAPTER_FILE))
+                  os.path.join(checkpoint_dir, videoalign_checkpoint.ADAPTER_FILE))
         embed = "base_model.model.model.embed_tokens.base_layer.weight"
         torch.save({"base_model.model.rm_head.modules_to_save.default.weight": trained["rm_head.weight"],
-                    embed: trained["model.embed_tokens.weight"]}, os.path.join(checkpoint_dir, reward.NON_LORA_FILE))
+                    embed: trained["model.embed_tokens.weight"]}, os.path.join(checkpoint_dir, videoalign_checkpoint.NON_LORA_FILE))
     os.makedirs(os.path.join(path, "checkpoint-3"), exist_ok=True)  # an older, empty step: the highest wins
 
     model_config = {
@@ -253,7 +254,7 @@ def build_tiny_videoalign(path, layout="full", output_dim=3, seed=0):
                              "lora_namespan_exclude": ["visual", "lm_head", "rm_head"], "use_rslora": False},
         "inference_config": TINY_INFERENCE_CONFIG,
     }
-    with open(os.path.join(path, reward.MODEL_CONFIG_FILE), "w") as f:
+    with open(os.path.join(path, videoalign_checkpoint.MODEL_CONFIG_FILE), "w") as f:
         json.dump(model_config, f, indent=2)
     return path
 

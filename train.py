@@ -94,6 +94,7 @@ import reward
 import sde
 import tiny
 import tracking
+import videoalign_checkpoint
 import trust_region
 
 
@@ -1011,9 +1012,9 @@ def _check_config(cfg, world_size):
             model.check_hunyuan_directory(cfg.model_path)  # every piece present (file names only, no weights read)
         except FileNotFoundError as error:
             raise ConfigError(f"--model_path: {error}") from None
-        if "videoalign" in reward_specs and not os.path.isfile(os.path.join(cfg.reward_path, reward.MODEL_CONFIG_FILE)):
+        if "videoalign" in reward_specs and not os.path.isfile(os.path.join(cfg.reward_path, videoalign_checkpoint.MODEL_CONFIG_FILE)):
             raise ValueError(f"--reward_path {cfg.reward_path!r} is not a VideoAlign (VideoReward) directory: expected "
-                             f"{reward.MODEL_CONFIG_FILE} and checkpoint-<step>/, found {sorted(os.listdir(cfg.reward_path))[:8]}")
+                             f"{videoalign_checkpoint.MODEL_CONFIG_FILE} and checkpoint-<step>/, found {sorted(os.listdir(cfg.reward_path))[:8]}")
     sde.check_kernel(cfg.kernel)
     if cfg.kernel not in sde.STOCHASTIC_KERNELS:
         raise ValueError(f"unknown kernel {cfg.kernel!r} for training: expected one of {sde.STOCHASTIC_KERNELS} "

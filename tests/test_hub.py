@@ -25,6 +25,7 @@ import model
 import reward
 import tiny
 import train
+import videoalign_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HUNYUAN_ID = "test-org/tiny-hunyuan"
@@ -68,7 +69,7 @@ def cache(tmp_path_factory):
     videoalign = tiny.build_tiny_videoalign(str(built / "videoalign"))
     add_to_hub_cache(cache, BASE_ID, os.path.join(videoalign, tiny.TINY_BASE_DIR), COMMIT_A)
     shutil.rmtree(os.path.join(videoalign, tiny.TINY_BASE_DIR))
-    config_file = os.path.join(videoalign, reward.MODEL_CONFIG_FILE)
+    config_file = os.path.join(videoalign, videoalign_checkpoint.MODEL_CONFIG_FILE)
     with open(config_file) as f:
         config = json.load(f)
     config["model_config"]["model_name_or_path"] = BASE_ID

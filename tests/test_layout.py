@@ -9,8 +9,8 @@ import os
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MATHS = ("sde", "equalizer", "grpo", "trust_region")
 # The product: what `train.py` / `eval.py` run on the real model. None of it may import the toy.
-PRODUCT = MATHS + ("model", "reward", "tiny", "hub", "distributed", "parallel", "optimizer", "plan", "tracking",
-                   "self_check")
+PRODUCT = MATHS + ("model", "reward", "videoalign_checkpoint", "tiny", "hub", "distributed", "parallel", "optimizer", "plan",
+                   "tracking", "self_check")
 
 
 def module_names():

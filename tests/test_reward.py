@@ -20,6 +20,7 @@ from transformers import Qwen2VLConfig, Qwen2VLModel
 
 import reward
 import tiny
+import videoalign_checkpoint
 
 PROMPTS = ["a red fox runs through snow", "two cats", "a city at night, rain"]
 
@@ -329,7 +330,7 @@ def test_canonical_key_maps_peft_and_legacy_names():
         "lm_head.weight": "lm_head.weight",
     }
     for key, expected in cases.items():
-        assert reward.canonical_key(key) == expected, key
+        assert videoalign_checkpoint.canonical_key(key) == expected, key
 
 
 # ----------------------------------------------------------------------------------------------
@@ -558,8 +559,29 @@ def test_reward_specs_are_checked(items, message):
         reward.parse_reward_specs(items)
 
 
-def test_component_weights_go_to_the_reward_that_owns_the_component():
-    assert reward.split_component_weights(["ta=2", "brightness=0"], ("videoalign", "world")) == {
-        "videoalign": ["ta=2"], "world": ["brightness=0"]}
+def plug_in(monkeypatch, name="square", components=("area", "edge"), defaults=(1.0, 0.5)):
+    """A reward registered for this test only (reward.TRAINING_REWARDS restored after it); its loader returns
+    what it was called with."""
+    monkeypatch.setattr(reward, "TRAINING_REWARDS", dict(reward.TRAINING_REWARDS))
+    reward.register_training_reward(name, components, defaults, path_flag=None,
+                                    load=lambda path, device, dtype, weights, processor_path: ("loaded", path, weights))
+
+
+def test_a_plugged_in_reward_is_a_reward_choice_with_its_components_and_weights(monkeypatch):
+    plug_in(monkeypatch)
+    assert reward.parse_reward_specs(["videoalign", "square=0.5"]) == {"videoalign": 1.0, "square": 0.5}
+    assert reward.training_reward_components("square") == (("area", "edge"), (1.0, 0.5))
+    # --reward_weights reach the plugged-in reward's loader, in the order of its components; the rest stay default
+    assert reward.load_training_reward("square", "/some/dir", weight_items=["edge=3"]) == ("loaded", "/some/dir", (1.0, 3.0))
+    with pytest.raises(ValueError, match=r"2 components but 1 default weights"):
+        reward.register_training_reward("bad", ("a", "b"), (1.0,), load=None)
+    with pytest.raises(ValueError, match=r"--reward 'circle': expected name or name=weight with name one of"):
+        reward.parse_reward_specs(["circle"])
+
+
+def test_component_weights_go_to_the_reward_that_owns_the_component(monkeypatch):
+    plug_in(monkeypatch)
+    assert reward.split_component_weights(["ta=2", "edge=0"], ("videoalign", "square")) == {
+        "videoalign": ["ta=2"], "square": ["edge=0"]}
     with pytest.raises(ValueError, match=r"'ta=2': expected name=value with name a component of clipscore: \[\]"):
         reward.split_component_weights(["ta=2"], ("clipscore",))
