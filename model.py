@@ -587,7 +587,7 @@ def set_vae_tiling(vae, enabled=None, tile_size=VAE_TILE_SIZE, overlap=VAE_TILE_
     little; (2) its convolutions replicate the tile's edge instead of seeing the neighbour, which changes the
     pixels within the decoder's reach of a tile edge; the cross-fade over the overlap hides the seam (2)
     leaves when the overlap is wider than that reach. Measured on the tiny random VAE in
-    tests/test_model.py (-k tiling) and reported in the README.
+    tests/test_model.py (-k tiling) and reported in docs/measurements.md.
     """
     enabled = vae.device.type == "cuda" if enabled is None else bool(enabled)
     if not enabled:

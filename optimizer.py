@@ -217,7 +217,7 @@ class WeightEMA:
         θ_ema <- d·θ_ema + (1 − d)·θ        (d = --ema_decay; FlowGRPO's and Flow-Factory's ema)
 
     starting from the weights the run starts with. GRPO's policy moves with the noise of each 16-video batch; the
-    average is a smoother model to evaluate and to release (README: "Cost options"). Each average is a copy of a
+    average is a smoother model to evaluate and to release (docs/cost_options.md). Each average is a copy of a
     trained parameter as the policy holds it (fp32; with FSDP2 a DTensor shard), so it is sharded like the policy,
     costs one fp32 copy of the trainable weights per GPU divided by the world size, and is updated without
     communication. `state_dict()` names the averages as the policy's state dict names its parameters, so that

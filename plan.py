@@ -1,6 +1,6 @@
 """The planner: per-GPU memory by component, FLOPs and time per iteration, and what to change if it does not fit.
 
-    python train.py --plan                                  # the standard setups (the README's cost model)
+    python train.py --plan                                  # the standard setups (docs/scaling.md's cost model)
     python train.py --plan --world_size 8 --sp_size 2 --videos_per_rank 2 --optimizer muon
     python train.py --plan --world_size 1 --videos_per_rank 4 --lora_rank 64 --text_encoder_offload
     python plan.py ...                                      # the same, without train.py
@@ -122,7 +122,7 @@ class Setup:
         return " ".join(parts)
 
 
-# The standard setups of the README table. 64 x H100 sp 2 is the official recipe (2 videos per
+# The standard setups of docs/scaling.md's table. 64 x H100 sp 2 is the official recipe (2 videos per
 # data-parallel group, Muon); 720p is HunyuanVideo-1.5's 121 x 720 x 1280.
 STANDARD_SETUPS = (
     Setup("1xH100 LoRA", world_size=1, videos_per_rank=4, lora_rank=64),

@@ -1,7 +1,7 @@
 """Experiment trackers: the rows of metrics.jsonl, the run's config and its sample videos, shown in
 TensorBoard or Weights & Biases as the run goes (`train.py --report_to none | tensorboard | wandb`).
 
-metrics.jsonl stays the record of a run (curves.png, the tests and the README's numbers read it); a
+metrics.jsonl stays the record of a run (curves.png, the tests and the numbers in docs/ read it); a
 tracker is a second view of the same rows for people who watch runs in a dashboard. Only rank 0 opens
 one. Both packages are optional, imported only when chosen (`pip install tensorboard`, `pip install
 wandb`; train.py checks that the chosen one is installed before it loads any model).

@@ -59,7 +59,7 @@ global count and FSDP averages gradients over ranks, so 2 ranks x 2 videos give 
 Defaults follow the official recipe (Tencent-Hunyuan/SAGE-GRPO post_train.py: Muon, the β controller,
 sequence parallelism via --sp_size and parallel.py); the departures (failed rewards excluded instead
 of set to 0, β identical on every rank, a seed per sample and iteration, ...) are listed and explained
-in the README's "The official recipe, and where we differ on purpose".
+in docs/official_recipe.md.
 """
 import argparse
 import ast
@@ -164,7 +164,7 @@ class Config:
     sde_window: int = 0
     """K > 0: only a window of K consecutive steps is stochastic and trained, the others are ODE steps, so the update
     recomputes K steps instead of N (MixGRPO; Flow-Factory num_sde_steps, VeRL-Omni sde_window_size); 0: all N steps
-    (official). README: "Cost options" """
+    (official). docs/cost_options.md """
     sde_window_placement: str = "fixed"
     """where the window lies: fixed (steps sde_window_start … +K−1) | random (a new start every iteration, the same
     on every rank) | moving (MixGRPO's progressive window: it starts at step 0, the highest noise, moves one step
@@ -223,9 +223,9 @@ class Config:
     kl_target: float = 1.5e-3
     """adaptive only: the L_KL per (sample, step) pair that β holds (ours: the KL a fixed β of 0.1 holds in the
     synthetic world; there the adaptive rule drifts to its floor, and a fixed β chosen by its activity is what
-    worked: README "The trust region, made to act")"""
+    worked: docs/world.md, "The trust region, made to act")"""
     beta_init: float = 0.1
-    """adaptive only: the first β (ours: the β sweep's knee in the synthetic world, README)"""
+    """adaptive only: the first β (ours: the β sweep's knee in the synthetic world, docs/world.md)"""
     beta_min: float = 1e-3
     """adaptive only: β's floor"""
     beta_max: float = 1e4
@@ -272,7 +272,7 @@ class Config:
     ema_decay: float = 0.0
     """d in (0, 1): keep θ_ema <- d·θ_ema + (1 − d)·θ after every update, in each checkpoint (ema/ for --resume,
     ema_transformer/ in diffusers format, which eval.py evaluates beside transformer/); 0: none (official).
-    FlowGRPO's ema; README: "Cost options" """
+    FlowGRPO's ema; docs/cost_options.md """
     # --- parallelism and memory
     sp_size: int = 1
     """sequence parallelism: this many consecutive ranks hold the same videos and split each one's tokens (Ulysses,
@@ -292,7 +292,7 @@ class Config:
     vae_tiling: typing.Optional[bool] = None
     """decode the rollouts in overlapping 256-pixel tiles (model.set_vae_tiling; diffusers' tile defaults, as its
     HunyuanVideo-1.5 example): far less decoder memory at 81x352x624, frames differ slightly at the tile seams
-    (measured in the README). Default: on with CUDA, off on CPU, where videos are smaller than a tile anyway;
+    (measured in docs/measurements.md). Default: on with CUDA, off on CPU, where videos are smaller than a tile anyway;
     --no-vae_tiling / --vae_tiling force it. Checkpoints store the value used"""
     # --- logging and tracking
     sample_every: int = 50
@@ -300,7 +300,7 @@ class Config:
     eval_every: int = 0
     """N > 0: before iteration 1 and every N iterations, the policy's ODE samples of --eval_prompts from fixed seeds,
     scored by every loaded reward (one of weight 0 too: a hacking monitor), logged as eval/<name> in
-    metrics.jsonl, curves.png and the tracker; 0: none (official). README: "Cost options" """
+    metrics.jsonl, curves.png and the tracker; 0: none (official). docs/cost_options.md """
     eval_prompts: str = ""
     """held-out prompt file for --eval_every (formats as --prompts); default with --world: the world's prompts"""
     eval_videos_per_prompt: int = 1
@@ -1514,7 +1514,7 @@ def peak_memory_gb(device):
 
 class ForwardCount:
     """Transformer forwards of one iteration per video, counted by forward pre-hooks on the policy and the anchor:
-    the hardware-independent cost (README: "Cost options"). One video through the transformer is one forward, so a
+    the hardware-independent cost (docs/cost_options.md). One video through the transformer is one forward, so a
     CFG pair (a batch of 2B) counts 2 per video. rollout: the policy without gradients; update: the policy's
     recomputes with gradients; anchor: the anchor's forwards (once per trained step and rollout, again after an
     anchor refresh); eval: --eval_every's samples (per training video, not part of the training cost).

@@ -276,7 +276,7 @@ class AdaptiveBeta:
     updates PPO's rule is applied to the mean L_KL of the window. window = 1 is PPO's per-update rule; with a
     moving anchor the KL is a sawtooth (exactly 0 at the first update after each refresh, growing until the
     next), so a per-update rule halves β at every refresh and doubles it in between: the window of one anchor
-    period sees the sawtooth's mean instead (measured in the synthetic world: README).
+    period sees the sawtooth's mean instead (measured in the synthetic world: docs/world.md).
     """
 
     def __init__(self, beta_init, kl_target, beta_min, beta_max, window=1, band=ADAPTIVE_BAND, factor=ADAPTIVE_FACTOR):

@@ -64,7 +64,7 @@ def main():
     parser.add_argument("--steps", type=int, default=4, help="denoising steps N (all trained)")
     parser.add_argument("--videos", type=int, default=2, help="videos per rank = group size")
     parser.add_argument("--kl_mode", default="dual")
-    parser.add_argument("--optimizer", default="adamw", help="adamw (the README's figures) or muon (train.py's "
+    parser.add_argument("--optimizer", default="adamw", help="adamw (the figures of docs/measurements.md) or muon (train.py's "
                         "default; its Newton-Schulz is measured on its own by bench_optimizer.py)")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="on in both (train.py's CPU default: off)")
     parser.add_argument("--train_glyph_projector", action="store_true",

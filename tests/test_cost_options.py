@@ -1,4 +1,4 @@
-"""The cost options of train.py (README: "Cost options"): the SDE window, CFG-free training, and the transformer
+"""The cost options of train.py (docs/cost_options.md): the SDE window, CFG-free training, and the transformer
 forwards a run counts, against the planner's prediction.
 
 The SDE window (`--sde_window K`): the stochastic kernel only on K consecutive steps, the ODE step elsewhere; only
@@ -159,7 +159,7 @@ def test_the_forwards_a_run_counts_are_the_planners_prediction(name, tiny_models
 
 
 def test_the_official_recipe_costs_240_forward_equivalents_per_video_and_the_options_less():
-    """The README's cost table, by hand: 20 steps, CFG pair, dual KL (anchor), gradient checkpointing."""
+    """docs/cost_options.md's cost table, by hand: 20 steps, CFG pair, dual KL (anchor), gradient checkpointing."""
     official = plan.forward_equivalents(plan.Setup())
     # rollout 20 x 2 + anchor 20 x 2 + update 20 x 2 x (1 + 2 + 1)
     assert official["forward_equivalents"] == 40 + 40 + 160 == 240

@@ -209,7 +209,7 @@ def test_a_group_of_equal_rewards_has_zero_advantage_even_without_epsilon():
 
 
 def test_the_advantage_epsilon_is_flowgrpos_1e_minus_4():
-    assert grpo.ADVANTAGE_EPS == 1e-4  # FlowGRPO's; the README's table of differences states it
+    assert grpo.ADVANTAGE_EPS == 1e-4  # FlowGRPO's; docs/official_recipe.md's table of differences states it
     # a group [0, d]: mean d/2, population std d/2, so A = ±(d/2)/(d/2 + ε); d = 2ε gives ±1/2 exactly
     advantages = grpo.group_advantages(torch.tensor([0.0, 2e-4], dtype=torch.float64), 2)
     torch.testing.assert_close(advantages, torch.tensor([-0.5, 0.5], dtype=torch.float64), rtol=1e-9, atol=0)

@@ -14,7 +14,7 @@ one iteration's mean (16 videos, as in the run). The reward is the world's compo
 centre, 0 otherwise, an on-manifold reward the pretrained model earns a third of the time), the
 component with the most room, so that 44 iterations on 2 CPU cores (~76 s) show learning with a wide margin
 (measured: 0.588 against the pretrained 0.289 + margin 0.129 over 16 batches; with the advantage sign flipped 0.256);
-the headline runs in the README optimise the default weighted reward.
+the headline runs of docs/world.md optimise the default weighted reward.
 """
 import json
 import math

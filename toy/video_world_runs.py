@@ -74,14 +74,14 @@ COMPARISON = [dict(HEADLINE, kernel=k) for k in ("flow_grpo", "dance_grpo", "cps
 # dominates the policy term (activity ≈ 0.26·β in this world at the start, so β = 100 is ~25x the policy push).
 BETAS = (1e-5, 1e-3, 1e-1, 1.0, 10.0, 100.0)
 BETA_SWEEP = [dict(HEADLINE, beta_schedule="fixed", beta_start=b, beta_end=b) for b in BETAS]
-# Calibrating the adaptive β: the KL target, from the KL the β sweep's fixed β hold (README).
-# Window 1 is PPO's per-update rule (it fails here: README); 10, one anchor period, is train.py's default.
+# Calibrating the adaptive β: the KL target, from the KL the β sweep's fixed β hold (docs/world.md).
+# Window 1 is PPO's per-update rule (it fails here: docs/world.md); 10, one anchor period, is train.py's default.
 CALIBRATION = ([dict(HEADLINE, beta_schedule="adaptive", kl_target=t, beta_init=0.1, beta_window=1)
                 for t in (3e-4, 1e-3)] +
                [dict(HEADLINE, beta_schedule="adaptive", kl_target=t, beta_init=0.1, beta_window=10)
                 for t in (1.5e-3, 5e-3)])
 # The calibrated trust region: the β sweep's knee, where the trust region first holds the policy near the
-# manifold while the reward still rises (README, "The trust region, made to act"). The same runs as the β
+# manifold while the reward still rises (docs/world.md, "The trust region, made to act"). The same runs as the β
 # sweep's β = 0.1, so the three grids share them.
 CALIBRATED = dict(HEADLINE, beta_schedule="fixed", beta_start=0.1, beta_end=0.1)
 MODES = [dict(CALIBRATED, kl_mode=m) for m in ("none", "fixed", "moving", "dual")] + [
