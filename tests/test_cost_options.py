@@ -132,18 +132,19 @@ def test_a_moving_window_run_samples_and_trains_only_the_windows_steps(tiny_mode
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     # the on-policy check reads 0 on the window's steps and nothing (0) elsewhere
     assert all(r["ratio_max_dev_per_step"] == [0.0] * 4 for r in rows)
+    # and the run counted what the planner predicts: 4 rollout steps, 2 recomputed and 2 anchored, CFG pairs
+    predicted = plan.forward_equivalents(plan.Setup(num_steps=4, sde_window=2, cfg_scale=6.0, gradient_checkpointing=False))
+    assert all({k: r[k] for k in COUNTS} == {k: predicted[k] for k in COUNTS} for r in rows), (rows[0], predicted)
 
 
+COUNTS = ("forwards_rollout", "forwards_update", "forwards_anchor", "forward_equivalents")
 RUNS = {  # name: (train.py flags, the same setup for the planner)
-    "official": ({"num_steps": 3, "cfg_scale": 6.0}, {"num_steps": 3, "cfg_scale": 6.0}),
-    "cfg-free, two updates, no anchor": ({"num_steps": 3, "cfg_scale": 1.0, "updates_per_rollout": 2, "kl_mode": "none"},
-                                         {"num_steps": 3, "cfg_scale": 1.0, "updates_per_rollout": 2,
-                                          "kl_mode": "none"}),
-    "window of 2 of 4, half trained, two updates": ({"num_steps": 4, "cfg_scale": 6.0, "sde_window": 2,
-                                                     "train_step_fraction": 0.5, "sde_window_placement": "random",
-                                                     "updates_per_rollout": 2},
-                                                    {"num_steps": 4, "cfg_scale": 6.0, "sde_window": 2,
-                                                     "train_step_fraction": 0.5, "updates_per_rollout": 2}),
+    # two updates: the recomputes twice, the anchor's forwards once (its means are reused until a refresh)
+    "cfg-free, window of 2 of 4, half trained, two updates": (
+        {"num_steps": 4, "cfg_scale": 1.0, "sde_window": 2, "train_step_fraction": 0.5, "sde_window_placement": "random",
+         "updates_per_rollout": 2},
+        {"num_steps": 4, "cfg_scale": 1.0, "sde_window": 2, "train_step_fraction": 0.5, "updates_per_rollout": 2}),
+    "no anchor": ({"num_steps": 3, "cfg_scale": 6.0, "kl_mode": "none"}, {"num_steps": 3, "cfg_scale": 6.0, "kl_mode": "none"}),
 }
 
 
@@ -154,7 +155,7 @@ def test_the_forwards_a_run_counts_are_the_planners_prediction(name, tiny_models
     train.main(train.parse_config(tiny_args(tiny_models, tmp_path, **flags)))  # one iteration
     predicted = plan.forward_equivalents(plan.Setup(gradient_checkpointing=False, **setup))
     for row in (json.loads(line) for line in open(tmp_path / "metrics.jsonl")):
-        counted = {k: row[k] for k in ("forwards_rollout", "forwards_update", "forwards_anchor", "forward_equivalents")}
+        counted = {k: row[k] for k in COUNTS}
         assert counted == {k: predicted[k] for k in counted}, (name, counted, predicted)
 
 
