@@ -515,8 +515,11 @@ def main(argv=None):
         print("gpu_check: error: no CUDA device: this measures the real 8.3B model on a GPU; on a CPU run "
               "`python benchmarks/gpu_check.py --tiny` (the same code paths, tiny sizes)", file=sys.stderr)
         return 2
+    import huggingface_hub
     from diffusers.utils import logging
     logging.set_verbosity_error()  # "modules that should be kept in float32: []" on every meta build
+    logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()  # "Writing model shards" of the tiny models' save_pretrained
     ctx = Context(args)
     report = {"tool": "benchmarks/gpu_check.py", "environment": environment(ctx), "budget_s": args.budget_s,
               "elapsed_s": 0.0, "sections": {}}
