@@ -354,20 +354,27 @@ def iteration_seconds(row):
 
 def cost_table(rows_of):
     """The window grid's cost: per method, transformer forward-equivalents per video per iteration (counted by
-    the run), seconds per iteration (median over its iterations, mean over seeds) and the reward reached."""
+    the run), seconds per iteration (median over its iterations, mean over seeds), the reward reached, and the
+    reward at equal cost: at the forward-equivalents (and the seconds) the cheapest method spends in its whole run,
+    each method's mean reward over the LAST iterations that end there."""
     lines = ["| run | seeds | forward-equivalents per video per iteration | seconds per iteration | "
-             "reward after (last 10) | reward at 50 % of the all-steps run's forward-equivalents |",
-             "|---|---|---|---|---|---|"]
-    budget = None
+             "reward after (last 10) | reward at equal forward-equivalents | reward at equal seconds |",
+             "|---|---|---|---|---|---|---|"]
+    cost = {method: (statistics.fmean(r["forward_equivalents"] for rows in runs for r in rows),
+                     statistics.fmean(statistics.median(iteration_seconds(r) for r in rows) for rows in runs))
+            for method, runs in rows_of.items()}
+    iterations = min(len(rows) for runs in rows_of.values() for rows in runs)
+    budgets = [min(c[i] for c in cost.values()) * iterations for i in (0, 1)]  # the cheapest method's whole run
+
+    def reward_at(rows, spent_per_iteration, budget):
+        end = max(LAST, min(len(rows), int(budget / spent_per_iteration)))
+        return statistics.fmean(r["reward_mean"] for r in rows[end - LAST:end])
     for method, runs in rows_of.items():
-        fe = statistics.fmean(r["forward_equivalents"] for rows in runs for r in rows)
-        seconds = statistics.fmean(statistics.median(iteration_seconds(r) for r in rows) for rows in runs)
-        budget = budget or 0.5 * fe * len(runs[0])  # the first method is the reference (every step)
-        at_budget = [statistics.fmean(r["reward_mean"] for r in rows[max(0, int(budget / fe) - LAST):int(budget / fe)])
-                     for rows in runs]
+        fe, seconds = cost[method]
         lines.append(f"| {method} | {len(runs)} | {fe:.0f} | {seconds:.2f} | "
                      f"{cell(statistics.fmean(r['reward_mean'] for r in rows[-LAST:]) for rows in runs)} | "
-                     f"{cell(at_budget)} |")
+                     f"{cell(reward_at(rows, fe, budgets[0]) for rows in runs)} | "
+                     f"{cell(reward_at(rows, seconds, budgets[1]) for rows in runs)} |")
     return "\n".join(lines) + "\n"
 
 
