@@ -271,7 +271,7 @@ def test_a_wandb_training_run_logs_the_metrics_rows_and_overwrite_forgets_the_tr
     for row in metrics(tmp_path):
         shown = {k: v for k, v in logged[row["iteration"]].items() if not k.startswith("sample/")}
         assert shown == pytest.approx(tracking.scalars(row), nan_ok=True)  # JSON round trip: the same floats
-        assert logged[row["iteration"]]["sample/_type"] == "image-file"  # --sample_every 1
+        assert logged[row["iteration"]]["sample/_type"] == "video-file"  # --sample_every 1: an mp4
     # --overwrite deletes the tracker runs with the rest: else a later --resume --report_to wandb of the new run
     # would continue the old W&B run, and TensorBoard would mix the old events in
     (tmp_path / tracking.TENSORBOARD_DIR).mkdir()  # as an earlier --report_to tensorboard would have left it

@@ -310,7 +310,9 @@ def test_a_frozen_glyph_projector_stays_put_and_the_rest_trains_as_before(two_ra
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer, beta", [("adamw", "two_stage"), ("muon", "official")])
+# Muon (momentum buffers), the official β controller's state and an EMA; AdamW's moments and the two-stage β resume
+# bit-identically in tests/test_parallel.py (test_an_sp2_run_resumed_from_its_first_checkpoint_continues_bit_identically)
+@pytest.mark.parametrize("optimizer, beta", [("muon", "official")])
 def test_a_run_killed_after_iteration_two_resumes_exactly_like_an_uninterrupted_run(optimizer, beta, tiny_models,
                                                                                      tmp_path):
     # every piece of state matters here: 2 updates per rollout (clip and step-wise KL act), a large β (or the
