@@ -12,7 +12,7 @@ pretrained model with the run's sampler (sage, η 0.5, the world's steps, shift 
 one iteration's mean (16 videos, as in the run). The reward is the world's composition alone
 (`--reward_weights alignment=0 composition=1 brightness=0`: 1 for a square through the frame's
 centre, 0 otherwise, an on-manifold reward the pretrained model earns a third of the time), the
-component with the most room, so that 44 iterations on 2 CPU cores (~76 s) show learning with a wide margin
+component with the most room, so that 44 iterations on 2 CPU cores (the slowest test of the suite) show learning with a wide margin
 (measured: 0.588 against the pretrained 0.289 + margin 0.129 over 16 batches; with the advantage sign flipped 0.256);
 the headline runs of docs/world.md optimise the default weighted reward.
 """
