@@ -661,9 +661,9 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
                 kl_loss = (beta * kl)[mask].sum()
                 update_kl += kl.detach()[mask].sum().item()
                 loss = (policy_loss * n + kl_loss) * world_size / num_pairs
-                # before the backward (it reads the graph): the trust region's push, the KL terms, ρ; loss.item()
-                loss_value = diagnostics.record(loss * num_pairs / world_size, policy_loss * n, kl_loss, mean, stats,
-                                                kl_terms, mask, log_prob, step.log_prob, steps[:, k], beta)
+                # before the backward (it reads the graph): the trust region's push, the KL terms, ρ
+                loss_value = diagnostics.record(policy_loss * n, kl_loss, mean, stats, kl_terms, mask, log_prob,
+                                                step.log_prob, steps[:, k], beta)
                 loss.backward()
                 loss_finite &= math.isfinite(loss_value)
             if cfg.beta_schedule == "adaptive":  # β of the next update, from this one's mean L_KL over all ranks
@@ -798,13 +798,13 @@ class UpdateDiagnostics:
         self.ratio_deviation = torch.zeros(num_steps, dtype=torch.float64)
         self.betas = []
 
-    def record(self, loss, policy_term, kl_loss, mean, stats, kl_terms, mask, log_prob, old_log_prob, steps, beta):
-        """One trained step's pairs, before its backward. loss: the step's loss summed over the global pairs' share
-        of this rank; policy_term: the clipped policy loss x its valid pairs; kl_loss: Σ β·L_KL over the valid
-        pairs; mean: the recomputed μ (B, ...) both depend on. Returns loss.item()."""
+    def record(self, policy_term, kl_loss, mean, stats, kl_terms, mask, log_prob, old_log_prob, steps, beta):
+        """One trained step's pairs, before its backward. policy_term: the clipped policy loss x its valid pairs;
+        kl_loss: Σ β·L_KL over the valid pairs; mean: the recomputed μ (B, ...) both depend on. Returns this rank's
+        loss sum policy_term + kl_loss as a float (one device sync per step: the skip test and the logs)."""
         push_policy = torch.autograd.grad(policy_term, mean, retain_graph=True)[0].norm().item()
         push_kl = torch.autograd.grad(kl_loss, mean, retain_graph=True)[0].norm().item() if kl_loss.requires_grad else 0.0
-        n, value = stats["num_valid_pairs"], loss.item()
+        n, value = stats["num_valid_pairs"], (policy_term + kl_loss).item()
         for name, amount in (("pairs", n), ("loss", value), ("policy_loss", policy_term.item()),
                              ("approx_kl", stats["approx_kl"] * n), ("clip_fraction", stats["clip_fraction"] * n),
                              ("kl_step", kl_terms["kl_step"][mask].sum().item()),

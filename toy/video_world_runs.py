@@ -268,12 +268,23 @@ def paired_table(results, reference, seeds_of):
     return "\n".join(lines) + "\n"
 
 
-def frontier(results, path):
-    """The β sweep as one picture: on-manifold reward against off-manifold distance, one point per β with its
-    95 % intervals, next to each number against β."""
+# The three numbers every picture shows: (metrics.jsonl key, panel title).
+PANELS = (("reward_mean", "reward ↑"), ("on_manifold_reward", "on-manifold reward ↑"),
+          ("off_manifold", "off-manifold distance ↓"))
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def frontier(results, path):
+    """The β sweep as one picture: on-manifold reward against off-manifold distance, one point per β with its
+    95 % intervals, next to each number against β."""
+    plt = pyplot()
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     points = []
     for method, runs in results.items():
@@ -309,12 +320,9 @@ def frontier(results, path):
 
 def curves(all_rows, path):
     """Reward, on-manifold reward and off-manifold distance per iteration, one line per seed."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for axis, (key, title) in zip(axes, (("reward_mean", "reward ↑"), ("on_manifold_reward", "on-manifold reward ↑"),
-                                         ("off_manifold", "off-manifold distance ↓"))):
+    for axis, (key, title) in zip(axes, PANELS):
         for seed, rows in all_rows.items():
             axis.plot([r["iteration"] for r in rows], [r[key] for r in rows], label=f"seed {seed}")
         axis.set_title(title)
@@ -328,13 +336,9 @@ def curves(all_rows, path):
 def comparison_curves(rows_per_method, path, window=10):
     """The comparison as pictures: per method, the mean over seeds of each number per iteration
     (a running mean over `window` iterations: one iteration's mean of 16 rewards is noisy)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     figure, axes = plt.subplots(1, 4, figsize=(18, 3.8))
-    for axis, (key, title) in zip(axes, (("reward_mean", "reward ↑"), ("on_manifold_reward", "on-manifold reward ↑"),
-                                         ("off_manifold", "off-manifold distance ↓"),
-                                         ("brightness", "brightness (> 1 only off the manifold)"))):
+    for axis, (key, title) in zip(axes, PANELS + (("brightness", "brightness (> 1 only off the manifold)"),)):
         for method, runs in rows_per_method.items():
             mean = [statistics.fmean(rows[i][key] for rows in runs) for i in range(min(len(r) for r in runs))]
             smooth = [statistics.fmean(mean[max(0, i - window + 1):i + 1]) for i in range(len(mean))]
@@ -381,9 +385,7 @@ def cost_table(rows_of):
 def cost_curves(rows_of, path, window=10):
     """Reward (mean over seeds, running mean over `window` iterations) against the cumulative transformer
     forward-equivalents per video and against the cumulative seconds of the trainer."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(12, 4))
     for method, runs in rows_of.items():
         n = min(len(rows) for rows in runs)
@@ -404,18 +406,15 @@ def cost_curves(rows_of, path, window=10):
 
 def eval_curves(rows_of, path):
     """--eval_every's held-out numbers against the iterations done, next to the rollouts' own."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     figure, axes = plt.subplots(1, 3, figsize=(15, 3.8))
-    for axis, key, title in ((axes[0], "reward", "reward ↑"), (axes[1], "on_manifold_reward", "on-manifold reward ↑"),
-                             (axes[2], "off_manifold", "off-manifold distance ↓")):
+    for axis, (key, title) in zip(axes, PANELS):
         for (method, runs), colour in zip(rows_of.items(), ("tab:red", "tab:blue", "tab:green")):
             rows = runs[0]
-            points = [(r["eval/after_iterations"], r[f"eval/{key}"]) for r in rows
-                      if isinstance(r.get(f"eval/{key}"), (int, float))]
+            held_out = "eval/reward" if key == "reward_mean" else f"eval/{key}"
+            points = [(r["eval/after_iterations"], r[held_out]) for r in rows if isinstance(r.get(held_out), (int, float))]
             axis.plot(*zip(*points), marker="o", color=colour, label=f"{method}: held-out ODE eval")
-            axis.plot([r["iteration"] for r in rows], [r["reward_mean" if key == "reward" else key] for r in rows],
+            axis.plot([r["iteration"] for r in rows], [r[key] for r in rows],
                       color=colour, alpha=0.3, linewidth=0.8, label=f"{method}: training rollouts (SDE)")
         axis.set_title(title, fontsize=9)
         axis.set_xlabel("iterations done")
@@ -514,7 +513,7 @@ def main(argv=None):
         pictures.append(out / "window_cost.png")
         cost_curves(rows_of, pictures[-1])
     if grid == "eval":
-        pictures.append(out / "eval_curves.png")
+        pictures.append(out / "eval_held_out.png")
         eval_curves(rows_of, pictures[-1])
     if grid in ("headline", "comparison"):
         pictures.append(out / "headline_curves.png")
