@@ -21,9 +21,10 @@ one rollout is made with the run's sampler, and each check measures a number aga
                                  the guidance term s·(v_c − v_u)
     batch 1 vs batch B           relative error of sample 0's step mean μ recomputed alone      WARN > 1e-2, FAIL > 0.1
                                  against in the batch of B
-    reward                       every rollout scored (finite), and a video made non-finite  FAIL otherwise
-                                 on purpose scores NaN (excluded, counted) without changing
-                                 the others' scores
+    reward                       every rollout scored (finite), and a video made non-finite     FAIL otherwise, or the
+                                 on purpose scores NaN (excluded, counted) without changing     others moved > 0.1 × std
+                                 the others' scores, relative to the rewards' std over every    (WARN > 1e-2)
+                                 rank's videos (the scale GRPO's advantages divide by)
     trust region at β            ‖∂(β·L_KL)/∂μ‖ / ‖∂L_policy/∂μ‖ after one real optimizer     WARN < 1e-3
                                  step (at the start the policy equals the anchor and the KL
                                  is 0), at --beta_start and --beta_end (adaptive: --beta_min,
@@ -235,13 +236,12 @@ def run(cfg, *, pipe, policy, anchor, optim, prompts, sigmas, step_weights, layo
     spoiled_latents = latents.clone()
     spoiled_latents[0] = math.nan  # a failed video: non-finite everywhere, decoded (if decoded) to non-finite frames
     spoiled = score(spoiled_latents, sample_prompts)["reward"].double().cpu()
-    ok = bool(torch.isfinite(scores).all())
-    excluded = bool(torch.isnan(spoiled[0])) and torch.allclose(spoiled[1:], scores[1:], rtol=1e-4, atol=1e-4)
-    all_ok = int(distributed.all_reduce(torch.tensor(int(ok and excluded), device=device), op=dist.ReduceOp.MIN))
-    lines.append(Line("reward: scores finite, a failed video NaN", f"rewards {scores.min():.3g} … {scores.max():.3g}, "
-                      f"failed video → {spoiled[0]:.3g}", "FAIL otherwise", "PASS" if all_ok else "FAIL",
-                      "a reward that is not finite on good videos excludes them all; a failed video that gets a "
-                      "number (0, −1, ...) enters the loss as a real score: return NaN for it"))
+    everyone = distributed.all_gather_cat(scores.to(device), layout.dp_group).double().cpu()  # every rank's videos
+    moved = (spoiled[1:] - scores[1:]).abs().max() if batch > 1 else torch.tensor(0.0, dtype=torch.float64)
+    worst = [float(distributed.all_reduce(x.to(device), op=dist.ReduceOp.MAX)) for x in
+             (moved.nan_to_num(math.inf), torch.tensor(float(not torch.isfinite(scores).all())),
+              torch.tensor(float(not torch.isnan(spoiled[0]))))]
+    lines.append(reward_line(everyone, spoiled[0].item(), worst[0], bool(worst[1]), bool(worst[2])))
 
     # ---------------------------------------------------------------- 7. trust region after one real step
     lines.append(trust_region_line(cfg, policy, anchor, optim, embeds, rollout, scores, step_weights, stochastic,
@@ -257,6 +257,30 @@ def run(cfg, *, pipe, policy, anchor, optim, prompts, sigmas, step_weights, layo
                       f"stochastic steps", "FAIL if not finite, < 0 or no stochastic step",
                       "PASS" if good else "FAIL", "check --kernel, --eta and the σ schedule (--shift, --num_steps)"))
     return lines, per_step, [(sigmas[k].item(), sigmas[k + 1].item()) for k in range(num_steps)]
+
+
+def reward_line(scores, failed_score, moved, any_not_finite, failed_scored):
+    """The reward line from what was measured on every rank: `scores` every rank's rewards of its good rollouts,
+    `failed_score` rank 0's score of its video made non-finite, `moved` the largest change a failed video made to
+    another video's score (max over ranks), `any_not_finite` whether a good video was not scored finitely on some
+    rank, `failed_scored` whether a failed video got a number (not NaN) on some rank.
+
+    The others' change is graded relative to the spread of the rewards, their standard deviation over every rank's
+    videos (the scale GRPO's advantages divide by): a failed video that moves them by a tenth of it changes the
+    advantages by a tenth, a bug (FAIL); rounding moves them far less. The two scorings are batches of different
+    sizes (the failed video is not in the second), which may round differently: an absolute tolerance would be
+    one machine's (0 on a CPU in fp32; bf16 rounds by 2⁻⁸ ≈ 4e-3 of a value)."""
+    spread = scores.std().item() if len(scores) > 1 else 0.0
+    relative = moved / spread if spread > 0 else (0.0 if moved == 0 else math.inf)
+    status = "FAIL" if any_not_finite or failed_scored else grade(relative, RELATIVE_WARN, RELATIVE_FAIL)
+    return Line("reward: scores finite, a failed video NaN, the others unchanged",
+                f"rewards {scores.min():.3g} … {scores.max():.3g}, failed video → {failed_score:.3g}, "
+                f"others moved {relative:.1e} × std",
+                f"FAIL if not finite, a failed video not NaN, or others moved > {RELATIVE_FAIL:g} × std "
+                f"(WARN > {RELATIVE_WARN:g})", status,
+                "a reward that is not finite on good videos excludes them all; a failed video that gets a number (0, "
+                "−1, ...) enters the loss as a real score: return NaN for it; a failed video that moves the others' "
+                "scores (a reward normalised over its batch) shifts their advantages: score each video on its own")
 
 
 def trust_region_line(cfg, policy, anchor, optim, embeds, rollout, scores, step_weights, stochastic, layout, device,

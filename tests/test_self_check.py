@@ -2,8 +2,10 @@
 
 A check that cannot fail is no check: each test below breaks one thing the way a real bug would
 (the UPDATE recomputing with another CFG scale or η than the ROLLOUT sampled with, a reward that turns
-a failed video into a number) and asserts that its line FAILs and the exit status is 1.
+a failed video into a number, or one that moves the others' scores) and asserts that its line FAILs
+and the exit status is 1. The reward line's grading is also checked on its own, against closed forms.
 """
+import math
 import os
 import subprocess
 import sys
@@ -13,9 +15,10 @@ import torch
 
 import model
 import reward
+import self_check
 import train
 
-pytestmark = pytest.mark.slow  # the whole module: train.py / eval.py runs (README: Test)
+slow = pytest.mark.slow  # train.py runs (README: Test); the reward line's grading below is fast
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 4
@@ -52,6 +55,7 @@ def status_of(found, line):
     return status
 
 
+@slow
 def test_on_two_ranks_every_line_is_measured_and_the_healthy_tiny_setup_fails_none(tiny_models, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -79,6 +83,7 @@ def another_recompute(**changes):
     return recompute
 
 
+@slow
 @pytest.mark.parametrize("bug", ["cfg_scale_at_update", "eta_at_update"])
 def test_a_recompute_that_differs_from_the_rollout_fails_the_ratio_line(bug, tiny_models, tmp_path, monkeypatch):
     broken = (another_recompute(guidance_scale=lambda s: s + 1.0) if bug == "cfg_scale_at_update"
@@ -89,6 +94,7 @@ def test_a_recompute_that_differs_from_the_rollout_fails_the_ratio_line(bug, tin
     assert status_of(found, "on-policy ratio") == "FAIL"
 
 
+@slow
 def test_a_reward_that_scores_a_failed_video_fails_the_reward_line(tiny_models, tmp_path, monkeypatch):
     real = reward.RewardMix.__call__
     monkeypatch.setattr(reward.RewardMix, "__call__",
@@ -98,6 +104,24 @@ def test_a_reward_that_scores_a_failed_video_fails_the_reward_line(tiny_models, 
     assert status_of(found, "reward:") == "FAIL" and status_of(found, "on-policy ratio") == "PASS"
 
 
+@slow
+def test_a_reward_normalised_over_its_batch_fails_the_reward_line(tiny_models, tmp_path, monkeypatch):
+    """A reward that centres its scores on the mean of the batch it can score: the failed video leaves the batch,
+    the mean moves, and every other video's score with it (by half the gap of two videos: 0.71 × their std)."""
+    real = reward.RewardMix.__call__
+
+    def centred(self, *a):
+        scores = real(self, *a)
+        good = torch.isfinite(scores["reward"])
+        return {**scores, "reward": scores["reward"] - scores["reward"][good].mean()}
+    monkeypatch.setattr(reward.RewardMix, "__call__", centred)
+    assert train.main(train.parse_config(flags(tiny_models, tmp_path))) == 1
+    found, _ = statuses(tmp_path)
+    assert status_of(found, "reward:") == "FAIL" and status_of(found, "on-policy ratio") == "PASS"
+    assert "others moved 7.1e-01 × std" in open(os.path.join(tmp_path, "self_check.md")).read()
+
+
+@slow
 def test_a_cfg_batch_that_mixes_up_the_branches_fails_the_cfg_line(tiny_models, tmp_path, monkeypatch):
     real = model.cfg_velocity
 
@@ -115,6 +139,7 @@ def test_a_cfg_batch_that_mixes_up_the_branches_fails_the_cfg_line(tiny_models, 
     assert status_of(found, "on-policy ratio") == "PASS"  # rollout and update share the bug: the ratio cannot see it
 
 
+@slow
 def test_with_the_mp4_reward_input_a_failed_video_is_scored_nan_not_a_crash(tiny_models, tmp_path):
     """The REWARD call the loop makes (train.score_videos), with the official mp4 input: a non-finite video is
     not encoded (the encoder refuses it) but left non-finite, so the reward scores it NaN and it is excluded."""
@@ -122,3 +147,33 @@ def test_with_the_mp4_reward_input_a_failed_video_is_scored_nan_not_a_crash(tiny
     assert status == 0, open(os.path.join(tmp_path, "self_check.md")).read()  # the table names the failing line
     found, _ = statuses(tmp_path)
     assert status_of(found, "reward:") == "PASS"
+
+
+# ------------------------------------------------------------------------------------------------
+# The reward line's grading (self_check.reward_line), on numbers whose answer is known.
+
+@pytest.mark.parametrize("moved, status", [(0.0, "PASS"), (2e-3, "PASS"), (0.05, "WARN"), (0.5, "FAIL"),
+                                           (float("inf"), "FAIL")])
+def test_the_reward_line_grades_the_others_change_relative_to_the_rewards_std(moved, status):
+    """Rewards with std exactly 2 (±2 about 1, two videos of each): a change of 2e-3 × 2 is rounding (PASS), though
+    it is 40 times an absolute 1e-4; 0.05 × 2 changes advantages by 5 % (WARN); 0.5 × 2 by half (FAIL)."""
+    scores = torch.tensor([-1.0, -1.0, 3.0, 3.0], dtype=torch.float64)
+    assert scores.std().item() == pytest.approx(2.0 * (4 / 3) ** 0.5)  # unbiased std of ±2: 2·sqrt(4/3)
+    std = scores.std().item()
+    line = self_check.reward_line(scores, float("nan"), moved * std, False, False)
+    assert line.status == status, line
+    if math.isfinite(moved):
+        assert f"others moved {moved:.1e} × std" in line.measured
+
+
+@pytest.mark.parametrize("what", ["good video not finite", "failed video scored"])
+def test_the_reward_line_fails_a_non_finite_score_or_a_scored_failed_video_whatever_the_change(what):
+    line = self_check.reward_line(torch.tensor([0.0, 1.0], dtype=torch.float64), 0.0, 0.0,
+                                  what == "good video not finite", what == "failed video scored")
+    assert line.status == "FAIL"
+
+
+def test_with_equal_rewards_any_change_fails_and_none_passes():
+    equal = torch.tensor([0.5, 0.5, 0.5], dtype=torch.float64)  # std 0: nothing to compare a change with
+    assert self_check.reward_line(equal, float("nan"), 0.0, False, False).status == "PASS"
+    assert self_check.reward_line(equal, float("nan"), 1e-12, False, False).status == "FAIL"
