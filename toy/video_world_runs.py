@@ -281,6 +281,13 @@ def pyplot():
     return plt
 
 
+def save(figure, path):
+    """Lay out, write (90 dpi) and close one of this module's figures."""
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    pyplot().close(figure)
+
+
 def frontier(results, path):
     """The β sweep as one picture: on-manifold reward against off-manifold distance, one point per β with its
     95 % intervals, next to each number against β."""
@@ -313,9 +320,7 @@ def frontier(results, path):
     axes[2].set_yscale("log")
     axes[1].set_title("drift and hacking against β", fontsize=9)
     axes[2].set_title("how hard the KL pushes, against β", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    save(figure, path)
 
 
 def curves(all_rows, path):
@@ -328,9 +333,7 @@ def curves(all_rows, path):
         axis.set_title(title)
         axis.set_xlabel("iteration")
         axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    save(figure, path)
 
 
 def comparison_curves(rows_per_method, path, window=10):
@@ -346,9 +349,7 @@ def comparison_curves(rows_per_method, path, window=10):
         axis.set_title(f"{title} (mean of {len(runs)} seeds, running mean {window})", fontsize=9)
         axis.set_xlabel("iteration")
     axes[0].legend(fontsize=6)
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    save(figure, path)
 
 
 def iteration_seconds(row):
@@ -399,9 +400,7 @@ def cost_curves(rows_of, path, window=10):
     for axis in axes:
         axis.set_ylabel(f"reward (mean of seeds, running mean {window})")
         axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    save(figure, path)
 
 
 def eval_curves(rows_of, path):
@@ -419,9 +418,7 @@ def eval_curves(rows_of, path):
         axis.set_title(title, fontsize=9)
         axis.set_xlabel("iterations done")
     axes[0].legend(fontsize=6)
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    save(figure, path)
 
 
 def before_after(checkpoint, path, seeds=(0, 1, 2, 3)):
