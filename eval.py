@@ -25,7 +25,7 @@ line saying so. A transformer directory that is not a train.py checkpoint has no
 weights are loaded as they are and must be finite. One evaluation writes to an output_dir at a time
 (the lock of distributed.lock_run_directory).
 
---world evaluates the synthetic video world (toy/video_world.py) instead: its pretrained policy as the
+--world evaluates the synthetic video world (world/video_world.py) instead: its pretrained policy as the
 base, its prompts, video size and sampling settings, and its exact reward of the latents (reward,
 alignment, composition, brightness, off-manifold distance, on-manifold reward) in place of VideoAlign,
 CLIPScore and PickScore, e.g. on the checkpoints of a `train.py --world` run.
@@ -87,7 +87,7 @@ class EvalConfig:
     tiny: bool = False
     """random tiny HunyuanVideo-1.5, VideoAlign and CLIP models built on the fly, CPU"""
     world: bool = False
-    """the synthetic video world (toy/video_world.py), CPU: its pretrained policy as the base (unless --model_path),
+    """the synthetic video world (world/video_world.py), CPU: its pretrained policy as the base (unless --model_path),
     its prompts, video size, shift / CFG, and its exact reward of the latents instead of VideoAlign / CLIP / PickScore"""
     seed: int = 0
     """seed of the first video of each prompt; prompt i, video j uses seed + 1000·i + j"""
@@ -220,7 +220,7 @@ def main(cfg):
     if cfg.world and cfg.tiny:
         raise ValueError("--world and --tiny are two different small worlds: give one of them")
     if cfg.world:  # the world's prompts and video size unless given (its model below, its sampling in its configs)
-        from toy import video_world
+        from world import video_world
         cfg = dataclasses.replace(cfg, prompts=cfg.prompts or video_world.PROMPTS_FILE,
                                   num_frames=cfg.num_frames or video_world.WORLD_NUM_FRAMES,
                                   height=cfg.height or video_world.WORLD_HEIGHT, width=cfg.width or video_world.WORLD_WIDTH)
@@ -264,8 +264,8 @@ def evaluate(cfg, prompts, paths):
         model_path, reward_path, clip_path = tiny_paths["hunyuan"], tiny_paths["videoalign"], tiny_paths["clip"]
         pick_path = pick_path or clip_path
     if cfg.world and not model_path:  # the world's pretrained policy (built once, cached)
-        from toy import video_world_pretrain
-        model_path = video_world_pretrain.prepare_world()
+        from world import pretrain as world_pretrain
+        model_path = world_pretrain.prepare_world()
     cfg = dataclasses.replace(cfg, **dict(zip(("num_frames", "height", "width"),
                                               tiny.video_size(cfg.num_frames, cfg.height, cfg.width, cfg.tiny))))
     cfg, sources = resolve_sampling(cfg, model_path)  # shift and CFG scale: the base checkpoint's unless given
@@ -335,8 +335,8 @@ def video_scorer(pipe, reward_path, clip_path, pick_path, processor_path, device
 
 def world_scorer():
     """score(final latents, prompts) for --world: the world's exact reward of the latents and its diagnostics
-    (toy/video_world.WorldReward, default weights); each sample saved as a PNG of its latents."""
-    from toy import video_world
+    (world/video_world.WorldReward, default weights); each sample saved as a PNG of its latents."""
+    from world import video_world
     world_reward = video_world.WorldReward()
 
     def score(latents, prompts):

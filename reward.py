@@ -416,7 +416,7 @@ class TrainingReward:
 
 
 # name -> TrainingReward: the three rewards of this file, and any other plugged in with register_training_reward
-# (the synthetic video world's exact reward registers itself when toy/video_world.py is imported: this file
+# (the synthetic video world's exact reward registers itself when world/video_world.py is imported: this file
 # never imports the toy).
 TRAINING_REWARDS = {}
 

@@ -37,7 +37,7 @@ local directory or a hub id already in the hub cache; nothing is ever downloaded
         --rdzv_backend c10d --rdzv_endpoint $MASTER_ADDR:29500 train.py --model_path ... (same flags)
     # no weights, CPU: the same code on random tiny models built on the fly (gloo backend)
     torchrun --standalone --nproc_per_node 2 train.py --tiny --num_steps 4 --max_iterations 4 --output_dir runs/tiny
-    # no weights, CPU, and it learns: the synthetic video world (toy/video_world.py), ~5 minutes
+    # no weights, CPU, and it learns: the synthetic video world (world/video_world.py), ~5 minutes
     torchrun --standalone --nproc_per_node 2 train.py --world --num_steps 8 --optimizer adamw --lr 2e-4 \\
         --group_size 8 --videos_per_rank 8 --max_iterations 150 --output_dir runs/world
     # resume from the newest complete checkpoint in output_dir (same flags, plus --resume)
@@ -118,7 +118,7 @@ class Config:
     """prompt file: .txt (one per line), .csv (column `prompt`) or .jsonl ({"prompt": ...}), UTF-8 (a BOM is
     allowed); default prompts/example.txt, or the world's prompts/video_world.txt with --world"""
     world: bool = False
-    """the synthetic video world (toy/video_world.py), CPU: its pretrained tiny HunyuanVideo-1.5 (built once, cached),
+    """the synthetic video world (world/video_world.py), CPU: its pretrained tiny HunyuanVideo-1.5 (built once, cached),
     prompts, video size, shift / CFG (its checkpoint's configs) and exact, hackable reward (--reward world)"""
     tiny: bool = False
     """random tiny HunyuanVideo-1.5 and VideoAlign (tiny.py), CPU, gloo: the pipeline without weights; an empty
@@ -482,11 +482,11 @@ def train(cfg, prompts, rank, world_size, device, mesh, preempted, closing):
         paths = tiny.tiny_model_paths(cfg.output_dir, hunyuan=model_path, **reward_paths)
         model_path, reward_paths = paths.pop("hunyuan"), paths
     if cfg.world and not model_path:  # the world's pretrained policy: built (or read from its cache) by rank 0
-        from toy import video_world_pretrain
+        from world import pretrain as world_pretrain
         if rank == 0:
-            video_world_pretrain.prepare_world()
+            world_pretrain.prepare_world()
         dist.barrier()
-        model_path = video_world_pretrain.prepare_world()
+        model_path = world_pretrain.prepare_world()
     cfg, sources = resolve_sampling(cfg, model_path)  # shift and CFG scale: the checkpoint's unless given
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     check_schedule(cfg)  # sage's first step, the smallest step std at --eta: flag errors, before any model
@@ -967,7 +967,7 @@ def _check_config(cfg, world_size):
     if isinstance(cfg.reward, str):  # Config(reward="videoalign") from Python, as a one-item list
         cfg = dataclasses.replace(cfg, reward=[cfg.reward])
     if cfg.world:  # the world's own model, prompts and reward unless the user gave others
-        from toy import video_world
+        from world import video_world
         if cfg.tiny:
             raise ConfigError("--world and --tiny are two different small worlds: give one of them")
         cfg = dataclasses.replace(cfg, reward=["world"] if cfg.reward == Config().reward else cfg.reward,
@@ -976,7 +976,7 @@ def _check_config(cfg, world_size):
     if "world" in (item.partition("=")[0] for item in cfg.reward):
         if not cfg.world:
             raise ConfigError("--reward world scores the synthetic world's latents: it needs --world (its model and prompts)")
-        from toy import video_world  # noqa: F401  (registers the world's reward with reward.py)
+        from world import video_world  # noqa: F401  (registers the world's reward with reward.py)
     try:
         reward_specs = reward.parse_reward_specs(cfg.reward)
         for name, items in reward.split_component_weights(cfg.reward_weights, tuple(reward_specs)).items():
@@ -1076,7 +1076,7 @@ def _check_config(cfg, world_size):
     cfg = dataclasses.replace(cfg, prompts=cfg.prompts or DEFAULT_PROMPTS)
     prompts = load_prompts(cfg.prompts)
     if cfg.world:  # the world's reward knows its own prompts only: any other is an error, never replaced
-        from toy import video_world
+        from world import video_world
         unknown = [p for p in prompts if p not in video_world.WORLD_PROMPTS]
         if unknown:
             raise ConfigError(f"--world: prompt file {cfg.prompts!r} holds {len(unknown)} prompt(s) the world's reward "
@@ -1431,7 +1431,7 @@ def save_sample(cfg, iteration, frames, latents, prompts, tracker):
     if frames is not None:
         path = save_video(frames[0], path)  # (F, 3, H, W) in [0, 1]
     else:
-        from toy import video_world
+        from world import video_world
         os.makedirs(os.path.dirname(path), exist_ok=True)
         path += ".png"
         video_world.render_latents(latents[:1].cpu(), path, prompts=prompts[:1])

@@ -209,8 +209,8 @@ def test_eval_errors_are_one_line_with_a_nonzero_status_and_no_traceback(tiny, t
 def test_eval_of_a_world_checkpoint_scores_with_the_worlds_reward(tmp_path):
     from diffusers import HunyuanVideo15Transformer3DModel
 
-    from toy import video_world, video_world_pretrain
-    transformer = HunyuanVideo15Transformer3DModel.from_pretrained(os.path.join(video_world_pretrain.prepare_world(),
+    from world import video_world, pretrain as world_pretrain
+    transformer = HunyuanVideo15Transformer3DModel.from_pretrained(os.path.join(world_pretrain.prepare_world(),
                                                                                 "transformer"))
     with torch.no_grad():
         for p in transformer.parameters():

@@ -497,7 +497,7 @@ def test_the_smallest_eta_allowed_is_the_stated_bound_on_the_step_std(tiny_model
 
 
 def test_world_prompts_are_the_worlds_own_and_any_other_file_is_an_error_not_replaced(tmp_path, monkeypatch):
-    from toy import video_world
+    from world import video_world
     monkeypatch.setattr(distributed, "setup", lambda *a, **k: pytest.fail("reached the process group"))
     cfg, prompts = train.check_config(train.Config(world=True, group_size=2, output_dir=str(tmp_path / "a")), 1)
     assert cfg.prompts == video_world.PROMPTS_FILE and prompts == list(video_world.WORLD_PROMPTS)

@@ -1,4 +1,4 @@
-"""The repository's dependencies point one way: maths ← model / reward ← train / eval ← toy.
+"""The repository's dependencies point one way: maths ← model / reward ← train / eval ← world / toy.
 
 The import graph is read from the source (every `import` statement, inside functions too), not from what a
 run happens to import. Print it with `pytest tests/test_layout.py -s -k graph`.
@@ -8,14 +8,17 @@ import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MATHS = ("sde", "equalizer", "grpo", "trust_region")
-# The product: what `train.py` / `eval.py` run on the real model. None of it may import the toy.
+# The product: what `train.py` / `eval.py` run on the real model. None of it may import the toy or the world
+# (train.py and eval.py import the world only for --world; the 2-D toy imports only the maths).
 PRODUCT = MATHS + ("model", "reward", "videoalign_checkpoint", "tiny", "hub", "distributed", "parallel", "optimizer", "plan",
                    "tracking", "self_check")
 
 
 def module_names():
     names = [f[:-3] for f in os.listdir(REPO) if f.endswith(".py")]
-    names += [f"toy.{f[:-3]}" for f in os.listdir(os.path.join(REPO, "toy")) if f.endswith(".py") and f != "__init__.py"]
+    for folder in ("toy", "world"):
+        names += [f"{folder}.{f[:-3]}" for f in os.listdir(os.path.join(REPO, folder))
+                  if f.endswith(".py") and f != "__init__.py"]
     return sorted(names)
 
 
@@ -28,7 +31,7 @@ def imports_of(name, known):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
-            found.update(f"{node.module}.{alias.name}" for alias in node.names)   # from toy import video_world
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)   # from world import video_world
     return sorted(m for m in found if m in known and m != name)
 
 
@@ -37,10 +40,12 @@ def graph():
     return {name: imports_of(name, known) for name in sorted(known)}
 
 
-def test_the_product_never_imports_the_toy_and_the_maths_import_only_maths():
+def test_the_product_never_imports_the_toy_or_the_world_and_the_maths_import_only_maths():
     edges = graph()
     for name in PRODUCT:
-        assert not [m for m in edges[name] if m.startswith("toy.")], (name, edges[name])
+        assert not [m for m in edges[name] if m.startswith(("toy.", "world."))], (name, edges[name])
+    for name in (m for m in edges if m.startswith("toy.")):  # the 2-D toy: the maths and itself, nothing else
+        assert set(edges[name]) <= set(MATHS) | {m for m in edges if m.startswith("toy.")}, (name, edges[name])
     for name in MATHS:
         assert set(edges[name]) <= set(MATHS), (name, edges[name])
 

@@ -2,7 +2,7 @@
 
 Every other test of the video trainer is an equivalence (2 ranks = 1 rank, resume = uninterrupted,
 rollout = diffusers pipeline); none of them notices a trainer that does not learn. This one runs the
-real `torchrun ... train.py --world` (toy/video_world.py: the world's pretrained tiny HunyuanVideo-1.5,
+real `torchrun ... train.py --world` (world/video_world.py: the world's pretrained tiny HunyuanVideo-1.5,
 its exact reward) and states what GRPO must do: the rollouts' reward at the end of the run lies above
 the pretrained policy's by more than three standard errors of seed noise.
 
@@ -39,8 +39,8 @@ def pretrained_reward_batches(num_batches=16, batch=16):
     """Mean world reward of `num_batches` batches of SDE rollouts of the pretrained policy."""
     import model
     import sde
-    from toy import video_world, video_world_pretrain
-    pipe = model.load_hunyuan(video_world_pretrain.prepare_world(), dtype=torch.float32)
+    from world import video_world, pretrain as world_pretrain
+    pipe = model.load_hunyuan(world_pretrain.prepare_world(), dtype=torch.float32)
     reward = video_world.WorldReward({"alignment": 0.0, "composition": 1.0, "brightness": 0.0})
     shape = pipe.latent_shape(video_world.WORLD_NUM_FRAMES, video_world.WORLD_HEIGHT, video_world.WORLD_WIDTH)
     sigmas = sde.shifted_sigmas(8, pipe.shift)

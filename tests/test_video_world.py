@@ -1,4 +1,4 @@
-"""The synthetic video world (toy/video_world.py, toy/video_world_pretrain.py): its exact manifold distance,
+"""The synthetic video world (world/video_world.py, world/pretrain.py): its exact manifold distance,
 its reward's closed forms, and its pretrained policy in the real HunyuanVideo-1.5 layout."""
 import functools
 import math
@@ -9,8 +9,8 @@ from hypothesis import given, settings, strategies as st
 
 import model
 import sde
-from toy import video_world as world
-from toy import video_world_pretrain as world_pretrain
+from world import video_world as world
+from world import pretrain as world_pretrain
 
 N = math.prod(world.WORLD_LATENT_SHAPE)   # elements of one latent video (192)
 SQUARE_NORM = math.sqrt(world.WORLD_LATENT_SHAPE[1] * world.OBJECT_SIZE ** 2)   # ‖V‖: 3 frames x 4 pixels, unit colour
@@ -308,7 +308,7 @@ WORLD_ALIGNMENT_MIN = 0.9
 @pytest.mark.slow
 def test_committed_weights_are_those_of_the_default_config():
     # otherwise prepare_world() would pretrain (minutes) in every fresh checkout: a change of the world's
-    # constants or of WorldPretrainConfig must come with new weights (python -m toy.video_world_pretrain --retrain)
+    # constants or of WorldPretrainConfig must come with new weights (python -m world.pretrain --retrain)
     from safetensors import safe_open
     with safe_open(str(world_pretrain.WEIGHTS_FILE), "pt") as f:
         assert f.metadata()["cache_key"] == world_pretrain.cache_key(world_pretrain.WorldPretrainConfig())

@@ -74,11 +74,11 @@ The data is a finite mixture of templates with a uniform amplitude, so E[x_0 | x
 (`posterior_mean`: a truncated-normal amplitude per template, templates weighted by their evidence) and
 so has the velocity v* = E[ε − x_0 | x_σ] = (x_σ − x̂_0)/σ (`ideal_velocity`), the minimiser of the
 flow-matching loss. Sampled with the world's settings, v* lands on M (tests/test_video_world.py); the
-pretraining regresses on it instead of on the noisy target ε − x_0 (video_world_pretrain.py).
+pretraining regresses on it instead of on the noisy target ε − x_0 (pretrain.py).
 
 Pictures: `render_latents` maps each latent pixel to RGB through the colour directions (frames side
-by side, one row per sample). The pretrained policy of this world is in video_world_pretrain.py;
-`video_world_pretrain.prepare_world` returns its diffusers-format directory.
+by side, one row per sample). The pretrained policy of this world is in pretrain.py;
+`world_pretrain.prepare_world` returns its diffusers-format directory.
 """
 import dataclasses
 import math
@@ -135,15 +135,15 @@ PROMPT_PATTERN = re.compile(r"a (\w+) square moving (\w+)")
 # The same prompts as a file, for train.py --world (its default --prompts).
 PROMPTS_FILE = "prompts/video_world.txt"
 
-# Sampling settings of the world's pretrained policy (video_world_pretrain.py measures them; the
+# Sampling settings of the world's pretrained policy (pretrain.py measures them; the
 # trainer passes them as --num_steps / --shift / --cfg_scale; the same shift and CFG scale are written
 # to the model directory's scheduler/ and guider/).
 WORLD_NUM_STEPS = 8
 """denoising steps of a rollout: with the exact velocity 8 land on M; a rollout of 4 samples with CFG ≈ 0.06 s"""
 WORLD_SHIFT = 3.0
-"""schedule shift s: see video_world_pretrain.py (the square's position is decided at high noise)"""
+"""schedule shift s: see pretrain.py (the square's position is decided at high noise)"""
 WORLD_GUIDANCE_SCALE = 3.0
-"""CFG scale: see video_world_pretrain.py (3 raises the amplitude towards a_max and sharpens the prompt)"""
+"""CFG scale: see pretrain.py (3 raises the amplitude towards a_max and sharpens the prompt)"""
 
 # Default reward weights: VideoAlign setting B gives 1.0 to text alignment and 0.5 to each quality
 # score; here alignment is the text-alignment analogue, composition and brightness the quality ones.

@@ -46,13 +46,13 @@ squares have the prompt's colour and motion, with blurred edges; the distance is
 data noised to σ = 0.1 (≈ 0.1): more steps or width are the open work. A rollout of 4 samples with CFG
 takes ≈ 0.06 s.
 
-Caching: the directory is written under toy/out/ (gitignored) keyed by a hash of the config and the
+Caching: the directory is written under world/out/ (gitignored) keyed by a hash of the config and the
 world's constants, written to a temporary directory and renamed (a concurrent caller never sees half
 a directory). The transformer comes from WEIGHTS_FILE (assets/, committed, ≈ 1.7 MB) when its stored
 hash matches the config; text encoders, VAE and tokenizers are rebuilt from the seed. Rebuild the
 weights after changing the world or the config:
 
-    python -m toy.video_world_pretrain --retrain
+    python -m world.pretrain --retrain
 """
 import argparse
 import dataclasses
@@ -70,10 +70,10 @@ import torch
 import model
 import sde
 import tiny
-from toy import video_world as world
+from world import video_world as world
 
 CACHE_DIR = Path(__file__).resolve().parent / "out"
-# The pretrained transformer, committed (rebuild: python -m toy.video_world_pretrain --retrain).
+# The pretrained transformer, committed (rebuild: python -m world.pretrain --retrain).
 WEIGHTS_FILE = Path(__file__).resolve().parent.parent / "assets" / "video_world_transformer.safetensors"
 # Transformer tensors that pretraining never changes (the byT5 glyph projection: no world prompt quotes
 # text), rebuilt from the seed instead of stored.
@@ -392,7 +392,7 @@ def build_world(path, config=WorldPretrainConfig(), verbose=False):
 def prepare_world(cache_dir=None, verbose=False, config=WorldPretrainConfig()):
     """Path of the pretrained world directory for `config`, built once and cached.
 
-    cache_dir: where to keep it (default toy/out/); the directory is <cache_dir>/video_world_<hash>.
+    cache_dir: where to keep it (default world/out/); the directory is <cache_dir>/video_world_<hash>.
     Cold start: a few seconds with the committed weights (WEIGHTS_FILE), otherwise minutes of pretraining.
     """
     path = Path(cache_dir or CACHE_DIR) / f"video_world_{cache_key(config)}"
@@ -403,7 +403,7 @@ def prepare_world(cache_dir=None, verbose=False, config=WorldPretrainConfig()):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache_dir", default=None, help="where the model directory goes (default toy/out/)")
+    parser.add_argument("--cache_dir", default=None, help="where the model directory goes (default world/out/)")
     parser.add_argument("--retrain", action="store_true",
                         help=f"pretrain from scratch (ignoring the committed weights) and overwrite {WEIGHTS_FILE}")
     args = parser.parse_args()
