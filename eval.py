@@ -60,7 +60,9 @@ import model
 import reward
 import sde
 import tiny
-from train import DEFAULT_PROMPTS, load_prompts, parse_config, resolve_sampling, save_video
+import config
+from config import DEFAULT_PROMPTS, load_prompts, parse_config, resolve_sampling
+from run_directory import save_video
 
 
 @dataclass
@@ -267,7 +269,7 @@ def evaluate(cfg, prompts, paths):
         from world import pretrain as world_pretrain
         model_path = world_pretrain.prepare_world()
     cfg = dataclasses.replace(cfg, **dict(zip(("num_frames", "height", "width"),
-                                              tiny.video_size(cfg.num_frames, cfg.height, cfg.width, cfg.tiny))))
+                                              config.video_size(cfg.num_frames, cfg.height, cfg.width, cfg.tiny))))
     cfg, sources = resolve_sampling(cfg, model_path)  # shift and CFG scale: the base checkpoint's unless given
     device = torch.device("cuda" if torch.cuda.is_available() and not (cfg.tiny or cfg.world) else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

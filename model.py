@@ -104,10 +104,6 @@ REQUIRED_FILES = {
 MODEL_SUBFOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
-# Rollout video size: 81 frames at 352×624, the official 480p bucket (official sample_n_frames 81).
-DEFAULT_NUM_FRAMES = 81
-DEFAULT_HEIGHT = 352
-DEFAULT_WIDTH = 624
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ The SDE window (`--sde_window K`): the stochastic kernel only on K consecutive s
 the window's steps carry log-probs, are recomputed in the update and enter the loss, and the equalizer's median is
 taken over them. Closed forms here: the window's placement per iteration, the weights' median over the window (an
 independent sort of the window's N_t), and in a tiny run the steps that the rollout made stochastic and that the
-update recomputed. The forward counts of a run (train.ForwardCount, hooks on the transformers) are compared with
+update recomputed. The forward counts of a run (meters.ForwardCount, hooks on the transformers) are compared with
 plan.forward_equivalents, which derives them from the flags alone.
 """
 import json
@@ -16,6 +16,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import meters
+import config
 import equalizer
 import model
 import plan
@@ -29,7 +31,7 @@ from test_train import tiny_args, tiny_models  # noqa: F401  (the module fixture
 # Where the window lies.
 
 def window_config(**overrides):
-    return train.Config(**{"num_steps": 8, "sde_window": 3, **overrides})
+    return config.Config(**{"num_steps": 8, "sde_window": 3, **overrides})
 
 
 def test_a_fixed_window_stays_at_its_start_and_no_window_is_every_step():
@@ -118,7 +120,7 @@ def record_calls(monkeypatch):
 @pytest.mark.slow
 def test_a_moving_window_run_samples_and_trains_only_the_windows_steps(tiny_models, tmp_path, monkeypatch):  # noqa: F811
     calls = record_calls(monkeypatch)
-    train.main(train.parse_config(tiny_args(tiny_models, tmp_path, num_steps=4, sde_window=2, max_iterations=3,
+    train.main(config.parse_config(tiny_args(tiny_models, tmp_path, num_steps=4, sde_window=2, max_iterations=3,
                                             sde_window_placement="moving", sde_window_shift_every=1, cfg_scale=6.0,
                                             shift=5.0)))
     assert calls["windows"] == [(0, 2), (1, 3), (2, 4)]
@@ -152,7 +154,7 @@ RUNS = {  # name: (train.py flags, the same setup for the planner)
 @pytest.mark.parametrize("name", list(RUNS))
 def test_the_forwards_a_run_counts_are_the_planners_prediction(name, tiny_models, tmp_path):  # noqa: F811
     flags, setup = RUNS[name]
-    train.main(train.parse_config(tiny_args(tiny_models, tmp_path, **flags)))  # one iteration
+    train.main(config.parse_config(tiny_args(tiny_models, tmp_path, **flags)))  # one iteration
     predicted = plan.forward_equivalents(plan.Setup(gradient_checkpointing=False, **setup))
     for row in (json.loads(line) for line in open(tmp_path / "metrics.jsonl")):
         counted = {k: row[k] for k in COUNTS}
@@ -189,4 +191,4 @@ def test_a_cost_option_that_cannot_work_is_a_flag_error(flags, message, tmp_path
     flags = [str(tmp_path / "held_out.txt") if f == "HELD_OUT" else f for f in flags]
     world = ["--videos_per_rank", "2"] if "--world" in flags else ["--tiny"]
     with pytest.raises(ValueError, match=message):
-        train.main(train.parse_config(world + ["--group_size", "2", "--output_dir", str(tmp_path / "run")] + flags))
+        train.main(config.parse_config(world + ["--group_size", "2", "--output_dir", str(tmp_path / "run")] + flags))

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import config
 import distributed
 import eval as evaluate
 import train
@@ -44,7 +45,7 @@ def eval_args(tiny, output_dir, checkpoints):
 def test_eval_writes_a_side_by_side_table_of_deterministic_scores(tiny, tmp_path):
     root, paths = tiny
     checkpoints = [str(root / "run" / "checkpoint-000007"), os.path.join(paths["model_path"], "transformer")]
-    results = evaluate.main(train.parse_config(eval_args(tiny, tmp_path, checkpoints), cls=evaluate.EvalConfig))
+    results = evaluate.main(config.parse_config(eval_args(tiny, tmp_path, checkpoints), cls=evaluate.EvalConfig))
 
     assert [r["name"] for r in results] == ["base", "checkpoint-000007", "hunyuan"]
     with open(tmp_path / "results.json") as f:
@@ -72,7 +73,7 @@ def test_the_vae_tiling_flag_reaches_the_vae_that_decodes_the_samples(tiny, tmp_
         seen.append(vae.use_tiling)
         return decode(vae, latents)
     monkeypatch.setattr(model, "decode_latents", recording_decode)
-    evaluate.main(train.parse_config(eval_args(tiny, tmp_path, []) + ["--vae_tiling"], cls=evaluate.EvalConfig))
+    evaluate.main(config.parse_config(eval_args(tiny, tmp_path, []) + ["--vae_tiling"], cls=evaluate.EvalConfig))
     assert seen == [True]  # one batch of 2 prompts, one model
     with open(tmp_path / "results.json") as f:
         assert json.load(f)["config"]["vae_tiling"] is True
@@ -83,7 +84,7 @@ def test_eval_rejects_a_checkpoint_in_the_wrong_layout(tiny, tmp_path):
     (tmp_path / "not_a_checkpoint" / "weights.pt").write_bytes(b"")
     args = eval_args(tiny, tmp_path, [str(tmp_path / "not_a_checkpoint")])
     with pytest.raises(ValueError, match=r"expected a diffusers transformer directory .* found \['weights.pt'\]"):
-        evaluate.main(train.parse_config(args, cls=evaluate.EvalConfig))
+        evaluate.main(config.parse_config(args, cls=evaluate.EvalConfig))
     with pytest.raises(ValueError, match="no such directory"):
         evaluate.transformer_dir(str(tmp_path / "missing"))
 
@@ -111,7 +112,7 @@ def test_eval_uses_the_checkpoints_sampling_settings_and_every_size_flag_given(t
         return rollout(transformer, embeds, seeds, latent_shape, sigmas, **kwargs)
     monkeypatch.setattr(model, "rollout", recording)
     args = eval_args(tiny, tmp_path / "out", []) + ["--model_path", base, "--num_steps", "6", "--num_frames", "9"]
-    evaluate.main(train.parse_config(args, cls=evaluate.EvalConfig))
+    evaluate.main(config.parse_config(args, cls=evaluate.EvalConfig))
     sigmas, guidance_scale, latent_shape = calls[0]
     assert len(sigmas) == 7  # 6 steps, as asked (--tiny used to cap them at 4)
     expected = 3.0 * torch.linspace(1, 0, 7) / (1 + 2.0 * torch.linspace(1, 0, 7))  # shift 3, by hand
@@ -129,7 +130,7 @@ def test_eval_keeps_the_scores_of_models_already_evaluated_when_a_later_checkpoi
     (broken / "config.json").write_text((root / "run" / "checkpoint-000007" / "transformer" / "config.json").read_text())
     (broken / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(Exception):
-        evaluate.main(train.parse_config(eval_args(tiny, tmp_path / "out", [str(broken.parent)]), cls=evaluate.EvalConfig))
+        evaluate.main(config.parse_config(eval_args(tiny, tmp_path / "out", [str(broken.parent)]), cls=evaluate.EvalConfig))
     with open(tmp_path / "out" / "results.json") as f:
         models = json.load(f)["models"]
     assert [m["name"] for m in models] == ["base"] and len(models[0]["samples"]) == 2  # the base scores survive
@@ -141,7 +142,7 @@ def test_eval_keeps_the_scores_of_models_already_evaluated_when_a_later_checkpoi
                                                   ("--cfg_scale", "nan", r"--cfg_scale must be a finite number > 0")])
 def test_eval_refuses_counts_below_one_before_any_model(flag, value, message, tiny, tmp_path):
     with pytest.raises(ValueError, match=message):
-        evaluate.main(train.parse_config(eval_args(tiny, tmp_path, []) + [flag, value], cls=evaluate.EvalConfig))
+        evaluate.main(config.parse_config(eval_args(tiny, tmp_path, []) + [flag, value], cls=evaluate.EvalConfig))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,7 +175,7 @@ def test_eval_refuses_a_checkpoint_that_does_not_match_its_manifest_before_any_m
     args = eval_args(tiny, tmp_path / "out", [str(checkpoint)])
     with pytest.raises(evaluate.EvalError, match=r"1 checkpoint\(s\) do not match their manifest, nothing was "
                                                  r"evaluated: .*checkpoint-000008/transformer/" + reason):
-        evaluate.main(train.parse_config(args, cls=evaluate.EvalConfig))
+        evaluate.main(config.parse_config(args, cls=evaluate.EvalConfig))
     assert not (tmp_path / "out" / "results.json").exists()
 
 
@@ -183,7 +184,7 @@ def test_eval_skips_unfinished_checkpoint_writes_and_says_so(tiny, tmp_path, cap
     no_manifest = manifested_checkpoint(tiny, tmp_path / "run" / "checkpoint-000010")
     os.remove(no_manifest / "manifest.json")                                           # killed before its manifest
     sound = manifested_checkpoint(tiny, tmp_path / "run" / "checkpoint-000011")
-    results = evaluate.main(train.parse_config(eval_args(tiny, tmp_path / "out", [str(unfinished), str(no_manifest),
+    results = evaluate.main(config.parse_config(eval_args(tiny, tmp_path / "out", [str(unfinished), str(no_manifest),
                                                                                    str(sound)]), cls=evaluate.EvalConfig))
     out = capsys.readouterr().out
     assert f"eval: skipping {unfinished}: an unfinished checkpoint write (.tmp" in out
@@ -237,6 +238,6 @@ def test_a_second_evaluation_into_the_same_directory_is_refused(tiny, tmp_path):
     held = distributed.lock_run_directory(str(tmp_path))
     try:
         with pytest.raises(distributed.DirectoryLocked, match=r"is in use by another evaluation"):
-            evaluate.main(train.parse_config(eval_args(tiny, tmp_path, []), cls=evaluate.EvalConfig))
+            evaluate.main(config.parse_config(eval_args(tiny, tmp_path, []), cls=evaluate.EvalConfig))
     finally:
         held.close()

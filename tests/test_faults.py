@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import config
 import distributed
 import train
 
@@ -47,7 +48,7 @@ def tiny_args(tiny_models, output_dir, *flags, **overrides):
 
 
 def run(tiny_models, output_dir, *flags, **overrides):
-    return train.main(train.parse_config(tiny_args(tiny_models, output_dir, *flags, **overrides)))
+    return train.main(config.parse_config(tiny_args(tiny_models, output_dir, *flags, **overrides)))
 
 
 def numbered(output_dir):
@@ -236,7 +237,7 @@ def test_a_checkpoint_write_that_fails_removes_its_partial_files_and_names_the_i
 def test_a_bad_number_is_refused_before_any_model_is_loaded(flags, message, tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "setup", lambda *a, **k: pytest.fail("reached the process group"))
     with pytest.raises(ValueError, match=message):
-        train.main(train.parse_config(["--tiny", "--output_dir", str(tmp_path), "--group_size", "2"] + flags))
+        train.main(config.parse_config(["--tiny", "--output_dir", str(tmp_path), "--group_size", "2"] + flags))
 
 
 @pytest.mark.slow
@@ -246,10 +247,10 @@ def test_a_wrong_reward_path_and_an_unwritable_output_dir_are_refused_before_any
     args = ["--model_path", tiny_models[0], "--group_size", "2"]
     with pytest.raises(ValueError, match=r"--reward_path .* is not a VideoAlign \(VideoReward\) directory: "
                                                 r"expected model_config.json"):
-        train.main(train.parse_config(args + ["--reward_path", tiny_models[0], "--output_dir", str(tmp_path)]))
+        train.main(config.parse_config(args + ["--reward_path", tiny_models[0], "--output_dir", str(tmp_path)]))
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match=r"--output_dir .*a_file/run' is not writable"):
-        train.main(train.parse_config(args + ["--reward_path", tiny_models[1], "--output_dir", str(tmp_path / "a_file" / "run")]))
+        train.main(config.parse_config(args + ["--reward_path", tiny_models[1], "--output_dir", str(tmp_path / "a_file" / "run")]))
 
 
 @pytest.mark.parametrize("name, content, message", [
@@ -264,7 +265,7 @@ def test_prompt_file_errors_name_the_file_and_the_line(name, content, message, t
     else:
         (tmp_path / name).write_bytes(content)
     with pytest.raises(ValueError, match=message):
-        train.load_prompts(str(tmp_path / name))
+        config.load_prompts(str(tmp_path / name))
 
 
 @pytest.mark.slow
@@ -465,7 +466,7 @@ def test_a_resume_that_cannot_continue_the_run_is_refused_before_any_model(setup
     monkeypatch.setattr(distributed, "setup", lambda *a, **k: pytest.fail("reached the process group"))
     fake_checkpoint(tmp_path, **setup)
     with pytest.raises(ValueError, match=message):
-        train.main(train.parse_config(["--tiny", "--output_dir", str(tmp_path), "--group_size", "2", "--resume"] + flags))
+        train.main(config.parse_config(["--tiny", "--output_dir", str(tmp_path), "--group_size", "2", "--resume"] + flags))
 
 
 @pytest.mark.slow
@@ -490,25 +491,25 @@ def test_the_smallest_eta_allowed_is_the_stated_bound_on_the_step_std(tiny_model
     # sage's last step, 0.833 -> 0: std = η·sqrt(−ln(1 − 0.833) − 0.833), by hand
     per_eta = math.sqrt(-math.log(1 - 5 * 0.5 / (1 + 4 * 0.5)) - 5 * 0.5 / (1 + 4 * 0.5))
     assert sde.step_std("sage", sigmas[1], sigmas[2], 1.0).item() == pytest.approx(per_eta, rel=1e-12)
-    bound = train.MIN_STEP_STD / per_eta
-    train.check_schedule(train.Config(kernel="sage", num_steps=2, shift=5.0, eta=bound * 1.001))
+    bound = config.MIN_STEP_STD / per_eta
+    config.check_step_stds(config.Config(kernel="sage", num_steps=2, shift=5.0, eta=bound * 1.001))
     with pytest.raises(ValueError, match=r"below 0.0001"):
-        train.check_schedule(train.Config(kernel="sage", num_steps=2, shift=5.0, eta=bound * 0.999))
+        config.check_step_stds(config.Config(kernel="sage", num_steps=2, shift=5.0, eta=bound * 0.999))
 
 
 def test_world_prompts_are_the_worlds_own_and_any_other_file_is_an_error_not_replaced(tmp_path, monkeypatch):
     from world import video_world
     monkeypatch.setattr(distributed, "setup", lambda *a, **k: pytest.fail("reached the process group"))
-    cfg, prompts = train.check_config(train.Config(world=True, group_size=2, output_dir=str(tmp_path / "a")), 1)
+    cfg, prompts = config.check_config(config.Config(world=True, group_size=2, output_dir=str(tmp_path / "a")), 1)
     assert cfg.prompts == video_world.PROMPTS_FILE and prompts == list(video_world.WORLD_PROMPTS)
     for given, first in (("prompts/example.txt", None), (str(tmp_path / "mine.txt"), "A red square moving right.")):
         if first:
             (tmp_path / "mine.txt").write_text(first + "\n")
         with pytest.raises(ValueError, match=r"--world: prompt file .* holds \d+ prompt\(s\) the world's reward does not "
                                              r"know, the first .*; expected only prompts of prompts/video_world.txt"):
-            train.check_config(train.Config(world=True, group_size=2, prompts=given, output_dir=str(tmp_path / "b")), 1)
+            config.check_config(config.Config(world=True, group_size=2, prompts=given, output_dir=str(tmp_path / "b")), 1)
     (tmp_path / "two.txt").write_text(f"{video_world.WORLD_PROMPTS[3]}\n{video_world.WORLD_PROMPTS[1]}\n")
-    _, prompts = train.check_config(train.Config(world=True, group_size=2, prompts=str(tmp_path / "two.txt"),
+    _, prompts = config.check_config(config.Config(world=True, group_size=2, prompts=str(tmp_path / "two.txt"),
                                                  output_dir=str(tmp_path / "c")), 1)
     assert prompts == [video_world.WORLD_PROMPTS[3], video_world.WORLD_PROMPTS[1]]
 
@@ -516,4 +517,4 @@ def test_world_prompts_are_the_worlds_own_and_any_other_file_is_an_error_not_rep
 @pytest.mark.parametrize("name, content", [("p.txt", "\ufeffa cat\na dog\n"), ("p.csv", "\ufeffprompt,seed\na cat,1\na dog,2\n")])
 def test_a_byte_order_mark_is_not_part_of_the_first_prompt_or_column(name, content, tmp_path):
     (tmp_path / name).write_text(content, encoding="utf-8")
-    assert train.load_prompts(str(tmp_path / name)) == ["a cat", "a dog"]
+    assert config.load_prompts(str(tmp_path / name)) == ["a cat", "a dog"]
