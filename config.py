@@ -222,8 +222,8 @@ class Config:
     train_glyph_projector: bool = True
     """full fine-tune: train the byT5 glyph projector too (official: the whole transformer). It only gets a gradient
     from prompts that quote text to render; --no-train_glyph_projector freezes it and keeps it whole on every rank
-    instead of sharding it (no all-gather per forward). Our choice for the video world (its prompts quote no text,
-    and the projector is 87 % of its parameters)"""
+    instead of sharding it (no all-gather per forward). Our choice for the video world, whose prompts quote no text
+    (docs/world.md)"""
     ema_decay: float = 0.0
     """d in (0, 1): keep θ_ema <- d·θ_ema + (1 − d)·θ after every update, in each checkpoint (ema/ for --resume,
     ema_transformer/ in diffusers format, which eval.py evaluates beside transformer/); 0: none (official).
@@ -241,7 +241,7 @@ class Config:
     text_encoder_offload: bool = False
     """keep the text encoders (Qwen2.5-VL-7B: 15 GB bf16) on CPU, on the GPU only while encoding prompts; our choice"""
     prompt_cache: int = 512
-    """prompts whose embeddings are kept (on the CPU, real tokens only: ~0.5 MB each at the real model's widths)
+    """prompts whose embeddings are kept (on the CPU, real tokens only; their size: docs/scaling.md)
     and reused when they come back in a later iteration (model.PromptCache); our choice: the text encoders are
     frozen, so a prompt is encoded once per run instead of once per iteration"""
     vae_tiling: typing.Optional[bool] = None

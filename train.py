@@ -1,6 +1,6 @@
 """SAGE-GRPO post-training of HunyuanVideo-1.5 against the VideoAlign reward.
 
-One iteration, straight through (the banners in `main` follow it):
+One iteration, straight through (the banners in `train` follow it):
 
     ROLLOUT    G videos per prompt with a stochastic transition kernel (`--kernel sage`); a group may span ranks;
                every sample has its own seed, a function of (seed, iteration, global sample index)
@@ -50,11 +50,13 @@ configs unless --shift / --cfg_scale are given (the run prints which). Reward we
 model's defaults (VideoAlign: paper setting B) unless --reward_weights names others. Video size:
 81×352×624, or 5×16×16 with --tiny, unless --num_frames / --height / --width are given.
 
-Parallelism, loading and checkpoints (FSDP2 per transformer block, rank-0 broadcast load, atomic
-sharded checkpoints, exact resume) live in distributed.py. Loss normalisation: the loss is the mean
-over the valid (sample, trained step) pairs of the *global* batch: each rank divides its sum by the
-global count and FSDP averages gradients over ranks, so 2 ranks x 2 videos give the same update as
-1 rank x 4 videos (tested).
+This file is the loop: `main` (process group, stop signals, errors), `train` (setup, then the loop), and the
+loop's pieces below it. What is not the loop has files of its own: config.py (every flag and its checks),
+run_directory.py (output_dir: lock, metrics, samples, curves; stop signals), meters.py (timers, forward counts,
+the update's diagnostics), distributed.py (FSDP2 per transformer block, rank-0 broadcast load, atomic sharded
+checkpoints, exact resume). Loss normalisation (trust_region.total_loss): the loss is the mean over the valid
+(sample, trained step) pairs of the *global* batch: each rank divides its sum by the global count and FSDP
+averages gradients over ranks, so 2 ranks x 2 videos give the same update as 1 rank x 4 videos (tested).
 
 Defaults follow the official recipe (Tencent-Hunyuan/SAGE-GRPO post_train.py: Muon, the β controller,
 sequence parallelism via --sp_size and parallel.py); the departures (failed rewards excluded instead
@@ -231,7 +233,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, stop_request, on_exit):
                                                           dataclasses.asdict(cfg), resume=checkpoint is not None,
                                                           start_iteration=state["iteration"]))
     if rank == 0:
-        print(f"SAGE-GRPO: world {world_size} (sp {layout.sp_size}), {videos_per_iteration} videos/iteration in groups of {group_size}, "
+        print(f"SAGE-GRPO: {world_size} rank(s) (sp {layout.sp_size}), {videos_per_iteration} videos/iteration in groups of {group_size}, "
               f"latent {tuple(latent_shape)}, {sum(p.numel() for p in trainable) / 1e6:.3g}M trainable, "
               f"{'resuming ' + checkpoint if checkpoint else 'from ' + model_path}\n"
               f"  shift {cfg.shift:g} ({sources['shift']}), CFG scale {cfg.cfg_scale:g} ({sources['cfg_scale']}), "
@@ -270,7 +272,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, stop_request, on_exit):
         # ======================================================================== REWARD
         timer("reward")
         # this rank's share of the videos: all B, or with --sp_size a part, so that each video is scored once
-        scored_rows = layout.own_rows(videos_per_rank)
+        scored_rows = layout.scored_rows(videos_per_rank)
         logged = reward_model.components + reward_model.diagnostics
         # frames: None when only rewards of latents (the world's) are used; scores then shared over the sp group
         frames, scores = (score_videos(cfg, pipe, reward_model, rollout.final_latents[scored_rows],
@@ -480,21 +482,21 @@ def held_out_eval(cfg, pipe, policy, reward_model, prompt_cache, prompts, latent
     runs the same number of forwards: FSDP's collectives).""" 
     rows = [(p, v) for p in range(len(prompts)) for v in range(cfg.eval_videos_per_prompt)]  # (prompt, video)
     per_rank = math.ceil(len(rows) / layout.dp_size)
-    mine = rows[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]
+    rank_rows = rows[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]
     names = list(dict.fromkeys(("reward", *reward_model.components, *reward_model.diagnostics)))  # + each reward's total
     values = {name: [] for name in names}
     for start in range(0, per_rank, cfg.videos_per_rank):
-        chunk = mine[start:start + cfg.videos_per_rank]
+        chunk = rank_rows[start:start + cfg.videos_per_rank]
         real = len(chunk)  # a rank past its share still runs the batch's forwards, on one repeated video
-        chunk = chunk or [(mine or rows)[-1]]
+        chunk = chunk or [(rank_rows or rows)[-1]]
         batch_prompts = [prompts[p] for p, _ in chunk]
         seeds = [EVAL_SEED + p * cfg.eval_videos_per_prompt + v for p, v in chunk]
         result = model.rollout(policy, prompt_cache(batch_prompts), seeds, latent_shape, sigmas, "ode",
                                guidance_scale=cfg.cfg_scale)
-        own = layout.own_rows(len(chunk))
-        _, scores = (score_videos(cfg, pipe, reward_model, result.final_latents[own], [batch_prompts[i] for i in own])
-                     if own else (None, {}))
-        scores = layout.gather_rows(scores, own, len(chunk), names, device)
+        scored_rows = layout.scored_rows(len(chunk))  # the rows this rank scores (all, or its share with --sp_size)
+        _, scores = (score_videos(cfg, pipe, reward_model, result.final_latents[scored_rows],
+                                  [batch_prompts[i] for i in scored_rows]) if scored_rows else (None, {}))
+        scores = layout.gather_rows(scores, scored_rows, len(chunk), names, device)
         for name in names:
             values[name].append(scores[name][:real])
     means = {}

@@ -115,7 +115,7 @@ def test_every_video_of_a_group_is_scored_by_exactly_one_of_its_ranks():
             for sp_rank in range(sp):
                 layout = object.__new__(parallel.SequenceParallel)
                 layout.sp_rank, layout.sp_size = sp_rank, sp
-                rows += layout.own_rows(batch)
+                rows += layout.scored_rows(batch)
             assert sorted(rows) == list(range(batch))
 
 
