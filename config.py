@@ -422,6 +422,7 @@ def check_flags(cfg, world_size):
     if cfg.beta_schedule == "adaptive" and not (0 < cfg.beta_min <= cfg.beta_init <= cfg.beta_max and cfg.kl_target > 0):
         raise ConfigError(f"--beta_schedule adaptive needs 0 < beta_min <= beta_init <= beta_max and kl_target > 0, got "
                           f"{cfg.beta_min}, {cfg.beta_init}, {cfg.beta_max} and {cfg.kl_target}")
+    check_flags_have_effect(cfg)
     if cfg.reward_input == "mp4" and ((cfg.height or 0) % 2 or (cfg.width or 0) % 2):
         raise ConfigError(f"--reward_input mp4 needs an even height and width (yuv420p), got {cfg.height}x{cfg.width}")
     if cfg.group_size < 2:
@@ -462,6 +463,29 @@ def check_flags(cfg, world_size):
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume continues the run in output_dir and --overwrite deletes it: give one of them")
     return cfg
+
+
+# Flags that act only with another flag's value: (flag, what it needs, whether it has it). A flag set away from its
+# default without what it needs would be accepted and ignored: it is an error instead.
+def check_flags_have_effect(cfg):
+    """One-line errors for flags given where they do nothing (they were silently ignored before)."""
+    default = Config()
+    needs = [(name, "--beta_schedule adaptive", cfg.beta_schedule == "adaptive")
+             for name in ("kl_target", "beta_init", "beta_min", "beta_max", "beta_window")]
+    needs += [("beta_switch_step", "--beta_schedule two_stage", cfg.beta_schedule == "two_stage")]
+    needs += [(name, "--sde_window K > 0", cfg.sde_window > 0)
+              for name in ("sde_window_start", "sde_window_placement", "sde_window_shift_every")]
+    needs += [("sde_window_start", "--sde_window_placement fixed", cfg.sde_window_placement == "fixed"),
+              ("sde_window_shift_every", "--sde_window_placement moving", cfg.sde_window_placement == "moving"),
+              ("eval_prompts", "--eval_every N > 0", cfg.eval_every > 0),
+              ("eval_videos_per_prompt", "--eval_every N > 0", cfg.eval_every > 0)]
+    for name, needed, present in needs:
+        if getattr(cfg, name) != getattr(default, name) and not present:
+            raise ConfigError(f"--{name} {getattr(cfg, name)!r} has no effect without {needed}: drop it, or add "
+                              f"{needed.split(' ')[0]}")
+    if cfg.kl_mode == "none" and cfg.beta_schedule != default.beta_schedule:
+        raise ConfigError(f"--beta_schedule {cfg.beta_schedule} has no effect with --kl_mode none (no KL term for β to "
+                          f"weigh): drop it, or choose a --kl_mode with a KL term")
 
 
 def video_size(num_frames=None, height=None, width=None, tiny=False):
@@ -568,7 +592,9 @@ def _check_inputs(cfg, world_size):
                               f"know, {unknown[0]!r}; expected only prompts of {video_world.PROMPTS_FILE}")
     check_output_dir(cfg)
     if cfg.resume and distributed.latest_checkpoint(cfg.output_dir):
-        check_resume_config(cfg, distributed.latest_checkpoint(cfg.output_dir), world_size)
+        notes = check_resume_config(cfg, distributed.latest_checkpoint(cfg.output_dir), world_size)
+        for line in notes if int(os.environ.get("RANK", 0)) == 0 else ():
+            print(line, flush=True)
     return cfg, prompts
 
 
@@ -584,6 +610,10 @@ def check_output_dir(cfg):
     except OSError as error:
         raise ConfigError(f"--output_dir {cfg.output_dir!r} is not writable ({error.strerror or error})") from None
     import distributed
+    holder = distributed.lock_holder(cfg.output_dir) if int(os.environ.get("RANK", 0)) == 0 else None
+    if holder:  # a live run writes here: that is the cause, whatever else the directory holds
+        raise ConfigError(f"--output_dir {cfg.output_dir!r} is in use by a live run ({holder}): one writer at a time; "
+                          f"wait for it to finish or stop it (Ctrl-C or SIGTERM checkpoints it), then --resume")
     previous = [os.path.basename(path) for _, path in distributed.checkpoints(cfg.output_dir)]
     previous += [name for name in ("metrics.jsonl",) if os.path.isfile(os.path.join(cfg.output_dir, name))]
     if previous and not (cfg.resume or cfg.overwrite or cfg.self_check):
@@ -677,13 +707,14 @@ def check_resume_config(cfg, checkpoint, world_size):
     --allow_config_change), and a world size that differs (it changes the batch). Always refused: a
     --max_iterations below the checkpoint's iteration, and LoRA against a full checkpoint or the reverse.
     A setting left to the checkpoint (None: shift, cfg_scale) is the checkpoint's by definition. An
-    unreadable state file is left to the verification at load time, which names it."""
+    unreadable state file is left to the verification at load time, which names it. Returns the lines that say
+    what --allow_config_change accepted (empty without it)."""
     try:
         with open(os.path.join(checkpoint, "trainer_state.json")) as f:
             state = json.load(f)
         saved = state.get("config", {})
     except (OSError, ValueError):
-        return
+        return []
     if cfg.max_iterations < state.get("iteration", 0):
         raise ConfigError(f"--resume from {checkpoint!r}, which is at iteration {state['iteration']}, with --max_iterations "
                           f"{cfg.max_iterations}: nothing to do; expected --max_iterations >= {state['iteration']}")
@@ -701,14 +732,20 @@ def check_resume_config(cfg, checkpoint, world_size):
                           f"from {state['world_size'] // cfg.sp_size * cfg.videos_per_rank} to "
                           f"{world_size // cfg.sp_size * cfg.videos_per_rank} videos per iteration; use "
                           f"{state['world_size']} ranks, or add --allow_config_change to continue anyway")
-    if cfg.allow_config_change:
-        return
     changed = {k: (saved[k], v) for k, v in dataclasses.asdict(cfg).items()
                if k in saved and k not in RESUMABLE_CHANGES and v is not None and saved[k] != v}
+    if cfg.allow_config_change:  # accepted, and each change said (rank 0 prints them)
+        notes = [f"resume: --allow_config_change accepts --{k} {new!r} (checkpoint: {old!r})"
+                 for k, (old, new) in sorted(changed.items())]
+        if "ema_decay" in changed and not changed["ema_decay"][1]:
+            notes.append(f"resume: --ema_decay dropped: the checkpoints written from now on hold no ema/, and the "
+                         f"average of {checkpoint!r} is lost once the older checkpoints rotate out (--keep_checkpoints)")
+        return notes
     if changed:
         listing = ", ".join(f"--{k} {new!r} (checkpoint: {old!r})" for k, (old, new) in sorted(changed.items()))
         raise ConfigError(f"--resume from {checkpoint!r} with different settings: {listing}; "
                          "use the checkpoint's flags, or add --allow_config_change to continue anyway")
+    return []
 
 
 

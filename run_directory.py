@@ -67,9 +67,15 @@ def prepare_output_dir(cfg, rank, on_exit):
                 if chosen[0] != distributed.latest_checkpoint(cfg.output_dir):
                     config.check_resume_config(cfg, chosen[0], dist.get_world_size())
                 with open(os.path.join(chosen[0], "trainer_state.json")) as f:
-                    torn = truncate_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), json.load(f)["iteration"])
-                if torn:
-                    print(f"resume: metrics.jsonl: dropped {torn} unreadable line(s) (a row torn by the crash)", flush=True)
+                    resumed_at = json.load(f)["iteration"]
+                torn, lost = truncate_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), resumed_at)
+                if lost:
+                    print(f"resume: metrics.jsonl: the row of iteration {', '.join(map(str, lost))} is lost (torn by the "
+                          f"crash while it was written; the weights of {os.path.basename(chosen[0])} hold that "
+                          f"iteration's update, its logged numbers are gone)", flush=True)
+                elif torn:
+                    print(f"resume: metrics.jsonl: dropped {torn} unreadable line(s) (no iteration's row is missing)",
+                          flush=True)
         except (distributed.CheckpointError, distributed.DirectoryLocked, ValueError) as error:
             chosen[0] = error
     dist.broadcast_object_list(chosen, src=0)
@@ -99,14 +105,17 @@ def read_metrics(path):
 
 def truncate_metrics(path, iteration):
     """Keep the rows of metrics.jsonl up to `iteration` (a resumed run logs the later ones again) and drop
-    unreadable (torn) lines; atomic. Returns the number of lines dropped as unreadable."""
+    unreadable (torn) lines; atomic. Returns (the number of lines dropped as unreadable, the iterations up to
+    `iteration` that have no row left: those a torn line held)."""
     if not os.path.isfile(path):
-        return 0
+        return 0, []
     rows, torn = read_metrics(path)
+    kept = [row for row in rows if row["iteration"] <= iteration]
     with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows if row["iteration"] <= iteration)
+        f.writelines(json.dumps(row) + "\n" for row in kept)
     os.replace(path + ".tmp", path)
-    return torn
+    logged = {row["iteration"] for row in kept}
+    return torn, [i for i in range(1, iteration + 1) if i not in logged] if torn else []
 
 
 class StopRequest:
@@ -138,6 +147,7 @@ class StopRequest:
 def print_summary(cfg):
     """Rank 0, at the end of a run: where everything went and how the reward moved."""
     rows, _ = read_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"))
+    rows = [r for r in rows if "reward_mean" in r]  # the iterations (not --eval_every's iteration-0 row)
     if not rows:  # resumed at --max_iterations: nothing trained now, nothing logged
         print(f"\ndone: nothing to train (--max_iterations {cfg.max_iterations} reached); checkpoint "
               f"{distributed.latest_checkpoint(cfg.output_dir)}", flush=True)
@@ -186,11 +196,16 @@ def resume_notes(saved, now, sampler):
 
 
 
-def log_metrics(cfg, metrics, bar, tracker):
-    """Rank 0: append one row to output_dir/metrics.jsonl, send it to the tracker, update the progress bar."""
+def append_row(cfg, row, tracker):
+    """Rank 0: append one row to output_dir/metrics.jsonl and send it to the tracker, at step row["iteration"]."""
     with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-    tracker.log(metrics, step=metrics["iteration"])
+        f.write(json.dumps(row) + "\n")
+    tracker.log(row, step=row["iteration"])
+
+
+def log_metrics(cfg, metrics, bar, tracker):
+    """Rank 0: an iteration's row (append_row), and the progress bar's numbers."""
+    append_row(cfg, metrics, tracker)
     shown = {"reward": f"{metrics['reward_mean']:.3f}", "skip": metrics["skipped_updates_total"]}
     if cfg.updates_per_rollout > 1:  # with one update per rollout ρ = 1: approx_kl and clip are 0 by construction
         shown.update(kl=f"{metrics['approx_kl']:.1e}", clip=f"{metrics['clip_fraction']:.2f}")
@@ -231,24 +246,36 @@ def plot_metrics(metrics_path, png_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows, _ = read_metrics(metrics_path)
-    rows = list({r["iteration"]: r for r in rows}.values())  # a resumed run may have logged an iteration twice
-    figure, axes = plt.subplots(4, 3, figsize=(13, 13))
-    components = tuple(rows[-1].get("reward_components", ())) if rows else ()
-    for axis, (title, keys) in zip(axes.flat, CURVE_PANELS):
+    # a resumed run may have logged an iteration twice (the later row wins); drawn in the order of the iterations
+    rows = sorted({r["iteration"]: r for r in rows}.values(), key=lambda r: r["iteration"])
+    components = tuple(next((r["reward_components"] for r in reversed(rows) if "reward_components" in r), ()))
+    panels = []  # (title, {key: points}) of every panel with something to draw; a panel without data is left out
+    for title, keys in CURVE_PANELS:
+        lines = {}
         for key in keys + (components if title == "reward" else ()):
-            # an eval/ number is of the policy as it entered its row's iteration: drawn at the iterations done
+            # every number at its row's iteration: the iterations done (eval/ rows of runs before 2026-12-07 say
+            # which policy they scored in eval/after_iterations)
             points = [(r.get("eval/after_iterations", r["iteration"]) if key.startswith("eval/") else r["iteration"],
                        r[key]) for r in rows if isinstance(r.get(key), (int, float))]
             if points:
-                axis.plot(*zip(*points), marker="." if len(points) < 30 else None, label=key)
+                lines[key] = points
+        if lines:
+            panels.append((title, lines))
+    columns = 3
+    figure, axes = plt.subplots(max(1, math.ceil(len(panels) / columns)), columns, squeeze=False,
+                                figsize=(13, 3.25 * max(1, math.ceil(len(panels) / columns))))
+    for axis in axes.flat[len(panels):]:
+        axis.set_visible(False)
+    for axis, (title, lines) in zip(axes.flat, panels):
+        for key, points in lines.items():
+            axis.plot(*zip(*points), marker="." if len(points) < 30 else None, label=key)
         axis.set_title(title, fontsize=9)
         axis.set_xlabel("iteration")
-        if axis.get_lines():
-            axis.legend(fontsize=7)
+        axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(png_path + ".tmp.png", dpi=80)
     drawn = {(axis.get_title(), line.get_label()): (list(line.get_xdata()), list(line.get_ydata()))
-             for axis in axes.flat for line in axis.get_lines()}
+             for axis in axes.flat if axis.get_visible() for line in axis.get_lines()}
     plt.close(figure)
     os.replace(png_path + ".tmp.png", png_path)
     return drawn

@@ -233,29 +233,32 @@ def train(cfg, prompts, rank, world_size, device, mesh, stop_request, on_exit):
                                                           dataclasses.asdict(cfg), resume=checkpoint is not None,
                                                           start_iteration=state["iteration"]))
     if rank == 0:
-        print(f"SAGE-GRPO: {world_size} rank(s) (sp {layout.sp_size}), {videos_per_iteration} videos/iteration in groups of {group_size}, "
-              f"latent {tuple(latent_shape)}, {sum(p.numel() for p in trainable) / 1e6:.3g}M trainable, "
+        print(f"SAGE-GRPO: {world_size} rank(s) (sp {layout.sp_size}), {videos_per_iteration} videos/iteration in groups "
+              f"of {group_size}, latent {tuple(latent_shape)}, {sum(p.numel() for p in trainable) / 1e6:.3g}M trainable, "
               f"{'resuming ' + checkpoint if checkpoint else 'from ' + model_path}\n"
               f"  shift {cfg.shift:g} ({sources['shift']}), CFG scale {cfg.cfg_scale:g} ({sources['cfg_scale']}), "
-              f"VAE tiling {'on' if cfg.vae_tiling else 'off'}, "
+              f"VAE tiling {'on' if cfg.vae_tiling else 'off'}, {describe_sde_window(cfg)}, "
               f"reward = {reward_model.formula()}" + (f" ({cfg.reward_normalization} normalisation)"
-                                                      if len(reward_specs) > 1 else ""),
-              flush=True)
+                                                      if len(reward_specs) > 1 else ""), flush=True)
 
     forwards = meters.ForwardCount(policy, anchor.anchor if anchor is not None else None, videos_per_rank,
                             cfg.gradient_checkpointing)
     eval_prompts = config.load_prompts(cfg.eval_prompts) if cfg.eval_every else []
+
+    def evaluate():  # --eval_every: the held-out prompts' scores of the policy as it is now (its forwards apart)
+        forwards.evaluating = True
+        scores = held_out_eval(cfg, pipe, policy, reward_model, prompt_cache, eval_prompts, latent_shape, sigmas,
+                               layout, device)
+        forwards.evaluating = False
+        return scores
+    if cfg.eval_every and state["iteration"] == 0:  # the pretrained policy: a row of its own, iteration 0
+        evaluation = {**evaluate(), "forwards_eval": forwards.take()["forwards_eval"]}
+        if rank == 0:
+            run_directory.append_row(cfg, {"iteration": 0, "unix_time": time.time(), **evaluation}, tracker)
     bar = tqdm(range(state["iteration"], cfg.max_iterations), disable=rank != 0, initial=state["iteration"],
                total=cfg.max_iterations, desc="iterations")
     for iteration in bar:
         timer = meters.PhaseTimer(device)
-        evaluation = {}  # --eval_every: the held-out prompts' scores of the policy as it enters this iteration
-        if cfg.eval_every and iteration % cfg.eval_every == 0:
-            timer("eval")
-            forwards.evaluating = True
-            evaluation = held_out_eval(cfg, pipe, policy, reward_model, prompt_cache, eval_prompts, latent_shape, sigmas,
-                                       layout, device, iteration)
-            forwards.evaluating = False
         # ======================================================================== ROLLOUT
         timer("rollout")
         group_prompts = [prompts[i] for i in sampler.next_indices()]  # one prompt per group, all ranks agree
@@ -349,6 +352,11 @@ def train(cfg, prompts, rank, world_size, device, mesh, stop_request, on_exit):
             optim.zero_grad(set_to_none=True)
             grad_norms.append(grad_norm)
 
+        evaluation = {}  # --eval_every: the held-out scores of the policy after this iteration (the row's x)
+        if cfg.eval_every and ((iteration + 1) % cfg.eval_every == 0 or iteration + 1 == cfg.max_iterations):
+            timer("eval")
+            evaluation = evaluate()
+
         # ======================================================================== LOG
         timer("log")
         components = {k: distributed.all_gather_cat(scores[k], layout.dp_group) for k in logged}
@@ -364,6 +372,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, stop_request, on_exit):
             "anchor_refreshed": refreshed,
             **{k: round(v, 4) for k, v in timer.times.items()}, "peak_memory_gb": meters.peak_memory_gb(device),
             **forwards.take(),  # transformer forwards per video this iteration, counted (ForwardCount)
+            **({"sde_window_start": window[0] if window else 0} if cfg.sde_window else {}),  # its first step
             **evaluation,
         }
         if rank == 0:
@@ -468,16 +477,26 @@ def sde_window(cfg, iteration):
     return start, start + size
 
 
+def describe_sde_window(cfg):
+    """The start-up line's words for --sde_window: which steps are stochastic and trained."""
+    if not cfg.sde_window or cfg.sde_window == cfg.num_steps:
+        return f"all {cfg.num_steps} steps stochastic"
+    where = {"fixed": f"steps {cfg.sde_window_start}…{cfg.sde_window_start + cfg.sde_window - 1}",
+             "random": "a new start every iteration",
+             "moving": f"from step 0, one step later every {cfg.sde_window_shift_every} iterations"}
+    return f"SDE window of {cfg.sde_window} of {cfg.num_steps} steps ({cfg.sde_window_placement}: " \
+           f"{where[cfg.sde_window_placement]})"
+
+
 EVAL_SEED = 10 ** 9  # --eval_every's seeds: EVAL_SEED + row, never a rollout seed of a run with --seed < 1000
 
 
 @torch.no_grad()
-def held_out_eval(cfg, pipe, policy, reward_model, prompt_cache, prompts, latent_shape, sigmas, layout, device,
-                  iteration):
+def held_out_eval(cfg, pipe, policy, reward_model, prompt_cache, prompts, latent_shape, sigmas, layout, device):
     """--eval_every: the policy's deterministic (ODE) samples of the held-out prompts, the same seeds every time,
     scored by every loaded reward. Returns {"eval/<name>": mean over the videos} for the total reward, each reward
     (a weight-0 one too), each component and diagnostic (the world's off-manifold distance and on-manifold
-    reward), and "eval/after_iterations". The videos are split over the data-parallel ranks, --videos_per_rank
+    reward). The videos are split over the data-parallel ranks, --videos_per_rank
     at a time; a rank with fewer videos runs its missing batches on a repeated video and drops it (every rank
     runs the same number of forwards: FSDP's collectives).""" 
     rows = [(p, v) for p in range(len(prompts)) for v in range(cfg.eval_videos_per_prompt)]  # (prompt, video)
@@ -505,7 +524,7 @@ def held_out_eval(cfg, pipe, policy, reward_model, prompt_cache, prompts, latent
         padded = torch.full((per_rank,), float("nan"), device=device)
         padded[:len(local)] = local
         means[f"eval/{name}"] = distributed.all_gather_cat(padded, layout.dp_group).nanmean().item()
-    return {**means, "eval/after_iterations": iteration}
+    return means
 
 
 class PromptSampler:

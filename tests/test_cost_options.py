@@ -132,6 +132,7 @@ def test_a_moving_window_run_samples_and_trains_only_the_windows_steps(tiny_mode
         expected = sorted([sigmas[k].item() for k in range(start, stop)] * videos, reverse=True)
         assert recomputed == pytest.approx(expected, abs=0)
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["sde_window_start"] for r in rows] == [start for start, _ in calls["windows"]]  # logged in every row
     # the on-policy check reads 0 on the window's steps and nothing (0) elsewhere
     assert all(r["ratio_max_dev_per_step"] == [0.0] * 4 for r in rows)
     # and the run counted what the planner predicts: 4 rollout steps, 2 recomputed and 2 anchored, CFG pairs
@@ -178,7 +179,8 @@ def test_the_official_recipe_costs_240_forward_equivalents_per_video_and_the_opt
      r"can lie on steps 3 … 3, where --kernel cps is deterministic"),
     (["--sde_window", "2", "--sde_window_placement", "sliding"], r"unknown --sde_window_placement 'sliding'"),
     (["--sde_window", "-1"], r"--sde_window must be >= 0"),
-    (["--sde_window", "2", "--sde_window_shift_every", "0"], r"sde_window_shift_every must be >= 1"),
+    (["--sde_window", "2", "--sde_window_placement", "moving", "--sde_window_shift_every", "0"],
+     r"sde_window_shift_every must be >= 1"),
     (["--ema_decay", "1"], r"--ema_decay must be in \[0, 1\)"),
     (["--eval_every", "5"], r"--eval_every needs --eval_prompts"),
     (["--eval_every", "-1"], r"--eval_every must be >= 0"),
@@ -192,3 +194,24 @@ def test_a_cost_option_that_cannot_work_is_a_flag_error(flags, message, tmp_path
     world = ["--videos_per_rank", "2"] if "--world" in flags else ["--tiny"]
     with pytest.raises(ValueError, match=message):
         train.main(config.parse_config(world + ["--group_size", "2", "--output_dir", str(tmp_path / "run")] + flags))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--beta_schedule", "adaptive", "--kl_mode", "none"], r"--beta_schedule adaptive has no effect with --kl_mode none"),
+    (["--kl_target", "0.01"], r"--kl_target 0.01 has no effect without --beta_schedule adaptive"),
+    (["--beta_schedule", "two_stage", "--beta_window", "3"], r"--beta_window 3 has no effect without --beta_schedule "
+                                                               r"adaptive"),
+    (["--beta_switch_step", "7"], r"--beta_switch_step 7 has no effect without --beta_schedule two_stage"),
+    (["--sde_window_start", "2"], r"--sde_window_start 2 has no effect without --sde_window K > 0"),
+    (["--sde_window", "2", "--sde_window_placement", "random", "--sde_window_start", "1"],
+     r"--sde_window_start 1 has no effect without --sde_window_placement fixed"),
+    (["--sde_window", "2", "--sde_window_shift_every", "3"], r"--sde_window_shift_every 3 has no effect without "
+                                                             r"--sde_window_placement moving"),
+    (["--eval_videos_per_prompt", "3"], r"--eval_videos_per_prompt 3 has no effect without --eval_every N > 0"),
+])
+def test_a_flag_that_would_have_no_effect_is_a_one_line_flag_error(flags, message):
+    """Such a flag used to be accepted and ignored (the log then showed β 0.1 with no KL term, or a window start
+    that no window used); it is refused before anything is imported or loaded (config.check_flags)."""
+    with pytest.raises(config.ConfigError, match=message):
+        config.check_flags(config.parse_config(["--tiny", "--num_steps", "4"] + flags), world_size=1)
+    assert config.check_flags(config.parse_config(["--tiny"]), world_size=1)  # the defaults pass

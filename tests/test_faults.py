@@ -368,9 +368,12 @@ def test_a_hung_rank_fails_the_run_after_the_collective_timeout_with_a_clear_mes
 def test_a_second_run_into_a_directory_in_use_is_refused_naming_the_first(tiny_models, tmp_path):
     holder = distributed.lock_run_directory(str(tmp_path))             # a first run, alive, holds the directory
     try:
-        with pytest.raises(RuntimeError, match=rf"'{tmp_path}' is in use by another run \(pid {os.getpid()} on .*\): one "
-                                                 r"writer at a time"):
+        in_use = rf"'{tmp_path}' is in use by another run \(pid {os.getpid()} on .*\): one writer at a time"
+        with pytest.raises(config.ConfigError, match=in_use):        # before any model is loaded
             run(tiny_models, tmp_path)
+        # --resume names the lock too (before: "no complete checkpoint", which was true but not the cause)
+        with pytest.raises(config.ConfigError, match=in_use):
+            run(tiny_models, tmp_path, "--resume")
         assert numbered(tmp_path) == [] and not (tmp_path / "metrics.jsonl").exists()  # nothing written
     finally:
         holder.close()                                                 # the first run ends
@@ -402,6 +405,63 @@ def test_a_torn_last_metrics_line_never_stops_a_resume(tiny_models, tmp_path, ca
     run(tiny_models, tmp_path, "--resume", max_iterations=3, checkpoint_every=2)
     assert iterations_logged(tmp_path) == [1, 2, 3]
     assert "metrics.jsonl: dropped 1 unreadable line(s)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_row_torn_before_its_checkpoint_is_named_at_resume(tiny_models, tmp_path, capsys):
+    """Iteration 2's row is torn although checkpoint-000002 exists (the crash hit the row, then the disk kept the
+    checkpoint): the resume says which iteration's numbers are gone, instead of 'dropped 1 line'."""
+    run(tiny_models, tmp_path, max_iterations=2, checkpoint_every=2)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1][:17] + "\n")
+    capsys.readouterr()
+    run(tiny_models, tmp_path, "--resume", max_iterations=3, checkpoint_every=2)
+    assert iterations_logged(tmp_path) == [1, 3]
+    assert "metrics.jsonl: the row of iteration 2 is lost" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_accepted_config_changes_are_each_said_at_resume(tiny_models, tmp_path, capsys):
+    run(tiny_models, tmp_path, max_iterations=1, ema_decay=0.5)
+    capsys.readouterr()
+    run(tiny_models, tmp_path, "--resume", "--allow_config_change", max_iterations=2, lr=2e-3)  # --ema_decay dropped
+    out = capsys.readouterr().out
+    assert "resume: --allow_config_change accepts --lr 0.002 (checkpoint: 0.001)" in out
+    assert "resume: --allow_config_change accepts --ema_decay 0.0 (checkpoint: 0.5)" in out
+    assert "resume: --ema_decay dropped: the checkpoints written from now on hold no ema/" in out
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_the_iteration_and_exits_with_one_line(tiny_models, tmp_path):
+    """SIGINT (Ctrl-C) is handled as SIGTERM: the iteration in progress ends, a checkpoint is written, one line
+    says so, the exit status is 0; no KeyboardInterrupt traceback."""
+    command = [sys.executable, os.path.join(REPO, "train.py"),
+               *tiny_args(tiny_models, tmp_path, max_iterations=10000, checkpoint_every=10000)]
+    process = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)                                             # the first iteration has been logged
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 0, out[-3000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+    (checkpoint,) = numbered(tmp_path)
+    assert f"SIGINT: {tmp_path / checkpoint} written after iteration {int(checkpoint[-6:])}" in out
+    assert iterations_logged(tmp_path)[-1] == int(checkpoint[-6:])
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    import run_directory
+    before = signal.getsignal(signal.SIGINT)
+    with run_directory.StopRequest() as stop_request:
+        os.kill(os.getpid(), signal.SIGINT)                            # the first: a request, no exception
+        assert stop_request.signal == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)                        # the second: at once
+    assert signal.getsignal(signal.SIGINT) is before                    # the previous handler is back
 
 
 @pytest.mark.slow

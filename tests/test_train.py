@@ -58,9 +58,10 @@ def torchrun(nproc, tiny_models, output_dir, *flags, **overrides):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
 
-def metrics(output_dir):
+def metrics(output_dir, eval_rows=False):
+    """The rows of the iterations; with eval_rows, --eval_every's iteration-0 row (the pretrained policy's) too."""
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [row for row in map(json.loads, f) if eval_rows or "reward_mean" in row]
 
 
 def optimizer_state(checkpoint, tmp_path):
@@ -130,7 +131,8 @@ def test_training_curves_are_drawn_from_the_metrics(tmp_path):
             {"iteration": 3, "reward_mean": 0.2, "grad_norm": float("nan")},
             {"iteration": 2, "reward_mean": 0.4, "grad_norm": 2.0},  # iteration 2 again, after a resume: it wins
             {"iteration": 4, "reward_mean": 0.9, "vq": 0.7, "mq": "n/a", "reward_components": ["vq", "mq"],
-             "eval/reward": 0.6, "eval/after_iterations": 3}]  # the held-out eval of the policy after 3 iterations
+             "eval/reward": 0.6},  # the held-out eval of the policy after 4 iterations
+            {"iteration": 0, "eval/reward": 0.5}]  # --eval_every's row of the pretrained policy
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     drawn = run_directory.plot_metrics(str(tmp_path / "metrics.jsonl"), str(tmp_path / "curves.png"))
     assert drawn[("reward", "reward_mean")] == ([1, 2, 3, 4], [0.1, 0.4, 0.2, 0.9])
@@ -138,9 +140,11 @@ def test_training_curves_are_drawn_from_the_metrics(tmp_path):
     assert xs == [1, 2, 3] and ys[:2] == [3.0, 2.0] and ys[2] != ys[2]
     assert drawn[("reward", "vq")] == ([1, 4], [0.3, 0.7])  # the components the rows name, where numeric
     assert ("reward", "mq") not in drawn and ("KL terms", "kl_step") not in drawn  # nothing numeric to draw
-    assert drawn[("held-out eval (ODE, fixed seeds; --eval_every)", "eval/reward")] == ([3], [0.6])
+    assert drawn[("held-out eval (ODE, fixed seeds; --eval_every)", "eval/reward")] == ([0, 4], [0.5, 0.6])
+    # three panels have data (reward, gradient norm, held-out eval): one row of three, no empty axes
+    assert {title for title, _ in drawn} == {"reward", "gradient norm", "held-out eval (ODE, fixed seeds; --eval_every)"}
     image = Image.open(tmp_path / "curves.png")
-    assert image.size == (13 * 80, 13 * 80)
+    assert image.size == (13 * 80, 3.25 * 80)
     assert len(image.convert("L").getcolors(maxcolors=10 ** 6)) > 10  # drawn, not blank
 
 
@@ -184,8 +188,8 @@ def test_torchrun_two_ranks_trains_and_writes_a_checkpoint_that_eval_scores(two_
 def test_the_held_out_eval_of_a_two_rank_run_scores_the_weights_it_had_like_a_single_process(two_rank_run,
                                                                                               tiny_models):
     """Each row's eval/ numbers are the policy's ODE samples of the held-out prompts from the fixed seeds, scored by
-    VideoAlign: recomputed here in one process from the weights on disk (the tiny model before iteration 1, the
-    iteration-1 checkpoint before iteration 2), with model.rollout and the reward model directly."""
+    VideoAlign: recomputed here in one process from the weights on disk (the tiny model in the iteration-0 row, each
+    checkpoint in the row of its iteration), with model.rollout and the reward model directly."""
     import model
     import reward
     import sde
@@ -197,8 +201,9 @@ def test_the_held_out_eval_of_a_two_rank_run_scores_the_weights_it_had_like_a_si
     shape = pipe.latent_shape(*config.video_size(tiny=True))
     embeds = model.encode_prompts(pipe, list(HELD_OUT))
     seeds = [train.EVAL_SEED + p for p in range(len(HELD_OUT))]
-    for row, weights in zip(rows, [tiny_models[0], os.path.join(two_rank_run, "checkpoint-000001")]):
-        assert row["eval/after_iterations"] == row["iteration"] - 1
+    rows = metrics(two_rank_run, eval_rows=True)
+    assert [r["iteration"] for r in rows] == [0, 1, 2]  # before training, then after each iteration (the last too)
+    for row, weights in zip(rows, [tiny_models[0], *(os.path.join(two_rank_run, f"checkpoint-00000{i}") for i in (1, 2))]):
         transformer = type(pipe.transformer).from_pretrained(os.path.join(weights, "transformer"))
         result = model.rollout(transformer, embeds, seeds, shape, sigmas, "ode", guidance_scale=pipe.guidance_scale)
         frames = model.decode_latents(pipe.vae, result.final_latents)
@@ -813,3 +818,17 @@ def test_trained_steps_are_a_per_sample_random_order_of_a_fraction_of_the_steps(
 if __name__ == "__main__":  # the torchrun worker of test_broadcast_load_gives_every_rank_the_weights_on_disk_...
     broadcast_load_worker(*sys.argv[1:])
     distributed.exit_process(0)  # no teardown of the gloo group by the interpreter (see distributed.exit_process)
+
+
+@pytest.mark.parametrize("flags, status, says", [(["--help"], 0, "usage: python train.py"),
+                                                (["--tiny", "--eta", "-1"], 2, "train.py: error: --eta must be > 0"),
+                                                (["--tiny", "--kl_target", "0.1"], 2, "has no effect without")])
+def test_help_and_a_flag_error_answer_before_torch_or_a_model_library_is_imported(flags, status, says):
+    """`python train.py --help` and a flag error print before torch, diffusers and transformers are imported (they
+    took 5-12 s of imports before their first line); what is imported is read from the process itself."""
+    code = ("import runpy, sys\nsys.argv = ['train.py'] + sys.argv[1:]\ntry:\n    runpy.run_path('train.py', "
+            "run_name='__main__')\nexcept SystemExit as exit:\n    print('EXIT', exit.code, [m for m in ('torch', "
+            "'diffusers', 'transformers') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code, *flags], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert f"EXIT {status} []" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    assert says in done.stdout + done.stderr
