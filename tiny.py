@@ -154,6 +154,9 @@ def _tiny_lora_entries(key, weight, generator):
             prefix + ".lora_B.default.weight": torch.randn(weight.shape[0], TINY_LORA_R, generator=generator) * 0.1}
 
 
+TINY_VIDEOALIGN_MAX_LENGTH = 2048
+
+
 def build_tiny_videoalign(path, layout="full", output_dim=3, seed=0):
     """Write a tiny random VideoReward directory to `path` in the official layout; returns path.
 
@@ -188,6 +191,9 @@ def build_tiny_videoalign(path, layout="full", output_dim=3, seed=0):
     base = Qwen2VLForConditionalGeneration(config).eval()
     base_dir = os.path.join(path, TINY_BASE_DIR)
     base.save_pretrained(base_dir)
+    # the tokenizer states the longest sequence, as Qwen2-VL-2B-Instruct's does (model_max_length 32768, its
+    # positions); 2048 here: a prompt cut at the limit costs the tiny model a few times a normal one (~920 tokens)
+    tokenizer.model_max_length = TINY_VIDEOALIGN_MAX_LENGTH
     tokenizer.save_pretrained(base_dir)
 
     # The trained model, in transformers 4.45 names (model.layers…, visual…) wrapped by PEFT.
@@ -269,7 +275,7 @@ def build_tiny_clip(path, seed=0):
     torch.manual_seed(seed)
     config = CLIPConfig(
         text_config={"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "max_position_embeddings": reward.CLIP_MAX_TEXT_TOKENS,
+                     "num_attention_heads": 2, "max_position_embeddings": 77,  # CLIP's text context
                      "bos_token_id": vocab["<|startoftext|>"], "eos_token_id": vocab["<|endoftext|>"],
                      "pad_token_id": vocab["<|endoftext|>"]},
         vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,

@@ -1,6 +1,7 @@
 """eval.py on random tiny models: a side-by-side table of deterministic ODE samples, and clear errors."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -62,7 +63,7 @@ def test_eval_writes_a_side_by_side_table_of_deterministic_scores(tiny, tmp_path
     # ... and different weights give different ones
     assert [s["vq"] for s in trained["samples"]] != [s["vq"] for s in base["samples"]]
     table = (tmp_path / "results.md").read_text().splitlines()
-    assert "| model | VQ | MQ | TA | VideoAlign overall | CLIPScore | PickScore |" in table
+    assert "| model | evaluated | VQ | MQ | TA | VideoAlign overall | CLIPScore | PickScore |" in table
     assert sum(line.startswith("| checkpoint-000007 |") for line in table) == 1
 
 
@@ -230,7 +231,7 @@ def test_eval_of_a_world_checkpoint_scores_with_the_worlds_reward(tmp_path):
                                                 rel=1e-6)
             assert all(torch.isfinite(torch.tensor(s[k])) for k in evaluate.WORLD_COLUMNS)
     assert [s["reward"] for s in base["samples"]] != [s["reward"] for s in trained["samples"]]
-    assert "| model | world reward | alignment |" in (tmp_path / "out" / "results.md").read_text()
+    assert "| model | evaluated | world reward | alignment |" in (tmp_path / "out" / "results.md").read_text()
 
 
 def test_a_second_evaluation_into_the_same_directory_is_refused(tiny, tmp_path):
@@ -241,3 +242,39 @@ def test_a_second_evaluation_into_the_same_directory_is_refused(tiny, tmp_path):
             evaluate.main(config.parse_config(eval_args(tiny, tmp_path, []), cls=evaluate.EvalConfig))
     finally:
         held.close()
+
+
+def test_a_second_evaluation_adds_its_rows_quietly_and_a_model_evaluated_again_gets_a_dated_row(tiny, tmp_path):
+    """eval.py into a directory with results: the earlier rows stay, the new ones are added (the base, scored first by
+    every evaluation, gets a second dated row and its own videos); other settings are refused before any model.
+    The first run, a subprocess, is also as quiet as train.py: no library progress bars or warnings."""
+    import subprocess
+    import sys
+    root, _ = tiny
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "eval.py"] + eval_args(tiny, out, []), cwd=repo, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for noise in ("Guiders are currently an experimental feature", "Loading", "it/s]"):
+        assert noise not in done.stdout + done.stderr, f"{noise!r} printed: {done.stderr[-2000:]}"
+    first = json.loads((out / "results.json").read_text())["models"]
+
+    results = evaluate.main(train.parse_config(eval_args(tiny, out, [str(root / "run" / "checkpoint-000007")]),
+                                               cls=evaluate.EvalConfig))
+    assert [r["name"] for r in results] == ["base", "base", "checkpoint-000007"]
+    assert results[0] == first[0]                                        # the earlier row, as it was
+    assert [s["vq"] for s in results[1]["samples"]] == [s["vq"] for s in first[0]["samples"]]  # ODE: same scores
+    assert results[1]["evaluated"] >= first[0]["evaluated"]
+    folders = [{os.path.dirname(s["video"]) for s in r["samples"]} for r in results]
+    assert folders == [{"videos/base"}, {"videos/base_2"}, {"videos/checkpoint-000007"}]
+    assert all(os.path.isfile(out / s["video"]) for r in results for s in r["samples"])
+    table = (out / "results.md").read_text().splitlines()
+    assert [line.split(" | ")[0] for line in table if line.startswith("| ") and "---" not in line][1:] == \
+        ["| base", "| base", "| checkpoint-000007"]
+
+    before = (out / "results.json").read_bytes()
+    with pytest.raises(ValueError, match=re.escape(f"{out / 'results.json'} holds the results of other settings "
+                                                   f"(num_steps is 2 there, 3 here)")):
+        evaluate.main(train.parse_config(eval_args(tiny, out, []) + ["--num_steps", "3"], cls=evaluate.EvalConfig))
+    assert (out / "results.json").read_bytes() == before

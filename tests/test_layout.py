@@ -71,3 +71,14 @@ def test_the_import_graph_has_no_cycle():
         state[node] = "done"
     for node in edges:
         visit(node, [])
+
+
+def test_requirements_say_what_the_readme_says_about_the_torch_build():
+    """requirements.txt's comment on torch is the README's: PyPI's CUDA build on a GPU node, the CPU build of the same
+    version first on a CPU-only machine; no local wheel a user does not have."""
+    lines = open(os.path.join(REPO, "requirements.txt")).read().splitlines()
+    pin = next(i for i, line in enumerate(lines) if line.startswith("torch=="))
+    comment = " ".join(line.lstrip("# ") for line in lines[:pin] if line.startswith("#"))
+    assert f"`{lines[pin]}`" in open(os.path.join(REPO, "README.md")).read()
+    assert "PyPI's CUDA build" in comment and "CPU build of the same version first" in " ".join(comment.split())
+    assert "local wheel" not in comment, comment
