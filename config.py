@@ -253,9 +253,10 @@ class Config:
     sample_every: int = 50
     """iterations between saved sample videos (official validation_interval 50); 0 = never"""
     eval_every: int = 0
-    """N > 0: before iteration 1 and every N iterations, the policy's ODE samples of --eval_prompts from fixed seeds,
-    scored by every loaded reward (one of weight 0 too: a hacking monitor), logged as eval/<name> in
-    metrics.jsonl, curves.png and the tracker; 0: none (official). docs/cost_options.md """
+    """N > 0: before training, after every N-th iteration and after the last, the policy's ODE samples of
+    --eval_prompts from fixed seeds, scored by every loaded reward (one of weight 0 too: a hacking monitor), logged
+    as eval/<name> in the row of the iterations done (iteration 0: the pretrained policy) of metrics.jsonl,
+    curves.png and the tracker; 0: none (official). docs/cost_options.md"""
     eval_prompts: str = ""
     """held-out prompt file for --eval_every (formats as --prompts); default with --world: the world's prompts"""
     eval_videos_per_prompt: int = 1
