@@ -47,8 +47,8 @@ policy object answers the same questions:
     encode_prompts(prompts, negative_prompt)  the family's PromptEmbeds (cond + uncond), cached by PromptCache
     decode(latents)                           frames (B, F, 3, H, W) in [0, 1]
     text_encoders, release_text_encoder()     for offloading / freeing the encoders once the cache is full
-    transformer_class, blocks, lora_targets, hidden_blocks, check_sp_size(config, sp)   (distributed.py,
-                                              optimizer.py, parallel.py, plan.py)
+    transformer_class, blocks, lora_targets, hidden_blocks, check_sp_size(config, sp),
+    computed_buffers(transformer)             (distributed.py, optimizer.py, parallel.py, plan.py)
 and its prompt embeddings supply `guided_velocity(transformer, x, σ, s)`: the CFG velocity in one batched
 forward. `rollout` and `transition_log_prob` call only that, so the sampler, sde.py and the losses never ask
 which family they run.
@@ -183,6 +183,11 @@ class HunyuanVideo15Policy:
     def text_encoders(self):
         """The frozen text encoders (PromptCache moves them with offload): Qwen2.5-VL and byT5."""
         return tuple(m for m in (self.pipeline.text_encoder, self.pipeline.text_encoder_2) if m is not None)
+
+    @staticmethod
+    def computed_buffers(transformer):
+        """Non-persistent buffers to recompute after a meta-device build (distributed.load_policy): none."""
+        return {}
 
     def release_text_encoder(self):
         """Drop both text encoders once every prompt of the run is cached; returns the bytes freed."""

@@ -292,6 +292,16 @@ class WanPolicy:
             torch.cuda.empty_cache()
         return freed
 
+    @staticmethod
+    def computed_buffers(transformer):
+        """{name: tensor} of the transformer's non-persistent buffers, computed from its config alone: the RoPE
+        tables (rope.freqs_cos / freqs_sin), which a module built on the meta device and materialised with
+        to_empty would hold as garbage (distributed.load_policy writes these instead)."""
+        from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+        config = transformer.config
+        rope = WanRotaryPosEmbed(config.attention_head_dim, config.patch_size, config.rope_max_seq_len)
+        return {f"rope.{name}": buffer for name, buffer in rope.named_buffers()}
+
     def latent_shape(self, num_frames, height, width):
         """(C, F, H, W) of the latent of num_frames x height x width pixels, as WanPipeline.prepare_latents:
         F = (frames − 1)/4 + 1, H = height/8, W = width/8 (real VAE); e.g. 81x480x832 -> (16, 21, 60, 104).
