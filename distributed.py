@@ -271,6 +271,21 @@ def lock_run_directory(directory, what="run"):
     return handle
 
 
+def lock_holder(directory):
+    """Who holds directory/.lock ("pid N on host, started ..."), or None when no live process does. A shared,
+    non-blocking probe: it writes nothing and is released at once."""
+    path = os.path.join(directory, LOCK_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "another process"
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return None
+
+
 # ------------------------------------------------------------------------------------------------
 # Checkpoints. output_dir is treated as a small database: only the run's own numbered checkpoints
 # (`checkpoint-NNNNNN`, exactly six digits) are ever discovered, resumed from or deleted; a user's

@@ -1,5 +1,4 @@
-"""Evaluate HunyuanVideo-1.5 checkpoints side by side: deterministic ODE samples, scored by VideoAlign,
-CLIPScore and PickScore.
+"""Evaluate HunyuanVideo-1.5 checkpoints side by side: deterministic ODE samples scored by VideoAlign and CLIP/PickScore.
 
 Every model (the base transformer of --model_path, then each --checkpoints directory, and the EMA of
 a checkpoint that holds one) samples the same prompts from the same seeded noise with the
@@ -14,8 +13,16 @@ scored by
     PickScore   the PickScore CLIP model's image-text score, averaged over frames.
 Writes output_dir/results.json (per model and per sample), output_dir/results.md (one table, one
 row per model) and output_dir/videos/<model>/<prompt>_<seed>.mp4 (H.264 written by PyAV, the reward's
-own mp4 writer; a PNG frame grid for an odd frame size). Both result files are rewritten after every model, so a failure
-later (a bad checkpoint, a kill) never loses the scores of the models already evaluated.
+own mp4 writer; a PNG frame grid for an odd frame size). Both result files are rewritten after every model, each
+written whole to a temporary file, flushed to disk and renamed over the old one, so a failure later (a bad
+checkpoint, a kill) never loses or corrupts the scores already written.
+
+Results are records. An evaluation into an output_dir that already holds results.json adds its rows to the ones
+there when the settings match (the prompts, the seeds and SETTINGS: base model, reward models, steps, shift, CFG,
+video size, VAE tiling), and is refused before any model is loaded, with one line naming results.json and the
+setting that differs, when they do not; the earlier rows are kept either way. A model evaluated again (the base,
+which every evaluation scores first, or the same checkpoint) gets a new row with its own date ("evaluated"),
+its videos in videos/<model>_2/ (_3, ...), so no earlier video is overwritten.
 
 The checkpoints are checked before any model is loaded, as train.py's --resume checks them
 (distributed.verify_checkpoint): a train.py checkpoint-N/ must match its manifest.json (every file's
@@ -43,6 +50,7 @@ CLIPScore and PickScore, e.g. on the checkpoints of a `train.py --world` run.
     python eval.py --world --num_steps 8 --checkpoints runs/world/checkpoint-000150 --output_dir runs/world_eval
 """
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -60,11 +68,14 @@ import model
 import reward
 import sde
 import tiny
-from train import DEFAULT_PROMPTS, load_prompts, parse_config, resolve_sampling, save_video
+import config
+from config import DEFAULT_PROMPTS, load_prompts, parse_config, resolve_sampling
+from run_directory import save_video
 
 
 @dataclass
 class EvalConfig:
+    # --- models
     model_path: str = ""
     """diffusers-format HunyuanVideo-1.5, the base model and the frozen VAE / text encoders: a local directory or a
     hub id already in the hub cache (hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v); never downloaded (hub.py)"""
@@ -80,10 +91,15 @@ class EvalConfig:
     checkpoints: list[str] = field(default_factory=list)
     """transformer directories to compare with the base (a train.py checkpoint-N/, its transformer/ or its
     ema_transformer/; a checkpoint-N/ of a --ema_decay run is evaluated twice: its policy, then its EMA, "checkpoint-N-ema")"""
+    # --- evaluation
     prompts: str = ""
     """prompt file (.txt / .csv / .jsonl, as train.py); default prompts/example.txt, or the world's with --world"""
     output_dir: str = "runs/eval"
-    """results.json, results.md and videos/ go here"""
+    """results.json, results.md and videos/ go here; into a directory with results, the rows are added to them when
+    prompts, seeds and settings match (a model evaluated again: a new row with its date), refused otherwise"""
+    verbose: bool = False
+    """keep diffusers' and transformers' own messages and progress bars (loading, "Guiders are an experimental
+    feature"); without it eval prints its own lines and one progress bar per model"""
     tiny: bool = False
     """random tiny HunyuanVideo-1.5, VideoAlign and CLIP models built on the fly, CPU"""
     world: bool = False
@@ -93,6 +109,7 @@ class EvalConfig:
     """seed of the first video of each prompt; prompt i, video j uses seed + 1000·i + j"""
     videos_per_prompt: int = 1
     """seeds per prompt"""
+    # --- sampling
     num_steps: int = 50
     """ODE steps (HunyuanVideo15Pipeline default num_inference_steps 50)"""
     shift: typing.Optional[float] = None
@@ -196,24 +213,79 @@ def model_names(paths):
 
 
 def markdown_table(results, columns=COLUMNS):
-    lines = ["| model | " + " | ".join(columns.values()) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines = ["| model | evaluated | " + " | ".join(columns.values()) + " |", "|---" * (len(columns) + 2) + "|"]
     for r in results:
-        lines.append(f"| {r['name']} | " + " | ".join(f"{r[c]:.4f}" for c in columns) + " |")
+        lines.append(f"| {r['name']} | {r.get('evaluated', '—')} | " + " | ".join(f"{r[c]:.4f}" for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_results(cfg, results, num_videos):
-    """results.json and results.md for the models evaluated so far (atomic: each file is complete or absent)."""
+# What must match for rows to sit in one table (with the prompts and the seeds): what changes a video or its scores.
+# Not compared: checkpoints (what is added), output_dir, batch_size, verbose.
+SETTINGS = ("model_path", "reward_path", "clip_path", "pickscore_path", "pickscore_processor_path", "tiny", "world",
+            "seed", "videos_per_prompt", "num_steps", "shift", "cfg_scale", "num_frames", "height", "width", "vae_tiling")
+
+
+def settings_of(config, prompts):
+    """The settings an evaluation's rows depend on: {setting: value} of a config (dict) and the prompt texts."""
+    return {"prompts": list(prompts), **{name: config.get(name) for name in SETTINGS}}
+
+
+def earlier_results(output_dir, settings):
+    """The rows already in output_dir/results.json ([] if none), or ValueError, one line, naming the file and the
+    first setting that differs from `settings`."""
+    path = os.path.join(output_dir, "results.json")
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+        models = stored["models"]
+        earlier = stored.get("settings") or settings_of(  # a results.json of an eval.py before the settings were stored
+            stored["config"], dict.fromkeys(s["prompt"] for s in models[0]["samples"]) if models else [])
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+        raise ValueError(f"{path} exists but is not an eval.py results file ({type(error).__name__}: {error}): move it "
+                         f"away or give another --output_dir") from None
+    for name, value in settings.items():
+        if earlier.get(name) != value:
+            if name == "prompts":
+                old, new = earlier.get(name) or [], value
+                i = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+                found = (f"{len(old)} prompts there, {len(new)} here, first difference at prompt {i}: "
+                         f"{(old[i] if i < len(old) else None)!r:.60} there, {(new[i] if i < len(new) else None)!r:.60} here")
+            else:
+                found = f"{name} is {earlier.get(name)!r} there, {value!r} here"
+            raise ValueError(f"{path} holds the results of other settings ({found}); its rows are added to only with "
+                             f"the same prompts, seeds and settings: give those, or another --output_dir")
+    return models
+
+
+def write_text_atomically(path, text):
+    """`path` holds `text` whole, or keeps what it held: written to path.tmp, flushed to disk, renamed over path."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def write_results(cfg, settings, results, num_videos):
+    """results.json and results.md for every row, the earlier evaluations' and this one's (atomic: each file is
+    complete, the new one or the old one)."""
     os.makedirs(cfg.output_dir, exist_ok=True)
     table = markdown_table(results, WORLD_COLUMNS if cfg.world else COLUMNS)
-    outputs = {"results.json": json.dumps({"config": dataclasses.asdict(cfg), "models": results}, indent=1),
+    outputs = {"results.json": json.dumps({"config": dataclasses.asdict(cfg), "settings": settings, "models": results},
+                                          indent=1),
                "results.md": f"{num_videos} videos per model, {cfg.num_steps} ODE steps, CFG {cfg.cfg_scale}, "
                              f"{cfg.num_frames} frames at {cfg.height}x{cfg.width}\n\n" + table}
     for name, text in outputs.items():
-        with open(os.path.join(cfg.output_dir, name + ".tmp"), "w") as f:
-            f.write(text)
-        os.replace(os.path.join(cfg.output_dir, name + ".tmp"), os.path.join(cfg.output_dir, name))
+        write_text_atomically(os.path.join(cfg.output_dir, name), text)
     return table
+
+
+def video_folder(name, results):
+    """videos/<name>, or <name>_2, _3, ... when an earlier row's videos are there (a model evaluated again)."""
+    taken = {r["samples"][0]["video"].split("/")[1] for r in results if r["samples"]}
+    return next(folder for folder in [name] + [f"{name}_{k}" for k in range(2, len(taken) + 3)] if folder not in taken)
 
 
 def main(cfg):
@@ -250,6 +322,8 @@ def main(cfg):
         lock = distributed.lock_run_directory(cfg.output_dir, "evaluation")  # one writer; released when eval ends
     except OSError as error:
         raise ValueError(f"--output_dir {cfg.output_dir!r} is not writable ({error.strerror or error})") from None
+    if not cfg.verbose:
+        hub.quiet_libraries()
     try:
         return evaluate(cfg, prompts, paths)
     finally:
@@ -267,16 +341,20 @@ def evaluate(cfg, prompts, paths):
         from world import pretrain as world_pretrain
         model_path = world_pretrain.prepare_world()
     cfg = dataclasses.replace(cfg, **dict(zip(("num_frames", "height", "width"),
-                                              tiny.video_size(cfg.num_frames, cfg.height, cfg.width, cfg.tiny))))
+                                              config.video_size(cfg.num_frames, cfg.height, cfg.width, cfg.tiny))))
     cfg, sources = resolve_sampling(cfg, model_path)  # shift and CFG scale: the base checkpoint's unless given
     device = torch.device("cuda" if torch.cuda.is_available() and not (cfg.tiny or cfg.world) else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # VAE tiling: on with CUDA unless given (model.set_vae_tiling's default), decided here to be compared below
+    cfg = dataclasses.replace(cfg, vae_tiling=device.type == "cuda" if cfg.vae_tiling is None else cfg.vae_tiling)
+    settings = settings_of(dataclasses.asdict(cfg), prompts)
+    results = earlier_results(cfg.output_dir, settings)  # refused here, before any model, if the settings differ
 
     # text encoders, VAE, scheduler only: each evaluated transformer, the base one included, is loaded below
     pipe = model.load_hunyuan(model_path, device="cpu", dtype=dtype, load_transformer=False)
     for module in (pipe.pipeline.text_encoder, pipe.pipeline.text_encoder_2, pipe.vae):
         module.to(device)
-    cfg = dataclasses.replace(cfg, vae_tiling=model.set_vae_tiling(pipe.vae, cfg.vae_tiling))  # None: on with CUDA
+    model.set_vae_tiling(pipe.vae, cfg.vae_tiling)
     print(f"eval: shift {cfg.shift:g} ({sources['shift']}), CFG scale {cfg.cfg_scale:g} ({sources['cfg_scale']}), "
           f"{cfg.num_steps} ODE steps, {cfg.num_frames} frames at {cfg.height}x{cfg.width}, "
           f"VAE tiling {'on' if cfg.vae_tiling else 'off'}", flush=True)
@@ -288,10 +366,12 @@ def evaluate(cfg, prompts, paths):
     sigmas = sde.shifted_sigmas(cfg.num_steps, cfg.shift)
     latent_shape = pipe.latent_shape(cfg.num_frames, cfg.height, cfg.width)
 
-    results, table = [], ""
+    table = ""
     given = [p for p, _ in paths]
     for name, path in zip(model_names(given), [os.path.join(model_path, "transformer")] + [d for _, d in paths]):
         transformer = load_transformer(path, device, dtype)
+        evaluated = datetime.datetime.now().isoformat(sep=" ", timespec="seconds")
+        folder = video_folder(name, results)
         rows = []
         for start in tqdm(range(0, len(samples), cfg.batch_size), desc=name, unit="batch"):
             batch = samples[start:start + cfg.batch_size]
@@ -302,15 +382,15 @@ def evaluate(cfg, prompts, paths):
             scores, save = score(rollout.final_latents, batch_prompts)
             for b, (i, j, seed) in enumerate(batch):
                 slug = re.sub(r"[^a-z0-9]+", "_", prompts[i].lower())[:40].strip("_")
-                file = save(b, os.path.join(cfg.output_dir, "videos", name, f"{i:03d}_{slug}_seed{seed}"))
+                file = save(b, os.path.join(cfg.output_dir, "videos", folder, f"{i:03d}_{slug}_seed{seed}"))
                 rows.append({"prompt": prompts[i], "seed": seed, **{k: float(scores[k][b]) for k in columns},
                              "video": os.path.relpath(file, cfg.output_dir)})
         del transformer
         means = {k: torch.tensor([r[k] for r in rows]).nanmean().item() for k in columns}
         first = next(iter(columns))
-        results.append({"name": name, "path": path, **means,
+        results.append({"name": name, "evaluated": evaluated, "path": path, **means,
                         "num_failed": sum(r[first] != r[first] for r in rows), "samples": rows})
-        table = write_results(cfg, results, len(samples))  # each model's scores on disk as soon as they exist
+        table = write_results(cfg, settings, results, len(samples))  # each model's scores on disk as soon as they exist
     print(table)
     return results
 

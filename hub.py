@@ -81,3 +81,16 @@ def resolve_path(path_or_id, what="path"):
             f"is not in the hub cache {constants.HF_HUB_CACHE!r}. This code never downloads weights: download them "
             f"once with `{download}` (into that cache; runs must see the same HF_HUB_CACHE / HF_HOME), or with "
             f"`{download} --local-dir <dir>` and pass <dir>") from None
+
+
+def quiet_libraries():
+    """diffusers', transformers' and huggingface_hub's info and warnings (loading reports, "Guiders are currently an
+    experimental feature", the float32-modules note) and progress bars off, so that a script's own lines stay
+    readable; the entry scripts skip it under --verbose."""
+    import diffusers
+    import huggingface_hub
+    import transformers
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()

@@ -128,10 +128,6 @@ REQUIRED_FILES = {
 MODEL_SUBFOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
-# Rollout video size: 81 frames at 352×624, the official 480p bucket (official sample_n_frames 81).
-DEFAULT_NUM_FRAMES = 81
-DEFAULT_HEIGHT = 352
-DEFAULT_WIDTH = 624
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,7 +153,6 @@ class HunyuanVideo15Policy:
     lora_targets = LORA_TARGETS
     hidden_blocks = HIDDEN_BLOCKS
     default_negative_prompt = DEFAULT_NEGATIVE_PROMPT
-    default_video_size = (DEFAULT_NUM_FRAMES, DEFAULT_HEIGHT, DEFAULT_WIDTH)
 
     @staticmethod
     def check_directory(path):

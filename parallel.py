@@ -136,13 +136,13 @@ class SequenceParallel:
         self.dp_group = self.mesh["dp"].get_group()
         self.sp_group = self.mesh["ulysses"].get_group()
 
-    def own_rows(self, batch_size):
+    def scored_rows(self, batch_size):
         """Rows of the group's B videos this rank decodes and scores: sp_rank, sp_rank + sp, ...
         E.g. B = 3, sp = 2: rank 0 -> [0, 2], rank 1 -> [1]. Every video exactly once per group."""
         return list(range(self.sp_rank, batch_size, self.sp_size))
 
     def gather_rows(self, values, rows, batch_size, names, device):
-        """{name: (len(rows),) tensor} computed by each rank of the group for its own rows (`own_rows`;
+        """{name: (len(rows),) tensor} computed by each rank of the group for its own rows (`scored_rows`;
         a rank with none passes {}) -> {name: (B,) float32 tensor on `device`} on every rank of the
         group: one all-reduce of (len(names), B) zeros filled with the own rows; a failed row (NaN) stays NaN."""
         if self.sp_size == 1:

@@ -69,6 +69,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+import config
+
 GIB = 2 ** 30
 # bf16 compute copies, fp32 master weights / gradients (distributed.py: MixedPrecisionPolicy)
 BF16, FP32 = 2, 4
@@ -109,30 +111,36 @@ QWEN2_VL_2B = dict(text_config=dict(vocab_size=151936, hidden_size=1536, interme
                    tie_word_embeddings=True)
 
 
+_TRAIN = config.Config()  # train.py's defaults, the planner's too
+
+
 @dataclasses.dataclass(frozen=True)
 class Setup:
-    """One training setup: the train.py flags that decide memory and time, plus the world size."""
+    """One training setup: the train.py flags that decide memory and time, plus the world size. Every default is
+    train.py's own (config.Config), resolved as a GPU run resolves it: the video size config.video_size gives,
+    --videos_per_rank the fewest that fill whole groups on 8 ranks, gradient checkpointing on (CUDA), the CFG
+    scale of the HunyuanVideo-1.5 480p guider config."""
     name: str = "custom"
     world_size: int = 8
-    family: str = "hunyuan"   # the checkpoint's family (train.py reads it from --model_path)
+    family: str = "hunyuan"   # the checkpoint's family (train.py reads it from --model_path's model_index.json)
     model_size: str = "8.3B"  # hunyuan: 8.3B; wan: 1.3B or 14B
-    sp_size: int = 1
-    videos_per_rank: int = 2
-    group_size: int = 4
-    num_frames: int = 81
-    height: int = 352
-    width: int = 624
-    lora_rank: int = 0
-    optimizer: str = "muon"
-    text_encoder_offload: bool = False
-    anchor_offload: bool = False
-    kl_mode: str = "dual"
-    num_steps: int = 20
-    train_step_fraction: float = 1.0
-    sde_window: int = 0
-    updates_per_rollout: int = 1
+    sp_size: int = _TRAIN.sp_size
+    videos_per_rank: int = config.default_videos_per_rank(_TRAIN.group_size, 8 // _TRAIN.sp_size)
+    group_size: int = _TRAIN.group_size
+    num_frames: int = config.DEFAULT_NUM_FRAMES
+    height: int = config.DEFAULT_HEIGHT
+    width: int = config.DEFAULT_WIDTH
+    lora_rank: int = _TRAIN.lora_rank
+    optimizer: str = _TRAIN.optimizer
+    text_encoder_offload: bool = _TRAIN.text_encoder_offload
+    anchor_offload: bool = _TRAIN.anchor_offload
+    kl_mode: str = _TRAIN.kl_mode
+    num_steps: int = _TRAIN.num_steps
+    train_step_fraction: float = _TRAIN.train_step_fraction
+    sde_window: int = _TRAIN.sde_window
+    updates_per_rollout: int = _TRAIN.updates_per_rollout
     gradient_checkpointing: bool = True
-    cfg_scale: float = 6.0
+    cfg_scale: float = config.module_constant("model", "DEFAULT_GUIDANCE_SCALE")
 
     def flags(self):
         """The flags of this setup that differ from train.py's defaults, e.g. '--sp_size 2 --lora_rank 64'."""
@@ -492,7 +500,7 @@ def forward_flops(flops, sp_size=1):
 
 def forward_equivalents(setup):
     """Transformer passes per video per iteration, the hardware-independent cost, as train.py counts them
-    (train.ForwardCount: one video through the transformer is one forward, a CFG pair two).
+    (meters.ForwardCount: one video through the transformer is one forward, a CFG pair two).
 
     rollout: N steps x the CFG branches (1 at --cfg_scale 1). update: each optimizer update recomputes the trained
     steps with gradients, ceil(fraction x K) of the SDE window's K steps (K = N without a window). anchor: the

@@ -183,7 +183,6 @@ SUPPORTED_TEMPLATE = "detailed_special"
 CLIPSCORE_SCALE = 100.0
 # Frames per video for CLIPScore / PickScore (uniformly spaced, first and last included): our choice.
 CLIP_NUM_FRAMES = 8
-CLIP_MAX_TEXT_TOKENS = 77  # CLIP's text context length
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,6 +274,95 @@ def _as_video_list(frames, prompts):
     if len(frames) != len(prompts):
         raise ValueError(f"got {len(frames)} videos but {len(prompts)} prompts")
     return list(frames)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt length: what every reward reads of a prompt is bounded the way its own text model bounds it.
+#
+# A text model reads at most model_max_length tokens: its tokenizer's model_max_length (Qwen2-VL-2B-Instruct:
+# 32768; openai/clip-vit-large-patch14: 77), capped by the positions of its config (max_position_embeddings, the
+# same numbers for the real checkpoints; a tokenizer saved without the field reports transformers' 1e30 sentinel).
+# A longer prompt is scored on its first tokens: CLIP by the tokenizer's own truncation, VideoAlign by cutting the
+# prompt inside its template so that the whole chat sequence (template, video tokens, prompt, the three reward
+# tokens after it) fits. Unbounded, a 200 kB prompt made VideoAlign's batched forward ask for 40.7 GB.
+# `prompt_cuts` tells which prompts a set of loaded rewards will cut, for the trainer to print when it loads them.
+
+def model_max_length(tokenizer, max_position_embeddings):
+    """The longest token sequence a text model reads: min(tokenizer.model_max_length, max_position_embeddings)."""
+    return min(int(tokenizer.model_max_length), int(max_position_embeddings))
+
+
+def token_window(tokenizer, text, max_tokens):
+    """(piece, encoding): `text` itself if it has at most max_tokens tokens, else a prefix of it, ending before a
+    space, with more than max_tokens tokens whose first max_tokens are the text's own; encoding: the piece's
+    tokens (no special tokens) with their character offsets. Tokenises about as much text as it keeps, not a
+    100 kB prompt on every call. Why the first tokens agree: BPE tokenisers (Qwen2's, CLIP's) split the text
+    into pieces that never run across a space preceded by a non-space, and encode each piece on its own."""
+    window = 8 * max_tokens + 64  # characters: a token covers at least one, so one window usually suffices
+    while True:
+        end = len(text)
+        if end > window:
+            end = text.rfind(" ", 0, window)
+            while end > 0 and text[end - 1].isspace():  # cut at a space right after a non-space
+                end = text.rfind(" ", 0, end)
+            end = end if end > 0 else window  # one word longer than the window: cut inside it
+        encoding = tokenizer(text[:end], add_special_tokens=False, return_offsets_mapping=True)
+        if len(encoding["input_ids"]) > max_tokens or end == len(text):
+            return text[:end], encoding
+        window *= 2
+
+
+def leading_text(tokenizer, text, max_tokens):
+    """The prefix of `text` that holds its first max_tokens tokens (the text itself if it is not longer)."""
+    piece, encoding = token_window(tokenizer, text, max_tokens)
+    if len(encoding["input_ids"]) <= max_tokens:
+        return piece
+    return text[:encoding["offset_mapping"][max_tokens - 1][1]] if max_tokens > 0 else ""
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptCut:
+    """Prompt `index` has `tokens` tokens (its own, by `reward`'s tokenizer); `reward` scores its first `limit`
+    of them: what is left of the model's `model_limit` tokens once the reward's own text (and video) is in."""
+    reward: str
+    index: int
+    tokens: int
+    limit: int
+    model_limit: int
+
+    def __str__(self):
+        return (f"{self.reward}: prompt {self.index} has {self.tokens} tokens, more than the {self.limit} it reads "
+                f"(the model reads {self.model_limit} tokens in all): scored on its first {self.limit} tokens")
+
+
+def prompt_cuts(rewards, prompts, num_frames, height, width, fps=DEFAULT_SOURCE_FPS):
+    """Which prompts the loaded rewards will cut, and where: [PromptCut], in reward then prompt order; empty
+    when every reward reads every prompt whole.
+
+    rewards: a RewardMix, a {name: reward} dict or one reward; a reward without a text model (the world's
+    exact reward) is skipped. num_frames, height, width, fps: the videos the rewards will score (VideoAlign's
+    room for the prompt is what its template and these videos' tokens leave). For the trainer, once the
+    prompts and rewards are loaded:
+
+        for cut in reward.prompt_cuts(rewards, prompts, cfg.num_frames, cfg.height, cfg.width):
+            print(f"prompts: {cut}")
+    prints e.g. "prompts: videoalign: prompt 3 has 41233 tokens, more than the 30980 it reads (the model reads
+    32768 tokens in all): scored on its first 30980 tokens".
+    """
+    if isinstance(rewards, RewardMix):
+        rewards = rewards.rewards
+    elif not isinstance(rewards, dict):
+        rewards = {type(rewards).__name__: rewards}
+    cuts = []
+    for name, model in rewards.items():
+        if not hasattr(model, "prompt_token_limit"):
+            continue
+        limit = model.prompt_token_limit(num_frames, height, width, fps)
+        for index, prompt in enumerate(prompts):
+            tokens = len(model.tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"])
+            if tokens > limit:
+                cuts.append(PromptCut(name, index, tokens, limit, model.max_length))
+    return cuts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -593,6 +681,9 @@ class VideoAlignReward(nn.Module):
         vision = backbone.config.vision_config
         self.patch_size, self.temporal_patch_size = vision.patch_size, vision.temporal_patch_size
         self.merge_size = vision.spatial_merge_size
+        # the longest sequence the model reads, and the tokens of the chat text around the prompt (no video)
+        self.max_length = model_max_length(tokenizer, backbone.config.text_config.max_position_embeddings)
+        self.chat_tokens = len(tokenizer(self.prompt_text("", 0), add_special_tokens=False)["input_ids"])
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -689,6 +780,33 @@ class VideoAlignReward(nn.Module):
         text = self.template.format(text_prompt=prompt)
         return QWEN2VL_CHAT_FORMAT.format(video=VIDEO_PAD_TOKEN * num_video_tokens, text=text)
 
+    def num_video_tokens(self, num_frames, height, width, fps=DEFAULT_SOURCE_FPS):
+        """<|video_pad|> tokens of a video of that size: (T/2)·(H/14)·(W/14) / 2², T frames kept, H x W resized."""
+        kept = len(sample_frame_indices(num_frames, fps, self.sample_fps, self.target_frames))
+        h, w = frame_size(height, width, self.min_pixels, self.max_pixels, self.patch_size * self.merge_size)
+        grid_t = math.ceil(kept / self.temporal_patch_size)  # an odd count repeats the last frame (patchify)
+        return grid_t * (h // self.patch_size) * (w // self.patch_size) // self.merge_size ** 2
+
+    def prompt_token_limit(self, num_frames, height, width, fps=DEFAULT_SOURCE_FPS):
+        """Tokens of a prompt the model reads beside a video of that size: max_length less the chat text and the
+        video's tokens (prompt_cuts)."""
+        return self.max_length - self.chat_tokens - self.num_video_tokens(num_frames, height, width, fps)
+
+    def prompt_ids(self, prompt, num_video_tokens):
+        """Token ids of the chat text for one video (step 5). A prompt longer than the model reads is cut to its
+        first tokens, so that the whole sequence, the reward tokens after the prompt included, fits max_length."""
+        budget = self.max_length - self.chat_tokens - num_video_tokens
+        text = prompt
+        while True:
+            if budget < 1:
+                raise ValueError(f"a video of {num_video_tokens} tokens and the template's {self.chat_tokens} leave no "
+                                 f"room for the prompt within the model's {self.max_length} tokens")
+            text = leading_text(self.tokenizer, text, budget)
+            ids = self.tokenizer(self.prompt_text(text, num_video_tokens), add_special_tokens=False)["input_ids"]
+            if len(ids) <= self.max_length:
+                return ids
+            budget -= len(ids) - self.max_length  # the prompt's first / last token merged with the template's
+
     def build_inputs(self, videos, prompts, fps=DEFAULT_SOURCE_FPS):
         """Lists of videos and prompts -> model inputs: input_ids, attention_mask (B, L) right-padded,
         pixel_values_videos (ΣN, 1176), video_grid_thw (B, 3)."""
@@ -696,8 +814,7 @@ class VideoAlignReward(nn.Module):
         for video, prompt in zip(videos, prompts):
             pv, grid = self.preprocess(video, fps)
             num_video_tokens = int(grid.prod()) // self.merge_size ** 2
-            text = self.prompt_text(prompt, num_video_tokens)
-            ids.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            ids.append(self.prompt_ids(prompt, num_video_tokens))
             pixel_values.append(pv)
             grids.append(grid)
         length = max(len(i) for i in ids)
@@ -799,6 +916,12 @@ class ClipScore(nn.Module):
         super().__init__()
         self.model, self.image_processor, self.tokenizer = model, image_processor, tokenizer
         self.num_frames = num_frames
+        # CLIP's text context (openai/clip-vit-large-patch14: 77 tokens, start and end tokens included)
+        self.max_length = model_max_length(tokenizer, model.config.text_config.max_position_embeddings)
+
+    def prompt_token_limit(self, num_frames=None, height=None, width=None, fps=None):
+        """Tokens of a prompt CLIP reads: its context less the start / end tokens (prompt_cuts; no video in it)."""
+        return self.max_length - self.tokenizer.num_special_tokens_to_add()
 
     @classmethod
     def from_pretrained(cls, path, processor_path=None, device="cpu", dtype=torch.float32, num_frames=CLIP_NUM_FRAMES):
@@ -834,7 +957,9 @@ class ClipScore(nn.Module):
         """frames: (B, F, 3, H, W) in [0, 1] or a list of (F, 3, H, W); prompts: B strings -> (B,) float32."""
         videos = _as_video_list(frames, prompts)
         device = self.model.logit_scale.device
-        text = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=CLIP_MAX_TEXT_TOKENS,
+        # the tokenizer's own truncation to CLIP's context, on a window of each prompt (token_window), not 100 kB
+        pieces = [token_window(self.tokenizer, prompt, self.prompt_token_limit())[0] for prompt in prompts]
+        text = self.tokenizer(pieces, padding=True, truncation=True, max_length=self.max_length,
                               return_tensors="pt").to(device)
         text_embeds = F.normalize(self.model.get_text_features(**text).pooler_output.float(), dim=-1)  # (B, D)
         scores = torch.full((len(videos),), float("nan"), device=device)

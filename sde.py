@@ -70,7 +70,7 @@ import torch
 # Transition kernels: the deterministic Euler step and the four stochastic kernels GRPO can train with
 # (the ODE has no noise, hence no log-prob and nothing to explore).
 KERNELS = ("ode", "flow_grpo", "dance_grpo", "cps", "sage")
-STOCHASTIC_KERNELS = KERNELS[1:]
+STOCHASTIC_KERNELS = ("flow_grpo", "dance_grpo", "cps", "sage")  # KERNELS without ode (config.py reads this literal)
 
 # Clamp of σ inside SAGE's logarithm, not in its linear term (official SAGE-GRPO code: 1 - 3e-3).
 SAGE_SIGMA_MAX = 1.0 - 3e-3

@@ -11,7 +11,6 @@ the (seeded, random) values differ. Nothing here is used by a real run.
     build_tiny_videoalign(path)   VideoAlign (VideoReward): a Qwen2-VL base + LoRA checkpoint
     build_tiny_clip(path)         a CLIP model for CLIPScore / PickScore
     tiny_model_paths(root, ...)   what a `--tiny` run uses: the paths given, the others built once
-    video_size(...)               the video size of a run: the flags given, else the tiny or the real default
 
 Tokenizers are built offline: byte-level Qwen2 BPE (`byte_level_qwen2_tokenizer`), byT5's needs no files,
 and Wan's UMT5 tokenizer is a T5 Unigram model over single characters (`character_t5_tokenizer`).
@@ -24,14 +23,14 @@ from diffusers import (AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteSchedu
                        HunyuanVideo15Transformer3DModel)
 from diffusers.guiders import ClassifierFreeGuidance
 
+import config
 import model
 import reward
 import videoalign_checkpoint
 
-# A video size the tiny HunyuanVideo-1.5 turns into a (4, 3, 4, 4) latent (VAE 4× spatial, 2× temporal).
-TINY_NUM_FRAMES = 5
-TINY_HEIGHT = 16
-TINY_WIDTH = 16
+# The tiny models' video size, 5×16×16: the tiny HunyuanVideo-1.5 turns it into a (4, 3, 4, 4) latent (VAE 4×
+# spatial, 2× temporal). Defined with the configuration (config.video_size resolves a run's size).
+TINY_NUM_FRAMES, TINY_HEIGHT, TINY_WIDTH = config.TINY_NUM_FRAMES, config.TINY_HEIGHT, config.TINY_WIDTH
 # The tiny transformer (diffusers' HunyuanVideo-1.5 pipeline tests): 4 latent channels (input: latent, image
 # condition, mask = 2·4 + 1), one block of 2 heads x 8, widths of the tiny text encoders below (16, byT5's 32).
 # benchmarks/gpu_check.py --tiny measures it in place of the real 8.3B model.
@@ -39,15 +38,6 @@ TINY_TRANSFORMER_CONFIG = dict(
     in_channels=2 * 4 + 1, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
     num_refiner_layers=1, mlp_ratio=2.0, text_embed_dim=16, text_embed_2_dim=32, image_embed_dim=12,
     rope_axes_dim=(2, 2, 4), target_size=16, task_type="t2v")
-
-
-def video_size(num_frames=None, height=None, width=None, tiny=False):
-    """(num_frames, height, width) of a run: each value the user gave, the others from the default size:
-    the tiny model's 5×16×16 with --tiny (the real 81×352×624 is far too big for a CPU), else the
-    official 81×352×624.  E.g. video_size(None, 32, None, tiny=True) -> (5, 32, 16)."""
-    default = (TINY_NUM_FRAMES, TINY_HEIGHT, TINY_WIDTH) if tiny else (
-        model.DEFAULT_NUM_FRAMES, model.DEFAULT_HEIGHT, model.DEFAULT_WIDTH)
-    return tuple(d if v is None else v for v, d in zip((num_frames, height, width), default))
 
 
 def tiny_model_paths(root, **paths):
@@ -225,6 +215,9 @@ def _tiny_lora_entries(key, weight, generator):
             prefix + ".lora_B.default.weight": torch.randn(weight.shape[0], TINY_LORA_R, generator=generator) * 0.1}
 
 
+TINY_VIDEOALIGN_MAX_LENGTH = 2048
+
+
 def build_tiny_videoalign(path, layout="full", output_dim=3, seed=0):
     """Write a tiny random VideoReward directory to `path` in the official layout; returns path.
 
@@ -259,6 +252,9 @@ def build_tiny_videoalign(path, layout="full", output_dim=3, seed=0):
     base = Qwen2VLForConditionalGeneration(config).eval()
     base_dir = os.path.join(path, TINY_BASE_DIR)
     base.save_pretrained(base_dir)
+    # the tokenizer states the longest sequence, as Qwen2-VL-2B-Instruct's does (model_max_length 32768, its
+    # positions); 2048 here: a prompt cut at the limit costs the tiny model a few times a normal one (~920 tokens)
+    tokenizer.model_max_length = TINY_VIDEOALIGN_MAX_LENGTH
     tokenizer.save_pretrained(base_dir)
 
     # The trained model, in transformers 4.45 names (model.layers…, visual…) wrapped by PEFT.
@@ -340,7 +336,7 @@ def build_tiny_clip(path, seed=0):
     torch.manual_seed(seed)
     config = CLIPConfig(
         text_config={"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "max_position_embeddings": reward.CLIP_MAX_TEXT_TOKENS,
+                     "num_attention_heads": 2, "max_position_embeddings": 77,  # CLIP's text context
                      "bos_token_id": vocab["<|startoftext|>"], "eos_token_id": vocab["<|endoftext|>"],
                      "pad_token_id": vocab["<|endoftext|>"]},
         vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,

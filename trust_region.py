@@ -21,7 +21,9 @@ Two references, two jobs:
   forward pass. It is zero at the first update after a rollout and acts once a rollout is reused
   (updates_per_rollout > 1).
 
-    L_KL = w_anchor·KL_anchor + w_step·KL_step,   total loss = policy loss + β·L_KL.
+    L_KL = w_anchor·KL_anchor + w_step·KL_step,   total loss = policy loss + β·L_KL
+
+(`total_loss`: the mean of loss_it + β_i·L_KL_it over the valid (sample, step) pairs, the quantity minimised).
 
 Scale: why the official β is inert. Log-probs and KLs are both element means, so per (sample, step) pair,
 on-policy, the two pushes on the step mean μ compare as
@@ -37,7 +39,10 @@ at the first update after a rollout (μ_θ = μ_old). `k1` (official): the sampl
 mean(log p_old - log p_θ) over the pairs; its value is 0 on-policy but its gradient is not: -∇log p_θ, i.e.
 the same as adding +w_step·β/S_t to every advantage (a push towards whatever was sampled, at every update).
 
-β, four schedules (`BetaController`, `AdaptiveBeta`):
+β, four schedules, one object each behind one interface (`OfficialBeta`, `TwoStageBeta`, `FixedBeta`,
+`AdaptiveBeta`; `beta_schedule(name, ...)` builds one): `betas(kls)` gives the β of each (sample, step) pair of a
+trained step, `observe(kl)` is told each optimizer update's mean L_KL. The official schedule counts pairs (as the
+official controller); the others count optimizer updates.
 
 * official: what the official code runs. One controller update per (sample, step) pair that
   computes a KL. For the first 100 updates β ramps linearly from 1e-7 (`kl_coef`) towards 1e-5
@@ -52,7 +57,7 @@ the same as adding +w_step·β/S_t to every advantage (a push towards whatever w
   feeds each rank's own KL, so β drifts apart across ranks; here the caller passes the KL averaged
   over ranks, so β is identical on every rank.
 * two_stage: the paper's description, small early (exploration) and larger later: 1e-7 before
-  `switch_step` controller updates, 1e-5 from then on (`kl_coefficient`).
+  `switch_step` optimizer updates, 1e-5 from then on (`kl_coefficient`).
 * fixed: β = beta_start throughout.
 * adaptive (`AdaptiveBeta`): the usual adaptive KL penalty (PPO, Schulman et al. 2017, sec. 4), in the usual
   direction: every `window` optimizer updates, with d the mean L_KL of those updates (each a mean over its
@@ -195,88 +200,149 @@ def kl_coefficient(step, beta_start=BETA_START, beta_end=BETA_END, switch_step=N
     return beta_end
 
 
-class BetaController:
-    """β of the dual KL term, per controller update (one update = one (sample, step) pair).
+def total_loss(policy_loss, kl, beta, valid, num_pairs, scale=1.0):
+    """The loss the paper minimises, over one step's (sample, step) pairs, as a share of a batch mean:
 
-    Use: read `.beta` for a pair's loss, then call `.update(kl)` with that pair's KL (the dual
-    L_KL before β, as a float or 0-d tensor) averaged over ranks (all_reduce AVG), so every rank
-    holds the same β. `betas_for(kls)` does both for pairs whose KLs are known together (the
-    samples of one step). schedule: "official" (ramp, then the KL-band rule of the module
-    docstring), "two_stage" (`kl_coefficient` at the number of updates so far), "fixed" (β_start).
-    """
+        L = scale / P · Σ_{valid (i, t)} [ loss_it + β_i·L_KL_it ]
 
-    def __init__(self, schedule="official", beta_start=BETA_START, beta_end=BETA_END, switch_step=None,
-                 kl_target=KL_TARGET, ramp_updates=RAMP_UPDATES, window=KL_WINDOW):
-        if schedule not in ("official", "two_stage", "fixed"):
-            raise ValueError(f"unknown beta schedule {schedule!r} for BetaController: expected official, two_stage or "
-                             f"fixed (adaptive is AdaptiveBeta)")
+    policy_loss: grpo.clipped_policy_loss's mean over this call's valid pairs (Tensor[]); kl, beta: (B,) L_KL of
+    each pair (dual_kl) and its β; valid: (B,) bool, the pairs that enter the loss (finite advantage, stochastic
+    step); num_pairs: P, the valid pairs of the whole batch the mean is over (so that a caller who splits a batch
+    over steps and ranks and sums the parts gets the batch mean); scale: train.py's world size, which undoes
+    FSDP's averaging of gradients over ranks. Returns (loss, Σ policy terms, Σ β·L_KL), the sums over this
+    call's valid pairs, each with its graph (the trust region's activity compares their gradients)."""
+    policy_sum = policy_loss * int(valid.sum())
+    kl_sum = (beta * kl)[valid].sum()
+    return (policy_sum + kl_sum) * scale / num_pairs, policy_sum, kl_sum
+
+
+# ------------------------------------------------------------------------------------------------
+# β: one object per schedule (module docstring). The loop asks each the same two things:
+#
+#     betas(kls)   β of each (sample, step) pair of one trained step, in order; kls: those pairs' L_KL, averaged
+#                  over ranks (so that β is the same on every rank)
+#     observe(kl)  after each optimizer update that was taken: its mean L_KL per valid pair, averaged over ranks
+#
+# and state_dict() / load_state_dict() for exact resume. Units: the official schedule counts (sample, step) pairs,
+# as the official controller does (its ramp is 100 pairs, about 3 iterations of 8 ranks x 2 videos x 20 steps);
+# the others count optimizer updates taken.
+
+class OfficialBeta:
+    """What the official code runs: a ramp, then a KL-band rule (module docstring), one step per (sample, step) pair.
+
+    Each pair's loss uses β as it was before that pair's step; the pairs of one call to `betas` are stepped in
+    order. kl_target is the official `kl_weight` passed as the target (1e-5); KL_BAND and the factors are the
+    official ones."""
+
+    def __init__(self, beta_start=BETA_START, beta_end=BETA_END, kl_target=KL_TARGET, ramp_updates=RAMP_UPDATES,
+                 window=KL_WINDOW):
         if not (0 < beta_start <= beta_end):
             raise ValueError(f"beta must satisfy 0 < beta_start <= beta_end, got beta_start={beta_start}, beta_end={beta_end}")
         if not (isinstance(ramp_updates, int) and ramp_updates >= 1 and isinstance(window, int) and window >= 1):
             raise ValueError(f"ramp_updates and window must be positive ints, got {ramp_updates!r} and {window!r}")
         if not kl_target > 0:
             raise ValueError(f"kl_target must be > 0, got {kl_target!r}")
-        self.schedule, self.beta_start, self.beta_end, self.switch_step = schedule, beta_start, beta_end, switch_step
-        self.kl_target, self.ramp_updates, self.window = kl_target, ramp_updates, window
-        self.num_updates = 0
-        self.kl_history = []    # the last `window` KLs (all the official rule reads)
-        self.beta = kl_coefficient(0, beta_start, beta_end, switch_step) if schedule == "two_stage" else beta_start
+        self.beta_start, self.beta_end, self.kl_target = beta_start, beta_end, kl_target
+        self.ramp_updates, self.window = ramp_updates, window
+        self.num_updates = 0   # pairs stepped so far
+        self.kl_history = []   # the last `window` KLs (all the rule reads)
+        self.beta = beta_start
 
-    def update(self, kl):
-        """Advance by one controller update with this pair's (rank-averaged) KL; returns the new β."""
+    def step(self, kl):
+        """One pair's (rank-averaged) L_KL -> the β of the next pair."""
         kl = float(kl)
         if not math.isfinite(kl):
             raise ValueError(f"kl must be finite, got {kl}")
         self.num_updates += 1
         self.kl_history = (self.kl_history + [kl])[-self.window:]
-        if self.schedule == "two_stage":
-            self.beta = kl_coefficient(self.num_updates, self.beta_start, self.beta_end, self.switch_step)
-        elif self.schedule == "official":
-            self.beta = self._official_next_beta()
-        return self.beta
-
-    def _official_next_beta(self):
         if self.num_updates < self.ramp_updates:
             # linear ramp: β = β_start + (β_end - β_start)·n/R, ignoring the KL
-            return self.beta_start + (self.beta_end - self.beta_start) * self.num_updates / self.ramp_updates
-        if len(self.kl_history) < self.window:
-            return self.beta
-        mean_kl = sum(self.kl_history) / len(self.kl_history)
-        beta = self.beta
-        if mean_kl > (1 + KL_BAND) * self.kl_target:      # KL high: β × 0.9 (sic: lowers the penalty)
-            beta = beta * BETA_DECREASE
-        elif mean_kl < (1 - KL_BAND) * self.kl_target:    # KL low: β × 1.1
-            beta = beta * BETA_INCREASE
-        return min(max(beta, self.beta_start), self.beta_end)
+            self.beta = self.beta_start + (self.beta_end - self.beta_start) * self.num_updates / self.ramp_updates
+        elif len(self.kl_history) == self.window:
+            mean_kl = sum(self.kl_history) / len(self.kl_history)
+            if mean_kl > (1 + KL_BAND) * self.kl_target:      # KL high: β × 0.9 (sic: lowers the penalty)
+                self.beta = self.beta * BETA_DECREASE
+            elif mean_kl < (1 - KL_BAND) * self.kl_target:    # KL low: β × 1.1
+                self.beta = self.beta * BETA_INCREASE
+            self.beta = min(max(self.beta, self.beta_start), self.beta_end)
+        return self.beta
 
-    def betas_for(self, kls):
-        """β of each pair in order (β before the pair's update), updating after each. Returns list[float]."""
+    def betas(self, kls):
         betas = []
         for kl in torch.as_tensor(kls).flatten().tolist():
             betas.append(self.beta)
-            self.update(kl)
+            self.step(kl)
         return betas
 
+    def observe(self, kl):
+        """The official controller reads only the pairs' KLs (betas)."""
+
     def state_dict(self):
-        return {"schedule": self.schedule, "beta": self.beta, "num_updates": self.num_updates,
+        return {"schedule": "official", "beta": self.beta, "num_updates": self.num_updates,
                 "kl_history": list(self.kl_history)}
 
     def load_state_dict(self, state):
-        if state["schedule"] != self.schedule:
-            raise ValueError(f"checkpoint has beta schedule {state['schedule']!r}, this controller {self.schedule!r}")
+        _check_schedule_state(state, "official")
         self.beta, self.num_updates = state["beta"], state["num_updates"]
         self.kl_history = list(state["kl_history"])
+
+
+class TwoStageBeta:
+    """The paper's description: beta_start (small, for exploration) before `switch_step` optimizer updates,
+    beta_end from then on (`kl_coefficient`)."""
+
+    def __init__(self, beta_start=BETA_START, beta_end=BETA_END, switch_step=None):
+        kl_coefficient(0, beta_start, beta_end, switch_step)  # checks the arguments
+        self.beta_start, self.beta_end, self.switch_step = beta_start, beta_end, switch_step
+        self.num_updates = 0  # optimizer updates taken
+
+    @property
+    def beta(self):
+        return kl_coefficient(self.num_updates, self.beta_start, self.beta_end, self.switch_step)
+
+    def betas(self, kls):
+        return [self.beta] * torch.as_tensor(kls).numel()
+
+    def observe(self, kl):
+        self.num_updates += 1
+
+    def state_dict(self):
+        return {"schedule": "two_stage", "num_updates": self.num_updates}
+
+    def load_state_dict(self, state):
+        _check_schedule_state(state, "two_stage")
+        self.num_updates = state["num_updates"]
+
+
+class FixedBeta:
+    """β = beta throughout."""
+
+    def __init__(self, beta=BETA_START):
+        if not beta >= 0:
+            raise ValueError(f"beta must be >= 0, got {beta}")
+        self.beta = beta
+
+    def betas(self, kls):
+        return [self.beta] * torch.as_tensor(kls).numel()
+
+    def observe(self, kl):
+        """A fixed β reads nothing."""
+
+    def state_dict(self):
+        return {"schedule": "fixed"}
+
+    def load_state_dict(self, state):
+        _check_schedule_state(state, "fixed")
 
 
 class AdaptiveBeta:
     """β of the adaptive schedule (module docstring): one decision per `window` optimizer updates.
 
-    Use: read `.beta` for every pair of an optimizer update, then call `.update(kl)` with that update's L_KL
-    (the mean over its valid pairs, averaged over ranks, so every rank holds the same β). Every `window`
-    updates PPO's rule is applied to the mean L_KL of the window. window = 1 is PPO's per-update rule; with a
-    moving anchor the KL is a sawtooth (exactly 0 at the first update after each refresh, growing until the
-    next), so a per-update rule halves β at every refresh and doubles it in between: the window of one anchor
-    period sees the sawtooth's mean instead (measured in the synthetic world: docs/world.md).
+    `observe(kl)` takes each update's L_KL (the mean over its valid pairs, averaged over ranks, so every rank holds
+    the same β); every `window` updates PPO's rule is applied to the mean L_KL of the window. window = 1 is PPO's
+    per-update rule; with a moving anchor the KL is a sawtooth (exactly 0 at the first update after each refresh,
+    growing until the next), so a per-update rule halves β at every refresh and doubles it in between: the window
+    of one anchor period sees the sawtooth's mean instead (measured in the synthetic world: README, docs/world.md).
     """
 
     def __init__(self, beta_init, kl_target, beta_min, beta_max, window=1, band=ADAPTIVE_BAND, factor=ADAPTIVE_FACTOR):
@@ -291,7 +357,10 @@ class AdaptiveBeta:
         self.num_updates = 0
         self.window_kls = []  # the L_KL of the updates since the last decision
 
-    def update(self, kl):
+    def betas(self, kls):
+        return [self.beta] * torch.as_tensor(kls).numel()
+
+    def observe(self, kl):
         """One optimizer update's (rank-averaged) L_KL -> the β of the next update."""
         kl = float(kl)
         if not math.isfinite(kl):
@@ -314,10 +383,31 @@ class AdaptiveBeta:
                 "window_kls": list(self.window_kls)}
 
     def load_state_dict(self, state):
-        if state.get("schedule") != "adaptive":
-            raise ValueError(f"checkpoint has beta schedule {state.get('schedule')!r}, this controller 'adaptive'")
+        _check_schedule_state(state, "adaptive")
         self.beta, self.num_updates = state["beta"], state["num_updates"]
         self.window_kls = list(state.get("window_kls", []))
+
+
+def _check_schedule_state(state, schedule):
+    found = state.get("schedule") if isinstance(state, dict) else state
+    if found != schedule:
+        raise ValueError(f"checkpoint has beta schedule {found!r}, this run {schedule!r}")
+
+
+def beta_schedule(name, *, beta_start=BETA_START, beta_end=BETA_END, switch_step=None, beta_init=None, kl_target=None,
+                  beta_min=None, beta_max=None, window=1):
+    """The β schedule `name` (BETA_SCHEDULES) with its parameters: official (beta_start, beta_end), two_stage
+    (beta_start, beta_end, switch_step), fixed (beta_start), adaptive (beta_init, kl_target, beta_min, beta_max,
+    window)."""
+    if name == "official":
+        return OfficialBeta(beta_start, beta_end)
+    if name == "two_stage":
+        return TwoStageBeta(beta_start, beta_end, switch_step)
+    if name == "fixed":
+        return FixedBeta(beta_start)
+    if name == "adaptive":
+        return AdaptiveBeta(beta_init, kl_target, beta_min, beta_max, window)
+    raise ValueError(f"unknown beta schedule {name!r}: expected one of {BETA_SCHEDULES}")
 
 
 class MovingAnchor:

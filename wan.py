@@ -261,7 +261,6 @@ class WanPolicy:
     lora_targets = LORA_TARGETS
     hidden_blocks = HIDDEN_BLOCKS
     default_negative_prompt = DEFAULT_NEGATIVE_PROMPT
-    default_video_size = (DEFAULT_NUM_FRAMES, DEFAULT_HEIGHT, DEFAULT_WIDTH)
     check_directory = staticmethod(check_wan_directory)
     sampling_defaults = staticmethod(sampling_defaults)
     check_sp_size = staticmethod(check_sp_size)

@@ -32,6 +32,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+import config
 import model  # noqa: E402
 import parallel  # noqa: E402
 import reward  # noqa: E402
@@ -81,7 +82,7 @@ def main():
         hunyuan_path = tiny.build_tiny_hunyuan(os.path.join(root, "hunyuan"))
         reward_path = tiny.build_tiny_videoalign(os.path.join(root, "videoalign"))
         out = os.path.join(root, "run")
-        train.main(train.parse_config([
+        train.main(config.parse_config([
             "--tiny", "--model_path", hunyuan_path, "--reward_path", reward_path, "--output_dir", out,
             "--num_steps", str(args.steps), "--group_size", str(args.videos), "--videos_per_rank", str(args.videos),
             "--kl_mode", args.kl_mode, "--max_iterations", str(args.runs + 1), "--optimizer", args.optimizer,

@@ -1,7 +1,7 @@
 """The first command on a GPU: train.py end to end on CUDA, then the real 8.3B transformer against plan.py.
 
-    python benchmarks/gpu_check.py                           # one GPU (an H100): a few minutes, gpu_check.json
-    python benchmarks/gpu_check.py --tiny --out /tmp/r.json  # the same code paths on the CPU, tiny sizes (~1 min)
+    python benchmarks/gpu_check.py                  # one GPU (an H100): a few minutes, runs/gpu_check/gpu_check.json
+    python benchmarks/gpu_check.py --tiny --output_dir runs/gpu_check_tiny  # the same code paths on the CPU (~1 min)
     python benchmarks/gpu_check.py --sections forward block  # a rerun of some sections only
 
 Nothing here has been measured on a GPU before this command runs: it is written to work the first time and
@@ -69,6 +69,7 @@ import torch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run from anywhere
+import config  # noqa: E402
 import model  # noqa: E402
 import optimizer  # noqa: E402
 import parallel  # noqa: E402
@@ -76,6 +77,8 @@ import plan  # noqa: E402
 import tiny  # noqa: E402
 
 SECTIONS = ("train", "self_check", "forward", "block", "muon")
+OUTPUT_DIR = os.path.join("runs", "gpu_check")  # as train.py's runs/<name>: ignored by git, never in the repository root
+REPORT = "gpu_check.json"
 BUDGET_S = 420.0  # of the 8 minutes a first GPU is lent for: the rest is start-up and a margin
 # One train.py run at most (a tiny run takes well under a minute): a hung NCCL start must not eat the whole budget
 TRAIN_TIMEOUT_S = 150.0
@@ -211,7 +214,7 @@ def run_train(ctx, *extra):
     output_dir, the last 3,000 characters of its output, the command). Raises TimeoutError if it was stopped."""
     models = ctx.tiny_models()
     output_dir = tempfile.mkdtemp(prefix="run_", dir=ctx.work_dir)
-    num_frames, height, width = tiny.video_size(tiny=True)
+    num_frames, height, width = config.video_size(tiny=True)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                os.path.join(REPO, "train.py"), "--model_path", models["hunyuan"], "--reward_path", models["videoalign"],
                "--num_frames", str(num_frames), "--height", str(height), "--width", str(width), *TRAIN_FLAGS,
@@ -498,7 +501,8 @@ def write(report, path):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="CPU, tiny sizes: every code path, no GPU needed")
-    parser.add_argument("--out", default="gpu_check.json", help="the JSON report (rewritten after every section)")
+    parser.add_argument("--output_dir", default=OUTPUT_DIR, help=f"the JSON report goes to output_dir/{REPORT} "
+                        "(rewritten after every section); the default is under runs/, which git ignores")
     parser.add_argument("--budget_s", type=float, default=BUDGET_S,
                         help="seconds after which the remaining sections are skipped (and a train.py run stopped)")
     parser.add_argument("--train_timeout_s", type=float, default=TRAIN_TIMEOUT_S,
@@ -520,6 +524,8 @@ def main(argv=None):
     logging.set_verbosity_error()  # "modules that should be kept in float32: []" on every meta build
     logging.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()  # "Writing model shards" of the tiny models' save_pretrained
+    os.makedirs(args.output_dir, exist_ok=True)
+    out = os.path.join(args.output_dir, REPORT)
     ctx = Context(args)
     report = {"tool": "benchmarks/gpu_check.py", "environment": environment(ctx), "budget_s": args.budget_s,
               "elapsed_s": 0.0, "sections": {}}
@@ -537,7 +543,7 @@ def main(argv=None):
                 section["seconds"] = time.monotonic() - begin
             report["sections"][name] = section
             report["elapsed_s"] = ctx.elapsed()
-            write(report, args.out)
+            write(report, out)
             print(f"[gpu_check {ctx.elapsed():6.1f} s] {name}: {section['status']}"
                   + (f" in {section['seconds']:.1f} s" if "seconds" in section else "")
                   + (f" -- {section.get('error') or section.get('reason')}" if section["status"] in ("error", "skipped") else ""),
@@ -546,8 +552,8 @@ def main(argv=None):
         if not args.work_dir:
             shutil.rmtree(ctx.work_dir, ignore_errors=True)
     report["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # this process (KiB on Linux)
-    write(report, args.out)
-    print("\n" + summary(report) + f"\n\nreport: {os.path.abspath(args.out)}", flush=True)
+    write(report, out)
+    print("\n" + summary(report) + f"\n\nreport: {os.path.abspath(out)}", flush=True)
     return 0 if all(s["status"] == "ok" for s in report["sections"].values()) else 1
 
 

@@ -5,7 +5,7 @@ The SDE window (`--sde_window K`): the stochastic kernel only on K consecutive s
 the window's steps carry log-probs, are recomputed in the update and enter the loss, and the equalizer's median is
 taken over them. Closed forms here: the window's placement per iteration, the weights' median over the window (an
 independent sort of the window's N_t), and in a tiny run the steps that the rollout made stochastic and that the
-update recomputed. The forward counts of a run (train.ForwardCount, hooks on the transformers) are compared with
+update recomputed. The forward counts of a run (meters.ForwardCount, hooks on the transformers) are compared with
 plan.forward_equivalents, which derives them from the flags alone.
 """
 import json
@@ -16,6 +16,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import meters
+import config
 import equalizer
 import model
 import plan
@@ -29,7 +31,7 @@ from test_train import tiny_args, tiny_models  # noqa: F401  (the module fixture
 # Where the window lies.
 
 def window_config(**overrides):
-    return train.Config(**{"num_steps": 8, "sde_window": 3, **overrides})
+    return config.Config(**{"num_steps": 8, "sde_window": 3, **overrides})
 
 
 def test_a_fixed_window_stays_at_its_start_and_no_window_is_every_step():
@@ -118,7 +120,7 @@ def record_calls(monkeypatch):
 @pytest.mark.slow
 def test_a_moving_window_run_samples_and_trains_only_the_windows_steps(tiny_models, tmp_path, monkeypatch):  # noqa: F811
     calls = record_calls(monkeypatch)
-    train.main(train.parse_config(tiny_args(tiny_models, tmp_path, num_steps=4, sde_window=2, max_iterations=3,
+    train.main(config.parse_config(tiny_args(tiny_models, tmp_path, num_steps=4, sde_window=2, max_iterations=3,
                                             sde_window_placement="moving", sde_window_shift_every=1, cfg_scale=6.0,
                                             shift=5.0)))
     assert calls["windows"] == [(0, 2), (1, 3), (2, 4)]
@@ -130,6 +132,7 @@ def test_a_moving_window_run_samples_and_trains_only_the_windows_steps(tiny_mode
         expected = sorted([sigmas[k].item() for k in range(start, stop)] * videos, reverse=True)
         assert recomputed == pytest.approx(expected, abs=0)
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["sde_window_start"] for r in rows] == [start for start, _ in calls["windows"]]  # logged in every row
     # the on-policy check reads 0 on the window's steps and nothing (0) elsewhere
     assert all(r["ratio_max_dev_per_step"] == [0.0] * 4 for r in rows)
     # and the run counted what the planner predicts: 4 rollout steps, 2 recomputed and 2 anchored, CFG pairs
@@ -152,7 +155,7 @@ RUNS = {  # name: (train.py flags, the same setup for the planner)
 @pytest.mark.parametrize("name", list(RUNS))
 def test_the_forwards_a_run_counts_are_the_planners_prediction(name, tiny_models, tmp_path):  # noqa: F811
     flags, setup = RUNS[name]
-    train.main(train.parse_config(tiny_args(tiny_models, tmp_path, **flags)))  # one iteration
+    train.main(config.parse_config(tiny_args(tiny_models, tmp_path, **flags)))  # one iteration
     predicted = plan.forward_equivalents(plan.Setup(gradient_checkpointing=False, **setup))
     for row in (json.loads(line) for line in open(tmp_path / "metrics.jsonl")):
         counted = {k: row[k] for k in COUNTS}
@@ -176,7 +179,8 @@ def test_the_official_recipe_costs_240_forward_equivalents_per_video_and_the_opt
      r"can lie on steps 3 … 3, where --kernel cps is deterministic"),
     (["--sde_window", "2", "--sde_window_placement", "sliding"], r"unknown --sde_window_placement 'sliding'"),
     (["--sde_window", "-1"], r"--sde_window must be >= 0"),
-    (["--sde_window", "2", "--sde_window_shift_every", "0"], r"sde_window_shift_every must be >= 1"),
+    (["--sde_window", "2", "--sde_window_placement", "moving", "--sde_window_shift_every", "0"],
+     r"sde_window_shift_every must be >= 1"),
     (["--ema_decay", "1"], r"--ema_decay must be in \[0, 1\)"),
     (["--eval_every", "5"], r"--eval_every needs --eval_prompts"),
     (["--eval_every", "-1"], r"--eval_every must be >= 0"),
@@ -189,4 +193,25 @@ def test_a_cost_option_that_cannot_work_is_a_flag_error(flags, message, tmp_path
     flags = [str(tmp_path / "held_out.txt") if f == "HELD_OUT" else f for f in flags]
     world = ["--videos_per_rank", "2"] if "--world" in flags else ["--tiny"]
     with pytest.raises(ValueError, match=message):
-        train.main(train.parse_config(world + ["--group_size", "2", "--output_dir", str(tmp_path / "run")] + flags))
+        train.main(config.parse_config(world + ["--group_size", "2", "--output_dir", str(tmp_path / "run")] + flags))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--beta_schedule", "adaptive", "--kl_mode", "none"], r"--beta_schedule adaptive has no effect with --kl_mode none"),
+    (["--kl_target", "0.01"], r"--kl_target 0.01 has no effect without --beta_schedule adaptive"),
+    (["--beta_schedule", "two_stage", "--beta_window", "3"], r"--beta_window 3 has no effect without --beta_schedule "
+                                                               r"adaptive"),
+    (["--beta_switch_step", "7"], r"--beta_switch_step 7 has no effect without --beta_schedule two_stage"),
+    (["--sde_window_start", "2"], r"--sde_window_start 2 has no effect without --sde_window K > 0"),
+    (["--sde_window", "2", "--sde_window_placement", "random", "--sde_window_start", "1"],
+     r"--sde_window_start 1 has no effect without --sde_window_placement fixed"),
+    (["--sde_window", "2", "--sde_window_shift_every", "3"], r"--sde_window_shift_every 3 has no effect without "
+                                                             r"--sde_window_placement moving"),
+    (["--eval_videos_per_prompt", "3"], r"--eval_videos_per_prompt 3 has no effect without --eval_every N > 0"),
+])
+def test_a_flag_that_would_have_no_effect_is_a_one_line_flag_error(flags, message):
+    """Such a flag used to be accepted and ignored (the log then showed β 0.1 with no KL term, or a window start
+    that no window used); it is refused before anything is imported or loaded (config.check_flags)."""
+    with pytest.raises(config.ConfigError, match=message):
+        config.check_flags(config.parse_config(["--tiny", "--num_steps", "4"] + flags), world_size=1)
+    assert config.check_flags(config.parse_config(["--tiny"]), world_size=1)  # the defaults pass

@@ -1,10 +1,12 @@
 """eval.py on random tiny models: a side-by-side table of deterministic ODE samples, and clear errors."""
 import json
 import os
+import re
 
 import pytest
 import torch
 
+import config
 import distributed
 import eval as evaluate
 import train
@@ -44,7 +46,7 @@ def eval_args(tiny, output_dir, checkpoints):
 def test_eval_writes_a_side_by_side_table_of_deterministic_scores(tiny, tmp_path):
     root, paths = tiny
     checkpoints = [str(root / "run" / "checkpoint-000007"), os.path.join(paths["model_path"], "transformer")]
-    results = evaluate.main(train.parse_config(eval_args(tiny, tmp_path, checkpoints), cls=evaluate.EvalConfig))
+    results = evaluate.main(config.parse_config(eval_args(tiny, tmp_path, checkpoints), cls=evaluate.EvalConfig))
 
     assert [r["name"] for r in results] == ["base", "checkpoint-000007", "hunyuan"]
     with open(tmp_path / "results.json") as f:
@@ -61,7 +63,7 @@ def test_eval_writes_a_side_by_side_table_of_deterministic_scores(tiny, tmp_path
     # ... and different weights give different ones
     assert [s["vq"] for s in trained["samples"]] != [s["vq"] for s in base["samples"]]
     table = (tmp_path / "results.md").read_text().splitlines()
-    assert "| model | VQ | MQ | TA | VideoAlign overall | CLIPScore | PickScore |" in table
+    assert "| model | evaluated | VQ | MQ | TA | VideoAlign overall | CLIPScore | PickScore |" in table
     assert sum(line.startswith("| checkpoint-000007 |") for line in table) == 1
 
 
@@ -72,7 +74,7 @@ def test_the_vae_tiling_flag_reaches_the_vae_that_decodes_the_samples(tiny, tmp_
         seen.append(vae.use_tiling)
         return decode(vae, latents)
     monkeypatch.setattr(model, "decode_latents", recording_decode)
-    evaluate.main(train.parse_config(eval_args(tiny, tmp_path, []) + ["--vae_tiling"], cls=evaluate.EvalConfig))
+    evaluate.main(config.parse_config(eval_args(tiny, tmp_path, []) + ["--vae_tiling"], cls=evaluate.EvalConfig))
     assert seen == [True]  # one batch of 2 prompts, one model
     with open(tmp_path / "results.json") as f:
         assert json.load(f)["config"]["vae_tiling"] is True
@@ -83,7 +85,7 @@ def test_eval_rejects_a_checkpoint_in_the_wrong_layout(tiny, tmp_path):
     (tmp_path / "not_a_checkpoint" / "weights.pt").write_bytes(b"")
     args = eval_args(tiny, tmp_path, [str(tmp_path / "not_a_checkpoint")])
     with pytest.raises(ValueError, match=r"expected a diffusers transformer directory .* found \['weights.pt'\]"):
-        evaluate.main(train.parse_config(args, cls=evaluate.EvalConfig))
+        evaluate.main(config.parse_config(args, cls=evaluate.EvalConfig))
     with pytest.raises(ValueError, match="no such directory"):
         evaluate.transformer_dir(str(tmp_path / "missing"))
 
@@ -111,7 +113,7 @@ def test_eval_uses_the_checkpoints_sampling_settings_and_every_size_flag_given(t
         return rollout(transformer, embeds, seeds, latent_shape, sigmas, **kwargs)
     monkeypatch.setattr(model, "rollout", recording)
     args = eval_args(tiny, tmp_path / "out", []) + ["--model_path", base, "--num_steps", "6", "--num_frames", "9"]
-    evaluate.main(train.parse_config(args, cls=evaluate.EvalConfig))
+    evaluate.main(config.parse_config(args, cls=evaluate.EvalConfig))
     sigmas, guidance_scale, latent_shape = calls[0]
     assert len(sigmas) == 7  # 6 steps, as asked (--tiny used to cap them at 4)
     expected = 3.0 * torch.linspace(1, 0, 7) / (1 + 2.0 * torch.linspace(1, 0, 7))  # shift 3, by hand
@@ -129,7 +131,7 @@ def test_eval_keeps_the_scores_of_models_already_evaluated_when_a_later_checkpoi
     (broken / "config.json").write_text((root / "run" / "checkpoint-000007" / "transformer" / "config.json").read_text())
     (broken / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(Exception):
-        evaluate.main(train.parse_config(eval_args(tiny, tmp_path / "out", [str(broken.parent)]), cls=evaluate.EvalConfig))
+        evaluate.main(config.parse_config(eval_args(tiny, tmp_path / "out", [str(broken.parent)]), cls=evaluate.EvalConfig))
     with open(tmp_path / "out" / "results.json") as f:
         models = json.load(f)["models"]
     assert [m["name"] for m in models] == ["base"] and len(models[0]["samples"]) == 2  # the base scores survive
@@ -141,7 +143,7 @@ def test_eval_keeps_the_scores_of_models_already_evaluated_when_a_later_checkpoi
                                                   ("--cfg_scale", "nan", r"--cfg_scale must be a finite number > 0")])
 def test_eval_refuses_counts_below_one_before_any_model(flag, value, message, tiny, tmp_path):
     with pytest.raises(ValueError, match=message):
-        evaluate.main(train.parse_config(eval_args(tiny, tmp_path, []) + [flag, value], cls=evaluate.EvalConfig))
+        evaluate.main(config.parse_config(eval_args(tiny, tmp_path, []) + [flag, value], cls=evaluate.EvalConfig))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,7 +176,7 @@ def test_eval_refuses_a_checkpoint_that_does_not_match_its_manifest_before_any_m
     args = eval_args(tiny, tmp_path / "out", [str(checkpoint)])
     with pytest.raises(evaluate.EvalError, match=r"1 checkpoint\(s\) do not match their manifest, nothing was "
                                                  r"evaluated: .*checkpoint-000008/transformer/" + reason):
-        evaluate.main(train.parse_config(args, cls=evaluate.EvalConfig))
+        evaluate.main(config.parse_config(args, cls=evaluate.EvalConfig))
     assert not (tmp_path / "out" / "results.json").exists()
 
 
@@ -183,7 +185,7 @@ def test_eval_skips_unfinished_checkpoint_writes_and_says_so(tiny, tmp_path, cap
     no_manifest = manifested_checkpoint(tiny, tmp_path / "run" / "checkpoint-000010")
     os.remove(no_manifest / "manifest.json")                                           # killed before its manifest
     sound = manifested_checkpoint(tiny, tmp_path / "run" / "checkpoint-000011")
-    results = evaluate.main(train.parse_config(eval_args(tiny, tmp_path / "out", [str(unfinished), str(no_manifest),
+    results = evaluate.main(config.parse_config(eval_args(tiny, tmp_path / "out", [str(unfinished), str(no_manifest),
                                                                                    str(sound)]), cls=evaluate.EvalConfig))
     out = capsys.readouterr().out
     assert f"eval: skipping {unfinished}: an unfinished checkpoint write (.tmp" in out
@@ -229,7 +231,7 @@ def test_eval_of_a_world_checkpoint_scores_with_the_worlds_reward(tmp_path):
                                                 rel=1e-6)
             assert all(torch.isfinite(torch.tensor(s[k])) for k in evaluate.WORLD_COLUMNS)
     assert [s["reward"] for s in base["samples"]] != [s["reward"] for s in trained["samples"]]
-    assert "| model | world reward | alignment |" in (tmp_path / "out" / "results.md").read_text()
+    assert "| model | evaluated | world reward | alignment |" in (tmp_path / "out" / "results.md").read_text()
 
 
 def test_a_second_evaluation_into_the_same_directory_is_refused(tiny, tmp_path):
@@ -237,6 +239,42 @@ def test_a_second_evaluation_into_the_same_directory_is_refused(tiny, tmp_path):
     held = distributed.lock_run_directory(str(tmp_path))
     try:
         with pytest.raises(distributed.DirectoryLocked, match=r"is in use by another evaluation"):
-            evaluate.main(train.parse_config(eval_args(tiny, tmp_path, []), cls=evaluate.EvalConfig))
+            evaluate.main(config.parse_config(eval_args(tiny, tmp_path, []), cls=evaluate.EvalConfig))
     finally:
         held.close()
+
+
+def test_a_second_evaluation_adds_its_rows_quietly_and_a_model_evaluated_again_gets_a_dated_row(tiny, tmp_path):
+    """eval.py into a directory with results: the earlier rows stay, the new ones are added (the base, scored first by
+    every evaluation, gets a second dated row and its own videos); other settings are refused before any model.
+    The first run, a subprocess, is also as quiet as train.py: no library progress bars or warnings."""
+    import subprocess
+    import sys
+    root, _ = tiny
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "eval.py"] + eval_args(tiny, out, []), cwd=repo, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for noise in ("Guiders are currently an experimental feature", "Loading", "it/s]"):
+        assert noise not in done.stdout + done.stderr, f"{noise!r} printed: {done.stderr[-2000:]}"
+    first = json.loads((out / "results.json").read_text())["models"]
+
+    results = evaluate.main(train.parse_config(eval_args(tiny, out, [str(root / "run" / "checkpoint-000007")]),
+                                               cls=evaluate.EvalConfig))
+    assert [r["name"] for r in results] == ["base", "base", "checkpoint-000007"]
+    assert results[0] == first[0]                                        # the earlier row, as it was
+    assert [s["vq"] for s in results[1]["samples"]] == [s["vq"] for s in first[0]["samples"]]  # ODE: same scores
+    assert results[1]["evaluated"] >= first[0]["evaluated"]
+    folders = [{os.path.dirname(s["video"]) for s in r["samples"]} for r in results]
+    assert folders == [{"videos/base"}, {"videos/base_2"}, {"videos/checkpoint-000007"}]
+    assert all(os.path.isfile(out / s["video"]) for r in results for s in r["samples"])
+    table = (out / "results.md").read_text().splitlines()
+    assert [line.split(" | ")[0] for line in table if line.startswith("| ") and "---" not in line][1:] == \
+        ["| base", "| base", "| checkpoint-000007"]
+
+    before = (out / "results.json").read_bytes()
+    with pytest.raises(ValueError, match=re.escape(f"{out / 'results.json'} holds the results of other settings "
+                                                   f"(num_steps is 2 there, 3 here)")):
+        evaluate.main(train.parse_config(eval_args(tiny, out, []) + ["--num_steps", "3"], cls=evaluate.EvalConfig))
+    assert (out / "results.json").read_bytes() == before

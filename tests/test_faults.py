@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import config
 import distributed
 import train
 
@@ -47,7 +48,7 @@ def tiny_args(tiny_models, output_dir, *flags, **overrides):
 
 
 def run(tiny_models, output_dir, *flags, **overrides):
-    return train.main(train.parse_config(tiny_args(tiny_models, output_dir, *flags, **overrides)))
+    return train.main(config.parse_config(tiny_args(tiny_models, output_dir, *flags, **overrides)))
 
 
 def numbered(output_dir):
@@ -236,7 +237,7 @@ def test_a_checkpoint_write_that_fails_removes_its_partial_files_and_names_the_i
 def test_a_bad_number_is_refused_before_any_model_is_loaded(flags, message, tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "setup", lambda *a, **k: pytest.fail("reached the process group"))
     with pytest.raises(ValueError, match=message):
-        train.main(train.parse_config(["--tiny", "--output_dir", str(tmp_path), "--group_size", "2"] + flags))
+        train.main(config.parse_config(["--tiny", "--output_dir", str(tmp_path), "--group_size", "2"] + flags))
 
 
 @pytest.mark.slow
@@ -246,10 +247,10 @@ def test_a_wrong_reward_path_and_an_unwritable_output_dir_are_refused_before_any
     args = ["--model_path", tiny_models[0], "--group_size", "2"]
     with pytest.raises(ValueError, match=r"--reward_path .* is not a VideoAlign \(VideoReward\) directory: "
                                                 r"expected model_config.json"):
-        train.main(train.parse_config(args + ["--reward_path", tiny_models[0], "--output_dir", str(tmp_path)]))
+        train.main(config.parse_config(args + ["--reward_path", tiny_models[0], "--output_dir", str(tmp_path)]))
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match=r"--output_dir .*a_file/run' is not writable"):
-        train.main(train.parse_config(args + ["--reward_path", tiny_models[1], "--output_dir", str(tmp_path / "a_file" / "run")]))
+        train.main(config.parse_config(args + ["--reward_path", tiny_models[1], "--output_dir", str(tmp_path / "a_file" / "run")]))
 
 
 @pytest.mark.parametrize("name, content, message", [
@@ -264,7 +265,7 @@ def test_prompt_file_errors_name_the_file_and_the_line(name, content, message, t
     else:
         (tmp_path / name).write_bytes(content)
     with pytest.raises(ValueError, match=message):
-        train.load_prompts(str(tmp_path / name))
+        config.load_prompts(str(tmp_path / name))
 
 
 @pytest.mark.slow
@@ -367,9 +368,12 @@ def test_a_hung_rank_fails_the_run_after_the_collective_timeout_with_a_clear_mes
 def test_a_second_run_into_a_directory_in_use_is_refused_naming_the_first(tiny_models, tmp_path):
     holder = distributed.lock_run_directory(str(tmp_path))             # a first run, alive, holds the directory
     try:
-        with pytest.raises(RuntimeError, match=rf"'{tmp_path}' is in use by another run \(pid {os.getpid()} on .*\): one "
-                                                 r"writer at a time"):
+        in_use = rf"'{tmp_path}' is in use by another run \(pid {os.getpid()} on .*\): one writer at a time"
+        with pytest.raises(config.ConfigError, match=in_use):        # before any model is loaded
             run(tiny_models, tmp_path)
+        # --resume names the lock too (before: "no complete checkpoint", which was true but not the cause)
+        with pytest.raises(config.ConfigError, match=in_use):
+            run(tiny_models, tmp_path, "--resume")
         assert numbered(tmp_path) == [] and not (tmp_path / "metrics.jsonl").exists()  # nothing written
     finally:
         holder.close()                                                 # the first run ends
@@ -401,6 +405,63 @@ def test_a_torn_last_metrics_line_never_stops_a_resume(tiny_models, tmp_path, ca
     run(tiny_models, tmp_path, "--resume", max_iterations=3, checkpoint_every=2)
     assert iterations_logged(tmp_path) == [1, 2, 3]
     assert "metrics.jsonl: dropped 1 unreadable line(s)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_row_torn_before_its_checkpoint_is_named_at_resume(tiny_models, tmp_path, capsys):
+    """Iteration 2's row is torn although checkpoint-000002 exists (the crash hit the row, then the disk kept the
+    checkpoint): the resume says which iteration's numbers are gone, instead of 'dropped 1 line'."""
+    run(tiny_models, tmp_path, max_iterations=2, checkpoint_every=2)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1][:17] + "\n")
+    capsys.readouterr()
+    run(tiny_models, tmp_path, "--resume", max_iterations=3, checkpoint_every=2)
+    assert iterations_logged(tmp_path) == [1, 3]
+    assert "metrics.jsonl: the row of iteration 2 is lost" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_accepted_config_changes_are_each_said_at_resume(tiny_models, tmp_path, capsys):
+    run(tiny_models, tmp_path, max_iterations=1, ema_decay=0.5)
+    capsys.readouterr()
+    run(tiny_models, tmp_path, "--resume", "--allow_config_change", max_iterations=2, lr=2e-3)  # --ema_decay dropped
+    out = capsys.readouterr().out
+    assert "resume: --allow_config_change accepts --lr 0.002 (checkpoint: 0.001)" in out
+    assert "resume: --allow_config_change accepts --ema_decay 0.0 (checkpoint: 0.5)" in out
+    assert "resume: --ema_decay dropped: the checkpoints written from now on hold no ema/" in out
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_the_iteration_and_exits_with_one_line(tiny_models, tmp_path):
+    """SIGINT (Ctrl-C) is handled as SIGTERM: the iteration in progress ends, a checkpoint is written, one line
+    says so, the exit status is 0; no KeyboardInterrupt traceback."""
+    command = [sys.executable, os.path.join(REPO, "train.py"),
+               *tiny_args(tiny_models, tmp_path, max_iterations=10000, checkpoint_every=10000)]
+    process = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)                                             # the first iteration has been logged
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 0, out[-3000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+    (checkpoint,) = numbered(tmp_path)
+    assert f"SIGINT: {tmp_path / checkpoint} written after iteration {int(checkpoint[-6:])}" in out
+    assert iterations_logged(tmp_path)[-1] == int(checkpoint[-6:])
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    import run_directory
+    before = signal.getsignal(signal.SIGINT)
+    with run_directory.StopRequest() as stop_request:
+        os.kill(os.getpid(), signal.SIGINT)                            # the first: a request, no exception
+        assert stop_request.signal == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)                        # the second: at once
+    assert signal.getsignal(signal.SIGINT) is before                    # the previous handler is back
 
 
 @pytest.mark.slow
@@ -465,7 +526,7 @@ def test_a_resume_that_cannot_continue_the_run_is_refused_before_any_model(setup
     monkeypatch.setattr(distributed, "setup", lambda *a, **k: pytest.fail("reached the process group"))
     fake_checkpoint(tmp_path, **setup)
     with pytest.raises(ValueError, match=message):
-        train.main(train.parse_config(["--tiny", "--output_dir", str(tmp_path), "--group_size", "2", "--resume"] + flags))
+        train.main(config.parse_config(["--tiny", "--output_dir", str(tmp_path), "--group_size", "2", "--resume"] + flags))
 
 
 @pytest.mark.slow
@@ -490,25 +551,25 @@ def test_the_smallest_eta_allowed_is_the_stated_bound_on_the_step_std(tiny_model
     # sage's last step, 0.833 -> 0: std = η·sqrt(−ln(1 − 0.833) − 0.833), by hand
     per_eta = math.sqrt(-math.log(1 - 5 * 0.5 / (1 + 4 * 0.5)) - 5 * 0.5 / (1 + 4 * 0.5))
     assert sde.step_std("sage", sigmas[1], sigmas[2], 1.0).item() == pytest.approx(per_eta, rel=1e-12)
-    bound = train.MIN_STEP_STD / per_eta
-    train.check_schedule(train.Config(kernel="sage", num_steps=2, shift=5.0, eta=bound * 1.001))
+    bound = config.MIN_STEP_STD / per_eta
+    config.check_step_stds(config.Config(kernel="sage", num_steps=2, shift=5.0, eta=bound * 1.001))
     with pytest.raises(ValueError, match=r"below 0.0001"):
-        train.check_schedule(train.Config(kernel="sage", num_steps=2, shift=5.0, eta=bound * 0.999))
+        config.check_step_stds(config.Config(kernel="sage", num_steps=2, shift=5.0, eta=bound * 0.999))
 
 
 def test_world_prompts_are_the_worlds_own_and_any_other_file_is_an_error_not_replaced(tmp_path, monkeypatch):
     from world import video_world
     monkeypatch.setattr(distributed, "setup", lambda *a, **k: pytest.fail("reached the process group"))
-    cfg, prompts = train.check_config(train.Config(world=True, group_size=2, output_dir=str(tmp_path / "a")), 1)
+    cfg, prompts = config.check_config(config.Config(world=True, group_size=2, output_dir=str(tmp_path / "a")), 1)
     assert cfg.prompts == video_world.PROMPTS_FILE and prompts == list(video_world.WORLD_PROMPTS)
     for given, first in (("prompts/example.txt", None), (str(tmp_path / "mine.txt"), "A red square moving right.")):
         if first:
             (tmp_path / "mine.txt").write_text(first + "\n")
         with pytest.raises(ValueError, match=r"--world: prompt file .* holds \d+ prompt\(s\) the world's reward does not "
                                              r"know, the first .*; expected only prompts of prompts/video_world.txt"):
-            train.check_config(train.Config(world=True, group_size=2, prompts=given, output_dir=str(tmp_path / "b")), 1)
+            config.check_config(config.Config(world=True, group_size=2, prompts=given, output_dir=str(tmp_path / "b")), 1)
     (tmp_path / "two.txt").write_text(f"{video_world.WORLD_PROMPTS[3]}\n{video_world.WORLD_PROMPTS[1]}\n")
-    _, prompts = train.check_config(train.Config(world=True, group_size=2, prompts=str(tmp_path / "two.txt"),
+    _, prompts = config.check_config(config.Config(world=True, group_size=2, prompts=str(tmp_path / "two.txt"),
                                                  output_dir=str(tmp_path / "c")), 1)
     assert prompts == [video_world.WORLD_PROMPTS[3], video_world.WORLD_PROMPTS[1]]
 
@@ -516,4 +577,4 @@ def test_world_prompts_are_the_worlds_own_and_any_other_file_is_an_error_not_rep
 @pytest.mark.parametrize("name, content", [("p.txt", "\ufeffa cat\na dog\n"), ("p.csv", "\ufeffprompt,seed\na cat,1\na dog,2\n")])
 def test_a_byte_order_mark_is_not_part_of_the_first_prompt_or_column(name, content, tmp_path):
     (tmp_path / name).write_text(content, encoding="utf-8")
-    assert train.load_prompts(str(tmp_path / name)) == ["a cat", "a dog"]
+    assert config.load_prompts(str(tmp_path / name)) == ["a cat", "a dog"]

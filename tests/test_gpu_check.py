@@ -35,9 +35,9 @@ def finite_positive(value):
 
 
 def test_tiny_run_measures_every_section_with_finite_positive_figures(tmp_path):
-    out = tmp_path / "report.json"
+    out = tmp_path / "report" / "gpu_check.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, SCRIPT, "--tiny", "--out", str(out)], cwd=tmp_path, env=env,
+    done = subprocess.run([sys.executable, SCRIPT, "--tiny", "--output_dir", str(out.parent)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     report = json.loads(out.read_text())
@@ -77,8 +77,8 @@ def test_a_section_that_raises_is_recorded_and_the_next_one_still_runs(tmp_path,
         raise RuntimeError("CUDA out of memory.\nTried to allocate 20.00 GiB")
 
     monkeypatch.setitem(gpu_check.CHECKS, "forward", broken)
-    out = tmp_path / "report.json"
-    assert gpu_check.main(["--tiny", "--sections", "forward", "muon", "--out", str(out)]) == 1
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--tiny", "--sections", "forward", "muon", "--output_dir", str(tmp_path)]) == 1
     sections = json.loads(out.read_text())["sections"]
     assert sections["forward"]["status"] == "error"
     assert sections["forward"]["error"] == "RuntimeError: CUDA out of memory. Tried to allocate 20.00 GiB"  # one line
@@ -87,8 +87,8 @@ def test_a_section_that_raises_is_recorded_and_the_next_one_still_runs(tmp_path,
 
 def test_past_the_budget_the_remaining_sections_are_skipped(tmp_path):
     gpu_check = load_gpu_check()
-    out = tmp_path / "report.json"
-    assert gpu_check.main(["--tiny", "--budget_s", "0", "--sections", "forward", "muon", "--out", str(out)]) == 1
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--tiny", "--budget_s", "0", "--sections", "forward", "muon", "--output_dir", str(tmp_path)]) == 1
     sections = json.loads(out.read_text())["sections"]
     assert [s["status"] for s in sections.values()] == ["skipped", "skipped"]
 
@@ -97,7 +97,7 @@ def test_without_a_gpu_the_full_check_refuses_and_names_tiny(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     gpu_check = load_gpu_check()
-    assert gpu_check.main(["--out", str(tmp_path / "report.json")]) == 2
+    assert gpu_check.main(["--output_dir", str(tmp_path)]) == 2
     assert "--tiny" in capsys.readouterr().err
 
 
@@ -110,3 +110,13 @@ def test_newton_schulz_flops_are_what_torch_counts(shape):
     with counter:
         optimizer.newton_schulz(torch.randn(shape), defaults["ns_coefficients"], defaults["ns_steps"], defaults["eps"])
     assert counter.get_total_flops() == gpu_check.newton_schulz_flops(shape, defaults["ns_steps"])
+
+
+def test_the_report_goes_under_runs_which_git_ignores_not_into_the_repository_root(tmp_path, monkeypatch):
+    gpu_check = load_gpu_check()
+    monkeypatch.chdir(tmp_path)                                       # run from a checkout's root, no flags
+    assert gpu_check.main(["--tiny", "--budget_s", "0", "--sections", "muon"]) == 1   # skipped: no section runs
+    assert os.listdir(tmp_path) == ["runs"]
+    assert json.loads((tmp_path / "runs" / "gpu_check" / "gpu_check.json").read_text())["sections"]["muon"]["status"] == "skipped"
+    ignored = subprocess.run(["git", "check-ignore", "-q", os.path.join("runs", "gpu_check", "gpu_check.json")], cwd=REPO)
+    assert ignored.returncode == 0, "the default report path is not ignored by the repository's .gitignore"

@@ -20,6 +20,7 @@ from huggingface_hub import constants, scan_cache_dir, try_to_load_from_cache
 from huggingface_hub.file_download import repo_folder_name
 
 import eval as evaluate
+import config
 import hub
 import model
 import reward
@@ -131,7 +132,7 @@ def test_a_hub_id_resolves_to_its_cached_snapshot_and_loads_with_load_hunyuan(of
 
 
 def test_train_config_check_resolves_hub_ids_and_the_reward_finds_its_base_model_by_id(offline_cache, tmp_path):
-    cfg, _ = train.check_config(train.parse_config(["--model_path", HUNYUAN_ID, "--reward_path", REWARD_ID,
+    cfg, _ = config.check_config(config.parse_config(["--model_path", HUNYUAN_ID, "--reward_path", REWARD_ID,
                                                     "--output_dir", str(tmp_path), "--group_size", "2"]), world_size=1)
     # what the layout checks, the loaders and the saved config see: the snapshot directories
     assert cfg.model_path == snapshot(offline_cache, HUNYUAN_ID, COMMIT_A)
@@ -176,9 +177,9 @@ def test_an_id_missing_from_the_cache_is_an_error_naming_it_and_the_download_com
 
 def test_train_and_eval_report_a_missing_id_before_loading_anything(offline_cache, tmp_path, monkeypatch):
     monkeypatch.setattr(model, "load_hunyuan", lambda *a, **k: pytest.fail("loaded a model"))
-    with pytest.raises(train.ConfigError, match=r"--reward_path 'test-org/not-downloaded' is not a local directory.*"
+    with pytest.raises(config.ConfigError, match=r"--reward_path 'test-org/not-downloaded' is not a local directory.*"
                                                 r"`hf download test-org/not-downloaded`"):
-        train.check_config(train.parse_config(["--model_path", HUNYUAN_ID, "--reward_path", "test-org/not-downloaded",
+        config.check_config(config.parse_config(["--model_path", HUNYUAN_ID, "--reward_path", "test-org/not-downloaded",
                                                "--output_dir", str(tmp_path), "--group_size", "2"]), world_size=1)
     (tmp_path / "p.txt").write_text("a cat\n")
     cfg = evaluate.EvalConfig(model_path=HUNYUAN_ID, reward_path=REWARD_ID, clip_path="test-org/not-downloaded",

@@ -11,7 +11,9 @@ MATHS = ("sde", "equalizer", "grpo", "trust_region")
 # The product: what `train.py` / `eval.py` run on the real model. None of it may import the toy or the world
 # (train.py and eval.py import the world only for --world; the 2-D toy imports only the maths).
 PRODUCT = MATHS + ("model", "reward", "videoalign_checkpoint", "tiny", "hub", "distributed", "parallel", "optimizer", "plan",
-                   "tracking", "self_check")
+                   "tracking", "self_check", "run_directory", "meters")
+# The entry points and their configuration may import the world, for --world only (lazily, where the flag is read).
+ENTRY = ("train", "eval", "config")
 
 
 def module_names():
@@ -44,6 +46,10 @@ def test_the_product_never_imports_the_toy_or_the_world_and_the_maths_import_onl
     edges = graph()
     for name in PRODUCT:
         assert not [m for m in edges[name] if m.startswith(("toy.", "world."))], (name, edges[name])
+    for name in ENTRY:  # the world for --world, never the 2-D toy
+        assert not [m for m in edges[name] if m.startswith("toy.")], (name, edges[name])
+    top_level = {m for m in edges if "." not in m}
+    assert top_level <= set(PRODUCT) | set(ENTRY), f"classify a new file as product or entry: {top_level - set(PRODUCT) - set(ENTRY)}"
     for name in (m for m in edges if m.startswith("toy.")):  # the 2-D toy: the maths and itself, nothing else
         assert set(edges[name]) <= set(MATHS) | {m for m in edges if m.startswith("toy.")}, (name, edges[name])
     for name in MATHS:
@@ -65,3 +71,14 @@ def test_the_import_graph_has_no_cycle():
         state[node] = "done"
     for node in edges:
         visit(node, [])
+
+
+def test_requirements_say_what_the_readme_says_about_the_torch_build():
+    """requirements.txt's comment on torch is the README's: PyPI's CUDA build on a GPU node, the CPU build of the same
+    version first on a CPU-only machine; no local wheel a user does not have."""
+    lines = open(os.path.join(REPO, "requirements.txt")).read().splitlines()
+    pin = next(i for i, line in enumerate(lines) if line.startswith("torch=="))
+    comment = " ".join(line.lstrip("# ") for line in lines[:pin] if line.startswith("#"))
+    assert f"`{lines[pin]}`" in open(os.path.join(REPO, "README.md")).read()
+    assert "PyPI's CUDA build" in comment and "CPU build of the same version first" in " ".join(comment.split())
+    assert "local wheel" not in comment, comment

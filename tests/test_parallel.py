@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import config
 import distributed
 import parallel
 from test_train import REPO, WEIGHTS, metrics, optimizer_state, relative_error, run, tiny_args, tiny_models  # noqa: F401
@@ -114,7 +115,7 @@ def test_every_video_of_a_group_is_scored_by_exactly_one_of_its_ranks():
             for sp_rank in range(sp):
                 layout = object.__new__(parallel.SequenceParallel)
                 layout.sp_rank, layout.sp_size = sp_rank, sp
-                rows += layout.own_rows(batch)
+                rows += layout.scored_rows(batch)
             assert sorted(rows) == list(range(batch))
 
 
@@ -180,9 +181,9 @@ def test_an_sp2_run_resumed_from_its_first_checkpoint_continues_bit_identically(
 
 def test_an_sp_size_that_does_not_divide_the_world_or_the_heads_is_refused(tiny_models, tmp_path):  # noqa: F811
     import train
-    cfg = train.parse_config(tiny_args(tiny_models, tmp_path, sp_size=3))
-    with pytest.raises(train.ConfigError, match="--sp_size must be a divisor of the world size 2, got 3"):
-        train.check_config(cfg, world_size=2)
+    cfg = config.parse_config(tiny_args(tiny_models, tmp_path, sp_size=3))
+    with pytest.raises(config.ConfigError, match="--sp_size must be a divisor of the world size 2, got 3"):
+        config.check_config(cfg, world_size=2)
     layout = object.__new__(parallel.SequenceParallel)
     layout.sp_size = 4
 

@@ -585,3 +585,120 @@ def test_component_weights_go_to_the_reward_that_owns_the_component(monkeypatch)
         "videoalign": ["ta=2"], "square": ["edge=0"]}
     with pytest.raises(ValueError, match=r"'ta=2': expected name=value with name a component of clipscore: \[\]"):
         reward.split_component_weights(["ta=2"], ("clipscore",))
+
+
+# ------------------------------------------------------------------------------------------------
+# Long prompts: every reward reads a prompt as far as its own text model does, and no further.
+
+LONG_PROMPT = ("a red fox runs  through deep snow, é, then\nstops. " * 2000)[:100_000]  # 100k characters
+
+
+def median_seconds(call, repeats=5):
+    import statistics
+    import time
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times)
+
+
+def videoalign_limit_from_files(path):
+    """min(tokenizer_config's model_max_length, config's max_position_embeddings), read from the checkpoint's base."""
+    base = os.path.join(path, tiny.TINY_BASE_DIR)
+    tokenizer_config = json.load(open(os.path.join(base, "tokenizer_config.json")))
+    config = json.load(open(os.path.join(base, "config.json")))
+    positions = config.get("text_config", config)["max_position_embeddings"]
+    return min(tokenizer_config.get("model_max_length", positions), positions)
+
+
+def kept_prompt(model, input_ids):
+    """The prompt text inside the token sequence the model read: between the template's 'Textual prompt - ' and
+    the line after it."""
+    text = model.tokenizer.decode(input_ids[input_ids != model.pad_token_id])
+    return text.split("Textual prompt - ", 1)[1].split("\nPlease provide the ratings of Text Alignment", 1)[0]
+
+
+@pytest.mark.parametrize("model_max_length", [None, 1200])
+def test_a_long_prompt_is_cut_at_the_videoalign_models_own_limit(checkpoints, tmp_path, model_max_length):
+    path = checkpoints["full"]
+    if model_max_length is not None:  # the tokenizer's stated limit is the one obeyed, whatever it is
+        path = shutil.copytree(path, tmp_path / "copy")
+        config_path = os.path.join(path, tiny.TINY_BASE_DIR, "tokenizer_config.json")
+        tokenizer_config = json.load(open(config_path))
+        tokenizer_config["model_max_length"] = model_max_length
+        json.dump(tokenizer_config, open(config_path, "w"))
+    limit = videoalign_limit_from_files(path)
+    model = reward.VideoAlignReward.from_pretrained(path)
+    video = videos()[0]
+    inputs = model.build_inputs([video, video], [LONG_PROMPT, PROMPTS[0]])
+    length = int(inputs["attention_mask"][0].sum())
+    # at the limit: the prompt's first and last tokens may merge with the template's, so up to 2 fewer
+    assert limit - 2 <= length <= limit, f"expected a sequence of {limit - 2}..{limit} tokens, found {length}"
+    kept = kept_prompt(model, inputs["input_ids"][0])
+    assert LONG_PROMPT.startswith(kept) and len(kept) > 100, f"not a prefix of the prompt: {kept[:80]!r}"
+    # the short prompt beside it is read whole, as the tokenizer alone gives it
+    assert inputs["input_ids"][1, :int(inputs["attention_mask"][1].sum())].tolist() == model.tokenizer(
+        model.prompt_text(PROMPTS[0], int(inputs["video_grid_thw"][1].prod()) // 4), add_special_tokens=False)["input_ids"]
+    # scoring the long prompt is scoring the part of it that was kept
+    torch.testing.assert_close(model([video], [LONG_PROMPT])["reward"], model([video], [kept])["reward"])
+
+
+def test_a_long_prompt_costs_videoalign_and_clip_a_few_times_a_normal_one(models, clip_path):
+    """Bound: the tiny VideoAlign reads at most 2048 tokens where a normal prompt makes ~920, so a cost between linear
+    and quadratic in the length is 2.2x to 4.9x (measured 2.8x; 1,400x before the cut: 26.8 s); CLIP reads at most
+    77 tokens where the normal prompt makes 29, beside the same frames (measured 1.2x; 9x before the window)."""
+    video = [videos()[0]]
+    clip = reward.ClipScore.from_pretrained(clip_path)
+    for name, score, bound in (("VideoAlign", models["full"], 6.0), ("CLIPScore", clip, 5.0)):
+        score(video, [LONG_PROMPT])  # warm-up
+        normal = median_seconds(lambda: score(video, [PROMPTS[0]]))
+        long = median_seconds(lambda: score(video, [LONG_PROMPT]))
+        assert long / normal < bound, f"{name}: a 100k-character prompt took {long / normal:.1f}x a normal one's " \
+                                      f"time ({long:.3f} s vs {normal:.3f} s), expected < {bound}x"
+
+
+def test_clip_reads_a_long_prompt_as_its_tokenizer_truncates_it_at_its_context(clip_path, monkeypatch):
+    from transformers import AutoTokenizer
+    context = json.load(open(os.path.join(clip_path, "config.json")))["text_config"]["max_position_embeddings"]
+    expected = AutoTokenizer.from_pretrained(clip_path)([LONG_PROMPT, PROMPTS[1]], truncation=True, max_length=context,
+                                                        padding=True)["input_ids"]
+    clip = reward.ClipScore.from_pretrained(clip_path)
+    seen = []
+    features = clip.model.get_text_features
+    monkeypatch.setattr(clip.model, "get_text_features", lambda **text: seen.append(text["input_ids"]) or features(**text))
+    clip(videos()[:2], [LONG_PROMPT, PROMPTS[1]])
+    assert seen[0].tolist() == expected and len(expected[0]) == context
+
+
+def test_prompt_cuts_name_each_prompt_a_reward_will_cut_with_its_length_and_limit(checkpoints, clip_path):
+    from transformers import AutoTokenizer
+    mix = reward.load_training_rewards({"videoalign": 1.0, "clipscore": 0.0},
+                                       {"videoalign": checkpoints["full"], "clipscore": clip_path})
+    video = videos()[0]
+    num_frames, _, height, width = video.shape
+    prompts = [PROMPTS[0], LONG_PROMPT, "a fox " * 40]  # the third: over CLIP's 75 tokens only
+    cuts = reward.prompt_cuts(mix, prompts, num_frames, height, width)
+    assert [(c.reward, c.index) for c in cuts] == [("videoalign", 1), ("clipscore", 1), ("clipscore", 2)]
+    base = AutoTokenizer.from_pretrained(os.path.join(checkpoints["full"], tiny.TINY_BASE_DIR))
+    assert cuts[0].tokens == len(base(LONG_PROMPT, add_special_tokens=False)["input_ids"])
+    assert cuts[0].model_limit == videoalign_limit_from_files(checkpoints["full"])
+    # VideoAlign's limit is what the forward keeps of the prompt, beside a video of that size (±2 merged tokens)
+    videoalign = mix.rewards["videoalign"]
+    kept = kept_prompt(videoalign, videoalign.build_inputs([video], [LONG_PROMPT])["input_ids"][0])
+    assert abs(len(base(kept, add_special_tokens=False)["input_ids"]) - cuts[0].limit) <= 2
+    context = json.load(open(os.path.join(clip_path, "config.json")))["text_config"]["max_position_embeddings"]
+    clip_tokenizer = AutoTokenizer.from_pretrained(clip_path)
+    assert [(c.tokens, c.limit, c.model_limit) for c in cuts[1:]] == [
+        (len(clip_tokenizer(p, add_special_tokens=False)["input_ids"]), context - 2, context) for p in prompts[1:]]
+    assert str(cuts[1]) == (f"clipscore: prompt 1 has {cuts[1].tokens} tokens, more than the {context - 2} it reads "
+                            f"(the model reads {context} tokens in all): scored on its first {context - 2} tokens")
+    assert reward.prompt_cuts(mix, PROMPTS, num_frames, height, width) == []
+
+
+def test_the_video_token_count_is_the_one_the_inputs_hold(models):
+    model = models["full"]
+    for video in videos():
+        grid = model.preprocess(video)[1]
+        assert model.num_video_tokens(*video.shape[:1], *video.shape[2:]) == int(grid.prod()) // model.merge_size ** 2

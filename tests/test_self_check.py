@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+import config
 import model
 import reward
 import self_check
@@ -89,7 +90,7 @@ def test_a_recompute_that_differs_from_the_rollout_fails_the_ratio_line(bug, tin
     broken = (another_recompute(guidance_scale=lambda s: s + 1.0) if bug == "cfg_scale_at_update"
               else another_recompute(eta=0.6))
     monkeypatch.setattr(train, "recompute_log_prob", broken)
-    assert train.main(train.parse_config(flags(tiny_models, tmp_path))) == 1
+    assert train.main(config.parse_config(flags(tiny_models, tmp_path))) == 1
     found, steps = statuses(tmp_path)
     assert status_of(found, "on-policy ratio") == "FAIL"
 
@@ -99,7 +100,7 @@ def test_a_reward_that_scores_a_failed_video_fails_the_reward_line(tiny_models, 
     real = reward.RewardMix.__call__
     monkeypatch.setattr(reward.RewardMix, "__call__",
                         lambda self, *a: {k: v.nan_to_num(0.0) for k, v in real(self, *a).items()})  # NaN -> 0
-    assert train.main(train.parse_config(flags(tiny_models, tmp_path))) == 1
+    assert train.main(config.parse_config(flags(tiny_models, tmp_path))) == 1
     found, _ = statuses(tmp_path)
     assert status_of(found, "reward:") == "FAIL" and status_of(found, "on-policy ratio") == "PASS"
 
@@ -115,7 +116,7 @@ def test_a_reward_normalised_over_its_batch_fails_the_reward_line(tiny_models, t
         good = torch.isfinite(scores["reward"])
         return {**scores, "reward": scores["reward"] - scores["reward"][good].mean()}
     monkeypatch.setattr(reward.RewardMix, "__call__", centred)
-    assert train.main(train.parse_config(flags(tiny_models, tmp_path))) == 1
+    assert train.main(config.parse_config(flags(tiny_models, tmp_path))) == 1
     found, _ = statuses(tmp_path)
     assert status_of(found, "reward:") == "FAIL" and status_of(found, "on-policy ratio") == "PASS"
     assert "others moved 7.1e-01 × std" in open(os.path.join(tmp_path, "self_check.md")).read()
@@ -133,7 +134,7 @@ def test_a_cfg_batch_that_mixes_up_the_branches_fails_the_cfg_line(tiny_models, 
         uncond = (guided - guidance_scale * cond) / (1 - guidance_scale)  # from v_b = v_u + s·(v_c − v_u)
         return cond + guidance_scale * (uncond - cond)
     monkeypatch.setattr(model, "cfg_velocity", swapped)
-    assert train.main(train.parse_config(flags(tiny_models, tmp_path))) == 1
+    assert train.main(config.parse_config(flags(tiny_models, tmp_path))) == 1
     found, _ = statuses(tmp_path)
     assert status_of(found, "batched CFG") == "FAIL"
     assert status_of(found, "on-policy ratio") == "PASS"  # rollout and update share the bug: the ratio cannot see it
@@ -143,7 +144,7 @@ def test_a_cfg_batch_that_mixes_up_the_branches_fails_the_cfg_line(tiny_models, 
 def test_with_the_mp4_reward_input_a_failed_video_is_scored_nan_not_a_crash(tiny_models, tmp_path):
     """The REWARD call the loop makes (train.score_videos), with the official mp4 input: a non-finite video is
     not encoded (the encoder refuses it) but left non-finite, so the reward scores it NaN and it is excluded."""
-    status = train.main(train.parse_config(flags(tiny_models, tmp_path, "--reward_input", "mp4")))
+    status = train.main(config.parse_config(flags(tiny_models, tmp_path, "--reward_input", "mp4")))
     assert status == 0, open(os.path.join(tmp_path, "self_check.md")).read()  # the table names the failing line
     found, _ = statuses(tmp_path)
     assert status_of(found, "reward:") == "PASS"

@@ -18,6 +18,8 @@ import time
 import numpy as np
 import pytest
 
+import run_directory
+import config
 import distributed
 import tracking
 import train
@@ -121,7 +123,7 @@ def test_a_resumed_run_shows_each_iteration_once_with_the_values_of_metrics_json
 
 
 def write_grey_mp4(path, num_frames=17):
-    """An mp4 sample (H.264, yuv420p, as train.save_video writes), 16x16; frame i all grey 15·i."""
+    """An mp4 sample (H.264, yuv420p, as run_directory.save_video writes), 16x16; frame i all grey 15·i."""
     import av
     with av.open(path, "w") as container:
         stream = container.add_stream("libx264", rate=24)
@@ -293,6 +295,6 @@ def test_an_unknown_or_missing_tracker_is_refused_before_any_model_is_loaded(rep
     if hidden:  # hide the package whether or not it is installed: `import wandb` then raises ImportError
         monkeypatch.setitem(sys.modules, hidden, None)
     monkeypatch.setattr(distributed, "setup", lambda *a, **k: pytest.fail("reached the process group"))
-    with pytest.raises(train.ConfigError, match=message):
-        train.main(train.parse_config(["--tiny", "--group_size", "2", "--output_dir", str(tmp_path),
+    with pytest.raises(config.ConfigError, match=message):
+        train.main(config.parse_config(["--tiny", "--group_size", "2", "--output_dir", str(tmp_path),
                                        "--report_to", report_to]))

@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+import run_directory
+import config
 import distributed
 import grpo
 import train
@@ -45,7 +47,7 @@ def tiny_args(tiny_models, output_dir, train_glyph_projector=False, **overrides)
 
 
 def run(tiny_models, output_dir, *flags, **overrides):
-    train.main(train.parse_config(tiny_args(tiny_models, output_dir, **overrides) + list(flags)))
+    train.main(config.parse_config(tiny_args(tiny_models, output_dir, **overrides) + list(flags)))
 
 
 def torchrun(nproc, tiny_models, output_dir, *flags, **overrides):
@@ -56,9 +58,10 @@ def torchrun(nproc, tiny_models, output_dir, *flags, **overrides):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
 
-def metrics(output_dir):
+def metrics(output_dir, eval_rows=False):
+    """The rows of the iterations; with eval_rows, --eval_every's iteration-0 row (the pretrained policy's) too."""
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [row for row in map(json.loads, f) if eval_rows or "reward_mean" in row]
 
 
 def optimizer_state(checkpoint, tmp_path):
@@ -106,17 +109,17 @@ OFFICIAL_DEFAULTS = {"num_steps": 20, "eta": 0.5, "kernel": "sage", "group_size"
 
 
 def test_config_defaults_are_the_official_recipes_values():
-    defaults = train.parse_config([])  # what a user gets with no flags, through the real parser
+    defaults = config.parse_config([])  # what a user gets with no flags, through the real parser
     assert {name: getattr(defaults, name) for name in OFFICIAL_DEFAULTS} == OFFICIAL_DEFAULTS
     # videos per rank: the official batch_size 2 on its 8 ranks; on fewer ranks the fewest that fill whole groups
-    assert [train.default_videos_per_rank(4, ranks) for ranks in (8, 4, 2, 1)] == [2, 2, 2, 4]
-    assert train.default_videos_per_rank(8, 1) == 8 and train.default_videos_per_rank(4, 3) == 4
+    assert [config.default_videos_per_rank(4, ranks) for ranks in (8, 4, 2, 1)] == [2, 2, 2, 4]
+    assert config.default_videos_per_rank(8, 1) == 8 and config.default_videos_per_rank(4, 3) == 4
 
 
 @pytest.mark.slow
 def test_the_tiny_defaults_run_on_one_process(tmp_path):
     """`python train.py --tiny --num_steps 2 --max_iterations 1 --output_dir X`: no other flag needed on one process."""
-    train.main(train.parse_config(["--tiny", "--num_steps", "2", "--max_iterations", "1", "--output_dir", str(tmp_path)]))
+    train.main(config.parse_config(["--tiny", "--num_steps", "2", "--max_iterations", "1", "--output_dir", str(tmp_path)]))
     (row,) = metrics(tmp_path)
     assert row["update_step"] == 1 and json.load(open(tmp_path / "checkpoint-000001" / "trainer_state.json"))[
         "config"]["videos_per_rank"] == 4   # one group of the default 4
@@ -128,23 +131,26 @@ def test_training_curves_are_drawn_from_the_metrics(tmp_path):
             {"iteration": 3, "reward_mean": 0.2, "grad_norm": float("nan")},
             {"iteration": 2, "reward_mean": 0.4, "grad_norm": 2.0},  # iteration 2 again, after a resume: it wins
             {"iteration": 4, "reward_mean": 0.9, "vq": 0.7, "mq": "n/a", "reward_components": ["vq", "mq"],
-             "eval/reward": 0.6, "eval/after_iterations": 3}]  # the held-out eval of the policy after 3 iterations
+             "eval/reward": 0.6},  # the held-out eval of the policy after 4 iterations
+            {"iteration": 0, "eval/reward": 0.5}]  # --eval_every's row of the pretrained policy
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    drawn = train.plot_metrics(str(tmp_path / "metrics.jsonl"), str(tmp_path / "curves.png"))
+    drawn = run_directory.plot_metrics(str(tmp_path / "metrics.jsonl"), str(tmp_path / "curves.png"))
     assert drawn[("reward", "reward_mean")] == ([1, 2, 3, 4], [0.1, 0.4, 0.2, 0.9])
     xs, ys = drawn[("gradient norm", "grad_norm")]  # a NaN is drawn as a gap, a missing value is skipped
     assert xs == [1, 2, 3] and ys[:2] == [3.0, 2.0] and ys[2] != ys[2]
     assert drawn[("reward", "vq")] == ([1, 4], [0.3, 0.7])  # the components the rows name, where numeric
     assert ("reward", "mq") not in drawn and ("KL terms", "kl_step") not in drawn  # nothing numeric to draw
-    assert drawn[("held-out eval (ODE, fixed seeds; --eval_every)", "eval/reward")] == ([3], [0.6])
+    assert drawn[("held-out eval (ODE, fixed seeds; --eval_every)", "eval/reward")] == ([0, 4], [0.5, 0.6])
+    # three panels have data (reward, gradient norm, held-out eval): one row of three, no empty axes
+    assert {title for title, _ in drawn} == {"reward", "gradient norm", "held-out eval (ODE, fixed seeds; --eval_every)"}
     image = Image.open(tmp_path / "curves.png")
-    assert image.size == (13 * 80, 13 * 80)
+    assert image.size == (13 * 80, 3.25 * 80)
     assert len(image.convert("L").getcolors(maxcolors=10 ** 6)) > 10  # drawn, not blank
 
 
 @pytest.mark.slow
 def test_a_run_draws_its_curves_from_its_own_metrics(two_rank_run):
-    drawn = train.plot_metrics(str(two_rank_run / "metrics.jsonl"), str(two_rank_run / "curves_again.png"))
+    drawn = run_directory.plot_metrics(str(two_rank_run / "metrics.jsonl"), str(two_rank_run / "curves_again.png"))
     rewards = [r["reward_mean"] for r in metrics(two_rank_run)]
     assert drawn[("reward", "reward_mean")] == ([1, 2], rewards)
     os.remove(two_rank_run / "curves_again.png")
@@ -170,7 +176,7 @@ def test_torchrun_two_ranks_trains_and_writes_a_checkpoint_that_eval_scores(two_
     assert all(torch.isfinite(p).all() for p in transformer.parameters())
     assert os.listdir(os.path.join(two_rank_run, "samples"))
     prompts = _write(tmp_path / "prompts.txt", "a dog runs on a beach\na kite in the wind\n")
-    results = evaluate.main(train.parse_config(
+    results = evaluate.main(config.parse_config(
         ["--tiny", "--model_path", tiny_models[0], "--reward_path", tiny_models[1], "--checkpoints", checkpoint,
          "--prompts", prompts, "--output_dir", str(tmp_path / "eval"), "--num_steps", "2"], cls=evaluate.EvalConfig))
     assert [r["name"] for r in results] == ["base", "checkpoint-000002", "checkpoint-000002-ema"]  # and its EMA
@@ -182,8 +188,8 @@ def test_torchrun_two_ranks_trains_and_writes_a_checkpoint_that_eval_scores(two_
 def test_the_held_out_eval_of_a_two_rank_run_scores_the_weights_it_had_like_a_single_process(two_rank_run,
                                                                                               tiny_models):
     """Each row's eval/ numbers are the policy's ODE samples of the held-out prompts from the fixed seeds, scored by
-    VideoAlign: recomputed here in one process from the weights on disk (the tiny model before iteration 1, the
-    iteration-1 checkpoint before iteration 2), with model.rollout and the reward model directly."""
+    VideoAlign: recomputed here in one process from the weights on disk (the tiny model in the iteration-0 row, each
+    checkpoint in the row of its iteration), with model.rollout and the reward model directly."""
     import model
     import reward
     import sde
@@ -192,11 +198,12 @@ def test_the_held_out_eval_of_a_two_rank_run_scores_the_weights_it_had_like_a_si
     pipe = model.load_hunyuan(tiny_models[0], dtype=torch.float32)
     scorer = reward.load_training_rewards({"videoalign": 1.0}, {"videoalign": tiny_models[1]})
     sigmas = sde.shifted_sigmas(2, pipe.shift)
-    shape = pipe.latent_shape(*tiny.video_size(tiny=True))
+    shape = pipe.latent_shape(*config.video_size(tiny=True))
     embeds = model.encode_prompts(pipe, list(HELD_OUT))
     seeds = [train.EVAL_SEED + p for p in range(len(HELD_OUT))]
-    for row, weights in zip(rows, [tiny_models[0], os.path.join(two_rank_run, "checkpoint-000001")]):
-        assert row["eval/after_iterations"] == row["iteration"] - 1
+    rows = metrics(two_rank_run, eval_rows=True)
+    assert [r["iteration"] for r in rows] == [0, 1, 2]  # before training, then after each iteration (the last too)
+    for row, weights in zip(rows, [tiny_models[0], *(os.path.join(two_rank_run, f"checkpoint-00000{i}") for i in (1, 2))]):
         transformer = type(pipe.transformer).from_pretrained(os.path.join(weights, "transformer"))
         result = model.rollout(transformer, embeds, seeds, shape, sigmas, "ode", guidance_scale=pipe.guidance_scale)
         frames = model.decode_latents(pipe.vae, result.final_latents)
@@ -372,7 +379,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tin
             raise RuntimeError("killed during the checkpoint write")
         rename(source, destination)
     monkeypatch.setattr(distributed.os, "rename", crash)
-    with pytest.raises(train.RunError, match=r"checkpoint-000002 could not be written \(RuntimeError: killed during the "
+    with pytest.raises(run_directory.RunError, match=r"checkpoint-000002 could not be written \(RuntimeError: killed during the "
                        r"checkpoint write\); its partial files were removed; the newest intact checkpoint is "
                        r".*checkpoint-000001"):
         run(tiny_models, tmp_path, "--resume", max_iterations=2)
@@ -402,7 +409,7 @@ def torn_write_then_hang(tensors, path, *args, **kwargs):
     time.sleep(600)
 
 safetensors.torch.save_file = torn_write_then_hang
-train.main(train.parse_config(sys.argv[1:]))
+train.main(config.parse_config(sys.argv[1:]))
 """
 
 
@@ -440,8 +447,8 @@ def test_resuming_with_different_settings_is_an_error_that_lists_them(tiny_model
     with pytest.raises(ValueError, match=r"--eta 0.7 \(checkpoint: 0.5\).*--kernel 'flow_grpo' \(checkpoint: 'sage'\)"):
         run(tiny_models, tmp_path, "--resume", max_iterations=2, kernel="flow_grpo", eta=0.7)
     # a longer run is not a different setting, and --allow_config_change overrides the check
-    train.check_config(train.parse_config(tiny_args(tiny_models, tmp_path, max_iterations=9) + ["--resume"]), 1)
-    train.check_config(train.parse_config(tiny_args(tiny_models, tmp_path, max_iterations=2, kernel="flow_grpo")
+    config.check_config(config.parse_config(tiny_args(tiny_models, tmp_path, max_iterations=9) + ["--resume"]), 1)
+    config.check_config(config.parse_config(tiny_args(tiny_models, tmp_path, max_iterations=2, kernel="flow_grpo")
                                           + ["--resume", "--allow_config_change"]), 1)
 
 
@@ -664,10 +671,10 @@ def test_the_vae_tiling_flag_reaches_the_vae_that_decodes_the_rollouts(tiny_mode
 @pytest.mark.slow
 def test_the_video_size_is_each_flag_given_else_the_tiny_or_the_official_default():
     import tiny
-    assert tiny.video_size(tiny=False) == (81, 352, 624)
-    assert tiny.video_size(tiny=True) == (tiny.TINY_NUM_FRAMES, tiny.TINY_HEIGHT, tiny.TINY_WIDTH)
-    assert tiny.video_size(9, None, 32, tiny=True) == (9, tiny.TINY_HEIGHT, 32)
-    assert tiny.video_size(None, 480, None, tiny=False) == (81, 480, 624)
+    assert config.video_size(tiny=False) == (81, 352, 624)
+    assert config.video_size(tiny=True) == (tiny.TINY_NUM_FRAMES, tiny.TINY_HEIGHT, tiny.TINY_WIDTH)
+    assert config.video_size(9, None, 32, tiny=True) == (9, tiny.TINY_HEIGHT, 32)
+    assert config.video_size(None, 480, None, tiny=False) == (81, 480, 624)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -732,7 +739,7 @@ def test_bad_input_raises_a_clear_error_before_any_work(case, message, tmp_path,
     if "--group_size" not in args:
         args += ["--group_size", "2"]  # a group of 2: the fewest videos per rank (2) on one process
     with pytest.raises(ValueError, match=message):
-        train.main(train.parse_config(args))
+        train.main(config.parse_config(args))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -740,7 +747,7 @@ def test_bad_input_raises_a_clear_error_before_any_work(case, message, tmp_path,
 
 def test_help_lists_every_flag_in_its_group_and_the_planner(capsys):
     with pytest.raises(SystemExit):
-        train.parse_config(["--help"], extra=[("--plan", train.PLAN_HELP)], usage=train.USAGE)
+        config.parse_config(["--help"], extra=[("--plan", config.PLAN_HELP)], usage=config.USAGE)
     text = capsys.readouterr().out
     titles = ["model and data:", "run:", "sampling (rollouts):", "GRPO:", "trust region:", "reward:", "optimizer:",
               "parallelism and memory:", "logging and tracking:", "reliability:"]
@@ -750,7 +757,7 @@ def test_help_lists_every_flag_in_its_group_and_the_planner(capsys):
     assert "--sde_window " in sections["sampling (rollouts):"] and "--beta_schedule" in sections["trust region:"]
     assert "--sp_size" in sections["parallelism and memory:"] and "--checkpoint_every " in sections["reliability:"]
     assert "--plan" in text[:positions[0]] and "python train.py --plan [plan.py flags]" in text
-    for field in dataclasses.fields(train.Config):                          # every field, once
+    for field in dataclasses.fields(config.Config):                          # every field, once
         assert len(re.findall(rf"^  --{field.name}\b", text, re.MULTILINE)) == 1, field.name
 
 
@@ -759,24 +766,24 @@ def test_a_saved_video_is_an_h264_mp4_of_the_frames_and_an_odd_size_a_png_grid(t
     from PIL import Image
     greys = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9])
     frames = greys[:, None, None, None].expand(5, 3, 16, 16)                # 5 flat grey frames
-    path = train.save_video(frames, str(tmp_path / "samples" / "iter000001"))
+    path = run_directory.save_video(frames, str(tmp_path / "samples" / "iter000001"))
     assert path.endswith(".mp4") and open(path, "rb").read(12)[4:8] == b"ftyp"  # an ISO mp4
     decoded = reward.decode_mp4(open(path, "rb").read()).float() / 255    # (5, 3, 16, 16)
     # a flat frame survives 8-bit rounding and 4:2:0 H.264 to within a few levels of 255
     assert decoded.shape == (5, 3, 16, 16) and (decoded.mean(dim=(1, 2, 3)) - greys).abs().max() < 3 / 255
-    odd = train.save_video(frames[:, :, :15, :], str(tmp_path / "odd"))   # yuv420p needs even sizes
+    odd = run_directory.save_video(frames[:, :, :15, :], str(tmp_path / "odd"))   # yuv420p needs even sizes
     assert odd.endswith(".png") and Image.open(odd).size == (5 * 16, 15)
 
 
 @pytest.mark.slow
 def test_every_config_field_is_a_command_line_flag():
-    cfg = train.parse_config(["--eta", "0.3", "--no-equalizer", "--kernel", "flow_grpo", "--lora_rank", "8",
+    cfg = config.parse_config(["--eta", "0.3", "--no-equalizer", "--kernel", "flow_grpo", "--lora_rank", "8",
                               "--anchor_offload", "--kl_mode", "moving", "--train_step_fraction", "0.5"])
     assert (cfg.eta, cfg.equalizer, cfg.kernel, cfg.lora_rank, cfg.anchor_offload, cfg.kl_mode,
             cfg.train_step_fraction) == (0.3, False, "flow_grpo", 8, True, "moving", 0.5)
-    assert train.parse_config([]) == train.Config()
-    docs, _ = train._field_docs(train.Config)
-    assert set(docs) == {f.name for f in train.dataclasses.fields(train.Config)} and all(docs.values())
+    assert config.parse_config([]) == config.Config()
+    docs, _ = config._field_docs(config.Config)
+    assert set(docs) == {f.name for f in dataclasses.fields(config.Config)} and all(docs.values())
 
 
 @pytest.mark.slow
@@ -796,7 +803,7 @@ def test_prompt_sampler_reshuffles_every_epoch_deterministically_and_resumes():
 @pytest.mark.parametrize("ext, text", [(".txt", "a cat\n\na dog\n"), (".csv", "id,prompt\n1,a cat\n2,a dog\n"),
                                        (".jsonl", '{"prompt": "a cat"}\n{"prompt": "a dog"}\n')])
 def test_prompt_files_in_three_formats(ext, text, tmp_path):
-    assert train.load_prompts(_write(tmp_path / f"p{ext}", text)) == ["a cat", "a dog"]
+    assert config.load_prompts(_write(tmp_path / f"p{ext}", text)) == ["a cat", "a dog"]
 
 
 @pytest.mark.slow
@@ -811,3 +818,17 @@ def test_trained_steps_are_a_per_sample_random_order_of_a_fraction_of_the_steps(
 if __name__ == "__main__":  # the torchrun worker of test_broadcast_load_gives_every_rank_the_weights_on_disk_...
     broadcast_load_worker(*sys.argv[1:])
     distributed.exit_process(0)  # no teardown of the gloo group by the interpreter (see distributed.exit_process)
+
+
+@pytest.mark.parametrize("flags, status, says", [(["--help"], 0, "usage: python train.py"),
+                                                (["--tiny", "--eta", "-1"], 2, "train.py: error: --eta must be > 0"),
+                                                (["--tiny", "--kl_target", "0.1"], 2, "has no effect without")])
+def test_help_and_a_flag_error_answer_before_torch_or_a_model_library_is_imported(flags, status, says):
+    """`python train.py --help` and a flag error print before torch, diffusers and transformers are imported (they
+    took 5-12 s of imports before their first line); what is imported is read from the process itself."""
+    code = ("import runpy, sys\nsys.argv = ['train.py'] + sys.argv[1:]\ntry:\n    runpy.run_path('train.py', "
+            "run_name='__main__')\nexcept SystemExit as exit:\n    print('EXIT', exit.code, [m for m in ('torch', "
+            "'diffusers', 'transformers') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code, *flags], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert f"EXIT {status} []" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    assert says in done.stdout + done.stderr

@@ -121,13 +121,15 @@ kl_runs = st.lists(st.tuples(st.sampled_from([0.0, 3e-6, 1e-5, 2e-5, 1e-3]), st.
 
 
 def _run(controller, kls):
-    """β before the first update, then after each update."""
-    return [controller.beta] + [controller.update(kl) for kl in kls]
+    """β before the first controller step, then after each: one step per pair (official), per optimizer update
+    (adaptive, two_stage, fixed)."""
+    advance = controller.step if isinstance(controller, tr.OfficialBeta) else controller.observe
+    return [controller.beta] + [(advance(kl), controller.beta)[1] for kl in kls]
 
 
 @given(kls=st.lists(kl_values, min_size=tr.RAMP_UPDATES, max_size=tr.RAMP_UPDATES + 5))
 def test_official_beta_ramps_linearly_from_1e_7_over_the_first_100_updates_whatever_the_kl(kls):
-    betas = _run(tr.BetaController("official"), kls)
+    betas = _run(tr.OfficialBeta(), kls)
     # after n < 100 updates: β = 1e-7 + (1e-5 - 1e-7)·n/100; the ramp ends at 9.901e-6, not 1e-5
     for n in range(tr.RAMP_UPDATES):
         assert betas[n] == pytest.approx(1e-7 + (1e-5 - 1e-7) * n / 100, rel=1e-12)
@@ -140,9 +142,9 @@ def test_official_beta_ramps_linearly_from_1e_7_over_the_first_100_updates_whate
 
 
 def _after_ramp(kls_during_ramp=2e-5):
-    controller = tr.BetaController("official")
+    controller = tr.OfficialBeta()
     for _ in range(tr.RAMP_UPDATES - 1):
-        controller.update(kls_during_ramp)
+        controller.step(kls_during_ramp)
     return controller
 
 
@@ -151,9 +153,9 @@ def test_official_beta_after_the_ramp_moves_against_the_mean_kl_of_the_last_ten_
     controller = _after_ramp()
     for kl in window[:-1]:
         controller.beta = 5e-6             # hold β mid-range so that both directions stay inside the bounds
-        controller.update(kl)
+        controller.step(kl)
     controller.beta = 5e-6
-    new_beta = controller.update(window[-1])
+    new_beta = controller.step(window[-1])
     mean_kl = sum(window) / 10
     if mean_kl > 1.5e-5:                   # KL high -> β lowered (the official direction)
         assert new_beta == pytest.approx(0.9 * 5e-6, rel=1e-12)
@@ -168,29 +170,29 @@ def test_official_beta_reads_the_window_mean_not_the_last_kl():
     controller.beta = 5e-6
     # nine large KLs then a zero: the last KL is low but the mean of the last ten is high
     for _ in range(9):
-        controller.update(1e-3)
+        controller.step(1e-3)
     controller.beta = 5e-6
-    assert controller.update(0.0) == pytest.approx(4.5e-6, rel=1e-12)
+    assert controller.step(0.0) == pytest.approx(4.5e-6, rel=1e-12)
 
 
 @given(kls=kl_runs)
 def test_official_beta_always_stays_within_1e_7_and_1e_5(kls):
-    assert all(1e-7 <= beta <= 1e-5 for beta in _run(tr.BetaController("official"), kls))
+    assert all(1e-7 <= beta <= 1e-5 for beta in _run(tr.OfficialBeta(), kls))
 
 
 def test_official_beta_reaches_both_bounds_under_a_persistent_kl():
-    assert _run(tr.BetaController("official"), [1.0] * 200)[-1] == 1e-7
-    assert _run(tr.BetaController("official"), [0.0] * 200)[-1] == 1e-5
+    assert _run(tr.OfficialBeta(), [1.0] * 200)[-1] == 1e-7
+    assert _run(tr.OfficialBeta(), [0.0] * 200)[-1] == 1e-5
 
 
 @given(kls=st.lists(kl_values, max_size=300))
 def test_fixed_beta_never_changes(kls):
-    assert set(_run(tr.BetaController("fixed"), kls)) == {1e-7}
+    assert set(_run(tr.FixedBeta(1e-7), kls)) == {1e-7}
 
 
 @given(kls=st.lists(kl_values, max_size=150), switch_step=st.one_of(st.none(), st.integers(0, 150)))
 def test_two_stage_beta_equals_kl_coefficient_at_the_number_of_updates(kls, switch_step):
-    betas = _run(tr.BetaController("two_stage", switch_step=switch_step), kls)
+    betas = _run(tr.TwoStageBeta(1e-7, 1e-5, switch_step=switch_step), kls)
     assert betas == [tr.kl_coefficient(n, 1e-7, 1e-5, switch_step) for n in range(len(kls) + 1)]
 
 
@@ -198,34 +200,34 @@ def test_two_stage_beta_equals_kl_coefficient_at_the_number_of_updates(kls, swit
 @given(kls=kl_runs, cut=st.integers(0, 200))
 def test_beta_controller_state_round_trip_resumes_exactly(schedule, kls, cut):
     kls = [1e-3] * 100 + kls           # resume also after the ramp, with a KL window to carry over
-    original = tr.BetaController(schedule, switch_step=50)
+    original = tr.beta_schedule(schedule, switch_step=50)
     _run(original, kls[:cut])
-    resumed = tr.BetaController(schedule, switch_step=50)
+    resumed = tr.beta_schedule(schedule, switch_step=50)
     resumed.load_state_dict(copy.deepcopy(original.state_dict()))
     assert _run(resumed, kls[cut:]) == _run(original, kls[cut:])
 
 
-def test_betas_for_returns_each_pairs_beta_before_its_update():
-    one, batched = tr.BetaController("official"), tr.BetaController("official")
+def test_betas_returns_each_pairs_beta_before_its_step():
+    one, batched = tr.OfficialBeta(), tr.OfficialBeta()
     kls = torch.linspace(0, 1e-4, 130)
     expected = []
     for kl in kls.tolist():
         expected.append(one.beta)
-        one.update(kl)
-    assert batched.betas_for(kls[:60]) + batched.betas_for(kls[60:]) == expected
+        one.step(kl)
+    assert batched.betas(kls[:60]) + batched.betas(kls[60:]) == expected
     assert batched.state_dict() == one.state_dict()
 
 
-def test_beta_controller_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="unknown beta schedule 'adaptive'"):
-        tr.BetaController("adaptive")
+def test_beta_schedules_reject_bad_arguments():
+    with pytest.raises(ValueError, match="unknown beta schedule 'ppo'"):
+        tr.beta_schedule("ppo")
     with pytest.raises(ValueError, match="0 < beta_start <= beta_end"):
-        tr.BetaController("official", beta_start=0.0)
+        tr.OfficialBeta(beta_start=0.0)
     with pytest.raises(ValueError, match="kl must be finite"):
-        tr.BetaController("official").update(float("nan"))
-    controller = tr.BetaController("official")
+        tr.OfficialBeta().step(float("nan"))
+    controller = tr.OfficialBeta()
     with pytest.raises(ValueError, match="schedule 'fixed'"):
-        controller.load_state_dict(tr.BetaController("fixed").state_dict())
+        controller.load_state_dict(tr.FixedBeta().state_dict())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -246,19 +248,19 @@ def test_adaptive_beta_follows_ppos_rule_update_by_update(kls, target, start):
     expected = start
     for kl in kls:
         expected = _ppo_rule(expected, kl, target, 1e-3, 1e4)
-        assert controller.update(kl) == pytest.approx(expected, rel=1e-12)
+        assert controller.observe(kl) == pytest.approx(expected, rel=1e-12)
     assert controller.num_updates == len(kls)
 
 
 def test_adaptive_beta_rises_while_the_kl_is_above_target_and_falls_below_it():
     controller = tr.AdaptiveBeta(1.0, kl_target=1e-3, beta_min=1e-3, beta_max=1e4, window=1)
-    rising = [controller.update(1e-2) for _ in range(5)]   # KL 10x the target: the penalty doubles each update
+    rising = [controller.observe(1e-2) for _ in range(5)]   # KL 10x the target: the penalty doubles each update
     assert rising == [2.0, 4.0, 8.0, 16.0, 32.0]
-    assert controller.update(1e-3) == 32.0                 # inside the band: unchanged
-    falling = [controller.update(1e-5) for _ in range(3)]  # KL far below: it halves
+    assert controller.observe(1e-3) == 32.0                 # inside the band: unchanged
+    falling = [controller.observe(1e-5) for _ in range(3)]  # KL far below: it halves
     assert falling == [16.0, 8.0, 4.0]
     for _ in range(40):
-        controller.update(1.0)
+        controller.observe(1.0)
     assert controller.beta == 1e4                          # the ceiling holds
 
 
@@ -272,18 +274,18 @@ def test_adaptive_beta_with_a_window_applies_the_rule_to_each_windows_mean_kl(kl
         if len(chunk) == window:
             expected = _ppo_rule(expected, sum(chunk) / window, target, 1e-3, 1e4)
         betas.append(expected)
-    assert [controller.update(kl) for kl in kls] == pytest.approx(betas, rel=1e-12)
+    assert [controller.observe(kl) for kl in kls] == pytest.approx(betas, rel=1e-12)
 
 
 def test_adaptive_beta_state_round_trip_resumes_exactly():
     a = tr.AdaptiveBeta(1.0, 1e-3, 1e-3, 1e4, window=3)
     for kl in (1e-2, 1e-2, 1e-5, 1e-2):  # resumed in the middle of a window
-        a.update(kl)
+        a.observe(kl)
     b = tr.AdaptiveBeta(1.0, 1e-3, 1e-3, 1e4, window=3)
     b.load_state_dict(a.state_dict())
-    assert [a.update(kl) for kl in (1e-2, 1e-1, 1.0)] == [b.update(kl) for kl in (1e-2, 1e-1, 1.0)]
+    assert [a.observe(kl) for kl in (1e-2, 1e-1, 1.0)] == [b.observe(kl) for kl in (1e-2, 1e-1, 1.0)]
     with pytest.raises(ValueError, match="checkpoint has beta schedule 'official'"):
-        b.load_state_dict(tr.BetaController("official").state_dict())
+        b.load_state_dict(tr.OfficialBeta().state_dict())
 
 
 def test_adaptive_beta_rejects_bad_arguments():
@@ -292,7 +294,7 @@ def test_adaptive_beta_rejects_bad_arguments():
     with pytest.raises(ValueError, match="kl_target > 0"):
         tr.AdaptiveBeta(1.0, 0.0, 1e-3, 1e4)
     with pytest.raises(ValueError, match="finite"):
-        tr.AdaptiveBeta(1.0, 1e-3, 1e-3, 1e4).update(float("nan"))
+        tr.AdaptiveBeta(1.0, 1e-3, 1e-3, 1e4).observe(float("nan"))
 
 
 @given(beta=st.floats(1e-3, 1e3), w_step=st.floats(0.01, 2.0), weight=st.floats(0.1, 5.0))

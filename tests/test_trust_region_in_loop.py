@@ -19,6 +19,7 @@ import sys
 import pytest
 import torch
 
+import config
 import train
 import trust_region
 
@@ -111,7 +112,7 @@ def test_adaptive_beta_doubles_each_update_while_the_kl_is_above_target_and_halv
     betas, beta = [], 1.0  # the same rule, applied by hand to the logged KLs
     for row in rows:
         betas.append(beta)
-        beta = trust_region.AdaptiveBeta(beta, 1e-30, 1e-3, 1e4, window=1).update(row["kl_anchor"] + 0.1 * row["kl_step"])
+        beta = trust_region.AdaptiveBeta(beta, 1e-30, 1e-3, 1e4, window=1).observe(row["kl_anchor"] + 0.1 * row["kl_step"])
     assert [r["beta"] for r in rows] == betas
     # a target far above any drift: β halves each update down to its floor
     run(tiny_models, tmp_path / "down", max_iterations=3, checkpoint_every=3, beta_schedule="adaptive",
@@ -128,19 +129,19 @@ def official_controller_worker(model_path, reward_path, output_dir):
     """Under torchrun, 2 ranks: a 2-iteration official-β run that records, on each rank, the per-pair KLs of its
     own batch (train.pair_betas' input) and the KLs its controller is fed; written to output_dir/rank{r}.json."""
     own, fed = [], []
-    pair_betas, update = train.pair_betas, trust_region.BetaController.update
+    pair_betas, step = train.pair_betas, trust_region.OfficialBeta.step
 
-    def recording_pair_betas(cfg, controller, kl, update_step, world_size):
+    def recording_pair_betas(beta_schedule, kl, world_size):
         own.append(kl.tolist())
-        return pair_betas(cfg, controller, kl, update_step, world_size)
+        return pair_betas(beta_schedule, kl, world_size)
 
-    def recording_update(self, kl):
+    def recording_step(self, kl):
         fed.append(float(kl))
-        return update(self, kl)
-    train.pair_betas, trust_region.BetaController.update = recording_pair_betas, recording_update
+        return step(self, kl)
+    train.pair_betas, trust_region.OfficialBeta.step = recording_pair_betas, recording_step
     args = tiny_args((model_path, reward_path), output_dir, max_iterations=2, checkpoint_every=2, group_size=4,
                      videos_per_rank=2, beta_schedule="official", beta_start=1.0, beta_end=100.0, optimizer="adamw")
-    train.main(train.parse_config(args))
+    train.main(config.parse_config(args))
     with open(os.path.join(output_dir, f"rank{os.environ['RANK']}.json"), "w") as f:
         json.dump({"own": own, "fed": fed}, f)
 

@@ -219,7 +219,9 @@ def train(config, pretrained, progress=None):
             kl, kl_terms = trust_region.dual_kl(mean, std, anchor_mean, old_mean, config.kl_mode,
                                                 config.anchor_weight, config.step_weight)
             beta = trust_region.kl_coefficient(update, config.beta_start, config.beta_end, beta_switch)
-            # mean over (sample, step) pairs; × E so each replica's gradient is its own mean
+            # mean over (sample, step) pairs; × E so each replica's gradient is its own mean. Our choice for the toy,
+            # instead of trust_region.total_loss: its KL term is averaged over every pair, deterministic steps too
+            # (module docstring), and its β is one number per update (trust_region.kl_coefficient).
             loss = E * (policy_loss + beta * kl.mean())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -159,7 +159,7 @@ def read_rows(out):
             rows.append(json.loads(line))
         except ValueError:
             break
-    return rows
+    return [r for r in rows if "reward_mean" in r]  # the iterations (--eval_every's iteration-0 row is not one)
 
 
 # Finished runs are also kept as compact records in the repository (the numbers the tables and pictures read,
@@ -411,7 +411,9 @@ def eval_curves(rows_of, path):
         for (method, runs), colour in zip(rows_of.items(), ("tab:red", "tab:blue", "tab:green")):
             rows = runs[0]
             held_out = "eval/reward" if key == "reward_mean" else f"eval/{key}"
-            points = [(r["eval/after_iterations"], r[held_out]) for r in rows if isinstance(r.get(held_out), (int, float))]
+            # the iterations done: a row's own iteration (records before 2026-12-07 name it in eval/after_iterations)
+            points = [(r["iteration"] if r.get("eval/after_iterations") is None else r["eval/after_iterations"],
+                       r[held_out]) for r in rows if isinstance(r.get(held_out), (int, float))]
             axis.plot(*zip(*points), marker="o", color=colour, label=f"{method}: held-out ODE eval")
             axis.plot([r["iteration"] for r in rows], [r[key] for r in rows],
                       color=colour, alpha=0.3, linewidth=0.8, label=f"{method}: training rollouts (SDE)")
