@@ -45,7 +45,7 @@ policy object answers the same questions:
     check_directory(path), sampling_defaults(path) -> (shift, cfg), load(path, device, dtype, load_transformer)
     latent_shape(frames, height, width)       (C, F, H, W), ValueError for a size the family cannot make
     encode_prompts(prompts, negative_prompt)  the family's PromptEmbeds (cond + uncond), cached by PromptCache
-    decode(latents)                           frames (B, F, 3, H, W) in [0, 1]
+    decode(latents), set_vae_tiling(enabled)  frames (B, F, 3, H, W) in [0, 1]
     text_encoders, release_text_encoder()     for offloading / freeing the encoders once the cache is full
     transformer_class, blocks, lora_targets, hidden_blocks, check_sp_size(config, sp),
     computed_buffers(transformer)             (distributed.py, optimizer.py, parallel.py, plan.py)
@@ -197,6 +197,10 @@ class HunyuanVideo15Policy:
     def decode(self, latents):
         return decode_latents(self.vae, latents)
 
+    def set_vae_tiling(self, enabled=None):
+        """`set_vae_tiling` of this family's VAE (diffusers' HunyuanVideo-1.5 tiles); returns whether it is on."""
+        return set_vae_tiling(self.vae, enabled)
+
     @property
     def transformer(self) -> HunyuanVideo15Transformer3DModel:
         return self.pipeline.transformer
@@ -315,6 +319,18 @@ def family_of(path):
     return FAMILIES[name]
 
 
+def transformer_class_of(transformer_dir):
+    """The transformer class a saved transformer directory (config.json `_class_name`) loads with: either family's,
+    for a checkpoint's transformer/ that has no model_index.json beside it."""
+    with open(os.path.join(transformer_dir, "config.json")) as f:
+        name = json.load(f).get("_class_name")
+    classes = {family.transformer_class.__name__: family.transformer_class for family in FAMILIES.values()}
+    if name not in classes:
+        raise ValueError(f"{transformer_dir!r} holds a {name!r} (config.json _class_name); supported are "
+                         f"{' and '.join(sorted(classes))}")
+    return classes[name]
+
+
 def family_of_transformer(transformer):
     """The policy class whose transformer `transformer` is (FSDP2- and LoRA-wrapped modules keep their class),
     or None for a module of no family."""
@@ -365,6 +381,11 @@ class PromptEmbeds:
     def guided_velocity(self, transformer, latents, sigma, guidance_scale):
         """The family's CFG velocity (rollout and transition_log_prob call this): `cfg_velocity`."""
         return cfg_velocity(transformer, latents, sigma, self, guidance_scale)
+
+    def unconditional(self):
+        """The same rows with the negative prompt as the conditional one (self_check's separate forwards)."""
+        return dataclasses.replace(self, embeds=self.negative_embeds, mask=self.negative_mask,
+                                   embeds_2=self.negative_embeds_2, mask_2=self.negative_mask_2)
 
     # PromptCache: one prompt's real tokens on the CPU, and rows rebuilt from them.
     def real_tokens(self):

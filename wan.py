@@ -301,6 +301,13 @@ class WanPolicy:
         rope = WanRotaryPosEmbed(config.attention_head_dim, config.patch_size, config.rope_max_seq_len)
         return {f"rope.{name}": buffer for name, buffer in rope.named_buffers()}
 
+    def set_vae_tiling(self, enabled=None):
+        """Spatial tiling of the VAE decoder, diffusers' AutoencoderKLWan defaults (256-pixel tiles every 192
+        pixels); enabled None: on when the VAE is on a CUDA device. Returns whether it is on."""
+        enabled = self.vae.device.type == "cuda" if enabled is None else bool(enabled)
+        self.vae.enable_tiling() if enabled else self.vae.disable_tiling()
+        return enabled
+
     def latent_shape(self, num_frames, height, width):
         """(C, F, H, W) of the latent of num_frames x height x width pixels, as WanPipeline.prepare_latents:
         F = (frames − 1)/4 + 1, H = height/8, W = width/8 (real VAE); e.g. 81x480x832 -> (16, 21, 60, 104).
@@ -404,6 +411,10 @@ class WanPromptEmbeds:
     def guided_velocity(self, transformer, latents, sigma, guidance_scale):
         """The family's CFG velocity (model.rollout and model.transition_log_prob call this)."""
         return cfg_velocity(transformer, latents, sigma, self, guidance_scale)
+
+    def unconditional(self):
+        """The same rows with the negative prompt as the conditional one (self_check's separate forwards)."""
+        return dataclasses.replace(self, embeds=self.negative_embeds, lengths=self.negative_lengths)
 
     # model.PromptCache: one prompt's real tokens on the CPU, and rows rebuilt from them.
     def real_tokens(self):
