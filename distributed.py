@@ -411,6 +411,12 @@ def save_transformer(transformer, path, rank, max_shard_size=MAX_SHARD_SIZE, lor
     if rank == 0:
         os.makedirs(path, exist_ok=True)
         transformer.save_config(path)
+        family = model.family_of_transformer(transformer)
+        if family is not None:  # FSDP2 names the wrapped class FSDP<class>: write the class diffusers loads
+            with open(os.path.join(path, "config.json")) as f:
+                saved = json.load(f)
+            with open(os.path.join(path, "config.json"), "w") as f:
+                json.dump({**saved, "_class_name": family.transformer_class.__name__}, f, indent=2, sort_keys=True)
         split = split_torch_state_dict_into_shards(state, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
                                                    max_shard_size=max_shard_size)
         for filename, keys in split.filename_to_tensors.items():

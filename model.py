@@ -323,7 +323,8 @@ def transformer_class_of(transformer_dir):
     """The transformer class a saved transformer directory (config.json `_class_name`) loads with: either family's,
     for a checkpoint's transformer/ that has no model_index.json beside it."""
     with open(os.path.join(transformer_dir, "config.json")) as f:
-        name = json.load(f).get("_class_name")
+        name = json.load(f).get("_class_name") or ""
+    name = name[len("FSDP"):] if name.startswith("FSDP") else name  # checkpoints that kept FSDP2's wrapper name
     classes = {family.transformer_class.__name__: family.transformer_class for family in FAMILIES.values()}
     if name not in classes:
         raise ValueError(f"{transformer_dir!r} holds a {name!r} (config.json _class_name); supported are "

@@ -446,7 +446,9 @@ def cfg_velocity(transformer, latents, sigma, prompt_embeds, guidance_scale=DEFA
     batch_size = latents.shape[0]
     if len(prompt_embeds) != batch_size:
         raise ValueError(f"prompt_embeds has {len(prompt_embeds)} rows but latents have batch {batch_size}")
-    model_dtype = next(transformer.parameters()).dtype
+    # the input's dtype is the patch embedding's: diffusers keeps some Wan parameters in float32 (the modulation
+    # table, time embedder, norms) whatever the model dtype, and one of them is the first parameter
+    model_dtype = transformer.patch_embedding.weight.dtype
     sigma = sde.per_sample(sigma, latents).flatten().float()  # (B,)
     x = latents.to(model_dtype)
     timestep = sigma * TIMESTEP_SCALE  # (B,) σ·1000, float32 as the pipeline's scheduler timesteps
