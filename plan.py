@@ -419,8 +419,8 @@ def measure_flops(video_tokens, text_tokens, lora_rank=0, config=(), name=HUNYUA
     backward = counter.get_total_flops()
     if name != HUNYUAN:
         return {"block_forward": forward, "block_backward": backward,
-                "rest_forward": _wan_rest_flops(video_tokens, text_tokens, name, counter),
-                "num_blocks": transformer_kwargs(name=name)["num_layers"]}
+                "rest_forward": _wan_rest_flops(video_tokens, text_tokens, name, counter, config),
+                "num_blocks": transformer_kwargs(config, name)["num_layers"]}
     from diffusers import HunyuanVideo15Transformer3DModel
     with torch.device("meta"):
         model = HunyuanVideo15Transformer3DModel(**transformer_kwargs(config)).to(torch.bfloat16)
@@ -437,12 +437,12 @@ def measure_flops(video_tokens, text_tokens, lora_rank=0, config=(), name=HUNYUA
             "num_blocks": model.config.num_layers}
 
 
-def _wan_rest_flops(video_tokens, text_tokens, name, counter):
+def _wan_rest_flops(video_tokens, text_tokens, name, counter, config=()):
     """Forward FLOPs of a Wan2.1 transformer outside its blocks: text projection of the 512 UMT5 tokens, patch
     embedding, time embedding, output head (counted on meta tensors)."""
     from diffusers import WanTransformer3DModel
     with torch.device("meta"):
-        model = WanTransformer3DModel(**{**transformer_kwargs(name=name), "num_layers": 1}).to(torch.bfloat16)
+        model = WanTransformer3DModel(**{**transformer_kwargs(config, name), "num_layers": 1}).to(torch.bfloat16)
         config = model.config
         width = config.num_attention_heads * config.attention_head_dim
         text = torch.randn(1, text_tokens, config.text_dim, dtype=torch.bfloat16)
