@@ -120,7 +120,7 @@ class Config:
     """K > 0: only a window of K consecutive steps is stochastic and trained, the others are ODE steps, so the update
     recomputes K steps instead of N (MixGRPO; Flow-Factory num_sde_steps, VeRL-Omni sde_window_size); 0: all N steps
     (official). docs/cost_options.md """
-    sde_window_placement: str = "fixed"
+    sde_window_placement: str = "static"
     """where the window lies: fixed (steps sde_window_start … +K−1) | random (a new start every iteration, the same
     on every rank) | moving (MixGRPO's progressive window: it starts at step 0, the highest noise, moves one step
     towards low noise every --sde_window_shift_every iterations and stays at the last K steps)"""
@@ -169,7 +169,7 @@ class Config:
     x1.1 below 5e-6, as the official controller; identical on every rank; inert: its β is ~1e-8 of the policy
     term) | adaptive (PPO's rule in the usual direction: every beta_window updates, β x2 if their mean KL is above
     1.5 kl_target, /2 if below kl_target/1.5, from beta_init within [beta_min, beta_max]) | two_stage (beta_start,
-    then beta_end from optimizer update beta_switch_step) | fixed (beta_start throughout); trust_region.py, one object
+    then beta_end from optimizer update beta_switch_step) | constant (beta_start throughout); trust_region.py, one object
     per schedule"""
     beta_start: float = module_constant("trust_region", "BETA_START")
     """smallest / first β (official kl_coef = kl_min_coef 1e-7)"""
@@ -383,7 +383,7 @@ NON_NEGATIVE = ("weight_decay", "beta_start", "beta_end", "kl_anchor_weight", "k
                 "checkpoint_every_minutes")
 AT_LEAST_ONE = ("num_steps", "updates_per_rollout", "anchor_period", "beta_window", "sde_window_shift_every",
                 "eval_videos_per_prompt", "checkpoint_every", "keep_checkpoints", "max_iterations")
-SDE_WINDOW_PLACEMENTS = ("fixed", "random", "moving")
+SDE_WINDOW_PLACEMENTS = ("static", "random", "moving")
 
 
 def choices():
@@ -443,7 +443,7 @@ def check_flags(cfg, world_size):
     if cfg.sde_window > cfg.num_steps:
         raise ConfigError(f"--sde_window {cfg.sde_window} is more than the {cfg.num_steps} steps (--num_steps): expected "
                           f"1 … {cfg.num_steps}, or 0 for every step")
-    if cfg.sde_window and cfg.sde_window_placement == "fixed" and cfg.sde_window_start > cfg.num_steps - cfg.sde_window:
+    if cfg.sde_window and cfg.sde_window_placement == "static" and cfg.sde_window_start > cfg.num_steps - cfg.sde_window:
         raise ConfigError(f"--sde_window_start {cfg.sde_window_start} puts a window of {cfg.sde_window} steps past step "
                           f"{cfg.num_steps - 1} (--num_steps {cfg.num_steps}): expected a start of 0 … "
                           f"{cfg.num_steps - cfg.sde_window}")
@@ -475,7 +475,7 @@ def check_flags_have_effect(cfg):
     needs += [("beta_switch_step", "--beta_schedule two_stage", cfg.beta_schedule == "two_stage")]
     needs += [(name, "--sde_window K > 0", cfg.sde_window > 0)
               for name in ("sde_window_start", "sde_window_placement", "sde_window_shift_every")]
-    needs += [("sde_window_start", "--sde_window_placement fixed", cfg.sde_window_placement == "fixed"),
+    needs += [("sde_window_start", "--sde_window_placement static", cfg.sde_window_placement == "static"),
               ("sde_window_shift_every", "--sde_window_placement moving", cfg.sde_window_placement == "moving"),
               ("eval_prompts", "--eval_every N > 0", cfg.eval_every > 0),
               ("eval_videos_per_prompt", "--eval_every N > 0", cfg.eval_every > 0)]
@@ -674,7 +674,7 @@ def check_sde_window(cfg):
         return
     import sde
     last = cfg.num_steps - cfg.sde_window
-    starts = [cfg.sde_window_start] if cfg.sde_window_placement == "fixed" else range(last + 1)
+    starts = [cfg.sde_window_start] if cfg.sde_window_placement == "static" else range(last + 1)
     sigmas = sde.shifted_sigmas(cfg.num_steps, cfg.shift or 1.0)  # which steps are deterministic does not depend on it
     stochastic = sde.step_std(cfg.kernel, sigmas[:-1], sigmas[1:], cfg.eta) > 0
     empty = [s for s in starts if not stochastic[s:s + cfg.sde_window].any()]

@@ -10,8 +10,7 @@ output_dir holds one run, written by one process at a time:
 
 `prepare_output_dir` takes the lock, clears an --overwrite, and picks the checkpoint a --resume continues from.
 `StopRequest` turns SIGTERM (preemption) and a first Ctrl-C into "checkpoint, one line, exit"; `RunError` is an
-error we wrote, printed once by rank 0 without a traceback (`report_error`). `quiet_libraries` keeps diffusers'
-and transformers' own messages out of the run's output unless --verbose.
+error we wrote, printed once by rank 0 without a traceback (config.report_error).
 """
 import json
 import math
@@ -304,16 +303,3 @@ def save_video(frames, path):
 
 
 SAMPLE_FPS = 24  # HunyuanVideo-1.5's frame rate
-
-
-
-def quiet_libraries():
-    """diffusers' and transformers' info and warnings (loading reports, "Guiders are an experimental feature", the
-    float32-modules note) and their progress bars off: the run's own lines stay readable; --verbose keeps them."""
-    import diffusers
-    import huggingface_hub
-    import transformers
-    for library in (diffusers, transformers):
-        library.utils.logging.set_verbosity_error()
-        library.utils.logging.disable_progress_bar()
-    huggingface_hub.utils.disable_progress_bars()

@@ -324,7 +324,7 @@ def trust_region_line(cfg, policy, anchor, optim, embeds, rollout, scores, step_
                 ", ".join(f"{a:.1e} at β {b:g}" for b, a in activity.items()), f"WARN < {ACTIVITY_WARN:g}",
                 "WARN" if not top >= ACTIVITY_WARN else "PASS",
                 "at these β the KL term barely pushes against the policy term: the trust region will not hold the "
-                "policy near the anchor; raise β (--beta_schedule fixed --beta_start B --beta_end B) or use "
+                "policy near the anchor; raise β (--beta_schedule constant --beta_start B) or use "
                 "--beta_schedule adaptive if you rely on it (docs/world.md: the synthetic world measures ~3e-8 at the "
                 "official β; a fixed β of 0.1 acts there)")
 

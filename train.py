@@ -86,6 +86,7 @@ from tqdm import tqdm
 import distributed
 import equalizer
 import grpo
+import hub
 import meters
 import model
 import optimizer
@@ -104,7 +105,7 @@ def main(cfg):
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     cfg, prompts = config.check_config(cfg, world_size)  # every input error raises here, before any model is loaded
     if not cfg.verbose:
-        run_directory.quiet_libraries()
+        hub.quiet_libraries()
     rank, world_size, device, mesh = distributed.setup(use_cuda=not (cfg.tiny or cfg.world),
                                                        timeout_minutes=cfg.collective_timeout_minutes)
     try:
@@ -202,6 +203,8 @@ def train(cfg, prompts, rank, world_size, device, mesh, stop_request, on_exit):
     reward_model = reward.load_training_rewards(reward_specs, reward_paths, device=device, dtype=compute_dtype,
                                                 weight_items=cfg.reward_weights,
                                                 processor_paths={"pickscore": cfg.pickscore_processor_path or None})
+    for cut in reward.prompt_cuts(reward_model, prompts, cfg.num_frames, cfg.height, cfg.width) if rank == 0 else ():
+        print(f"prompts: {cut}", flush=True)  # a reward reads a prompt only up to its own token limit
 
     group_size, videos_per_rank = cfg.group_size, cfg.videos_per_rank
     videos_per_iteration = layout.dp_size * videos_per_rank  # the sp ranks of a group hold the same videos
@@ -467,7 +470,7 @@ def sde_window(cfg, iteration):
     size, last = cfg.sde_window, cfg.num_steps - cfg.sde_window  # last: the largest start
     if not size or size == cfg.num_steps:
         return None
-    if cfg.sde_window_placement == "fixed":
+    if cfg.sde_window_placement == "static":
         start = cfg.sde_window_start
     elif cfg.sde_window_placement == "random":
         start = int(torch.randint(last + 1, (1,), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)))
@@ -480,7 +483,7 @@ def describe_sde_window(cfg):
     """The start-up line's words for --sde_window: which steps are stochastic and trained."""
     if not cfg.sde_window or cfg.sde_window == cfg.num_steps:
         return f"all {cfg.num_steps} steps stochastic"
-    where = {"fixed": f"steps {cfg.sde_window_start}…{cfg.sde_window_start + cfg.sde_window - 1}",
+    where = {"static": f"steps {cfg.sde_window_start}…{cfg.sde_window_start + cfg.sde_window - 1}",
              "random": "a new start every iteration",
              "moving": f"from step 0, one step later every {cfg.sde_window_shift_every} iterations"}
     return f"SDE window of {cfg.sde_window} of {cfg.num_steps} steps ({cfg.sde_window_placement}: " \

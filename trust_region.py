@@ -39,7 +39,7 @@ at the first update after a rollout (μ_θ = μ_old). `k1` (official): the sampl
 mean(log p_old - log p_θ) over the pairs; its value is 0 on-policy but its gradient is not: -∇log p_θ, i.e.
 the same as adding +w_step·β/S_t to every advantage (a push towards whatever was sampled, at every update).
 
-β, four schedules, one object each behind one interface (`OfficialBeta`, `TwoStageBeta`, `FixedBeta`,
+β, four schedules, one object each behind one interface (`OfficialBeta`, `TwoStageBeta`, `ConstantBeta`,
 `AdaptiveBeta`; `beta_schedule(name, ...)` builds one): `betas(kls)` gives the β of each (sample, step) pair of a
 trained step, `observe(kl)` is told each optimizer update's mean L_KL. The official schedule counts pairs (as the
 official controller); the others count optimizer updates.
@@ -58,7 +58,7 @@ official controller); the others count optimizer updates.
   over ranks, so β is identical on every rank.
 * two_stage: the paper's description, small early (exploration) and larger later: 1e-7 before
   `switch_step` optimizer updates, 1e-5 from then on (`kl_coefficient`).
-* fixed: β = beta_start throughout.
+* constant: β = beta_start throughout.
 * adaptive (`AdaptiveBeta`): the usual adaptive KL penalty (PPO, Schulman et al. 2017, sec. 4), in the usual
   direction: every `window` optimizer updates, with d the mean L_KL of those updates (each a mean over its
   pairs, averaged over ranks),
@@ -93,7 +93,7 @@ STEP_WEIGHT = 0.1
 # `kl_min_coef`, which defaults to kl_coef) and `kl_weight 1e-5` (end of the ramp and maximum).
 BETA_START = 1e-7
 BETA_END = 1e-5
-BETA_SCHEDULES = ("official", "adaptive", "two_stage", "fixed")
+BETA_SCHEDULES = ("official", "adaptive", "two_stage", "constant")
 # Adaptive β (PPO's rule): band factor 1.5 around the target and factor 2 per update (PPO sec. 4). Its
 # start, target and bounds are set where it is used (train.py's Config: calibrated in the synthetic world).
 ADAPTIVE_BAND = 1.5
@@ -314,7 +314,7 @@ class TwoStageBeta:
         self.num_updates = state["num_updates"]
 
 
-class FixedBeta:
+class ConstantBeta:
     """β = beta throughout."""
 
     def __init__(self, beta=BETA_START):
@@ -329,10 +329,10 @@ class FixedBeta:
         """A fixed β reads nothing."""
 
     def state_dict(self):
-        return {"schedule": "fixed"}
+        return {"schedule": "constant"}
 
     def load_state_dict(self, state):
-        _check_schedule_state(state, "fixed")
+        _check_schedule_state(state, "constant")
 
 
 class AdaptiveBeta:
@@ -397,14 +397,14 @@ def _check_schedule_state(state, schedule):
 def beta_schedule(name, *, beta_start=BETA_START, beta_end=BETA_END, switch_step=None, beta_init=None, kl_target=None,
                   beta_min=None, beta_max=None, window=1):
     """The β schedule `name` (BETA_SCHEDULES) with its parameters: official (beta_start, beta_end), two_stage
-    (beta_start, beta_end, switch_step), fixed (beta_start), adaptive (beta_init, kl_target, beta_min, beta_max,
+    (beta_start, beta_end, switch_step), constant (beta_start), adaptive (beta_init, kl_target, beta_min, beta_max,
     window)."""
     if name == "official":
         return OfficialBeta(beta_start, beta_end)
     if name == "two_stage":
         return TwoStageBeta(beta_start, beta_end, switch_step)
-    if name == "fixed":
-        return FixedBeta(beta_start)
+    if name == "constant":
+        return ConstantBeta(beta_start)
     if name == "adaptive":
         return AdaptiveBeta(beta_init, kl_target, beta_min, beta_max, window)
     raise ValueError(f"unknown beta schedule {name!r}: expected one of {BETA_SCHEDULES}")

@@ -35,7 +35,7 @@ def window_config(**overrides):
 
 
 def test_a_fixed_window_stays_at_its_start_and_no_window_is_every_step():
-    cfg = window_config(sde_window_placement="fixed", sde_window_start=2)
+    cfg = window_config(sde_window_placement="static", sde_window_start=2)
     assert {train.sde_window(cfg, i) for i in range(50)} == {(2, 5)}
     assert train.sde_window(window_config(sde_window=0), 7) is None
     assert train.sde_window(window_config(sde_window=8), 7) is None  # K = N: every step, the official rollout
@@ -204,7 +204,7 @@ def test_a_cost_option_that_cannot_work_is_a_flag_error(flags, message, tmp_path
     (["--beta_switch_step", "7"], r"--beta_switch_step 7 has no effect without --beta_schedule two_stage"),
     (["--sde_window_start", "2"], r"--sde_window_start 2 has no effect without --sde_window K > 0"),
     (["--sde_window", "2", "--sde_window_placement", "random", "--sde_window_start", "1"],
-     r"--sde_window_start 1 has no effect without --sde_window_placement fixed"),
+     r"--sde_window_start 1 has no effect without --sde_window_placement static"),
     (["--sde_window", "2", "--sde_window_shift_every", "3"], r"--sde_window_shift_every 3 has no effect without "
                                                              r"--sde_window_placement moving"),
     (["--eval_videos_per_prompt", "3"], r"--eval_videos_per_prompt 3 has no effect without --eval_every N > 0"),

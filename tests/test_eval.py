@@ -9,7 +9,7 @@ import torch
 import config
 import distributed
 import eval as evaluate
-import train
+
 
 pytestmark = pytest.mark.slow  # the whole module: train.py / eval.py runs (README: Test)
 
@@ -260,7 +260,7 @@ def test_a_second_evaluation_adds_its_rows_quietly_and_a_model_evaluated_again_g
         assert noise not in done.stdout + done.stderr, f"{noise!r} printed: {done.stderr[-2000:]}"
     first = json.loads((out / "results.json").read_text())["models"]
 
-    results = evaluate.main(train.parse_config(eval_args(tiny, out, [str(root / "run" / "checkpoint-000007")]),
+    results = evaluate.main(config.parse_config(eval_args(tiny, out, [str(root / "run" / "checkpoint-000007")]),
                                                cls=evaluate.EvalConfig))
     assert [r["name"] for r in results] == ["base", "base", "checkpoint-000007"]
     assert results[0] == first[0]                                        # the earlier row, as it was
@@ -276,5 +276,5 @@ def test_a_second_evaluation_adds_its_rows_quietly_and_a_model_evaluated_again_g
     before = (out / "results.json").read_bytes()
     with pytest.raises(ValueError, match=re.escape(f"{out / 'results.json'} holds the results of other settings "
                                                    f"(num_steps is 2 there, 3 here)")):
-        evaluate.main(train.parse_config(eval_args(tiny, out, []) + ["--num_steps", "3"], cls=evaluate.EvalConfig))
+        evaluate.main(config.parse_config(eval_args(tiny, out, []) + ["--num_steps", "3"], cls=evaluate.EvalConfig))
     assert (out / "results.json").read_bytes() == before

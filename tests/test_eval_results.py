@@ -5,7 +5,7 @@ import json
 import pytest
 
 import eval as evaluate
-import train
+import config
 
 SETTINGS = {"prompts": ["a red car drives through rain", "a cat jumps onto a sofa"], "model_path": "hv", "reward_path": "va",
             "clip_path": "clip", "pickscore_path": "pick", "pickscore_processor_path": "", "tiny": False, "world": False,
@@ -96,7 +96,7 @@ def test_a_crash_while_writing_keeps_the_results_already_written(tmp_path, monke
 
 def test_help_reads_whole_and_says_what_a_second_evaluation_does(capsys):
     with pytest.raises(SystemExit):
-        train.parse_config(["--help"], cls=evaluate.EvalConfig, description=evaluate.__doc__)
+        config.parse_config(["--help"], cls=evaluate.EvalConfig, description=evaluate.__doc__)
     text = capsys.readouterr().out
     description = text.split("\n\n")[1]
     assert " ".join(description.split()) == ("Evaluate HunyuanVideo-1.5 checkpoints side by side: deterministic ODE "

@@ -187,7 +187,7 @@ def test_official_beta_reaches_both_bounds_under_a_persistent_kl():
 
 @given(kls=st.lists(kl_values, max_size=300))
 def test_fixed_beta_never_changes(kls):
-    assert set(_run(tr.FixedBeta(1e-7), kls)) == {1e-7}
+    assert set(_run(tr.ConstantBeta(1e-7), kls)) == {1e-7}
 
 
 @given(kls=st.lists(kl_values, max_size=150), switch_step=st.one_of(st.none(), st.integers(0, 150)))
@@ -196,7 +196,7 @@ def test_two_stage_beta_equals_kl_coefficient_at_the_number_of_updates(kls, swit
     assert betas == [tr.kl_coefficient(n, 1e-7, 1e-5, switch_step) for n in range(len(kls) + 1)]
 
 
-@pytest.mark.parametrize("schedule", ("official", "two_stage", "fixed"))
+@pytest.mark.parametrize("schedule", ("official", "two_stage", "constant"))
 @given(kls=kl_runs, cut=st.integers(0, 200))
 def test_beta_controller_state_round_trip_resumes_exactly(schedule, kls, cut):
     kls = [1e-3] * 100 + kls           # resume also after the ramp, with a KL window to carry over
@@ -226,8 +226,8 @@ def test_beta_schedules_reject_bad_arguments():
     with pytest.raises(ValueError, match="kl must be finite"):
         tr.OfficialBeta().step(float("nan"))
     controller = tr.OfficialBeta()
-    with pytest.raises(ValueError, match="schedule 'fixed'"):
-        controller.load_state_dict(tr.FixedBeta().state_dict())
+    with pytest.raises(ValueError, match="schedule 'constant'"):
+        controller.load_state_dict(tr.ConstantBeta().state_dict())
 
 
 # ------------------------------------------------------------------------------------------------

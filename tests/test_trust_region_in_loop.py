@@ -51,7 +51,7 @@ def test_the_loss_is_the_policy_term_plus_beta_times_the_weighted_kls_over_the_v
     fail_first_video_of_each_group(monkeypatch, group_size=2)
     beta, w_anchor, w_step = 30.0, 0.7, 0.3
     run(tiny_models, tmp_path, max_iterations=2, checkpoint_every=2, videos_per_rank=4, group_size=2,
-        updates_per_rollout=2, beta_schedule="fixed", beta_start=beta, beta_end=beta, kl_anchor_weight=w_anchor,
+        updates_per_rollout=2, beta_schedule="constant", beta_start=beta, beta_end=beta, kl_anchor_weight=w_anchor,
         kl_step_weight=w_step, optimizer="adamw")
     rows = metrics(tmp_path)
     for row in rows:
@@ -72,7 +72,7 @@ def test_in_the_first_iteration_the_anchor_and_step_kls_agree(tiny_models, tmp_p
     are the same model, so KL_anchor (recomputed through the anchor) equals KL_step (from the means recorded in
     the rollout) up to the round-off of a different batch composition: an independent check that KL_anchor is
     measured against the anchor's means on the rollout's own transitions."""
-    run(tiny_models, tmp_path, max_iterations=1, updates_per_rollout=2, beta_schedule="fixed", beta_start=1.0,
+    run(tiny_models, tmp_path, max_iterations=1, updates_per_rollout=2, beta_schedule="constant", beta_start=1.0,
         beta_end=1.0, optimizer="adamw")
     (row,) = metrics(tmp_path)
     assert row["kl_step"] > 1e-8  # the second update moved the policy away from both references
@@ -85,7 +85,7 @@ def test_after_an_anchor_refresh_the_kl_is_measured_against_the_new_anchor(tiny_
     is 0 again (the anchor is the policy it is measured from). Stale anchor means would give the second update
     KL_anchor = KL_step > 0."""
     run(tiny_models, tmp_path, max_iterations=2, checkpoint_every=2, updates_per_rollout=2, anchor_period=1,
-        kl_mode="dual", beta_schedule="fixed", beta_start=1.0, beta_end=1.0, optimizer="adamw")
+        kl_mode="dual", beta_schedule="constant", beta_start=1.0, beta_end=1.0, optimizer="adamw")
     for row in metrics(tmp_path):
         assert row["kl_step"] > 1e-8 and row["anchor_refreshed"]
         assert row["kl_anchor"] < 1e-6 * row["kl_step"]

@@ -73,7 +73,7 @@ COMPARISON = [dict(HEADLINE, kernel=k) for k in ("flow_grpo", "dance_grpo", "cps
 # The β sweep: the dual trust region at a constant β, from the official ceiling (1e-5) to a β whose KL push
 # dominates the policy term (activity ≈ 0.26·β in this world at the start, so β = 100 is ~25x the policy push).
 BETAS = (1e-5, 1e-3, 1e-1, 1.0, 10.0, 100.0)
-BETA_SWEEP = [dict(HEADLINE, beta_schedule="fixed", beta_start=b, beta_end=b) for b in BETAS]
+BETA_SWEEP = [dict(HEADLINE, beta_schedule="constant", beta_start=b) for b in BETAS]
 # Calibrating the adaptive β: the KL target, from the KL the β sweep's fixed β hold (docs/world.md).
 # Window 1 is PPO's per-update rule (it fails here: docs/world.md); 10, one anchor period, is train.py's default.
 CALIBRATION = ([dict(HEADLINE, beta_schedule="adaptive", kl_target=t, beta_init=0.1, beta_window=1)
@@ -83,7 +83,7 @@ CALIBRATION = ([dict(HEADLINE, beta_schedule="adaptive", kl_target=t, beta_init=
 # The calibrated trust region: the β sweep's knee, where the trust region first holds the policy near the
 # manifold while the reward still rises (docs/world.md, "The trust region, made to act"). The same runs as the β
 # sweep's β = 0.1, so the three grids share them.
-CALIBRATED = dict(HEADLINE, beta_schedule="fixed", beta_start=0.1, beta_end=0.1)
+CALIBRATED = dict(HEADLINE, beta_schedule="constant", beta_start=0.1)
 MODES = [dict(CALIBRATED, kl_mode=m) for m in ("none", "fixed", "moving", "dual")] + [
     dict(CALIBRATED, kl_mode="step", updates_per_rollout=2)]     # the Gaussian step term is 0 at one update
 KERNELS = [dict(CALIBRATED, kernel=k) for k in ("sage", "flow_grpo", "cps", "dance_grpo")]
@@ -115,7 +115,7 @@ def flags(method, seed, iterations, nproc):
 def name(method):
     """'sage, equalizer on, KL dual' and whatever else the method sets: 'β fixed 10'."""
     text = f"{method['kernel']}, equalizer {'on' if method['equalizer'] else 'off'}, KL {method['kl_mode']}"
-    if method.get("beta_schedule") == "fixed":
+    if method.get("beta_schedule") == "constant":  # "β fixed": the records' names, from before the schedule's rename
         text += f", β fixed {method['beta_start']:g}"
     elif method.get("beta_schedule") == "adaptive":
         text += ", β adaptive" + "".join(f" {k} {method[k]:g}" for k in ("kl_target", "beta_init", "beta_window")
@@ -125,7 +125,7 @@ def name(method):
     if method.get("updates_per_rollout", 1) > 1:
         text += f", {method['updates_per_rollout']} updates/rollout"
     if method.get("sde_window"):
-        text += f", SDE window {method['sde_window']} {method.get('sde_window_placement', 'fixed')}"
+        text += f", SDE window {method['sde_window']} {method.get('sde_window_placement', 'static')}"
     if method.get("eval_every"):
         text += f", eval every {method['eval_every']}"
     return text
