@@ -559,8 +559,12 @@ def _check_inputs(cfg, world_size):
             raise ConfigError(f"--model_path {cfg.model_path!r} is not a diffusers HunyuanVideo-1.5 or Wan2.1 directory: "
                               f"expected a 'transformer' subdirectory, found {sorted(os.listdir(cfg.model_path))[:8]}")
         try:
-            # the family (model_index.json), then every piece present (file names only, no weights read)
-            model.family_of(cfg.model_path).check_directory(cfg.model_path)
+            # the family (model_index.json), then every piece present (file names only, no weights read), then
+            # --sp_size against the transformer's attention heads (Ulysses splits heads)
+            family = model.family_of(cfg.model_path)
+            family.check_directory(cfg.model_path)
+            with open(os.path.join(cfg.model_path, "transformer", "config.json")) as f:
+                family.check_sp_size(json.load(f), cfg.sp_size)
         except (FileNotFoundError, ValueError) as error:
             raise ConfigError(f"--model_path: {error}") from None
         if "videoalign" in reward_specs and not os.path.isfile(os.path.join(cfg.reward_path,

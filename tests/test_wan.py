@@ -328,3 +328,13 @@ def test_recorded_log_probs_equal_recomputed_transition_log_probs(policy, embeds
         _, _, log_prob = model.transition_log_prob(policy.transformer, embeds, rollout.transitions(step), "sage", 0.7,
                                                    policy.guidance_scale)
         assert torch.allclose(log_prob, rollout.log_probs[:, step], atol=1e-4)
+
+
+def test_the_config_check_refuses_an_sp_size_that_does_not_divide_the_checkpoints_heads(tiny_path, tmp_path):
+    """config.check_inputs asks the checkpoint's family (here Wan, 2 heads in the tiny model) before loading."""
+    import config
+    os.makedirs(tmp_path / "reward")
+    cfg = config.parse_config(["--model_path", tiny_path, "--reward_path", str(tmp_path / "reward"), "--sp_size", "4",
+                               "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(config.ConfigError, match=r"--sp_size must divide Wan's 2 attention heads.*found 4"):
+        config.check_inputs(cfg, 4)
