@@ -24,8 +24,8 @@ Checkpoints (`save_checkpoint`, `load_checkpoint`, `latest_checkpoint`). A check
 directory `checkpoint-NNNNNN/`, written as `checkpoint-NNNNNN.tmp/` and renamed once every file is
 complete (the rename is atomic: a crash or a kill mid-write leaves the previous checkpoint the
 newest complete one). It holds
-    transformer/          the policy in diffusers layout (safetensors shards + index), loadable by
-                          `HunyuanVideo15Transformer3DModel.from_pretrained`; with LoRA the adapters
+    transformer/          the policy in diffusers layout (safetensors shards + index), loadable by its family's
+                          class (`HunyuanVideo15Transformer3DModel` / `WanTransformer3DModel.from_pretrained`); with LoRA the adapters
                           merged in, and the adapters themselves in policy/ (sharded)
     optimizer/, anchor/   torch.distributed.checkpoint (each rank writes its own shards)
     ema/, ema_transformer/  with --ema_decay: the weights' EMA, sharded (for --resume) and in diffusers
