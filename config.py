@@ -415,7 +415,8 @@ def check_flags(cfg, world_size):
                           "noise, hence nothing to explore)")
     for name, allowed in choices().items():
         if getattr(cfg, name) not in allowed:
-            raise ConfigError(f"unknown --{name} {getattr(cfg, name)!r}: expected one of {list(allowed)}")
+            what = {"kernel": "kernel", "kl_mode": "KL mode"}.get(name, f"--{name}")
+            raise ConfigError(f"unknown {what} {getattr(cfg, name)!r}: expected one of {list(allowed)}")
     if cfg.beta_schedule == "official" and not 0 < cfg.beta_start <= cfg.beta_end:
         raise ConfigError(f"--beta_schedule official needs 0 < beta_start <= beta_end, got {cfg.beta_start} and "
                           f"{cfg.beta_end}")

@@ -10,7 +10,6 @@ import config
 import distributed
 import eval as evaluate
 
-
 pytestmark = pytest.mark.slow  # the whole module: train.py / eval.py runs (README: Test)
 
 

@@ -399,6 +399,7 @@ KILLED_MID_WRITE = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
 import safetensors.torch
+import config
 import train
 
 def torn_write_then_hang(tensors, path, *args, **kwargs):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+import grpo
 import trust_region as tr
 
 
@@ -330,3 +331,33 @@ def test_unknown_step_estimator_and_missing_log_prob_raise():
         tr.dual_kl(mean, 1.0, None, mean, "step", step_estimator="k2")
     with pytest.raises(ValueError, match="needs the policy's log_prob"):
         tr.dual_kl(mean, 1.0, None, mean, "step", step_estimator="k1", old_log_prob=torch.zeros(2))
+
+
+@given(data=st.data(), batch=st.integers(1, 6), pairs=st.integers(1, 30), scale=st.integers(1, 8))
+def test_total_loss_is_the_mean_over_the_batchs_valid_pairs_of_the_policy_term_plus_beta_times_the_kl(data, batch, pairs,
+                                                                                                   scale):
+    """L = scale/P · Σ_valid [S_t·max(−Aρ, −A·clip(ρ)) + β·L_KL], written out pair by pair in float64 (the policy
+    term of each pair by hand, not through grpo.clipped_policy_loss), against trust_region.total_loss fed the
+    clipped loss's mean: the objective the paper minimises, as train.py assembles it over steps and ranks."""
+    floats = st.floats(-2, 2, allow_nan=False)
+    log_prob = torch.tensor(data.draw(st.lists(floats, min_size=batch, max_size=batch)), dtype=torch.float64)
+    old = log_prob + torch.tensor(data.draw(st.lists(st.floats(-1e-3, 1e-3), min_size=batch, max_size=batch)),
+                                  dtype=torch.float64)
+    advantages = torch.tensor(data.draw(st.lists(st.one_of(floats, st.just(float("nan"))), min_size=batch,
+                                                 max_size=batch)), dtype=torch.float64)
+    weights = torch.tensor(data.draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]), min_size=batch, max_size=batch)),
+                           dtype=torch.float64)
+    kl = torch.tensor(data.draw(st.lists(st.floats(0, 1), min_size=batch, max_size=batch)), dtype=torch.float64)
+    beta = torch.tensor(data.draw(st.lists(st.floats(0, 10), min_size=batch, max_size=batch)), dtype=torch.float64)
+    valid = torch.isfinite(advantages) & (weights > 0)
+    clip = 1e-4
+    policy_loss, _ = grpo.clipped_policy_loss(log_prob, old, advantages, weights, clip)
+    loss, policy_sum, kl_sum = tr.total_loss(policy_loss, kl, beta, valid, pairs, scale)
+    expected = 0.0
+    for i in range(batch):
+        if valid[i]:
+            rho = math.exp(log_prob[i].item() - old[i].item())
+            a = advantages[i].item()
+            expected += weights[i].item() * max(-a * rho, -a * min(max(rho, 1 - clip), 1 + clip)) + beta[i].item() * kl[i].item()
+    assert loss.item() == pytest.approx(scale * expected / pairs, rel=1e-9, abs=1e-12)
+    assert (policy_sum + kl_sum).item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
