@@ -558,11 +558,16 @@ def _check_inputs(cfg, world_size):
             raise ConfigError(f"{error}{hint}") from None
     if not (cfg.tiny or cfg.world):
         if not os.path.isdir(os.path.join(cfg.model_path, "transformer")):
-            raise ConfigError(f"--model_path {cfg.model_path!r} is not a diffusers HunyuanVideo-1.5 directory: "
+            raise ConfigError(f"--model_path {cfg.model_path!r} is not a diffusers HunyuanVideo-1.5 or Wan2.1 directory: "
                               f"expected a 'transformer' subdirectory, found {sorted(os.listdir(cfg.model_path))[:8]}")
         try:
-            model.check_hunyuan_directory(cfg.model_path)  # every piece present (file names only, no weights read)
-        except FileNotFoundError as error:
+            # the family (model_index.json), then every piece present (file names only, no weights read), then
+            # --sp_size against the transformer's attention heads (Ulysses splits heads)
+            family = model.family_of(cfg.model_path)
+            family.check_directory(cfg.model_path)
+            with open(os.path.join(cfg.model_path, "transformer", "config.json")) as f:
+                family.check_sp_size(json.load(f), cfg.sp_size)
+        except (FileNotFoundError, ValueError) as error:
             raise ConfigError(f"--model_path: {error}") from None
         if "videoalign" in reward_specs and not os.path.isfile(os.path.join(cfg.reward_path,
                                                                              videoalign_checkpoint.MODEL_CONFIG_FILE)):
@@ -689,9 +694,11 @@ def resolve_sampling(cfg, model_path):
     """Fill in shift and cfg_scale from the checkpoint (model.sampling_defaults) where the user gave none.
     Returns (cfg, {"shift": where it came from, "cfg_scale": ...}) for the run's log."""
     import model
-    shift, guidance_scale = model.sampling_defaults(model_path)
-    sources = {name: "--" + name if getattr(cfg, name) is not None else "the checkpoint's "
-               + ("scheduler" if name == "shift" else "guider") + " config" for name in ("shift", "cfg_scale")}
+    shift, guidance_scale = model.family_of(model_path).sampling_defaults(model_path)
+    guider = os.path.isdir(os.path.join(model_path, "guider"))  # Wan checkpoints carry none: WanPipeline's default
+    sources = {name: "--" + name if getattr(cfg, name) is not None else "the checkpoint's scheduler config"
+               if name == "shift" else "the checkpoint's guider config" if guider else "the pipeline's default"
+               for name in ("shift", "cfg_scale")}
     cfg = dataclasses.replace(cfg, shift=shift if cfg.shift is None else cfg.shift,
                               cfg_scale=guidance_scale if cfg.cfg_scale is None else cfg.cfg_scale)
     return cfg, sources

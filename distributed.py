@@ -8,12 +8,14 @@ device mesh over all ranks, which FSDP2 shards over; with `--sp_size` > 1 the ra
 (data-parallel x sequence-parallel) groups of parallel.py, whose ranks split each video's tokens.
 
 Sharding (`shard`). FSDP2 (`torch.distributed.fsdp.fully_shard`): one shard group per transformer
-block, then the root (embedders, token refiner, output head). A block's full weights exist only
+block (the family's block list: HunyuanVideo-1.5 `transformer_blocks`, Wan2.1 `blocks`; model.py's family
+objects name it), then the root (embedders, token refiner, output head). A block's full weights exist only
 while it runs. On CUDA the policy computes in bf16 with fp32 master weights and fp32 gradient
 reduction (MixedPrecisionPolicy); on CPU everything is fp32. The anchor (frozen, compute dtype) is
 sharded the same way and may live on CPU (`--anchor_offload`: CPUOffloadPolicy).
 
-Loading (`load_policy`). Only rank 0 reads the fp32 transformer (33 GB for the 8.3B model); every
+Loading (`load_policy`). The transformer class and LoRA targets are the checkpoint's family's
+(model.family_of: HunyuanVideo15Transformer3DModel or WanTransformer3DModel). Only rank 0 reads the fp32 transformer (33 GB for the 8.3B model); every
 rank builds the module on the meta device (no memory), shards it, allocates its own shards and
 receives them from rank 0 (`set_model_state_dict(..., broadcast_from_rank0=True)`). A node thus
 holds one full host copy, not one per rank.
@@ -22,8 +24,8 @@ Checkpoints (`save_checkpoint`, `load_checkpoint`, `latest_checkpoint`). A check
 directory `checkpoint-NNNNNN/`, written as `checkpoint-NNNNNN.tmp/` and renamed once every file is
 complete (the rename is atomic: a crash or a kill mid-write leaves the previous checkpoint the
 newest complete one). It holds
-    transformer/          the policy in diffusers layout (safetensors shards + index), loadable by
-                          `HunyuanVideo15Transformer3DModel.from_pretrained`; with LoRA the adapters
+    transformer/          the policy in diffusers layout (safetensors shards + index), loadable by its family's
+                          class (`HunyuanVideo15Transformer3DModel` / `WanTransformer3DModel.from_pretrained`); with LoRA the adapters
                           merged in, and the adapters themselves in policy/ (sharded)
     optimizer/, anchor/   torch.distributed.checkpoint (each rank writes its own shards)
     ema/, ema_transformer/  with --ema_decay: the weights' EMA, sharded (for --resume) and in diffusers
@@ -51,7 +53,6 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from diffusers import HunyuanVideo15Transformer3DModel
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -60,9 +61,11 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-# Modules that get LoRA adapters with --lora_rank: every attention projection of the transformer
-# blocks (video and text streams), as diffusers' HunyuanVideo LoRA training scripts target.
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+import model
+
+# Modules that get LoRA adapters with --lora_rank: each family's `lora_targets` (model.LORA_TARGETS for
+# HunyuanVideo-1.5, wan.LORA_TARGETS for Wan2.1); this name is HunyuanVideo-1.5's, kept for plan.py.
+LORA_TARGETS = model.LORA_TARGETS
 # LoRA scale alpha / r of those adapters (lora_alpha = r, our choice): merged as W + B·A.
 LORA_SCALE = 1.0
 # Largest safetensors file of a saved transformer (diffusers' own save_pretrained default): the 8.3B
@@ -92,6 +95,15 @@ def setup(use_cuda, timeout_minutes=30.0):
     return dist.get_rank(), dist.get_world_size(), device, mesh
 
 
+def family_blocks(transformer):
+    """The repeated blocks of `transformer` that FSDP2 shards one by one: its family's block list."""
+    family = model.family_of_transformer(transformer)
+    if family is None:
+        raise ValueError(f"no policy family has a {type(transformer).__name__}: expected one of "
+                         f"{[f.transformer_class.__name__ for f in model.FAMILIES.values()]}")
+    return getattr(transformer, family.blocks)
+
+
 def shard(transformer, mesh, param_dtype, offload=False, glyph_whole=False):
     """FSDP2: one shard group per transformer block, then the root (embedders, refiner, head).
 
@@ -101,11 +113,11 @@ def shard(transformer, mesh, param_dtype, offload=False, glyph_whole=False):
     """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     offload_policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
-    for block in transformer.transformer_blocks:
+    for block in family_blocks(transformer):
         fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload_policy)
-    glyph = transformer.context_embedder_2
     ignored = None
     if glyph_whole:
+        glyph = glyph_projector(transformer)
         if any(p.requires_grad for p in glyph.parameters()):
             raise ValueError("a glyph projector kept whole on every rank must be frozen (its gradients are not synced)")
         ignored = set(glyph.parameters())
@@ -130,7 +142,8 @@ def load_policy(path, mesh, device, rank, compute_dtype, *, lora_rank=0, gradien
     rest; train_glyph_projector=False freezes the byT5 glyph projector (`shard` then leaves it whole on
     every rank). Returns (policy, anchor_module or None).
     """
-    Transformer = HunyuanVideo15Transformer3DModel
+    family = model.family_of(path)
+    Transformer = family.transformer_class
 
     def prepare(transformer):  # identical on every rank: LoRA adapters or full fine-tune, checkpointing
         if lora_rank > 0:
@@ -138,10 +151,11 @@ def load_policy(path, mesh, device, rank, compute_dtype, *, lora_rank=0, gradien
             transformer.requires_grad_(False)
             # lora_alpha = r: the adapter adds B·A unscaled (LORA_SCALE = alpha / r = 1) at any rank
             transformer.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights=True,
-                                               target_modules=LORA_TARGETS))
+                                               target_modules=family.lora_targets))
         else:
             transformer.requires_grad_(True)
-            transformer.context_embedder_2.requires_grad_(train_glyph_projector)
+            if not train_glyph_projector:
+                glyph_projector(transformer).requires_grad_(False)
         if gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         return transformer
@@ -151,8 +165,11 @@ def load_policy(path, mesh, device, rank, compute_dtype, *, lora_rank=0, gradien
     full_state = prepare(Transformer.from_pretrained(path, torch_dtype=torch.float32)).state_dict() if rank == 0 else {}
     with torch.device("meta"):
         policy = prepare(Transformer.from_config(Transformer.load_config(path)))
-    uninitialised = sorted(set(dict(policy.named_buffers())) - set(policy.state_dict()))
-    if uninitialised:  # to_empty leaves them garbage and the broadcast does not carry them
+    # non-persistent buffers: to_empty leaves them garbage and the broadcast does not carry them, so every rank
+    # computes them from the config (the family knows how: Wan's RoPE tables)
+    computed = family.computed_buffers(policy)
+    uninitialised = sorted(set(dict(policy.named_buffers())) - set(policy.state_dict()) - set(computed))
+    if uninitialised:
         raise NotImplementedError(f"non-persistent buffers {uninitialised[:5]} would not be initialised by the "
                                   f"rank-0 broadcast load")
     anchor_module = None
@@ -160,12 +177,31 @@ def load_policy(path, mesh, device, rank, compute_dtype, *, lora_rank=0, gradien
         anchor_module = copy.deepcopy(policy).to(compute_dtype).requires_grad_(False).eval()
         shard(anchor_module, mesh, None, offload=anchor_offload, glyph_whole=not train_glyph_projector)
         anchor_module.to_empty(device="cpu" if anchor_offload else device)  # values: MovingAnchor.refresh
+        _write_buffers(anchor_module, computed)
         if not train_glyph_projector:  # kept whole: not sharded, so not offloaded either
-            anchor_module.context_embedder_2.to(device)
+            glyph_projector(anchor_module).to(device)
     shard(policy, mesh, compute_dtype if device.type == "cuda" else None, glyph_whole=not train_glyph_projector)
     policy.to_empty(device=device)
+    _write_buffers(policy, computed)
     set_model_state_dict(policy, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return policy, anchor_module
+
+
+def _write_buffers(module, buffers):
+    """Copy {name: tensor} into the module's (materialised) buffers of those names, in their dtype and device."""
+    named = dict(module.named_buffers())
+    with torch.no_grad():
+        for name, value in buffers.items():
+            named[name].copy_(value.to(named[name].dtype))
+
+
+def glyph_projector(transformer):
+    """HunyuanVideo-1.5's byT5 glyph projector (`context_embedder_2`); a family without one (Wan2.1) raises."""
+    glyph = getattr(transformer, "context_embedder_2", None)
+    if glyph is None:
+        raise ValueError(f"--no-train_glyph_projector: a {type(transformer).__name__} has no glyph projector "
+                         f"(only HunyuanVideo-1.5's byT5 context_embedder_2 can be frozen); leave it at its default")
+    return glyph
 
 
 def exit_process(status):
@@ -375,6 +411,12 @@ def save_transformer(transformer, path, rank, max_shard_size=MAX_SHARD_SIZE, lor
     if rank == 0:
         os.makedirs(path, exist_ok=True)
         transformer.save_config(path)
+        family = model.family_of_transformer(transformer)
+        if family is not None:  # FSDP2 names the wrapped class FSDP<class>: write the class diffusers loads
+            with open(os.path.join(path, "config.json")) as f:
+                saved = json.load(f)
+            with open(os.path.join(path, "config.json"), "w") as f:
+                json.dump({**saved, "_class_name": family.transformer_class.__name__}, f, indent=2, sort_keys=True)
         split = split_torch_state_dict_into_shards(state, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
                                                    max_shard_size=max_shard_size)
         for filename, keys in split.filename_to_tensors.items():

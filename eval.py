@@ -178,9 +178,8 @@ def checked_checkpoints(paths, log=print):
 def load_transformer(path, device, dtype):
     """A transformer directory's model, or EvalError naming the directory and the cause (no library traceback);
     non-finite weights (a directory without manifest that was corrupted) are an error too."""
-    from diffusers import HunyuanVideo15Transformer3DModel
-    try:
-        transformer = HunyuanVideo15Transformer3DModel.from_pretrained(path, torch_dtype=dtype)
+    try:  # the saved class: either family's (model.transformer_class_of)
+        transformer = model.transformer_class_of(path).from_pretrained(path, torch_dtype=dtype)
     except Exception as error:  # noqa: BLE001 - diffusers' OSError / safetensors' errors: one line with the cause
         raise EvalError(f"{path} could not be loaded ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
     bad = next((name for name, p in transformer.state_dict().items() if not torch.isfinite(p).all()), None)
@@ -351,17 +350,17 @@ def evaluate(cfg, prompts, paths):
     results = earlier_results(cfg.output_dir, settings)  # refused here, before any model, if the settings differ
 
     # text encoders, VAE, scheduler only: each evaluated transformer, the base one included, is loaded below
-    pipe = model.load_hunyuan(model_path, device="cpu", dtype=dtype, load_transformer=False)
-    for module in (pipe.pipeline.text_encoder, pipe.pipeline.text_encoder_2, pipe.vae):
+    pipe = model.load_policy_family(model_path, device="cpu", dtype=dtype, load_transformer=False)
+    for module in pipe.text_encoders + (pipe.vae,):
         module.to(device)
-    model.set_vae_tiling(pipe.vae, cfg.vae_tiling)
+    pipe.set_vae_tiling(cfg.vae_tiling)
     print(f"eval: shift {cfg.shift:g} ({sources['shift']}), CFG scale {cfg.cfg_scale:g} ({sources['cfg_scale']}), "
           f"{cfg.num_steps} ODE steps, {cfg.num_frames} frames at {cfg.height}x{cfg.width}, "
           f"VAE tiling {'on' if cfg.vae_tiling else 'off'}", flush=True)
     score = (world_scorer() if cfg.world else
              video_scorer(pipe, reward_path, clip_path, pick_path, cfg.pickscore_processor_path, device, dtype))
     columns = WORLD_COLUMNS if cfg.world else COLUMNS
-    embeds = model.encode_prompts(pipe, prompts, device=device, dtype=dtype)
+    embeds = pipe.encode_prompts(prompts, device=device, dtype=dtype)
     samples = [(i, j, cfg.seed + 1000 * i + j) for i in range(len(prompts)) for j in range(cfg.videos_per_prompt)]
     sigmas = sde.shifted_sigmas(cfg.num_steps, cfg.shift)
     latent_shape = pipe.latent_shape(cfg.num_frames, cfg.height, cfg.width)
@@ -404,7 +403,7 @@ def video_scorer(pipe, reward_path, clip_path, pick_path, processor_path, device
                                                    device=device, dtype=dtype)
 
     def score(latents, prompts):
-        frames = model.decode_latents(pipe.vae, latents)  # (B, F, 3, H, W) in [0, 1]
+        frames = pipe.decode(latents)  # (B, F, 3, H, W) in [0, 1]
         scores = dict(videoalign(frames, prompts))
         scores["overall"] = scores["vq"] + scores["mq"] + scores["ta"]
         scores["clip_score"], scores["pick_score"] = clip_score(frames, prompts), pick_score(frames, prompts)

@@ -36,6 +36,23 @@ What this file does, top to bottom
 
 A tiny random HunyuanVideo-1.5 in the same layout, for tests and `--tiny` runs, is built by tiny.py.
 
+Policy families (HunyuanVideo-1.5 here, Wan2.1 in wan.py)
+---------------------------------------------------------
+The family of a checkpoint is its model_index.json `_class_name` (`family_of`): `HunyuanVideo15Pipeline` ->
+`HunyuanVideo15Policy` (this file), `WanPipeline` -> `wan.WanPolicy`; any other pipeline (an image-to-video
+checkpoint, an unknown family) is refused in one line. `load_policy_family(path)` loads either. Each family's
+policy object answers the same questions:
+    check_directory(path), sampling_defaults(path) -> (shift, cfg), load(path, device, dtype, load_transformer)
+    latent_shape(frames, height, width)       (C, F, H, W), ValueError for a size the family cannot make
+    encode_prompts(prompts, negative_prompt)  the family's PromptEmbeds (cond + uncond), cached by PromptCache
+    decode(latents), set_vae_tiling(enabled)  frames (B, F, 3, H, W) in [0, 1]
+    text_encoders, release_text_encoder()     for offloading / freeing the encoders once the cache is full
+    transformer_class, blocks, lora_targets, hidden_blocks, check_sp_size(config, sp),
+    computed_buffers(transformer)             (distributed.py, optimizer.py, parallel.py, plan.py)
+and its prompt embeddings supply `guided_velocity(transformer, x, σ, s)`: the CFG velocity in one batched
+forward. `rollout` and `transition_log_prob` call only that, so the sampler, sde.py and the losses never ask
+which family they run.
+
 How the transformer is fed (matches `HunyuanVideo15Pipeline.__call__`, diffusers 0.42.1, T2V)
 ---------------------------------------------------------------------------------------------
 * hidden_states = cat([x, zeros like x (image-condition latents), zeros (B, 1, F, H, W) (mask)],
@@ -65,6 +82,7 @@ Known library issue: the HunyuanVideo-1.5 VAE of diffusers 0.42 fails on batch >
 `decode_latents` decodes one sample at a time.
 """
 import dataclasses
+import json
 import os
 
 import torch
@@ -74,6 +92,7 @@ from diffusers.guiders import ClassifierFreeGuidance
 
 import hub
 import sde
+import wan
 
 # ----------------------------------------------------------------------------------------------
 # Constants (each with where it comes from).
@@ -89,6 +108,11 @@ TIMESTEP_SCALE = 1000.0
 IMAGE_EMBED_TOKENS = 0
 # Negative prompt for the unconditional branch: the pipeline's default (None -> "").
 DEFAULT_NEGATIVE_PROMPT = ""
+# LoRA targets (distributed.py, --lora_rank): every attention projection of the dual-stream blocks (video and
+# text streams), as diffusers' HunyuanVideo LoRA training scripts target.
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+# The repeated blocks whose 2-D matrices Muon's "hidden" grouping takes (optimizer.py).
+HIDDEN_BLOCKS = ("transformer_blocks.", "refiner_blocks.")
 
 # What `HunyuanVideo15Pipeline.save_pretrained` writes: subfolder -> the file that must be in it.
 # Weights are checked separately (WEIGHT_SUFFIXES) for the four model subfolders.
@@ -120,6 +144,62 @@ class HunyuanVideo15Policy:
     pipeline: HunyuanVideo15Pipeline
     shift: float            # schedule shift s of σ <- sσ/(1+(s−1)σ), from scheduler/scheduler_config.json
     guidance_scale: float   # CFG scale, from guider/guider_config.json (DEFAULT_GUIDANCE_SCALE without one)
+
+    # the family interface (module docstring)
+    family = "hunyuan"
+    pipeline_class = "HunyuanVideo15Pipeline"
+    transformer_class = HunyuanVideo15Transformer3DModel
+    blocks = "transformer_blocks"  # FSDP2 shards each block of this list (distributed.shard)
+    lora_targets = LORA_TARGETS
+    hidden_blocks = HIDDEN_BLOCKS
+    default_negative_prompt = DEFAULT_NEGATIVE_PROMPT
+
+    @staticmethod
+    def check_directory(path):
+        check_hunyuan_directory(path)
+
+    @staticmethod
+    def sampling_defaults(path):
+        return sampling_defaults(path)
+
+    @staticmethod
+    def load(path, device="cpu", dtype=torch.bfloat16, load_transformer=True):
+        return load_hunyuan(path, device=device, dtype=dtype, load_transformer=load_transformer)
+
+    @staticmethod
+    def check_sp_size(transformer_config, sp_size):
+        """Raise ValueError unless sp_size divides the attention heads (Ulysses splits heads; 16 in the 8.3B)."""
+        heads = transformer_config["num_attention_heads"]
+        if sp_size < 1 or heads % sp_size:
+            raise ValueError(f"--sp_size must divide the attention heads (Ulysses splits heads): expected a divisor "
+                             f"of {heads}, found {sp_size}")
+
+    @property
+    def text_encoders(self):
+        """The frozen text encoders (PromptCache moves them with offload): Qwen2.5-VL and byT5."""
+        return tuple(m for m in (self.pipeline.text_encoder, self.pipeline.text_encoder_2) if m is not None)
+
+    @staticmethod
+    def computed_buffers(transformer):
+        """Non-persistent buffers to recompute after a meta-device build (distributed.load_policy): none."""
+        return {}
+
+    def release_text_encoder(self):
+        """Drop both text encoders once every prompt of the run is cached; returns the bytes freed."""
+        freed = sum(p.numel() * p.element_size() for m in self.text_encoders for p in m.parameters())
+        self.pipeline.text_encoder = self.pipeline.text_encoder_2 = None
+        return freed
+
+    def encode_prompts(self, prompts, negative_prompt=DEFAULT_NEGATIVE_PROMPT, device=None, dtype=None,
+                       trim_padding=True):
+        return encode_prompts(self, prompts, negative_prompt, device=device, dtype=dtype, trim_padding=trim_padding)
+
+    def decode(self, latents):
+        return decode_latents(self.vae, latents)
+
+    def set_vae_tiling(self, enabled=None):
+        """`set_vae_tiling` of this family's VAE (diffusers' HunyuanVideo-1.5 tiles); returns whether it is on."""
+        return set_vae_tiling(self.vae, enabled)
 
     @property
     def transformer(self) -> HunyuanVideo15Transformer3DModel:
@@ -216,6 +296,54 @@ def load_hunyuan(path, device="cpu", dtype=torch.bfloat16, load_transformer=True
 
 
 # ----------------------------------------------------------------------------------------------
+# Families: which policy a checkpoint directory holds.
+
+# model_index.json `_class_name` -> the family's policy class (module docstring: what each answers).
+FAMILIES = {HunyuanVideo15Policy.pipeline_class: HunyuanVideo15Policy, wan.WanPolicy.pipeline_class: wan.WanPolicy}
+
+
+def family_of(path):
+    """The policy class of a diffusers checkpoint directory (or cached hub id), from model_index.json's
+    `_class_name` alone (no weights): HunyuanVideo15Policy or wan.WanPolicy. Any other pipeline, an
+    image-to-video one included, is a one-line ValueError naming what was found and what is supported."""
+    path = hub.resolve_path(path, "checkpoint")
+    index = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index):
+        raise FileNotFoundError(f"{path!r} has no model_index.json: expected a diffusers pipeline directory of one of "
+                                f"{sorted(FAMILIES)}, found {sorted(os.listdir(path))}")
+    with open(index) as f:
+        name = json.load(f).get("_class_name")
+    if name not in FAMILIES:
+        raise ValueError(f"{path!r} holds a {name!r} checkpoint (model_index.json _class_name); supported are "
+                         f"text-to-video {' and '.join(sorted(FAMILIES))}")
+    return FAMILIES[name]
+
+
+def transformer_class_of(transformer_dir):
+    """The transformer class a saved transformer directory (config.json `_class_name`) loads with: either family's,
+    for a checkpoint's transformer/ that has no model_index.json beside it."""
+    with open(os.path.join(transformer_dir, "config.json")) as f:
+        name = json.load(f).get("_class_name") or ""
+    name = name[len("FSDP"):] if name.startswith("FSDP") else name  # checkpoints that kept FSDP2's wrapper name
+    classes = {family.transformer_class.__name__: family.transformer_class for family in FAMILIES.values()}
+    if name not in classes:
+        raise ValueError(f"{transformer_dir!r} holds a {name!r} (config.json _class_name); supported are "
+                         f"{' and '.join(sorted(classes))}")
+    return classes[name]
+
+
+def family_of_transformer(transformer):
+    """The policy class whose transformer `transformer` is (FSDP2- and LoRA-wrapped modules keep their class),
+    or None for a module of no family."""
+    return next((family for family in FAMILIES.values() if isinstance(transformer, family.transformer_class)), None)
+
+
+def load_policy_family(path, device="cpu", dtype=torch.bfloat16, load_transformer=True):
+    """Load the policy of whatever family `path` holds (family_of): HunyuanVideo15Policy or wan.WanPolicy."""
+    return family_of(path).load(path, device=device, dtype=dtype, load_transformer=load_transformer)
+
+
+# ----------------------------------------------------------------------------------------------
 # Prompt embeddings: computed once per prompt, reused by all G rollouts and all N steps.
 
 @dataclasses.dataclass
@@ -250,6 +378,36 @@ class PromptEmbeds:
     def repeat_interleave(self, group_size):
         """Each prompt `group_size` times in a row: prompts [a, b] -> samples [a, a, …, b, b, …] (GRPO groups)."""
         return self._map(lambda t: t.repeat_interleave(group_size, dim=0))
+
+    def guided_velocity(self, transformer, latents, sigma, guidance_scale):
+        """The family's CFG velocity (rollout and transition_log_prob call this): `cfg_velocity`."""
+        return cfg_velocity(transformer, latents, sigma, self, guidance_scale)
+
+    def unconditional(self):
+        """The same rows with the negative prompt as the conditional one (self_check's separate forwards)."""
+        return dataclasses.replace(self, embeds=self.negative_embeds, mask=self.negative_mask,
+                                   embeds_2=self.negative_embeds_2, mask_2=self.negative_mask_2)
+
+    # PromptCache: one prompt's real tokens on the CPU, and rows rebuilt from them.
+    def real_tokens(self):
+        """Row 0's real tokens (text (L, D), glyph (L2, D2)) and the negative prompt's, on the CPU."""
+        real = lambda embeds, mask: embeds[0][mask[0].bool()].cpu()  # noqa: E731
+        return ((real(self.embeds, self.mask), real(self.embeds_2, self.mask_2)),
+                (real(self.negative_embeds, self.negative_mask), real(self.negative_embeds_2, self.negative_mask_2)))
+
+    def from_real_tokens(self, rows, negative, device):
+        """PromptEmbeds of `rows` (each a `real_tokens()[0]`) and the negative row, each stream padded with zeros
+        (mask 0) to the longest real length of the rows and the negative prompt."""
+        fields = {}
+        for stream, suffix in ((0, ""), (1, "_2")):
+            length = max(r[stream].shape[0] for r in list(rows) + [negative])
+            padded = [_pad_tokens(r[stream], length, self.mask.dtype) for r in rows]
+            negative_row = _pad_tokens(negative[stream], length, self.mask.dtype)
+            fields[f"embeds{suffix}"] = torch.stack([e for e, _ in padded]).to(device)
+            fields[f"mask{suffix}"] = torch.stack([m for _, m in padded]).to(device)
+            fields[f"negative_embeds{suffix}"] = negative_row[0].expand(len(rows), -1, -1).contiguous().to(device)
+            fields[f"negative_mask{suffix}"] = negative_row[1].expand(len(rows), -1).contiguous().to(device)
+        return PromptEmbeds(**fields)
 
     def trim_padding(self):
         """Drop the padding tokens the transformer would mask: each stream (text, glyph) keeps, in every
@@ -323,25 +481,23 @@ class PromptCache:
             raise ValueError(f"the prompt cache must hold at least 1 prompt, got capacity {capacity}")
         self.policy, self.device, self.dtype = policy, torch.device(device), dtype
         self.capacity, self.offload, self.negative_prompt = capacity, offload, negative_prompt
-        self.rows = {}            # prompt -> (embeds (L, D), embeds_2 (L2, D2)): real tokens only, on the CPU
+        self.rows = {}            # prompt -> its real tokens per stream (Hunyuan: text (L, D), glyph (L2, D2)), CPU
         self.negative = None      # the same for the negative prompt
         self.encoded = 0          # prompts encoded so far (the rest came from the cache)
-        self.mask_dtype = None    # the pipeline's
+        self.template = None      # an encoded PromptEmbeds of the family: rebuilds rows (from_real_tokens)
 
     def _encode(self, prompt):
-        """One prompt's real tokens (text, glyph) and the negative prompt's, on the CPU."""
-        e = encode_prompts(self.policy, [prompt], self.negative_prompt, device=self.device, dtype=self.dtype,
-                           trim_padding=False)
-        real = lambda embeds, mask: embeds[0][mask[0].bool()].cpu()
-        self.encoded, self.mask_dtype = self.encoded + 1, e.mask.dtype
-        return ((real(e.embeds, e.mask), real(e.embeds_2, e.mask_2)),
-                (real(e.negative_embeds, e.negative_mask), real(e.negative_embeds_2, e.negative_mask_2)))
+        """One prompt's real tokens (each stream) and the negative prompt's, on the CPU."""
+        e = self.policy.encode_prompts([prompt], self.negative_prompt, device=self.device, dtype=self.dtype,
+                                       trim_padding=False)
+        self.encoded, self.template = self.encoded + 1, e
+        return e.real_tokens()
 
     def __call__(self, prompts):
         if isinstance(prompts, str) or not prompts:
             raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
         missing = [p for p in dict.fromkeys(prompts) if p not in self.rows]
-        encoders = (self.policy.pipeline.text_encoder, self.policy.pipeline.text_encoder_2)
+        encoders = self.policy.text_encoders
         for module in encoders if self.offload and missing else ():
             module.to(self.device)
         for prompt in missing:
@@ -353,16 +509,7 @@ class PromptCache:
         rows = [self.rows[p] for p in prompts]
         while len(self.rows) > self.capacity:
             del self.rows[next(iter(self.rows))]
-        fields = {}
-        for stream, suffix in ((0, ""), (1, "_2")):
-            length = max(r[stream].shape[0] for r in rows + [self.negative])
-            padded = [_pad_tokens(r[stream], length, self.mask_dtype) for r in rows]
-            negative = _pad_tokens(self.negative[stream], length, self.mask_dtype)
-            fields[f"embeds{suffix}"] = torch.stack([e for e, _ in padded]).to(self.device)
-            fields[f"mask{suffix}"] = torch.stack([m for _, m in padded]).to(self.device)
-            fields[f"negative_embeds{suffix}"] = negative[0].expand(len(prompts), -1, -1).contiguous().to(self.device)
-            fields[f"negative_mask{suffix}"] = negative[1].expand(len(prompts), -1).contiguous().to(self.device)
-        return PromptEmbeds(**fields)
+        return self.template.from_real_tokens(rows, self.negative, self.device)
 
 
 def _pad_tokens(embeds, length, mask_dtype):
@@ -528,7 +675,7 @@ def rollout(transformer, prompt_embeds, seeds, latent_shape, sigmas, kernel="sag
     latents, log_probs, means, stds = [x], [], [], []
     for i in range(num_steps):
         sigma, sigma_next = sigmas[i].expand(batch_size), sigmas[i + 1].expand(batch_size)  # (B,)
-        velocity = cfg_velocity(transformer, x, sigma, prompt_embeds, guidance_scale)
+        velocity = prompt_embeds.guided_velocity(transformer, x, sigma, guidance_scale)  # the family's CFG forward
         step_kernel = kernel if stochastic[i] else "ode"
         # one sde.step per sample, each with its own generator: sample b's noise depends on seeds[b] only
         steps = [sde.step(step_kernel, x[b:b + 1], velocity[b:b + 1], sigma[b:b + 1], sigma_next[b:b + 1], eta,
@@ -553,7 +700,7 @@ def transition_log_prob(transformer, prompt_embeds, transition, kernel="sage", e
     log_prob (B,). With the rollout's weights this reproduces Rollout.log_probs (on-policy ratio 1).
     """
     latents = transition.latents.float()  # (B, C, F, H, W) x_σ
-    velocity = cfg_velocity(transformer, latents, transition.sigma, prompt_embeds, guidance_scale)
+    velocity = prompt_embeds.guided_velocity(transformer, latents, transition.sigma, guidance_scale)
     mean, std = sde.transition(kernel, latents, velocity, transition.sigma, transition.sigma_next, eta)
     return mean, std, sde.log_prob(transition.next_latents, mean, std)
 

@@ -47,6 +47,9 @@ torch.optim.Optimizer.
 """
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+from model import HIDDEN_BLOCKS as HUNYUAN_HIDDEN_BLOCKS
+from model import family_of_transformer
 # torch's own Newton-Schulz and learning-rate rule, so that an unsharded step equals torch.optim.Muon's
 from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
@@ -73,8 +76,9 @@ def _fused(params):
     """fused=True, except for meta tensors (plan.py steps an optimizer on them to count its states), where
     torch has no fused kernel."""
     return all(p.device.type != "meta" for p in params)
-# The repeated blocks of HunyuanVideo15Transformer3DModel whose matrices `grouping="hidden"` gives Muon.
-HIDDEN_BLOCKS = ("transformer_blocks.", "refiner_blocks.")
+# The repeated blocks whose matrices `grouping="hidden"` gives Muon: the model's family's `hidden_blocks`
+# (Wan2.1: "blocks."); these, HunyuanVideo15Transformer3DModel's, for a module of no family.
+HIDDEN_BLOCKS = HUNYUAN_HIDDEN_BLOCKS
 
 
 def check_choice(name, value, choices):
@@ -86,14 +90,17 @@ def muon_groups(model, grouping="official"):
     """Split the trainable parameters: (muon, adamw), two lists of (name, parameter).
 
     official: every 2-D parameter to Muon (embeddings, output projection and LoRA matrices
-    included); hidden: only 2-D parameters inside `HIDDEN_BLOCKS`. The rest goes to AdamW.
+    included); hidden: only 2-D parameters inside the family's hidden blocks (`HIDDEN_BLOCKS`
+    for a module of no family). The rest goes to AdamW.
     """
     check_choice("grouping", grouping, GROUPINGS)
+    family = family_of_transformer(model)
+    hidden_blocks = family.hidden_blocks if family is not None else HIDDEN_BLOCKS
     muon, adamw = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        in_blocks = any(block in name for block in HIDDEN_BLOCKS)
+        in_blocks = any(block in name for block in hidden_blocks)
         use_muon = parameter.ndim == 2 and (grouping == "official" or in_blocks)
         (muon if use_muon else adamw).append((name, parameter))
     return muon, adamw

@@ -65,6 +65,15 @@ states take 1/W per GPU instead of 1/dp, and the reduce-scatter over W ranks is 
 SP group plus the average over data-parallel groups that the gradient needs anyway. Replicating
 over "sp" (HSDP) would hold sp copies of the states for no gain.
 
+Wan2.1 (`WanTransformer3DModel`). diffusers ships its plan (`WanTransformer3DModel._cp_plan`), which `enable`
+uses as it is: the video tokens (and their RoPE) are split at the input of the first block and gathered at
+`proj_out`; self-attention is Ulysses (heads must divide: 12 in the 1.3B model, 40 in the 14B; the config
+check calls `wan.check_sp_size`); cross-attention runs locally, each rank's video queries against all 512
+text keys (the text is not split, every rank holds it whole, so there is no padding hook and no mask to
+gather: Wan's transformer takes no text mask). Only the video tokens F·H/2·W/2 must split evenly
+(`check_video_tokens`, a pre-hook like the Hunyuan one). The timestep is per sample (Wan2.1), so the plan's
+per-token timestep split (Wan2.2) does not apply.
+
 What diffusers 0.42.1 cannot do here, and what we do about it
 * `enable_parallelism` derives the device as rank % torch.accelerator.device_count(): a
   ZeroDivisionError on a machine without an accelerator. `enable` supplies the config's device
@@ -82,6 +91,8 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
 from torch.distributed.device_mesh import init_device_mesh
+
+import model
 
 # Where the transformer's tokens are split (input of the first dual-stream block) and gathered
 # (output of proj_out); see the module docstring.
@@ -226,14 +237,22 @@ def _resolve_on(transformer, device, mesh):
 
 
 def enable(transformer, layout, device):
-    """Key-mask processors in every block (also for sp = 1: same velocity, no L x L mask), then, for
-    sp > 1, split `transformer`'s tokens over the SP group of `layout` (a SequenceParallel): the
-    text-padding hook and diffusers' enable_parallelism with our plan. Works on a plain or
-    FSDP2-sharded (and LoRA-wrapped) HunyuanVideo15Transformer3DModel."""
+    """Split `transformer`'s tokens over the SP group of `layout` (a SequenceParallel) with its family's plan
+    (`SEQUENCE_PARALLEL`). Works on a plain or FSDP2-sharded (and LoRA-wrapped) transformer of either family."""
     heads = transformer.config.num_attention_heads
     if heads % layout.sp_size:
         raise ValueError(f"--sp_size must divide the attention heads (Ulysses splits heads): expected a divisor of "
                          f"{heads}, found {layout.sp_size}")
+    family = model.family_of_transformer(transformer)
+    if family is None:
+        raise ValueError(f"no sequence-parallel plan for a {type(transformer).__name__}: expected one of "
+                         f"{[f.transformer_class.__name__ for f in model.FAMILIES.values()]}")
+    return SEQUENCE_PARALLEL[family.family](transformer, layout, device)
+
+
+def enable_hunyuan(transformer, layout, device):
+    """Key-mask processors in every block (also for sp = 1: same velocity, no L x L mask), then, for
+    sp > 1, the text-padding hook and diffusers' enable_parallelism with HUNYUAN_VIDEO15_CP_PLAN."""
     for block in transformer.transformer_blocks:
         block.attn.set_processor(KeyMaskAttnProcessor())
     if layout.sp_size == 1:
@@ -243,3 +262,35 @@ def enable(transformer, layout, device):
     transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=layout.sp_size, mesh=layout.mesh),
                                    cp_plan=HUNYUAN_VIDEO15_CP_PLAN)
     return transformer
+
+
+def check_video_tokens(multiple):
+    """A forward pre-hook: the video tokens (F/pt)·(H/p)·(W/p) of hidden_states must split evenly over `multiple`
+    ranks (they cannot be padded: RoPE and the unpatchify need the whole grid)."""
+
+    def hook(module, args, kwargs):
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        _, _, frames, height, width = hidden_states.shape
+        pt, ph, pw = module.config.patch_size
+        video_tokens = (frames // pt) * (height // ph) * (width // pw)
+        if video_tokens % multiple:
+            raise ValueError(f"--sp_size {multiple} must divide the number of video tokens: found {video_tokens} "
+                             f"tokens ((F/{pt})·(H/{ph})·(W/{pw}) of a {frames}x{height}x{width} latent), "
+                             f"{video_tokens % multiple} left over; choose another video size or --sp_size")
+        return args, kwargs
+
+    return hook
+
+
+def enable_wan(transformer, layout, device):
+    """Wan2.1: diffusers' own WanTransformer3DModel._cp_plan (module docstring); nothing to do for sp = 1."""
+    if layout.sp_size == 1:
+        return transformer
+    transformer.register_forward_pre_hook(check_video_tokens(layout.sp_size), with_kwargs=True)
+    transformer._resolve_parallel_config = _resolve_on(transformer, device, layout.mesh)
+    transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=layout.sp_size, mesh=layout.mesh))
+    return transformer
+
+
+# Each family's sequence-parallel preparation (model.py's family name -> function).
+SEQUENCE_PARALLEL = {"hunyuan": enable_hunyuan, "wan": enable_wan}

@@ -4,6 +4,7 @@
     python train.py --plan --world_size 8 --sp_size 2 --videos_per_rank 2 --optimizer muon
     python train.py --plan --world_size 1 --videos_per_rank 4 --lora_rank 64 --text_encoder_offload
     python plan.py ...                                      # the same, without train.py
+    python plan.py --family wan --model_size 1.3B            # Wan2.1-1.3B on one GPU: 480x832x81 and 240x416x33
 
 No weights and no GPU are needed: every model is built on the meta device (shapes, no memory).
 
@@ -43,6 +44,13 @@ What is derived (formulas below, in `plan`)
 * Time = FLOPs / (peak · MFU): H100 SXM dense bf16 peak 989 TFLOP/s, MFU 0.4 assumed. Not counted:
   communication (overlapped by FSDP2's prefetch when it can be), the VAE decode and the reward.
 
+Wan2.1 (`--family wan --model_size 1.3B | 14B`). The same measurements on `WanTransformer3DModel` built from
+the published configs (WAN21_CONFIGS), with three differences of the model: the video tokens are
+F·(H/16)·(W/16) (VAE 8x, patch 2: 480x832x81 -> 32,760); the 512 UMT5 tokens are cross-attention keys, not
+part of the self-attention sequence (so they add a constant per block, in the calibration's c, and are not
+split by sequence parallelism); the frozen models are UMT5-XXL's encoder (5.7B) and the Wan VAE. The block
+input every checkpointed block keeps is D = 1536 (1.3B) or 5120 (14B) per token.
+
 Memory is in GiB (2^30 bytes); an H100 holds 79.6 GiB usable (torch.cuda.mem_get_info on an 80 GB card).
 
 None of this has been checked on a GPU yet: benchmarks/gpu_check.py runs the real transformer and one real
@@ -80,6 +88,22 @@ CALIBRATION_TEXT = 32
 # Glyph-SDXL-v2's byT5-small encoder (text_encoder_2), VideoAlign's base Qwen2-VL-2B-Instruct.
 QWEN25_VL_7B_TEXT = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                          num_attention_heads=28, num_key_value_heads=4)
+# Wan2.1: transformer/config.json of Wan-AI/Wan2.1-T2V-{1.3B,14B}-Diffusers, and google/umt5-xxl's encoder
+# (text_encoder/config.json of the same checkpoints). WAN_TEXT_TOKENS: WanPipeline's max_sequence_length.
+WAN21_CONFIGS = {
+    "1.3B": dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                 text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                 qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+    "14B": dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+                text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+}
+UMT5_XXL_ENCODER = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                        feed_forward_proj="gated-gelu")
+WAN_TEXT_TOKENS = 512
+# The transformers the planner knows: "family-size" -> (family, size). HUNYUAN is the default of every function.
+HUNYUAN = "hunyuan-8.3B"
+MODEL_SIZES = {"hunyuan": ("8.3B",), "wan": tuple(WAN21_CONFIGS)}
 BYT5_SMALL_ENCODER = dict(vocab_size=384, d_model=1472, d_ff=3584, num_layers=12, num_heads=6, d_kv=64)
 QWEN2_VL_2B = dict(text_config=dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                                     num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
@@ -98,6 +122,8 @@ class Setup:
     scale of the HunyuanVideo-1.5 480p guider config."""
     name: str = "custom"
     world_size: int = 8
+    family: str = "hunyuan"   # the checkpoint's family (train.py reads it from --model_path's model_index.json)
+    model_size: str = "8.3B"  # hunyuan: 8.3B; wan: 1.3B or 14B
     sp_size: int = _TRAIN.sp_size
     videos_per_rank: int = config.default_videos_per_rank(_TRAIN.group_size, 8 // _TRAIN.sp_size)
     group_size: int = _TRAIN.group_size
@@ -119,7 +145,7 @@ class Setup:
     def flags(self):
         """The flags of this setup that differ from train.py's defaults, e.g. '--sp_size 2 --lora_rank 64'."""
         default = Setup()
-        skip = ("name", "world_size")
+        skip = ("name", "world_size", "family", "model_size")
         parts = []
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
@@ -139,6 +165,27 @@ STANDARD_SETUPS = (
     Setup("64xH100 sp2", world_size=64, sp_size=2),
     Setup("64xH100 sp2 720p", world_size=64, sp_size=2, num_frames=121, height=720, width=1280),
 )
+# Wan2.1 on one GPU: 480x832x81 (Wan's 480p) and the peers' GRPO size 240x416x33 (flow_grpo, Pref-GRPO), full
+# fine-tune and LoRA r 32 (flow_grpo's rank), group 4 (flow_grpo's videos per prompt), CFG 5 (WanPipeline).
+WAN_STANDARD_SETUPS = tuple(
+    Setup(f"1xH100 {size} {frames}x{height}x{width} {'LoRA' if lora else 'full'}", world_size=1, family="wan",
+          model_size="1.3B", videos_per_rank=4, num_frames=frames, height=height, width=width, lora_rank=lora,
+          cfg_scale=5.0)
+    for size, (frames, height, width) in (("480p", (81, 480, 832)), ("240p", (33, 240, 416))) for lora in (0, 32))
+
+
+def model_name(setup):
+    """The planner's key of a setup's transformer, e.g. "wan-1.3B"; a ValueError for an unknown family or size."""
+    if setup.family not in MODEL_SIZES or setup.model_size not in MODEL_SIZES[setup.family]:
+        raise ValueError(f"--family {setup.family} --model_size {setup.model_size}: expected one of "
+                         f"{[f'{f} {s}' for f, sizes in MODEL_SIZES.items() for s in sizes]}")
+    return f"{setup.family}-{setup.model_size}"
+
+
+def family_class(name):
+    """The policy family class (model.py) of a planner key."""
+    import model
+    return model.HunyuanVideo15Policy if name.startswith("hunyuan") else model.wan.WanPolicy
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,34 +204,35 @@ def fake_world(world_size):
         dist.destroy_process_group()
 
 
-def transformer_kwargs(config=()):
+def transformer_kwargs(config=(), name=HUNYUAN):
     """Keyword arguments of HunyuanVideo15Transformer3DModel: the real 8.3B T2V model (diffusers' defaults with
     task_type t2v) with the (name, value) pairs of `config` over them. A tuple of pairs, not a dict, so that the
     cached measurements below can take it as a key: () is the real model (everything the planner plans);
-    benchmarks/gpu_check.py --tiny measures the tiny model (tiny.TINY_TRANSFORMER_CONFIG) with the same functions."""
+    benchmarks/gpu_check.py --tiny measures the tiny model (tiny.TINY_TRANSFORMER_CONFIG) with the same functions.
+    name: a Wan2.1 key ("wan-1.3B", "wan-14B") gives WanTransformer3DModel's published config instead."""
     from diffusers import HunyuanVideo15Transformer3DModel
+    if name != HUNYUAN:
+        return {**WAN21_CONFIGS[name.split("-", 1)[1]], **dict(config)}
     parameters = inspect.signature(HunyuanVideo15Transformer3DModel.__init__).parameters.values()
     defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
     return {**defaults, "task_type": "t2v", **dict(config)}
 
 
-def build_transformer(lora_rank=0, dtype=torch.float32, num_layers=None, config=()):
+def build_transformer(lora_rank=0, dtype=torch.float32, num_layers=None, config=(), name=HUNYUAN):
     """The real 8.3B HunyuanVideo-1.5 T2V transformer (or `config`'s, transformer_kwargs) on the meta device,
     prepared as distributed.load_policy prepares it (LoRA adapters or all parameters trainable)."""
-    from diffusers import HunyuanVideo15Transformer3DModel
-
-    import distributed
-    kwargs = transformer_kwargs(config)
+    family = family_class(name)
+    kwargs = transformer_kwargs(config, name)
     if num_layers:
         kwargs["num_layers"] = num_layers
     with torch.device("meta"):
-        transformer = HunyuanVideo15Transformer3DModel(**kwargs)
+        transformer = family.transformer_class(**kwargs)
     transformer = transformer.to(dtype)
     if lora_rank > 0:
         from peft import LoraConfig
         transformer.requires_grad_(False)
         transformer.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights=True,
-                                           target_modules=distributed.LORA_TARGETS))
+                                           target_modules=family.lora_targets))
     else:
         transformer.requires_grad_(True)
     return transformer
@@ -202,7 +250,7 @@ def _local_bytes(tensors):
 LINEAR_IN_BLOCKS = ("weights", "gradients", "optimizer", "anchor", "parameters", "trainable")
 
 
-def measure_states(world_size, lora_rank, optimizer_kind, num_layers=None):
+def measure_states(world_size, lora_rank, optimizer_kind, num_layers=None, name=HUNYUAN):
     """Per-GPU bytes of the sharded policy: {"weights", "gradients", "optimizer", "anchor", "gathered",
     "parameters", "trainable"} (the last two: global counts), from the meta model sharded over a fake
     process group of `world_size` ranks (module docstring). num_layers: the number of blocks (default: the real
@@ -212,25 +260,26 @@ def measure_states(world_size, lora_rank, optimizer_kind, num_layers=None):
     parameter on its own, so every block adds the same bytes to rank 0 and each figure is exactly
     m(1) + (L − 1)·(m(2) − m(1)) (tested against a direct measurement). Stepping an optimizer over the 54
     blocks' DTensors on the meta device took ~15 s per setup; two small models take under one."""
-    layers = num_layers or transformer_kwargs()["num_layers"]
+    layers = num_layers or transformer_kwargs(name=name)["num_layers"]
     if layers <= 2:
-        return _measure_states(world_size, lora_rank, optimizer_kind, layers)
-    one, two = (_measure_states(world_size, lora_rank, optimizer_kind, n) for n in (1, 2))
+        return _measure_states(world_size, lora_rank, optimizer_kind, layers, name)
+    one, two = (_measure_states(world_size, lora_rank, optimizer_kind, n, name) for n in (1, 2))
     return {**one, **{key: one[key] + (layers - 1) * (two[key] - one[key]) for key in LINEAR_IN_BLOCKS}}
 
 
 @functools.lru_cache(maxsize=None)
-def _measure_states(world_size, lora_rank, optimizer_kind, num_layers):
+def _measure_states(world_size, lora_rank, optimizer_kind, num_layers, name=HUNYUAN):
     """measure_states, measured directly on a model of `num_layers` blocks."""
     from torch.distributed.device_mesh import init_device_mesh
 
     import distributed
     import optimizer as optim
-    transformer = build_transformer(lora_rank, num_layers=num_layers)
+    transformer = build_transformer(lora_rank, num_layers=num_layers, name=name)
     parameters = sum(p.numel() for p in transformer.parameters())
     trainable_count = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
-    block_bytes = max(sum(p.numel() for p in b.parameters()) for b in transformer.transformer_blocks) * BF16
-    root_params = sum(p.numel() for n, p in transformer.named_parameters() if not n.startswith("transformer_blocks."))
+    blocks = family_class(name).blocks  # "transformer_blocks" (HunyuanVideo-1.5), "blocks" (Wan2.1)
+    block_bytes = max(sum(p.numel() for p in b.parameters()) for b in getattr(transformer, blocks)) * BF16
+    root_params = sum(p.numel() for n, p in transformer.named_parameters() if not n.startswith(blocks + "."))
     with fake_world(world_size):
         distributed.shard(transformer, init_device_mesh("cpu", (world_size,)), param_dtype=None)
         trainable = [p for p in transformer.parameters() if p.requires_grad]
@@ -251,11 +300,18 @@ def _measure_states(world_size, lora_rank, optimizer_kind, num_layers):
     return measured
 
 
-def block_inputs(device, dtype, video_tokens, text_tokens, batch=1, config=()):
+def block_inputs(device, dtype, video_tokens, text_tokens, batch=1, config=(), name=HUNYUAN):
     """Random inputs of one HunyuanVideo15TransformerBlock (real model: hidden D = 16 x 128 = 2048, rope dim d =
     128); all text tokens valid."""
-    kwargs = transformer_kwargs(config)
+    kwargs = transformer_kwargs(config, name)
     width, head_dim = kwargs["num_attention_heads"] * kwargs["attention_head_dim"], kwargs["attention_head_dim"]
+    if name != HUNYUAN:  # WanTransformerBlock(hidden, text keys, temb (B, 6, D), RoPE (cos, sin) (1, Lv, 1, d))
+        with torch.device(device):
+            hidden = torch.randn(batch, video_tokens, width, dtype=dtype, requires_grad=True)  # (B, Lv, D)
+            text = torch.randn(batch, text_tokens, width, dtype=dtype)                          # (B, Lt, D) projected
+            temb = torch.randn(batch, 6, width, dtype=torch.float32)                            # (B, 6, D)
+            freqs = (torch.randn(1, video_tokens, 1, head_dim), torch.randn(1, video_tokens, 1, head_dim))
+        return hidden, text, temb, freqs
     with torch.device(device):
         hidden = torch.randn(batch, video_tokens, width, dtype=dtype, requires_grad=True)  # (B, Lv, D)
         text = torch.randn(batch, text_tokens, width, dtype=dtype, requires_grad=True)     # (B, Lt, D)
@@ -265,40 +321,47 @@ def block_inputs(device, dtype, video_tokens, text_tokens, batch=1, config=()):
     return hidden, text, temb, mask, freqs
 
 
-def build_block(device, dtype, lora_rank=0, config=()):
-    """One dual-stream block of the real model (or of `config`'s), seeded random weights."""
+def build_block(device, dtype, lora_rank=0, config=(), name=HUNYUAN):
+    """One block of the real model (or of `config`'s): a dual-stream HunyuanVideo-1.5 block or a Wan2.1 block,
+    seeded random weights."""
     from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15TransformerBlock
-
-    import distributed
-    kwargs = transformer_kwargs(config)
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+    kwargs = transformer_kwargs(config, name)
     torch.manual_seed(0)
     with torch.device(device):
-        block = HunyuanVideo15TransformerBlock(kwargs["num_attention_heads"], kwargs["attention_head_dim"],
-                                               mlp_ratio=kwargs["mlp_ratio"], qk_norm=kwargs["qk_norm"]).to(dtype)
+        if name == HUNYUAN:
+            block = HunyuanVideo15TransformerBlock(kwargs["num_attention_heads"], kwargs["attention_head_dim"],
+                                                   mlp_ratio=kwargs["mlp_ratio"], qk_norm=kwargs["qk_norm"]).to(dtype)
+        else:
+            width = kwargs["num_attention_heads"] * kwargs["attention_head_dim"]
+            block = WanTransformerBlock(width, kwargs["ffn_dim"], kwargs["num_attention_heads"], kwargs["qk_norm"],
+                                        kwargs["cross_attn_norm"], kwargs["eps"]).to(dtype)
     if lora_rank > 0:
         from peft import LoraConfig, inject_adapter_in_model
         block.requires_grad_(False)
         block = inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=lora_rank,
-                                                   target_modules=distributed.LORA_TARGETS), block)
+                                                   target_modules=family_class(name).lora_targets), block)
     return block
 
 
 @functools.lru_cache(maxsize=None)
-def calibration_block(config=()):
+def calibration_block(config=(), name=HUNYUAN):
     """One real-size dual-stream block (hidden 2048, 16 heads; or `config`'s), random weights, bf16, CPU, with
     the attention processor train.py uses (parallel.KeyMaskAttnProcessor)."""
     import parallel
-    block = build_block("cpu", torch.bfloat16, config=config)
-    block.attn.set_processor(parallel.KeyMaskAttnProcessor())
+    block = build_block("cpu", torch.bfloat16, config=config, name=name)
+    if name == HUNYUAN:  # Wan's own processor is what train.py runs
+        block.attn.set_processor(parallel.KeyMaskAttnProcessor())
     return block
 
 
-def saved_activation_bytes(video_tokens, text_tokens=CALIBRATION_TEXT, dtype=torch.bfloat16, config=(), block=None):
+def saved_activation_bytes(video_tokens, text_tokens=CALIBRATION_TEXT, dtype=torch.bfloat16, config=(), block=None,
+                           name=HUNYUAN):
     """Bytes autograd saves for backward in one real block's forward on the CPU (each storage once,
     parameters excluded): the activation memory of one sequence of video_tokens + text_tokens.
     block: another block of `config`'s shape to run instead, on its own device (benchmarks/gpu_check.py
     counts a GPU block the same way)."""
-    block = calibration_block(config) if block is None else block
+    block = calibration_block(config, name) if block is None else block
     device = next(block.parameters()).device
     parameter_storages = {p.untyped_storage().data_ptr() for p in block.parameters()}
     saved = {}
@@ -310,16 +373,20 @@ def saved_activation_bytes(video_tokens, text_tokens=CALIBRATION_TEXT, dtype=tor
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        block(*block_inputs(device, dtype, video_tokens, text_tokens, config=config))
+        block(*block_inputs(device, dtype, video_tokens, text_tokens, config=config, name=name))
     return sum(saved.values())
 
 
 @functools.lru_cache(maxsize=None)
-def calibrate_activations(config=()):
+def calibrate_activations(config=(), name=HUNYUAN):
     """Fit saved bytes = c + a·L + b·L² (L = video + text tokens) on CPU runs at CALIBRATION_LENGTHS.
-    Returns {"per_token": a, "per_token_squared": b, "constant": c, "points": [(L, bytes)]}."""
+    Returns {"per_token": a, "per_token_squared": b, "constant": c, "points": [(L, bytes)]}.
+    Wan2.1: L = video tokens; the 512 text keys of cross-attention are a constant of every run (in c)."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    points = [(v + CALIBRATION_TEXT, saved_activation_bytes(v, config=config)) for v in CALIBRATION_LENGTHS]
+    if name != HUNYUAN:
+        points = [(v, saved_activation_bytes(v, WAN_TEXT_TOKENS, name=name)) for v in CALIBRATION_LENGTHS]
+    else:
+        points = [(v + CALIBRATION_TEXT, saved_activation_bytes(v, config=config)) for v in CALIBRATION_LENGTHS]
     lengths = torch.tensor([float(n) for n, _ in points], dtype=torch.float64)
     design = torch.stack([torch.ones_like(lengths), lengths, lengths ** 2], dim=1)  # (3, 3): exact fit
     c, a, b = torch.linalg.solve(design, torch.tensor([float(s) for _, s in points], dtype=torch.float64)).tolist()
@@ -333,23 +400,28 @@ def block_activation_bytes(activation, tokens):
 
 
 @functools.lru_cache(maxsize=None)
-def measure_flops(video_tokens, text_tokens, lora_rank=0, config=()):
+def measure_flops(video_tokens, text_tokens, lora_rank=0, config=(), name=HUNYUAN):
     """FLOPs of one sequence through one block (forward, backward) and through the token refiner and
     the patch embedding / output head (forward), counted by torch.utils.flop_counter on meta tensors
     (the real model, or `config`'s)."""
-    from diffusers import HunyuanVideo15Transformer3DModel
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
-    block = build_block("meta", torch.bfloat16, lora_rank, config)
+    block = build_block("meta", torch.bfloat16, lora_rank, config, name)
     if lora_rank == 0:
         block.requires_grad_(True)
-    inputs = block_inputs("meta", torch.bfloat16, video_tokens, text_tokens, config=config)
+    inputs = block_inputs("meta", torch.bfloat16, video_tokens, text_tokens, config=config, name=name)
     with counter:
-        hidden, text = block(*inputs)
+        outputs = block(*inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)  # Hunyuan: (video, text); Wan: video
     forward = counter.get_total_flops()
     with counter:
-        (hidden.float().sum() + text.float().sum()).backward()
+        sum(output.float().sum() for output in outputs).backward()
     backward = counter.get_total_flops()
+    if name != HUNYUAN:
+        return {"block_forward": forward, "block_backward": backward,
+                "rest_forward": _wan_rest_flops(video_tokens, text_tokens, name, counter, config),
+                "num_blocks": transformer_kwargs(config, name)["num_layers"]}
+    from diffusers import HunyuanVideo15Transformer3DModel
     with torch.device("meta"):
         model = HunyuanVideo15Transformer3DModel(**transformer_kwargs(config)).to(torch.bfloat16)
         text_in = torch.randn(1, text_tokens, model.config.text_embed_dim, dtype=torch.bfloat16)
@@ -365,12 +437,40 @@ def measure_flops(video_tokens, text_tokens, lora_rank=0, config=()):
             "num_blocks": model.config.num_layers}
 
 
-def frozen_model_bytes():
-    """bf16 bytes of the frozen models, built on meta from their configurations: {name: bytes}."""
+def _wan_rest_flops(video_tokens, text_tokens, name, counter, config=()):
+    """Forward FLOPs of a Wan2.1 transformer outside its blocks: text projection of the 512 UMT5 tokens, patch
+    embedding, time embedding, output head (counted on meta tensors)."""
+    from diffusers import WanTransformer3DModel
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**{**transformer_kwargs(config, name), "num_layers": 1}).to(torch.bfloat16)
+        config = model.config
+        width = config.num_attention_heads * config.attention_head_dim
+        text = torch.randn(1, text_tokens, config.text_dim, dtype=torch.bfloat16)
+        latent = torch.randn(1, config.in_channels, 1, 2, 2 * video_tokens, dtype=torch.bfloat16)  # Lv patches
+        tokens = torch.randn(1, video_tokens, width, dtype=torch.bfloat16)
+        timestep = torch.ones(1)
+    with counter:
+        model.condition_embedder(timestep, text, None)
+        model.patch_embedding(latent)
+        model.proj_out(tokens)
+    return counter.get_total_flops()
+
+
+def frozen_model_bytes(name=HUNYUAN):
+    """bf16 bytes of the frozen models, built on meta from their configurations: {name: bytes}. Wan2.1: UMT5-XXL's
+    encoder and the Wan VAE (held in float32: 4 bytes per parameter)."""
     from diffusers import AutoencoderKLHunyuanVideo15
     from transformers import (Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
                               T5Config, T5EncoderModel)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    if name != HUNYUAN:
+        from diffusers import AutoencoderKLWan
+        from transformers import UMT5Config, UMT5EncoderModel
+        with torch.device("meta"):
+            text = count(UMT5EncoderModel(UMT5Config(**UMT5_XXL_ENCODER)))
+            vae = count(AutoencoderKLWan())
+            videoalign = count(Qwen2VLForConditionalGeneration(Qwen2VLConfig(**QWEN2_VL_2B)))
+        return {"text_encoders": text * BF16, "vae": vae * FP32, "reward": videoalign * BF16}
     with torch.device("meta"):
         text = count(Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(**QWEN25_VL_7B_TEXT)))
         glyph = count(T5EncoderModel(T5Config(**BYT5_SMALL_ENCODER)))
@@ -423,8 +523,8 @@ def check_setup(setup):
     """Raise ValueError (expected vs found) for a setup train.py would refuse."""
     if setup.world_size % setup.sp_size:
         raise ValueError(f"--sp_size must divide the world size: {setup.world_size} % {setup.sp_size} != 0")
-    if 16 % setup.sp_size:
-        raise ValueError(f"--sp_size must divide the 16 attention heads, found {setup.sp_size}")
+    name = model_name(setup)
+    family_class(name).check_sp_size(transformer_kwargs(name=name), setup.sp_size)
     if video_tokens(setup) % setup.sp_size:
         raise ValueError(f"--sp_size {setup.sp_size} must divide the {video_tokens(setup)} video tokens of "
                          f"{setup.num_frames}x{setup.height}x{setup.width}")
@@ -442,19 +542,26 @@ def check_setup(setup):
 def plan(setup, gpu_memory_gib=H100_MEMORY_GIB, mfu=MFU, peak_tflops=H100_PEAK_TFLOPS, text_tokens=PROMPT_TOKENS):
     """Memory (GiB per GPU, by component), FLOPs and time per iteration of `setup` -> dict."""
     check_setup(setup)
-    states = measure_states(setup.world_size, setup.lora_rank, setup.optimizer)
-    frozen = frozen_model_bytes()
-    activation = calibrate_activations()
+    name = model_name(setup)
+    states = measure_states(setup.world_size, setup.lora_rank, setup.optimizer, name=name)
+    frozen = frozen_model_bytes(name)
+    activation = calibrate_activations(name=name)
     has_anchor = setup.kl_mode in ("fixed", "moving", "dual")
-    length = video_tokens(setup) + text_tokens          # L: one sequence, video + text
+    kwargs = transformer_kwargs(name=name)
+    width = kwargs["num_attention_heads"] * kwargs["attention_head_dim"]  # D: 2048 (Hunyuan), 1536 / 5120 (Wan)
+    if name != HUNYUAN:  # Wan: the 512 text tokens are cross-attention keys, outside the split sequence
+        text_tokens = WAN_TEXT_TOKENS
+        length = video_tokens(setup)
+    else:
+        length = video_tokens(setup) + text_tokens      # L: one sequence, video + text
     local = math.ceil(length / setup.sp_size)            # l = L / sp tokens on each rank of the group
     passes = forward_equivalents(setup)
     sequences = passes["branches"] * setup.videos_per_rank  # S: CFG doubles the batch
     one_block = block_activation_bytes(activation, local)  # a·l + b·l²
-    flops = measure_flops(video_tokens(setup), text_tokens, setup.lora_rank)
+    flops = measure_flops(video_tokens(setup), text_tokens, setup.lora_rank, name=name)
     blocks = flops["num_blocks"]
     if setup.gradient_checkpointing:  # block inputs of every block + one recomputed block, x2 in its backward
-        activations = sequences * (blocks * 2048 * BF16 * local + 2 * one_block)
+        activations = sequences * (blocks * width * BF16 * local + 2 * one_block)
     else:
         activations = sequences * blocks * one_block
     memory = {
@@ -463,8 +570,9 @@ def plan(setup, gpu_memory_gib=H100_MEMORY_GIB, mfu=MFU, peak_tflops=H100_PEAK_T
         "optimizer states": states["optimizer"],
         "gathered bf16 weights (2 blocks + root)": states["gathered"],
         "anchor (bf16 shards)": states["anchor"] if has_anchor and not setup.anchor_offload else 0,
-        "text encoders (Qwen2.5-VL-7B + byT5)": 0 if setup.text_encoder_offload else frozen["text_encoders"],
-        "VAE": frozen["vae"],
+        ("text encoders (Qwen2.5-VL-7B + byT5)" if name == HUNYUAN else "text encoder (UMT5-XXL)"):
+            0 if setup.text_encoder_offload else frozen["text_encoders"],
+        "VAE" if name == HUNYUAN else "VAE (float32)": frozen["vae"],
         "reward model (VideoAlign, Qwen2-VL-2B)": frozen["reward"],
         "activations (update, checkpointed)" if setup.gradient_checkpointing else "activations (update)": activations,
         "framework overhead (assumed)": OVERHEAD_GIB * GIB,
@@ -588,7 +696,8 @@ def quadratic_term(activation):
 
 def report(setups, **limits):
     plans = [plan(s, **limits) for s in setups]
-    activation = calibrate_activations()
+    name = model_name(plans[0]["setup"])
+    activation = calibrate_activations(name=name)
     lines = [table(plans), ""]
     for p in plans:
         if not p["fits"]:
@@ -596,7 +705,7 @@ def report(setups, **limits):
             lines.append(f"- {p['setup'].name}: does not fit ({p['total_gib']:.1f} GiB > {p['gpu_memory_gib']}); "
                          + (f"fits with: {' | '.join(f'`{text}`' for text, _ in fixes)}" if fixes else
                             "no set of up to 3 changes tried fits"))
-    lines.append(f"\nMeasured: transformer parameters {measure_states(1, 0, 'adamw')['parameters'] / 1e9:.3f}B; activations per block per token "
+    lines.append(f"\nMeasured: transformer parameters {measure_states(1, 0, 'adamw', name=name)['parameters'] / 1e9:.3f}B; activations per block per token "
                  f"{activation['per_token'] / 1024:.1f} KiB{quadratic_term(activation)} "
                  f"(bf16, CPU calibration at L = {', '.join(str(n) for n, _ in activation['points'])}); "
                  f"forward per sequence {plans[0]['flops']['forward_per_sequence'] / 1e12:.0f} TFLOP "
@@ -628,7 +737,13 @@ def main(argv=None):
     limits = {"gpu_memory_gib": args.gpu_memory_gib, "mfu": args.mfu, "peak_tflops": args.peak_tflops}
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Setup)
              if f.name != "name" and getattr(args, f.name, None) is not None}
-    setups = [Setup("custom", **given)] if given else list(STANDARD_SETUPS)
+    family_only = set(given) <= {"family", "model_size"}
+    if given.get("family") == "wan" and "model_size" not in given:
+        given["model_size"] = "1.3B"
+    if family_only and given.get("family") == "wan":
+        setups = [dataclasses.replace(s, model_size=given["model_size"]) for s in WAN_STANDARD_SETUPS]
+    else:
+        setups = [Setup("custom", **given)] if given else list(STANDARD_SETUPS)
     try:
         print(report(setups, **limits), flush=True)
     except ValueError as error:

@@ -52,7 +52,6 @@ import os
 
 import torch
 import torch.distributed as dist
-from diffusers import HunyuanVideo15Transformer3DModel
 
 import distributed
 import grpo
@@ -92,10 +91,8 @@ def two_forward_velocity(transformer, latents, sigma, embeds, guidance_scale):
     """v_u + s·(v_c − v_u) with the conditional and the unconditional branch as two separate forwards
     (cfg_velocity with s = 1 runs the conditional branch only; the negative prompt is swapped in), and
     the guidance term s·(v_c − v_u)."""
-    negative = dataclasses.replace(embeds, embeds=embeds.negative_embeds, mask=embeds.negative_mask,
-                                   embeds_2=embeds.negative_embeds_2, mask_2=embeds.negative_mask_2)
-    v_cond = model.cfg_velocity(transformer, latents, sigma, embeds, 1.0)
-    v_uncond = model.cfg_velocity(transformer, latents, sigma, negative, 1.0)
+    v_cond = embeds.guided_velocity(transformer, latents, sigma, 1.0)
+    v_uncond = embeds.unconditional().guided_velocity(transformer, latents, sigma, 1.0)
     return v_uncond + guidance_scale * (v_cond - v_uncond), guidance_scale * (v_cond - v_uncond)
 
 
@@ -112,8 +109,8 @@ def plain_log_probs(path, rollout, embeds, cfg, device, steps):
     from `path`, first in fp32, then cast to bf16 (rank 0 only; no collectives)."""
     out = {}
     for dtype in (torch.float32, torch.bfloat16):  # one copy at a time, each read in its dtype
-        transformer = HunyuanVideo15Transformer3DModel.from_pretrained(os.path.join(path, "transformer"),
-                                                                       torch_dtype=dtype).to(device).eval()
+        directory = os.path.join(path, "transformer")
+        transformer = model.transformer_class_of(directory).from_pretrained(directory, torch_dtype=dtype).to(device).eval()
         with torch.no_grad():
             out[dtype] = torch.stack([model.transition_log_prob(transformer, embeds, step_transitions(rollout, k),
                                                                 cfg.kernel, cfg.eta, cfg.cfg_scale)[2].double().cpu()
@@ -132,10 +129,10 @@ def run(cfg, *, pipe, policy, anchor, optim, prompts, sigmas, step_weights, layo
     group_size, batch = cfg.group_size, cfg.videos_per_rank
     first = layout.dp_rank * batch
     sample_prompts = [prompts[((first + b) // group_size) % len(prompts)] for b in range(batch)]
-    text_encoders = (pipe.pipeline.text_encoder, pipe.pipeline.text_encoder_2)
+    text_encoders = pipe.text_encoders
     for module in text_encoders if cfg.text_encoder_offload else ():  # as the loop: on the GPU only to encode
         module.to(device)
-    embeds = model.encode_prompts(pipe, sample_prompts, device=device, dtype=compute_dtype)
+    embeds = pipe.encode_prompts(sample_prompts, device=device, dtype=compute_dtype)
     for module in text_encoders if cfg.text_encoder_offload else ():
         module.to("cpu")
     seeds = [seed_of(first + b) for b in range(batch)]  # global sample indices, as the loop's
@@ -198,7 +195,7 @@ def run(cfg, *, pipe, policy, anchor, optim, prompts, sigmas, step_weights, layo
             with torch.no_grad():
                 separate, guidance = two_forward_velocity(policy, step.latents.float(), step.sigma, embeds,
                                                           cfg.cfg_scale)
-                batched = model.cfg_velocity(policy, step.latents.float(), step.sigma, embeds, cfg.cfg_scale)
+                batched = embeds.guided_velocity(policy, step.latents.float(), step.sigma, cfg.cfg_scale)
             error = float(distributed.all_reduce(torch.tensor(relative_error(batched, separate, guidance), device=device),
                                                  op=dist.ReduceOp.MAX))
             per_step[k]["v error CFG batched↔2 forwards"] = error

@@ -7,11 +7,13 @@ checkpoint, so that it is loaded by the same code a user runs (`model.load_hunyu
 the (seeded, random) values differ. Nothing here is used by a real run.
 
     build_tiny_hunyuan(path)      HunyuanVideo-1.5: transformer, VAE, Qwen2.5-VL + byT5 text encoders
+    build_tiny_wan(path)          Wan2.1-T2V: transformer, VAE, UMT5 text encoder, UniPC scheduler config
     build_tiny_videoalign(path)   VideoAlign (VideoReward): a Qwen2-VL base + LoRA checkpoint
     build_tiny_clip(path)         a CLIP model for CLIPScore / PickScore
     tiny_model_paths(root, ...)   what a `--tiny` run uses: the paths given, the others built once
 
-Tokenizers are byte-level and built offline (`byte_level_qwen2_tokenizer`; byT5's needs no files).
+Tokenizers are built offline: byte-level Qwen2 BPE (`byte_level_qwen2_tokenizer`), byT5's needs no files,
+and Wan's UMT5 tokenizer is a T5 Unigram model over single characters (`character_t5_tokenizer`).
 """
 import json
 import os
@@ -46,7 +48,7 @@ def tiny_model_paths(root, **paths):
     Call on one process only (train.py: rank 0). Returns {name: path}.
     """
     # clipscore / pickscore: the training rewards' names for a CLIP model (train.py --reward)
-    builders = {"hunyuan": build_tiny_hunyuan, "videoalign": build_tiny_videoalign, "clip": build_tiny_clip,
+    builders = {"hunyuan": build_tiny_hunyuan, "wan": build_tiny_wan, "videoalign": build_tiny_videoalign, "clip": build_tiny_clip,
                 "clipscore": build_tiny_clip, "pickscore": build_tiny_clip}
     resolved = {}
     for name, path in paths.items():
@@ -128,6 +130,65 @@ def build_tiny_hunyuan(path, seed=0, shift=5.0, guidance_scale=model.DEFAULT_GUI
         scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),  # 5: HunyuanVideo-1.5 480p T2V
         text_encoder_2=text_encoder_2.eval(), tokenizer_2=tokenizer_2,
         guider=ClassifierFreeGuidance(guidance_scale=guidance_scale))
+    pipeline.save_pretrained(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Wan2.1-T2V (model.load_policy_family / wan.load_wan read it).
+
+# A video size the tiny Wan turns into a (16, 3, 4, 4) latent: the real VAE's 4x temporal, 8x spatial
+# compression (the tiny VAE keeps both), frames 4k + 1, sides multiples of 16 (VAE 8 x patch 2).
+TINY_WAN_NUM_FRAMES = 9
+TINY_WAN_HEIGHT = 32
+TINY_WAN_WIDTH = 32
+# The tiny transformer (diffusers' Wan pipeline tests): 16 latent channels as the real VAE's z_dim, patch
+# (1, 2, 2), 2 blocks of 2 heads x 12 (heads divide sp 2), text width = the tiny UMT5's d_model.
+TINY_WAN_TRANSFORMER_CONFIG = dict(
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+    text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=32)
+
+
+def character_t5_tokenizer():
+    """A T5 (UMT5-style) tokenizer built offline: a Unigram model over printable ASCII characters, each also in its
+    word-initial form ("▁a"), plus <pad> (id 0, as UMT5's), </s> (appended to every prompt) and <unk>. It tokenises
+    the way UMT5's sentencepiece model does (metaspace pre-tokenizer, </s> at the end, right padding) with one
+    token per character, so prompt lengths differ by prompt and the cut-to-real-length step is exercised."""
+    import string
+
+    from transformers import T5Tokenizer
+    characters = sorted(set(string.ascii_letters + string.digits + string.punctuation))
+    vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+             + [(c, -3.0) for c in characters] + [("▁" + c, -2.5) for c in characters])
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def build_tiny_wan(path, seed=0, flow_shift=3.0, transformer_config=None):
+    """Write a complete random tiny Wan2.1-T2V directory to `path` (≈ 2 MB, a second or two); returns path.
+
+    Same classes and layout as Wan-AI/Wan2.1-T2V-1.3B-Diffusers (what `WanPipeline.save_pretrained` writes):
+    transformer/ WanTransformer3DModel, vae/ AutoencoderKLWan (z_dim 16 and the real latents_mean / latents_std,
+    4x temporal / 8x spatial, 3 base channels), text_encoder/ UMT5EncoderModel (2 layers, width 32), tokenizer/
+    (`character_t5_tokenizer`), scheduler/ UniPCMultistepScheduler with flow_prediction, use_flow_sigmas and
+    `flow_shift` (3.0: the real 480p config; tests write others to check that it is read). Video
+    TINY_WAN_NUM_FRAMES x TINY_WAN_HEIGHT x TINY_WAN_WIDTH -> latent (16, 3, 4, 4), 12 tokens.
+    transformer_config: keyword arguments over TINY_WAN_TRANSFORMER_CONFIG (e.g. more heads for a test).
+    """
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+    tokenizer = character_t5_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+    transformer = WanTransformer3DModel(**{**TINY_WAN_TRANSFORMER_CONFIG, **(transformer_config or {})})
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        flow_shift=flow_shift)  # as the real checkpoint's scheduler_config.json
+    pipeline = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder.eval(), transformer=transformer.eval(),
+                           vae=vae.eval(), scheduler=scheduler)
     pipeline.save_pretrained(path)
     return path
 

@@ -165,7 +165,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, stop_request, on_exit):
     # weights are read once, by rank 0 (distributed.load_policy).
     print_rank0 = print if rank == 0 else (lambda *args, **kwargs: None)
     print_rank0(f"setup: text encoders and VAE from {model_path}", flush=True)
-    pipe = model.load_hunyuan(model_path, device="cpu", dtype=compute_dtype, load_transformer=False)
+    pipe = model.load_policy_family(model_path, device="cpu", dtype=compute_dtype, load_transformer=False)
     policy_path = checkpoint if checkpoint and cfg.lora_rank == 0 else model_path  # where the policy's weights are
     if cfg.gradient_checkpointing is None:  # on with CUDA, off on CPU
         cfg = dataclasses.replace(cfg, gradient_checkpointing=device.type == "cuda")
@@ -181,10 +181,9 @@ def train(cfg, prompts, rank, world_size, device, mesh, stop_request, on_exit):
     for module in (policy, anchor_module):
         if module is not None:
             parallel.enable(module, layout, device)
-    text_encoders = (pipe.pipeline.text_encoder, pipe.pipeline.text_encoder_2)
-    for module in (pipe.vae,) + (() if cfg.text_encoder_offload else text_encoders):
+    for module in (pipe.vae,) + (() if cfg.text_encoder_offload else pipe.text_encoders):
         module.to(device)
-    cfg = dataclasses.replace(cfg, vae_tiling=model.set_vae_tiling(pipe.vae, cfg.vae_tiling))  # None: on with CUDA
+    cfg = dataclasses.replace(cfg, vae_tiling=pipe.set_vae_tiling(cfg.vae_tiling))  # None: on with CUDA
     prompt_cache = model.PromptCache(pipe, device, compute_dtype, capacity=cfg.prompt_cache,
                                      offload=cfg.text_encoder_offload)
     trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -447,7 +446,7 @@ def score_videos(cfg, pipe, reward_model, latents, prompts):
     encoded: it stays non-finite and every reward scores it NaN. Returns (frames or None, scores)."""
     frames = None
     if reward_model.needs_frames:
-        frames = model.decode_latents(pipe.vae, latents)
+        frames = pipe.decode(latents)
         if cfg.reward_input == "mp4":
             frames = torch.stack([reward.mp4_round_trip(video) if torch.isfinite(video).all() else video
                                   for video in frames.cpu()]).to(frames.device)

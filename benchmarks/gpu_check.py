@@ -20,6 +20,9 @@ exception is recorded as {"status": "error", "error": "<one line>"} and the next
                 plan.py's activation model
     muon        one Muon step (optimizer.MuonWithAdamW, Newton-Schulz in bf16) on the largest matrix Muon
                 orthogonalises (a block's AdaLN modulation, 12288 x 2048, in the real model)
+    wan_forward the second family: Wan2.1-1.3B (plan.WAN21_CONFIGS), random bf16 weights, one CFG forward
+                (wan.cfg_velocity, batch 2) at 480x832x81 (32,760 video tokens, 512 text keys), against
+                plan.py's FLOPs and parameter count
 
 Why the train sections do not pass --tiny: train.py --tiny always runs on the CPU with gloo (it is the CPU
 mode). Here the same tiny models are built first (tiny.build_tiny_hunyuan, tiny.build_tiny_videoalign, what
@@ -75,8 +78,9 @@ import optimizer  # noqa: E402
 import parallel  # noqa: E402
 import plan  # noqa: E402
 import tiny  # noqa: E402
+import wan  # noqa: E402
 
-SECTIONS = ("train", "self_check", "forward", "block", "muon")
+SECTIONS = ("train", "self_check", "forward", "block", "muon", "wan_forward")
 OUTPUT_DIR = os.path.join("runs", "gpu_check")  # as train.py's runs/<name>: ignored by git, never in the repository root
 REPORT = "gpu_check.json"
 BUDGET_S = 420.0  # of the 8 minutes a first GPU is lent for: the rest is start-up and a margin
@@ -85,7 +89,9 @@ TRAIN_TIMEOUT_S = 150.0
 # The tiny train.py runs: 2 iterations of 2 denoising steps, one group of 2 videos on the one rank
 TRAIN_FLAGS = ("--num_steps", "2", "--group_size", "2", "--videos_per_rank", "2", "--max_iterations", "2")
 # Timed repetitions after one warm-up call (kernel selection, allocator); the median is reported
-REPEATS = {"forward": 3, "block": 5, "muon": 5}
+REPEATS = {"forward": 3, "block": 5, "muon": 5, "wan_forward": 3}
+WAN_MODEL = "wan-1.3B"  # plan.py's key of the Wan2.1 transformer measured
+WAN_VIDEO = (81, 480, 832)  # Wan2.1's 480p: the latent (16, 21, 60, 104), 21 x 30 x 52 tokens
 CFG_BATCH = 2  # one video's conditional and unconditional rows: model.cfg_velocity's batch, plan.py's "2·videos"
 INIT_STD = 0.02  # random weights: matrices N(0, 0.02²) (the usual transformer init), norm scales 1, biases 0
 # --tiny: the model sections' sizes (the tiny transformer is 16 wide; 192 video tokens = 3 x 8 x 8 latents)
@@ -426,8 +432,49 @@ def check_muon(ctx):
     return report
 
 
+def check_wan_forward(ctx):
+    """One CFG forward (batch 2, no grad) of Wan2.1-1.3B (or the tiny Wan), random bf16 weights on the device."""
+    device, dtype = ctx.device, ctx.dtype
+    release(device)
+    config = tuple(sorted(tiny.TINY_WAN_TRANSFORMER_CONFIG.items())) if ctx.tiny else ()
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    transformer = plan.build_transformer(dtype=dtype, config=config, name=WAN_MODEL)  # meta: no weights read
+    parameters = sum(p.numel() for p in transformer.parameters())
+    transformer = random_init(transformer.to_empty(device=device)).requires_grad_(False).eval()
+    with torch.no_grad():  # the RoPE tables to_empty left unset (as distributed.load_policy writes them)
+        for name, value in wan.WanPolicy.computed_buffers(transformer).items():
+            dict(transformer.named_buffers())[name].copy_(value)
+    weights = (torch.cuda.memory_allocated(device) - before) / plan.GIB if device.type == "cuda" else None
+    grid = TINY_LATENT_GRID if ctx.tiny else plan.latent_grid(plan.Setup(
+        family="wan", model_size="1.3B", num_frames=WAN_VIDEO[0], height=WAN_VIDEO[1], width=WAN_VIDEO[2]))
+    video_tokens, text_tokens = math.prod(grid), plan.WAN_TEXT_TOKENS
+    latents = torch.randn(1, 16, grid[0], 2 * grid[1], 2 * grid[2], device=device)  # (1, C, F, H, W): patch 2 x 2
+    text = torch.randn(2, text_tokens, transformer.config.text_dim, device=device, dtype=dtype)
+    lengths = torch.full((1,), text_tokens, device=device)
+    embeds = wan.WanPromptEmbeds(text[:1], text[1:], lengths, lengths)
+    outputs = []
+
+    def forward():
+        with torch.no_grad():
+            outputs[:] = [wan.cfg_velocity(transformer, latents, 0.5, embeds, wan.DEFAULT_GUIDANCE_SCALE)]
+
+    seconds = timed(device, forward, REPEATS["wan_forward"])
+    flops = CFG_BATCH * plan.forward_flops(plan.measure_flops(video_tokens, text_tokens, config=config,
+                                                              name=WAN_MODEL))
+    figures = time_figures(flops, seconds, f"Wan forward of {CFG_BATCH} sequences")
+    figures["weights_gib"] = figure(weights, "GiB", parameters * plan.BF16 / plan.GIB,
+                                    f"{parameters:,} parameters (plan.build_transformer) x 2 bytes",
+                                    reason=None if weights is not None else NO_MEMORY)
+    report = {"parameters": parameters, "batch": CFG_BATCH, "latent_grid": list(grid), "video_tokens": video_tokens,
+              "text_tokens": text_tokens, "output_finite": bool(torch.isfinite(outputs[0]).all()), "figures": figures,
+              "status": "ok" if torch.isfinite(outputs[0]).all() else "fail"}
+    del transformer, outputs, embeds, latents
+    release(device)
+    return report
+
+
 CHECKS = {"train": check_train, "self_check": check_self_check, "forward": check_forward, "block": check_block,
-          "muon": check_muon}
+          "muon": check_muon, "wan_forward": check_wan_forward}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def test_tiny_run_measures_every_section_with_finite_positive_figures(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     report = json.loads(out.read_text())
     sections = report["sections"]
-    assert list(sections) == ["train", "self_check", "forward", "block", "muon"]
+    assert list(sections) == ["train", "self_check", "forward", "block", "muon", "wan_forward"]
     assert all(s["status"] == "ok" and finite_positive(s["seconds"]) for s in sections.values()), sections
 
     # train.py on the CPU: gloo and fp32, as it decided itself; 2 iterations, every logged number finite
@@ -56,7 +56,7 @@ def test_tiny_run_measures_every_section_with_finite_positive_figures(tmp_path):
     assert len(lines) == 7 and "FAIL" not in lines.values() and set(lines.values()) <= {"PASS", "WARN", "SKIP"}
 
     # every figure: measured, predicted and their ratio finite and positive where present; memory is None on a CPU
-    for name in ("forward", "block", "muon"):
+    for name in ("forward", "block", "muon", "wan_forward"):
         figures = sections[name]["figures"]
         assert finite_positive(figures["time_s"]["measured"])
         for key, entry in figures.items():
@@ -67,6 +67,7 @@ def test_tiny_run_measures_every_section_with_finite_positive_figures(tmp_path):
     saved = sections["block"]["figures"]["saved_activations_gib_per_sequence"]
     assert saved["ratio"] == pytest.approx(1.0, rel=0.02)
     assert sections["forward"]["video_tokens"] == 3 * 8 * 8
+    assert sections["wan_forward"]["output_finite"] and sections["wan_forward"]["video_tokens"] == 3 * 8 * 8
     assert "| section | figure | measured | plan.py | measured / plan.py | unit |" in done.stdout
 
 

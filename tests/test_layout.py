@@ -10,7 +10,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MATHS = ("sde", "equalizer", "grpo", "trust_region")
 # The product: what `train.py` / `eval.py` run on the real model. None of it may import the toy or the world
 # (train.py and eval.py import the world only for --world; the 2-D toy imports only the maths).
-PRODUCT = MATHS + ("model", "reward", "videoalign_checkpoint", "tiny", "hub", "distributed", "parallel", "optimizer", "plan",
+PRODUCT = MATHS + ("model", "wan", "reward", "videoalign_checkpoint", "tiny", "hub", "distributed", "parallel", "optimizer", "plan",
                    "tracking", "self_check", "run_directory", "meters")
 # The entry points and their configuration may import the world, for --world only (lazily, where the flag is read).
 ENTRY = ("train", "eval", "config")

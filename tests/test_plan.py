@@ -102,3 +102,56 @@ def test_the_report_says_no_quadratic_term_instead_of_printing_round_off():
     assert plan.quadratic_term({"per_token_squared": -0.0}) == " (no L² term)"
     assert plan.quadratic_term({"per_token_squared": 3e-9}) == " (no L² term)"
     assert plan.quadratic_term({"per_token_squared": 2.5}) == " + 2.5e+00 B x L"
+
+
+# ------------------------------------------------------------------------------------------------
+# Wan2.1 (--family wan): the published configs, counted by hand.
+
+def wan_parameters(D, F, layers, text=4096, freq=256, channels=16, patch=4):
+    """WanTransformer3DModel's parameter count in closed form (hidden D, feed-forward F)."""
+    attention = 4 * (D * D + D) + 2 * D  # q, k, v, out (with biases), RMS norms of q and k across heads
+    block = 2 * attention + 2 * D + (D * F + F + F * D + D) + 6 * D  # self + cross attention, norm2, ffn, modulation
+    root = ((channels * patch * D + D) + (freq * D + D + D * D + D) + (D * 6 * D + 6 * D)  # patch, time, time_proj
+            + (text * D + D + D * D + D) + (D * channels * patch + channels * patch) + 2 * D)  # text, head, table
+    return layers * block + root
+
+
+@pytest.mark.parametrize("size, width, ffn, layers", [("1.3B", 1536, 8960, 30), ("14B", 5120, 13824, 40)])
+def test_the_planner_builds_the_published_wan_transformers(size, width, ffn, layers):
+    transformer = plan.build_transformer(name=f"wan-{size}")
+    assert sum(p.numel() for p in transformer.parameters()) == wan_parameters(width, ffn, layers)
+    assert len(transformer.blocks) == layers and transformer.config.num_attention_heads * 128 == width
+
+
+def test_wan_block_flops_are_the_closed_form():
+    video, text, d, f = 1000, 512, 1536, 8960
+    flops = plan.measure_flops(video, text, name="wan-1.3B")
+    # self-attention q, k, v, out and cross-attention q, out on the video tokens (6·D² each), cross-attention
+    # k, v on the text keys (2·D²), feed-forward 2·D·F; QKᵀ and PV of self (L²) and cross (L·T) attention
+    forward = 2 * 6 * video * d * d + 2 * 2 * text * d * d + 4 * video * video * d + 4 * video * text * d \
+        + 2 * 2 * video * d * f
+    assert flops["block_forward"] == forward
+    # backward twice the forward, except the text keys' input gradient (the text is not trained through)
+    assert flops["block_backward"] == 2 * forward - 2 * 2 * text * d * d
+    assert flops["num_blocks"] == 30
+
+
+def test_wan_setups_plan_480p_and_240p_on_one_gpu_and_refuse_a_head_split_that_does_not_divide():
+    setups = {s.name: s for s in plan.WAN_STANDARD_SETUPS}
+    assert len(setups) == 4
+    small = plan.plan(setups["1xH100 240p 33x240x416 LoRA"])
+    assert small["tokens"] == 9 * 15 * 26 and small["fits"]  # 240x416x33 -> 3,510 latent tokens
+    large = plan.plan(setups["1xH100 480p 81x480x832 full"])
+    assert large["tokens"] == 21 * 30 * 52  # 32,760
+    assert large["parameters"] == wan_parameters(1536, 8960, 30)
+    with pytest.raises(ValueError, match="divide Wan's 12 attention heads"):
+        plan.plan(dataclasses.replace(setups["1xH100 240p 33x240x416 LoRA"], world_size=8, sp_size=8))
+    with pytest.raises(ValueError, match="--family wan --model_size 7B: expected one of"):
+        plan.plan(plan.Setup(family="wan", model_size="7B"))
+
+
+def test_the_command_plans_wan_by_family_and_size(capsys):
+    assert plan.main(["--family", "wan", "--model_size", "1.3B", "--gpu_memory_gib", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "1xH100 480p 81x480x832 full" in out and "text encoder (UMT5-XXL)" in out
+    assert "transformer parameters 1.419B" in out
