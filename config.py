@@ -619,7 +619,7 @@ def check_output_dir(cfg):
     import distributed
     holder = distributed.lock_holder(cfg.output_dir) if int(os.environ.get("RANK", 0)) == 0 else None
     if holder:  # a live run writes here: that is the cause, whatever else the directory holds
-        raise ConfigError(f"--output_dir {cfg.output_dir!r} is in use by a live run ({holder}): one writer at a time; "
+        raise ConfigError(f"--output_dir {cfg.output_dir!r} is in use by another run ({holder}): one writer at a time; "
                           f"wait for it to finish or stop it (Ctrl-C or SIGTERM checkpoints it), then --resume")
     previous = [os.path.basename(path) for _, path in distributed.checkpoints(cfg.output_dir)]
     previous += [name for name in ("metrics.jsonl",) if os.path.isfile(os.path.join(cfg.output_dir, name))]

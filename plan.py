@@ -65,6 +65,7 @@ import functools
 import inspect
 import math
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -694,13 +695,26 @@ def quadratic_term(activation):
     return " (no L² term)" if abs(b) < 1e-6 else f" + {b:.1e} B x L"
 
 
+STARTED = time.monotonic()  # the planner's clock, for its progress lines
+
+
+def progress(message):
+    """One line on stderr per step of the planner, with the seconds so far: the measurements take tens of seconds
+    on a CPU, and a planner that prints nothing until its table looks hung."""
+    print(f"plan: {message} ({time.monotonic() - STARTED:.0f} s)", file=sys.stderr, flush=True)
+
+
 def report(setups, **limits):
-    plans = [plan(s, **limits) for s in setups]
+    plans = []
+    for s in setups:
+        progress(f"measuring {s.name}: states over {s.world_size} fake rank(s), FLOPs, activations")
+        plans.append(plan(s, **limits))
     name = model_name(plans[0]["setup"])
     activation = calibrate_activations(name=name)
     lines = [table(plans), ""]
     for p in plans:
         if not p["fits"]:
+            progress(f"{p['setup'].name} does not fit: trying up to 3 changes")
             fixes = suggest(p["setup"], **limits)
             lines.append(f"- {p['setup'].name}: does not fit ({p['total_gib']:.1f} GiB > {p['gpu_memory_gib']}); "
                          + (f"fits with: {' | '.join(f'`{text}`' for text, _ in fixes)}" if fixes else

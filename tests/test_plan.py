@@ -94,8 +94,12 @@ def test_invalid_setups_are_refused_with_what_was_expected():
 
 def test_the_command_prints_the_table_and_what_to_change(capsys):
     assert plan.main(["--world_size", "8", "--anchor_offload", "--gpu_memory_gib", "60"]) == 0
-    out = capsys.readouterr().out
+    printed = capsys.readouterr()
+    out = printed.out
     assert "| **total GiB** (H100: 60.0) |" in out and "fits with: `--text_encoder_offload`" in out
+    # progress while it measures, on stderr (the table alone on stdout): the setup, then the search for changes
+    assert "plan: measuring custom: states over 8 fake rank(s)" in printed.err
+    assert "plan: custom does not fit: trying up to 3 changes" in printed.err and "plan:" not in out
 
 
 def test_the_report_says_no_quadratic_term_instead_of_printing_round_off():
