@@ -170,8 +170,8 @@ def train(cfg, prompts, rank, world_size, device, mesh, stop_request, on_exit):
     if cfg.gradient_checkpointing is None:  # on with CUDA, off on CPU
         cfg = dataclasses.replace(cfg, gradient_checkpointing=device.type == "cuda")
     w_anchor, _ = trust_region.kl_weights(cfg.kl_mode, cfg.kl_anchor_weight, cfg.kl_step_weight)
-    print_rank0(f"setup: the policy from {policy_path} (FSDP2 over {world_size} rank(s){', with its anchor' if w_anchor else ''})",
-        flush=True)
+    print_rank0(f"setup: the policy from {policy_path} (FSDP2 over {world_size} rank(s)"
+                f"{', with its anchor' if w_anchor else ''})", flush=True)
     policy, anchor_module = distributed.load_policy(
         policy_path, mesh, device, rank, compute_dtype,
         lora_rank=cfg.lora_rank, gradient_checkpointing=cfg.gradient_checkpointing, with_anchor=w_anchor > 0,
@@ -199,12 +199,12 @@ def train(cfg, prompts, rank, world_size, device, mesh, stop_request, on_exit):
                                            anchor=anchor_module)
     # the rewards and their weights; the total is computed by the mix (reward.RewardMix), train.py reads "reward"
     print_rank0(f"setup: reward {', '.join(f'{n} ({reward_paths[n]})' if n in reward_paths else n for n in reward_specs)}",
-        flush=True)
+                flush=True)
     reward_model = reward.load_training_rewards(reward_specs, reward_paths, device=device, dtype=compute_dtype,
                                                 weight_items=cfg.reward_weights,
                                                 processor_paths={"pickscore": cfg.pickscore_processor_path or None})
     for cut in reward.prompt_cuts(reward_model, prompts, cfg.num_frames, cfg.height, cfg.width) if rank == 0 else ():
-        print(f"prompts: {cut}", flush=True)  # a reward reads a prompt only up to its own token limit
+        print_rank0(f"prompts: {cut}", flush=True)  # a reward reads a prompt only up to its own token limit
 
     group_size, videos_per_rank = cfg.group_size, cfg.videos_per_rank
     videos_per_iteration = layout.dp_size * videos_per_rank  # the sp ranks of a group hold the same videos
@@ -244,7 +244,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, stop_request, on_exit):
                                                       if len(reward_specs) > 1 else ""), flush=True)
 
     forwards = meters.ForwardCount(policy, anchor.anchor if anchor is not None else None, videos_per_rank,
-                            cfg.gradient_checkpointing)
+                                   cfg.gradient_checkpointing)
     eval_prompts = config.load_prompts(cfg.eval_prompts) if cfg.eval_every else []
 
     def evaluate():  # --eval_every: the held-out prompts' scores of the policy as it is now (its forwards apart)
