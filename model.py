@@ -332,6 +332,15 @@ def transformer_class_of(transformer_dir):
     return classes[name]
 
 
+def family_of_weights(path):
+    """The family of a directory that holds a policy's weights: a pipeline directory (its model_index.json), or a
+    training checkpoint, whose transformer/ stands alone (its config.json's class)."""
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return family_of(path)
+    transformer_class = transformer_class_of(os.path.join(path, "transformer"))
+    return next(family for family in FAMILIES.values() if family.transformer_class is transformer_class)
+
+
 def family_of_transformer(transformer):
     """The policy class whose transformer `transformer` is (FSDP2- and LoRA-wrapped modules keep their class),
     or None for a module of no family."""
