@@ -23,14 +23,13 @@ from diffusers import (AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteSchedu
                        HunyuanVideo15Transformer3DModel)
 from diffusers.guiders import ClassifierFreeGuidance
 
-import config
 import model
 import reward
 import videoalign_checkpoint
 
 # The tiny models' video size, 5×16×16: the tiny HunyuanVideo-1.5 turns it into a (4, 3, 4, 4) latent (VAE 4×
-# spatial, 2× temporal). Defined with the configuration (config.video_size resolves a run's size).
-TINY_NUM_FRAMES, TINY_HEIGHT, TINY_WIDTH = config.TINY_NUM_FRAMES, config.TINY_HEIGHT, config.TINY_WIDTH
+# spatial, 2× temporal): a --tiny run's default size for this family (TINY_VIDEO_SIZES).
+TINY_NUM_FRAMES, TINY_HEIGHT, TINY_WIDTH = 5, 16, 16
 # The tiny transformer (diffusers' HunyuanVideo-1.5 pipeline tests): 4 latent channels (input: latent, image
 # condition, mask = 2·4 + 1), one block of 2 heads x 8, widths of the tiny text encoders below (16, byT5's 32).
 # benchmarks/gpu_check.py --tiny measures it in place of the real 8.3B model.
@@ -148,6 +147,13 @@ TINY_WAN_TRANSFORMER_CONFIG = dict(
     patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
     text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
     rope_max_seq_len=32)
+
+
+# Each tiny family's default video size (config.default_video_size, --tiny) and transformer config (the heads
+# --sp_size must divide, checked before the model is built), by tiny_model_paths' family name.
+TINY_VIDEO_SIZES = {"hunyuan": (TINY_NUM_FRAMES, TINY_HEIGHT, TINY_WIDTH),
+                    "wan": (TINY_WAN_NUM_FRAMES, TINY_WAN_HEIGHT, TINY_WAN_WIDTH)}
+TINY_TRANSFORMER_CONFIGS = {"hunyuan": TINY_TRANSFORMER_CONFIG, "wan": TINY_WAN_TRANSFORMER_CONFIG}
 
 
 def character_t5_tokenizer():

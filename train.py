@@ -35,7 +35,7 @@ local directory or a hub id already in the hub cache; nothing is ever downloaded
     # MASTER_ADDR = node 0's address; output_dir must be on a filesystem every node sees
     torchrun --nnodes 8 --nproc_per_node 8 --node_rank $NODE_RANK --rdzv_id sage \\
         --rdzv_backend c10d --rdzv_endpoint $MASTER_ADDR:29500 train.py --model_path ... (same flags)
-    # no weights, CPU: the same code on random tiny models built on the fly (gloo backend)
+    # no weights, CPU: the same code on random tiny models built on the fly (gloo backend); --tiny_family wan: Wan2.1's
     torchrun --standalone --nproc_per_node 2 train.py --tiny --num_steps 4 --max_iterations 4 --output_dir runs/tiny
     # no weights, CPU, and it learns: the synthetic video world (world/video_world.py), ~5 minutes
     torchrun --standalone --nproc_per_node 2 train.py --world --num_steps 8 --optimizer adamw --lr 2e-4 \\
@@ -47,8 +47,9 @@ local directory or a hub id already in the hub cache; nothing is ever downloaded
 
 Settings have one source each. Sampling shift and CFG scale: the checkpoint's scheduler and guider
 configs unless --shift / --cfg_scale are given (the run prints which). Reward weights: the reward
-model's defaults (VideoAlign: paper setting B) unless --reward_weights names others. Video size:
-81×352×624, or 5×16×16 with --tiny, unless --num_frames / --height / --width are given.
+model's defaults (VideoAlign: paper setting B) unless --reward_weights names others. Video size: the checkpoint
+family's (HunyuanVideo-1.5 81×352×624, Wan2.1 81×480×832; with --tiny 5×16×16 and 9×32×32) unless --num_frames /
+--height / --width are given.
 
 This file is the loop: `main` (process group, stop signals, errors), `train` (setup, then the loop), and the
 loop's pieces below it. What is not the loop has files of its own: config.py (every flag and its checks),
@@ -136,12 +137,12 @@ def train(cfg, prompts, rank, world_size, device, mesh, stop_request, on_exit):
     model_path = cfg.model_path
     reward_paths = {name: getattr(cfg, reward.TRAINING_REWARDS[name].path_flag) for name in reward_specs
                     if reward.TRAINING_REWARDS[name].path_flag}
-    if cfg.tiny:  # random tiny models in the real on-disk layouts, loaded by the same code as real ones
+    if cfg.tiny:  # random tiny models in the real on-disk layouts (--tiny_family), loaded by the same code as real ones
         if rank == 0:
-            tiny.tiny_model_paths(cfg.output_dir, hunyuan=model_path, **reward_paths)
+            tiny.tiny_model_paths(cfg.output_dir, **{cfg.tiny_family: model_path}, **reward_paths)
         dist.barrier()
-        paths = tiny.tiny_model_paths(cfg.output_dir, hunyuan=model_path, **reward_paths)
-        model_path, reward_paths = paths.pop("hunyuan"), paths
+        paths = tiny.tiny_model_paths(cfg.output_dir, **{cfg.tiny_family: model_path}, **reward_paths)
+        model_path, reward_paths = paths.pop(cfg.tiny_family), paths
     if cfg.world and not model_path:  # the world's pretrained policy: built (or read from its cache) by rank 0
         from world import pretrain as world_pretrain
         if rank == 0:

@@ -220,7 +220,7 @@ def run_train(ctx, *extra):
     output_dir, the last 3,000 characters of its output, the command). Raises TimeoutError if it was stopped."""
     models = ctx.tiny_models()
     output_dir = tempfile.mkdtemp(prefix="run_", dir=ctx.work_dir)
-    num_frames, height, width = config.video_size(tiny=True)
+    num_frames, height, width = tiny.TINY_VIDEO_SIZES["hunyuan"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                os.path.join(REPO, "train.py"), "--model_path", models["hunyuan"], "--reward_path", models["videoalign"],
                "--num_frames", str(num_frames), "--height", str(height), "--width", str(width), *TRAIN_FLAGS,
