@@ -179,16 +179,19 @@ def build_tiny_wan(path, seed=0, flow_shift=3.0, transformer_config=None):
     (`character_t5_tokenizer`), scheduler/ UniPCMultistepScheduler with flow_prediction, use_flow_sigmas and
     `flow_shift` (3.0: the real 480p config; tests write others to check that it is read). Video
     TINY_WAN_NUM_FRAMES x TINY_WAN_HEIGHT x TINY_WAN_WIDTH -> latent (16, 3, 4, 4), 12 tokens.
-    transformer_config: keyword arguments over TINY_WAN_TRANSFORMER_CONFIG (e.g. more heads for a test).
+    transformer_config: keyword arguments over TINY_WAN_TRANSFORMER_CONFIG (e.g. more heads for a test, or the real
+    1.3B config for benchmarks/gpu_check.py: the transformer is built once, in float32 on the CPU with its own random
+    init, and written; the tiny UMT5's width follows its text_dim).
     """
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
     tokenizer = character_t5_tokenizer()
+    transformer_config = {**TINY_WAN_TRANSFORMER_CONFIG, **(transformer_config or {})}
     torch.manual_seed(seed)
     text_encoder = UMT5EncoderModel(UMT5Config(
-        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        vocab_size=len(tokenizer), d_model=transformer_config["text_dim"], d_kv=8, d_ff=64, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
-    transformer = WanTransformer3DModel(**{**TINY_WAN_TRANSFORMER_CONFIG, **(transformer_config or {})})
+    transformer = WanTransformer3DModel(**transformer_config)
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True])
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
