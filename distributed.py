@@ -142,8 +142,9 @@ def load_policy(path, mesh, device, rank, compute_dtype, *, lora_rank=0, gradien
     rest; train_glyph_projector=False freezes the byT5 glyph projector (`shard` then leaves it whole on
     every rank). Returns (policy, anchor_module or None).
     """
-    family = model.family_of(path)
-    Transformer = family.transformer_class
+    # the saved transformer's class (config.json): a checkpoint being resumed has transformer/ but no model_index.json
+    Transformer = model.transformer_class_of(os.path.join(path, "transformer"))
+    family = next(f for f in model.FAMILIES.values() if f.transformer_class is Transformer)
 
     def prepare(transformer):  # identical on every rank: LoRA adapters or full fine-tune, checkpointing
         if lora_rank > 0:
