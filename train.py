@@ -24,9 +24,13 @@ local directory or a hub id already in the hub cache; nothing is ever downloaded
     # once, on a machine with internet access: into the hub cache (HF_HUB_CACHE / HF_HOME)
     hf download hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v; hf download KwaiVGI/VideoReward
     hf download Qwen/Qwen2-VL-2B-Instruct   # VideoReward's base model, looked up by the id its model_config.json names
-    # 1 GPU (one group of G = 4 videos per iteration needs 4 videos on the one rank)
+    # 1 GPU: a full fine-tune does not fit an 80 GB H100 (plan.py); LoRA, both offloads, groups of 2: 73.5 GiB, 4.7 min/it
     python train.py --model_path hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v --reward_path KwaiVGI/VideoReward \\
-        --prompts prompts/example.txt --output_dir runs/sage --videos_per_rank 4
+        --prompts prompts/example.txt --output_dir runs/sage --group_size 2 --lora_rank 64 \\
+        --text_encoder_offload --anchor_offload
+    # 1 GPU, Wan2.1-T2V-1.3B (the family is read from the checkpoint) at 33x240x416: 46.7 GiB, 0.5 min/iteration
+    python train.py --model_path Wan-AI/Wan2.1-T2V-1.3B-Diffusers --reward_path KwaiVGI/VideoReward \\
+        --prompts prompts/example.txt --output_dir runs/sage_wan --num_frames 33 --height 240 --width 416
     # the same with local directories
     python train.py --model_path ckpts/HunyuanVideo-1.5-480p_t2v --reward_path ckpts/VideoReward ...
     # 8 GPUs on one node (the paper's per-node setting)
