@@ -15,8 +15,11 @@ Checks, in two phases, so that a wrong flag costs seconds, not a model load:
 * `check_inputs(cfg, world_size)`: what the flags point to (model and reward directories, the prompt files,
   the output directory and the checkpoint a `--resume` continues, the schedule at the resolved shift).
 
-`check_config` runs both and returns (cfg with its defaults resolved, prompts). The video size is resolved
-here too (`video_size`): 81×352×624 (the official 480p bucket), 5×16×16 with --tiny, the world's with --world.
+`check_config` runs both and returns (cfg with its defaults resolved, prompts). The default video size is the
+checkpoint family's, resolved in `check_inputs` (`default_video_size`): HunyuanVideo-1.5 81×352×624 (the official
+480p bucket, model.py), Wan2.1 81×480×832 (480p, wan.py), each tiny family's own with --tiny (tiny.py), the
+world's with --world. One source each; the sizes given are checked against the rule both families share in
+`check_flags`.
 Every error is a `ConfigError` whose message says what was expected and what was found.
 """
 import argparse
@@ -47,11 +50,6 @@ def module_constant(module, name):
     raise LookupError(f"{module}.py has no top-level literal {name}")
 
 
-# Video sizes: the official 480p bucket (post_train.py sample_n_frames 81, 352x624) and the tiny models'.
-DEFAULT_NUM_FRAMES, DEFAULT_HEIGHT, DEFAULT_WIDTH = 81, 352, 624
-# A size the tiny HunyuanVideo-1.5 turns into a (4, 3, 4, 4) latent (tiny.py: VAE 4x spatial, 2x temporal).
-TINY_NUM_FRAMES, TINY_HEIGHT, TINY_WIDTH = 5, 16, 16
-
 
 @dataclass
 class Config:
@@ -76,14 +74,16 @@ class Config:
     """the synthetic video world (world/video_world.py), CPU: its pretrained tiny HunyuanVideo-1.5 (built once, cached),
     prompts, video size, shift / CFG (its checkpoint's configs) and exact, hackable reward (--reward world)"""
     tiny: bool = False
-    """random tiny HunyuanVideo-1.5 and VideoAlign (tiny.py), CPU, gloo: the pipeline without weights; an empty
+    """random tiny models (tiny.py: the policy, VideoAlign), CPU, gloo: the pipeline without weights; an empty
     --model_path / --reward_path is built once under output_dir"""
+    tiny_family: str = "hunyuan"
+    """--tiny with an empty --model_path: the tiny policy family built, hunyuan | wan"""
     num_frames: typing.Optional[int] = None
-    """video frames, 4k+1; default 81 (official sample_n_frames), 5 with --tiny"""
+    """video frames, 4k+1; default: the family's (HunyuanVideo-1.5 81, Wan2.1 81; tiny: 5, 9)"""
     height: typing.Optional[int] = None
-    """video height in pixels, multiple of 16; default 352 (official 480p bucket 352x624), 16 with --tiny"""
+    """video height in pixels, multiple of 16; default: the family's (HunyuanVideo-1.5 352, Wan2.1 480; tiny: 16, 32)"""
     width: typing.Optional[int] = None
-    """video width in pixels, multiple of 16; default 624 (official 480p bucket 352x624), 16 with --tiny"""
+    """video width in pixels, multiple of 16; default: the family's (HunyuanVideo-1.5 624, Wan2.1 832; tiny: 16, 32)"""
     # --- run
     output_dir: str = "runs/sage_grpo"
     """checkpoints, metrics.jsonl and sample videos go here (shared filesystem for multi-node)"""
@@ -231,7 +231,8 @@ class Config:
     # --- parallelism and memory
     sp_size: int = 1
     """sequence parallelism: this many consecutive ranks hold the same videos and split each one's tokens (Ulysses,
-    parallel.py); must divide the world size and the 16 heads (official sp_size 2 on 64 GPUs)"""
+    parallel.py); must divide the world size and the attention heads (16 HunyuanVideo-1.5, 12 Wan2.1-1.3B; official
+    sp_size 2 on 64 GPUs)"""
     gradient_checkpointing: typing.Optional[bool] = None
     """recompute block activations in backward (official enable_gradient_checkpointing). Default: on with CUDA
     (the 8.3B model's activations do not fit otherwise), off on CPU (--tiny, --world: small activations, and one
@@ -385,6 +386,7 @@ NON_NEGATIVE = ("weight_decay", "beta_start", "beta_end", "kl_anchor_weight", "k
 AT_LEAST_ONE = ("num_steps", "updates_per_rollout", "anchor_period", "beta_window", "sde_window_shift_every",
                 "eval_videos_per_prompt", "checkpoint_every", "keep_checkpoints", "max_iterations")
 SDE_WINDOW_PLACEMENTS = ("static", "random", "moving")
+TINY_FAMILIES = ("hunyuan", "wan")  # the policy families tiny.py builds (tiny.tiny_model_paths' names)
 
 
 def choices():
@@ -395,7 +397,7 @@ def choices():
             "kl_step_estimator": module_constant("trust_region", "STEP_ESTIMATORS"),
             "equalizer_median": module_constant("equalizer", "MEDIANS"), "sde_window_placement": SDE_WINDOW_PLACEMENTS,
             "reward_input": ("frames", "mp4"), "report_to": module_constant("tracking", "TRACKERS"),
-            "reward_normalization": ("per_reward", "total")}
+            "reward_normalization": ("per_reward", "total"), "tiny_family": TINY_FAMILIES}
 
 
 def check_flags(cfg, world_size):
@@ -451,10 +453,7 @@ def check_flags(cfg, world_size):
                           f"{cfg.num_steps - cfg.sde_window}")
     if not 0 <= cfg.ema_decay < 1:
         raise ConfigError(f"--ema_decay must be in [0, 1) (0: no EMA; FlowGRPO uses 0.9), got {cfg.ema_decay}")
-    if not cfg.world:  # the world's size comes with the world (check_inputs)
-        cfg = dataclasses.replace(cfg, **dict(zip(("num_frames", "height", "width"),
-                                                  video_size(cfg.num_frames, cfg.height, cfg.width, cfg.tiny))))
-    check_video_size(cfg)
+    check_video_size(cfg)  # the sizes given; the defaults are the family's (check_inputs)
     for name in AT_LEAST_ONE:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -485,25 +484,41 @@ def check_flags_have_effect(cfg):
         if getattr(cfg, name) != getattr(default, name) and not present:
             raise ConfigError(f"--{name} {getattr(cfg, name)!r} has no effect without {needed}: drop it, or add "
                               f"{needed.split(' ')[0]}")
+    if cfg.tiny_family != default.tiny_family and not (cfg.tiny and not cfg.model_path):
+        raise ConfigError(f"--tiny_family {cfg.tiny_family} has no effect without --tiny and an empty --model_path "
+                          f"(a given checkpoint's family is read from its model_index.json): drop it, or add --tiny")
     if cfg.kl_mode == "none" and cfg.beta_schedule != default.beta_schedule:
         raise ConfigError(f"--beta_schedule {cfg.beta_schedule} has no effect with --kl_mode none (no KL term for β to "
                           f"weigh): drop it, or choose a --kl_mode with a KL term")
 
 
-def video_size(num_frames=None, height=None, width=None, tiny=False):
-    """(num_frames, height, width) of a run: each value the user gave, the others from the default size: the tiny
-    model's 5×16×16 with --tiny (the real 81×352×624 is far too big for a CPU), else the official 81×352×624
-    (--world fills in its own first). E.g. video_size(None, 32, None, tiny=True) -> (5, 32, 16)."""
-    default = (TINY_NUM_FRAMES, TINY_HEIGHT, TINY_WIDTH) if tiny else (DEFAULT_NUM_FRAMES, DEFAULT_HEIGHT, DEFAULT_WIDTH)
+def video_size(num_frames=None, height=None, width=None, default=None):
+    """(num_frames, height, width) of a run: each value the user gave, the others from `default`, the family's
+    (`default_video_size`). E.g. video_size(None, 32, None, default=(9, 32, 32)) -> (9, 32, 32)."""
     return tuple(d if v is None else v for v, d in zip((num_frames, height, width), default))
 
 
+def default_video_size(model_path, tiny=False, tiny_family=TINY_FAMILIES[0]):
+    """The default (frames, height, width) of a policy: its family's (model_index.json, model.family_of), or with
+    --tiny its tiny family's (tiny.TINY_VIDEO_SIZES: what the tiny VAE turns into a small latent), the family of
+    the given --model_path or, when it is empty, --tiny_family. Imports the model code (check_inputs only)."""
+    import model
+    import tiny as tiny_models
+    family = model.family_of(model_path) if model_path else None
+    if tiny:
+        return tiny_models.TINY_VIDEO_SIZES[family.family if family else tiny_family]
+    return family.default_video_size
+
+
 def check_video_size(cfg):
-    """A size the VAE can take (HunyuanVideo-1.5: 4x temporal, 16x spatial), for every value given or resolved."""
-    frames, height, width = cfg.num_frames, cfg.height, cfg.width
-    if (frames is not None and (frames - 1) % 4) or any(size is not None and size % 16 for size in (height, width)):
-        raise ConfigError(f"video must be 4k+1 frames and a multiple of 16 pixels (VAE 4x temporal, 16x spatial), "
-                          f"got {frames} frames at {height}x{width}")
+    """A size both families' VAE and patching can take, for every value given or resolved: 4k+1 frames (VAE 4x
+    temporal) and sides a multiple of 16 (HunyuanVideo-1.5: VAE 16x; Wan2.1: VAE 8x x patch 2)."""
+    wrong = [f"--{name} {value}" for name, value, step in (("num_frames", cfg.num_frames, 4), ("height", cfg.height, 16),
+                                                           ("width", cfg.width, 16))
+             if value is not None and (value - (name == "num_frames")) % step]
+    if wrong:
+        raise ConfigError(f"video must be 4k+1 frames and a multiple of 16 pixels (VAE 4x temporal; HunyuanVideo-1.5 "
+                          f"VAE 16x spatial, Wan2.1 VAE 8x x patch 2), got {', '.join(wrong)}")
 
 
 def check_inputs(cfg, world_size):
@@ -574,6 +589,27 @@ def _check_inputs(cfg, world_size):
             raise ConfigError(f"--reward_path {cfg.reward_path!r} is not a VideoAlign (VideoReward) directory: expected "
                               f"{videoalign_checkpoint.MODEL_CONFIG_FILE} and checkpoint-<step>/, found "
                               f"{sorted(os.listdir(cfg.reward_path))[:8]}")
+    if cfg.tiny:  # --sp_size against the tiny policy's heads: its directory's config, or the one tiny.py builds with
+        import tiny
+        try:
+            if cfg.model_path:
+                family = model.family_of(cfg.model_path)
+                with open(os.path.join(cfg.model_path, "transformer", "config.json")) as f:
+                    transformer_config = json.load(f)
+            else:
+                family = model.family_named(cfg.tiny_family)
+                transformer_config = tiny.TINY_TRANSFORMER_CONFIGS[cfg.tiny_family]
+            family.check_sp_size(transformer_config, cfg.sp_size)
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(f"--tiny{' --model_path' if cfg.model_path else ' --tiny_family ' + cfg.tiny_family}: "
+                              f"{error}") from None
+    if not cfg.world:  # the sizes the flags left open: the family's default (the world's were filled in above)
+        try:
+            default = default_video_size(cfg.model_path, cfg.tiny, cfg.tiny_family)
+        except ValueError as error:
+            raise ConfigError(f"--model_path: {error}") from None
+        cfg = dataclasses.replace(cfg, **dict(zip(("num_frames", "height", "width"),
+                                                  video_size(cfg.num_frames, cfg.height, cfg.width, default))))
     tracking.check_installed(cfg.report_to)  # an optional package: missing is an error now, not after loading
     check_sde_window(cfg)
     if cfg.lora_rank > 0:

@@ -142,7 +142,7 @@ def load_policy(path, mesh, device, rank, compute_dtype, *, lora_rank=0, gradien
     rest; train_glyph_projector=False freezes the byT5 glyph projector (`shard` then leaves it whole on
     every rank). Returns (policy, anchor_module or None).
     """
-    family = model.family_of_weights(path)  # a pipeline directory or a checkpoint
+    family = model.family_of_weights(path)  # a pipeline directory or a checkpoint (transformer/ alone)
     Transformer = family.transformer_class
 
     def prepare(transformer):  # identical on every rank: LoRA adapters or full fine-tune, checkpointing

@@ -101,7 +101,9 @@ class EvalConfig:
     """keep diffusers' and transformers' own messages and progress bars (loading, "Guiders are an experimental
     feature"); without it eval prints its own lines and one progress bar per model"""
     tiny: bool = False
-    """random tiny HunyuanVideo-1.5, VideoAlign and CLIP models built on the fly, CPU"""
+    """random tiny policy (--tiny_family), VideoAlign and CLIP models built on the fly, CPU"""
+    tiny_family: str = "hunyuan"
+    """--tiny with an empty --model_path: the tiny policy family built, hunyuan | wan"""
     world: bool = False
     """the synthetic video world (world/video_world.py), CPU: its pretrained policy as the base (unless --model_path),
     its prompts, video size, shift / CFG, and its exact reward of the latents instead of VideoAlign / CLIP / PickScore"""
@@ -117,11 +119,11 @@ class EvalConfig:
     cfg_scale: typing.Optional[float] = None
     """classifier-free guidance scale; default: the base checkpoint's guider config (480p T2V: 6)"""
     num_frames: typing.Optional[int] = None
-    """frames; default 81 as the training rollouts (official sample_n_frames), 5 with --tiny"""
+    """frames; default: the base checkpoint family's, as the training rollouts (HunyuanVideo-1.5 81, Wan2.1 81)"""
     height: typing.Optional[int] = None
-    """height in pixels; default 352 (official 480p bucket 352x624), 16 with --tiny"""
+    """height in pixels; default: the family's (HunyuanVideo-1.5 352, Wan2.1 480; tiny: 16, 32)"""
     width: typing.Optional[int] = None
-    """width in pixels; default 624 (official 480p bucket 352x624), 16 with --tiny"""
+    """width in pixels; default: the family's (HunyuanVideo-1.5 624, Wan2.1 832; tiny: 16, 32)"""
     batch_size: int = 2
     """videos sampled per forward batch"""
     vae_tiling: typing.Optional[bool] = None
@@ -220,8 +222,8 @@ def markdown_table(results, columns=COLUMNS):
 
 # What must match for rows to sit in one table (with the prompts and the seeds): what changes a video or its scores.
 # Not compared: checkpoints (what is added), output_dir, batch_size, verbose.
-SETTINGS = ("model_path", "reward_path", "clip_path", "pickscore_path", "pickscore_processor_path", "tiny", "world",
-            "seed", "videos_per_prompt", "num_steps", "shift", "cfg_scale", "num_frames", "height", "width", "vae_tiling")
+SETTINGS = ("model_path", "reward_path", "clip_path", "pickscore_path", "pickscore_processor_path", "tiny", "tiny_family",
+            "world", "seed", "videos_per_prompt", "num_steps", "shift", "cfg_scale", "num_frames", "height", "width", "vae_tiling")
 
 
 def settings_of(config, prompts):
@@ -290,6 +292,8 @@ def video_folder(name, results):
 def main(cfg):
     if cfg.world and cfg.tiny:
         raise ValueError("--world and --tiny are two different small worlds: give one of them")
+    if cfg.tiny_family not in config.TINY_FAMILIES:
+        raise ValueError(f"unknown --tiny_family {cfg.tiny_family!r}: expected one of {list(config.TINY_FAMILIES)}")
     if cfg.world:  # the world's prompts and video size unless given (its model below, its sampling in its configs)
         from world import video_world
         cfg = dataclasses.replace(cfg, prompts=cfg.prompts or video_world.PROMPTS_FILE,
@@ -332,15 +336,16 @@ def main(cfg):
 def evaluate(cfg, prompts, paths):
     model_path, reward_path, clip_path, pick_path = cfg.model_path, cfg.reward_path, cfg.clip_path, cfg.pickscore_path
     if cfg.tiny:  # random tiny models in the real layouts, the same code path as real weights (tiny.py)
-        tiny_paths = tiny.tiny_model_paths(os.path.join(cfg.output_dir, "tiny_models"), hunyuan=model_path,
-                                      videoalign=reward_path, clip=clip_path)
-        model_path, reward_path, clip_path = tiny_paths["hunyuan"], tiny_paths["videoalign"], tiny_paths["clip"]
+        tiny_paths = tiny.tiny_model_paths(os.path.join(cfg.output_dir, "tiny_models"), **{cfg.tiny_family: model_path},
+                                           videoalign=reward_path, clip=clip_path)
+        model_path, reward_path, clip_path = tiny_paths[cfg.tiny_family], tiny_paths["videoalign"], tiny_paths["clip"]
         pick_path = pick_path or clip_path
     if cfg.world and not model_path:  # the world's pretrained policy (built once, cached)
         from world import pretrain as world_pretrain
         model_path = world_pretrain.prepare_world()
     cfg = dataclasses.replace(cfg, **dict(zip(("num_frames", "height", "width"),
-                                              config.video_size(cfg.num_frames, cfg.height, cfg.width, cfg.tiny))))
+                                              config.video_size(cfg.num_frames, cfg.height, cfg.width,
+                                                                config.default_video_size(model_path, cfg.tiny)))))
     cfg, sources = resolve_sampling(cfg, model_path)  # shift and CFG scale: the base checkpoint's unless given
     device = torch.device("cuda" if torch.cuda.is_available() and not (cfg.tiny or cfg.world) else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -97,6 +97,11 @@ import wan
 # ----------------------------------------------------------------------------------------------
 # Constants (each with where it comes from).
 
+# Rollout video size: the official 480p bucket (Tencent-Hunyuan/SAGE-GRPO post_train.py sample_n_frames 81,
+# 352x624): the latent (32, 21, 22, 39). The default of train.py / eval.py for this family (config.default_video_size).
+DEFAULT_NUM_FRAMES = 81
+DEFAULT_HEIGHT = 352
+DEFAULT_WIDTH = 624
 # CFG scale s: HunyuanVideo-1.5 480p/720p t2v guider config (diffusers conversion script,
 # GUIDANCE_CONFIGS) and the SAGE-GRPO paper / official code's sampling setting.
 DEFAULT_GUIDANCE_SCALE = 6.0
@@ -153,6 +158,7 @@ class HunyuanVideo15Policy:
     lora_targets = LORA_TARGETS
     hidden_blocks = HIDDEN_BLOCKS
     default_negative_prompt = DEFAULT_NEGATIVE_PROMPT
+    default_video_size = (DEFAULT_NUM_FRAMES, DEFAULT_HEIGHT, DEFAULT_WIDTH)  # frames, height, width
 
     @staticmethod
     def check_directory(path):
@@ -300,6 +306,14 @@ def load_hunyuan(path, device="cpu", dtype=torch.bfloat16, load_transformer=True
 
 # model_index.json `_class_name` -> the family's policy class (module docstring: what each answers).
 FAMILIES = {HunyuanVideo15Policy.pipeline_class: HunyuanVideo15Policy, wan.WanPolicy.pipeline_class: wan.WanPolicy}
+
+
+def family_named(name):
+    """The policy class of a family name ("hunyuan", "wan": train.py --tiny_family); ValueError for another."""
+    names = {family.family: family for family in FAMILIES.values()}
+    if name not in names:
+        raise ValueError(f"unknown policy family {name!r}: expected one of {sorted(names)}")
+    return names[name]
 
 
 def family_of(path):

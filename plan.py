@@ -118,9 +118,9 @@ _TRAIN = config.Config()  # train.py's defaults, the planner's too
 @dataclasses.dataclass(frozen=True)
 class Setup:
     """One training setup: the train.py flags that decide memory and time, plus the world size. Every default is
-    train.py's own (config.Config), resolved as a GPU run resolves it: the video size config.video_size gives,
-    --videos_per_rank the fewest that fill whole groups on 8 ranks, gradient checkpointing on (CUDA), the CFG
-    scale of the HunyuanVideo-1.5 480p guider config."""
+    train.py's own (config.Config), resolved as a GPU run resolves it: the family's default video size
+    (config.default_video_size: HunyuanVideo-1.5's here), --videos_per_rank the fewest that fill whole groups on 8
+    ranks, gradient checkpointing on (CUDA), the CFG scale of the HunyuanVideo-1.5 480p guider config."""
     name: str = "custom"
     world_size: int = 8
     family: str = "hunyuan"   # the checkpoint's family (train.py reads it from --model_path's model_index.json)
@@ -128,9 +128,9 @@ class Setup:
     sp_size: int = _TRAIN.sp_size
     videos_per_rank: int = config.default_videos_per_rank(_TRAIN.group_size, 8 // _TRAIN.sp_size)
     group_size: int = _TRAIN.group_size
-    num_frames: int = config.DEFAULT_NUM_FRAMES
-    height: int = config.DEFAULT_HEIGHT
-    width: int = config.DEFAULT_WIDTH
+    num_frames: int = config.module_constant("model", "DEFAULT_NUM_FRAMES")
+    height: int = config.module_constant("model", "DEFAULT_HEIGHT")
+    width: int = config.module_constant("model", "DEFAULT_WIDTH")
     lora_rank: int = _TRAIN.lora_rank
     optimizer: str = _TRAIN.optimizer
     text_encoder_offload: bool = _TRAIN.text_encoder_offload

@@ -23,14 +23,13 @@ from diffusers import (AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteSchedu
                        HunyuanVideo15Transformer3DModel)
 from diffusers.guiders import ClassifierFreeGuidance
 
-import config
 import model
 import reward
 import videoalign_checkpoint
 
 # The tiny models' video size, 5×16×16: the tiny HunyuanVideo-1.5 turns it into a (4, 3, 4, 4) latent (VAE 4×
-# spatial, 2× temporal). Defined with the configuration (config.video_size resolves a run's size).
-TINY_NUM_FRAMES, TINY_HEIGHT, TINY_WIDTH = config.TINY_NUM_FRAMES, config.TINY_HEIGHT, config.TINY_WIDTH
+# spatial, 2× temporal): a --tiny run's default size for this family (TINY_VIDEO_SIZES).
+TINY_NUM_FRAMES, TINY_HEIGHT, TINY_WIDTH = 5, 16, 16
 # The tiny transformer (diffusers' HunyuanVideo-1.5 pipeline tests): 4 latent channels (input: latent, image
 # condition, mask = 2·4 + 1), one block of 2 heads x 8, widths of the tiny text encoders below (16, byT5's 32).
 # benchmarks/gpu_check.py --tiny measures it in place of the real 8.3B model.
@@ -150,6 +149,13 @@ TINY_WAN_TRANSFORMER_CONFIG = dict(
     rope_max_seq_len=32)
 
 
+# Each tiny family's default video size (config.default_video_size, --tiny) and transformer config (the heads
+# --sp_size must divide, checked before the model is built), by tiny_model_paths' family name.
+TINY_VIDEO_SIZES = {"hunyuan": (TINY_NUM_FRAMES, TINY_HEIGHT, TINY_WIDTH),
+                    "wan": (TINY_WAN_NUM_FRAMES, TINY_WAN_HEIGHT, TINY_WAN_WIDTH)}
+TINY_TRANSFORMER_CONFIGS = {"hunyuan": TINY_TRANSFORMER_CONFIG, "wan": TINY_WAN_TRANSFORMER_CONFIG}
+
+
 def character_t5_tokenizer():
     """A T5 (UMT5-style) tokenizer built offline: a Unigram model over printable ASCII characters, each also in its
     word-initial form ("▁a"), plus <pad> (id 0, as UMT5's), </s> (appended to every prompt) and <unk>. It tokenises
@@ -173,16 +179,19 @@ def build_tiny_wan(path, seed=0, flow_shift=3.0, transformer_config=None):
     (`character_t5_tokenizer`), scheduler/ UniPCMultistepScheduler with flow_prediction, use_flow_sigmas and
     `flow_shift` (3.0: the real 480p config; tests write others to check that it is read). Video
     TINY_WAN_NUM_FRAMES x TINY_WAN_HEIGHT x TINY_WAN_WIDTH -> latent (16, 3, 4, 4), 12 tokens.
-    transformer_config: keyword arguments over TINY_WAN_TRANSFORMER_CONFIG (e.g. more heads for a test).
+    transformer_config: keyword arguments over TINY_WAN_TRANSFORMER_CONFIG (e.g. more heads for a test, or the real
+    1.3B config for benchmarks/gpu_check.py: the transformer is built once, in float32 on the CPU with its own random
+    init, and written; the tiny UMT5's width follows its text_dim).
     """
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
     tokenizer = character_t5_tokenizer()
+    transformer_config = {**TINY_WAN_TRANSFORMER_CONFIG, **(transformer_config or {})}
     torch.manual_seed(seed)
     text_encoder = UMT5EncoderModel(UMT5Config(
-        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        vocab_size=len(tokenizer), d_model=transformer_config["text_dim"], d_kv=8, d_ff=64, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
-    transformer = WanTransformer3DModel(**{**TINY_WAN_TRANSFORMER_CONFIG, **(transformer_config or {})})
+    transformer = WanTransformer3DModel(**transformer_config)
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True])
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,

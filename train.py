@@ -24,9 +24,13 @@ local directory or a hub id already in the hub cache; nothing is ever downloaded
     # once, on a machine with internet access: into the hub cache (HF_HUB_CACHE / HF_HOME)
     hf download hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v; hf download KwaiVGI/VideoReward
     hf download Qwen/Qwen2-VL-2B-Instruct   # VideoReward's base model, looked up by the id its model_config.json names
-    # 1 GPU (one group of G = 4 videos per iteration needs 4 videos on the one rank)
+    # 1 GPU: a full fine-tune does not fit an 80 GB H100 (plan.py); LoRA, both offloads, groups of 2: 73.5 GiB, 4.7 min/it
     python train.py --model_path hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v --reward_path KwaiVGI/VideoReward \\
-        --prompts prompts/example.txt --output_dir runs/sage --videos_per_rank 4
+        --prompts prompts/example.txt --output_dir runs/sage --group_size 2 --lora_rank 64 \\
+        --text_encoder_offload --anchor_offload
+    # 1 GPU, Wan2.1-T2V-1.3B (the family is read from the checkpoint) at 33x240x416: 46.7 GiB, 0.5 min/iteration
+    python train.py --model_path Wan-AI/Wan2.1-T2V-1.3B-Diffusers --reward_path KwaiVGI/VideoReward \\
+        --prompts prompts/example.txt --output_dir runs/sage_wan --num_frames 33 --height 240 --width 416
     # the same with local directories
     python train.py --model_path ckpts/HunyuanVideo-1.5-480p_t2v --reward_path ckpts/VideoReward ...
     # 8 GPUs on one node (the paper's per-node setting)
@@ -35,7 +39,7 @@ local directory or a hub id already in the hub cache; nothing is ever downloaded
     # MASTER_ADDR = node 0's address; output_dir must be on a filesystem every node sees
     torchrun --nnodes 8 --nproc_per_node 8 --node_rank $NODE_RANK --rdzv_id sage \\
         --rdzv_backend c10d --rdzv_endpoint $MASTER_ADDR:29500 train.py --model_path ... (same flags)
-    # no weights, CPU: the same code on random tiny models built on the fly (gloo backend)
+    # no weights, CPU: the same code on random tiny models built on the fly (gloo backend); --tiny_family wan: Wan2.1's
     torchrun --standalone --nproc_per_node 2 train.py --tiny --num_steps 4 --max_iterations 4 --output_dir runs/tiny
     # no weights, CPU, and it learns: the synthetic video world (world/video_world.py), ~5 minutes
     torchrun --standalone --nproc_per_node 2 train.py --world --num_steps 8 --optimizer adamw --lr 2e-4 \\
@@ -47,8 +51,9 @@ local directory or a hub id already in the hub cache; nothing is ever downloaded
 
 Settings have one source each. Sampling shift and CFG scale: the checkpoint's scheduler and guider
 configs unless --shift / --cfg_scale are given (the run prints which). Reward weights: the reward
-model's defaults (VideoAlign: paper setting B) unless --reward_weights names others. Video size:
-81×352×624, or 5×16×16 with --tiny, unless --num_frames / --height / --width are given.
+model's defaults (VideoAlign: paper setting B) unless --reward_weights names others. Video size: the checkpoint
+family's (HunyuanVideo-1.5 81×352×624, Wan2.1 81×480×832; with --tiny 5×16×16 and 9×32×32) unless --num_frames /
+--height / --width are given.
 
 This file is the loop: `main` (process group, stop signals, errors), `train` (setup, then the loop), and the
 loop's pieces below it. What is not the loop has files of its own: config.py (every flag and its checks),
@@ -136,12 +141,12 @@ def train(cfg, prompts, rank, world_size, device, mesh, stop_request, on_exit):
     model_path = cfg.model_path
     reward_paths = {name: getattr(cfg, reward.TRAINING_REWARDS[name].path_flag) for name in reward_specs
                     if reward.TRAINING_REWARDS[name].path_flag}
-    if cfg.tiny:  # random tiny models in the real on-disk layouts, loaded by the same code as real ones
+    if cfg.tiny:  # random tiny models in the real on-disk layouts (--tiny_family), loaded by the same code as real ones
         if rank == 0:
-            tiny.tiny_model_paths(cfg.output_dir, hunyuan=model_path, **reward_paths)
+            tiny.tiny_model_paths(cfg.output_dir, **{cfg.tiny_family: model_path}, **reward_paths)
         dist.barrier()
-        paths = tiny.tiny_model_paths(cfg.output_dir, hunyuan=model_path, **reward_paths)
-        model_path, reward_paths = paths.pop("hunyuan"), paths
+        paths = tiny.tiny_model_paths(cfg.output_dir, **{cfg.tiny_family: model_path}, **reward_paths)
+        model_path, reward_paths = paths.pop(cfg.tiny_family), paths
     if cfg.world and not model_path:  # the world's pretrained policy: built (or read from its cache) by rank 0
         from world import pretrain as world_pretrain
         if rank == 0:

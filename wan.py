@@ -112,7 +112,8 @@ MODEL_SUBFOLDERS = ("transformer", "vae", "text_encoder")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 WAN21_LATENT_CHANNELS = 16  # AutoencoderKLWan z_dim of Wan2.1 (Wan2.2-TI2V-5B's VAE has 48)
 
-# Rollout video size: 81 frames at 480x832, Wan2.1's 480p setting (and the 1.3B model's native size).
+# Rollout video size: 81 frames at 480x832, Wan2.1's 480p setting (and the 1.3B model's native size); the default
+# of train.py / eval.py for this family (config.default_video_size).
 DEFAULT_NUM_FRAMES = 81
 DEFAULT_HEIGHT = 480
 DEFAULT_WIDTH = 832
@@ -261,6 +262,7 @@ class WanPolicy:
     lora_targets = LORA_TARGETS
     hidden_blocks = HIDDEN_BLOCKS
     default_negative_prompt = DEFAULT_NEGATIVE_PROMPT
+    default_video_size = (DEFAULT_NUM_FRAMES, DEFAULT_HEIGHT, DEFAULT_WIDTH)  # frames, height, width
     check_directory = staticmethod(check_wan_directory)
     sampling_defaults = staticmethod(sampling_defaults)
     check_sp_size = staticmethod(check_sp_size)

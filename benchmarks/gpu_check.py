@@ -5,7 +5,7 @@
     python benchmarks/gpu_check.py --sections forward block  # a rerun of some sections only
 
 Nothing here has been measured on a GPU before this command runs: it is written to work the first time and
-is tested on the CPU through `--tiny` (tests/test_gpu_check.py). Five sections, each independent (an
+is tested on the CPU through `--tiny` (tests/test_gpu_check.py). Seven sections, each independent (an
 exception is recorded as {"status": "error", "error": "<one line>"} and the next section runs), in this order:
 
     train       train.py on tiny random models, 1 rank under torchrun, 2 iterations, into a temporary directory:
@@ -23,6 +23,11 @@ exception is recorded as {"status": "error", "error": "<one line>"} and the next
     wan_forward the second family: Wan2.1-1.3B (plan.WAN21_CONFIGS), random bf16 weights, one CFG forward
                 (wan.cfg_velocity, batch 2) at 480x832x81 (32,760 video tokens, 512 text keys), against
                 plan.py's FLOPs and parameter count
+    wan_train   Wan2.1-1.3B end to end: train.py (torchrun, 1 rank) on a Wan directory with the real 1.3B transformer
+                config and random weights (written once by tiny.build_tiny_wan, no second copy), a tiny UMT5 and
+                VAE and the tiny VideoAlign, 2 GRPO iterations at 33x240x416 (4 steps, one group of 2): rollout,
+                reward and update seconds and peak memory of the last iteration, beside plan.py's prediction for
+                the same setup (its memory less the text encoder, VAE and reward model, tiny here)
 
 Why the train sections do not pass --tiny: train.py --tiny always runs on the CPU with gloo (it is the CPU
 mode). Here the same tiny models are built first (tiny.build_tiny_hunyuan, tiny.build_tiny_videoalign, what
@@ -40,8 +45,8 @@ means faster than plan.py assumes (MFU above its 40%); an activation ratio far f
 attention kernel saves something else than the CPU calibration (e.g. an L x L matrix), and plan.py's memory
 table is wrong by that factor.
 
---tiny: the same script on the CPU with the tiny model's configuration (tiny.TINY_TRANSFORMER_CONFIG) and a
-small token count, CPU timers instead of CUDA events, memory null (no allocator statistics on a CPU), and the
+--tiny: the same script on the CPU with the tiny models' configurations (tiny.TINY_TRANSFORMER_CONFIG, the tiny Wan's
+in wan_forward and wan_train, at its own 9x32x32) and a small token count, CPU timers instead of CUDA events, memory null (no allocator statistics on a CPU), and the
 train sections forced to the CPU (gloo, fp32). Its time ratios compare a CPU with an H100 and mean nothing;
 it exists so that every code path has run before the GPU time is spent.
 
@@ -80,10 +85,10 @@ import plan  # noqa: E402
 import tiny  # noqa: E402
 import wan  # noqa: E402
 
-SECTIONS = ("train", "self_check", "forward", "block", "muon", "wan_forward")
+SECTIONS = ("train", "self_check", "forward", "block", "muon", "wan_forward", "wan_train")
 OUTPUT_DIR = os.path.join("runs", "gpu_check")  # as train.py's runs/<name>: ignored by git, never in the repository root
 REPORT = "gpu_check.json"
-BUDGET_S = 420.0  # of the 8 minutes a first GPU is lent for: the rest is start-up and a margin
+BUDGET_S = 540.0  # of the 10 minutes one command may run on a lent GPU: the rest is start-up and a margin
 # One train.py run at most (a tiny run takes well under a minute): a hung NCCL start must not eat the whole budget
 TRAIN_TIMEOUT_S = 150.0
 # The tiny train.py runs: 2 iterations of 2 denoising steps, one group of 2 videos on the one rank
@@ -92,6 +97,14 @@ TRAIN_FLAGS = ("--num_steps", "2", "--group_size", "2", "--videos_per_rank", "2"
 REPEATS = {"forward": 3, "block": 5, "muon": 5, "wan_forward": 3}
 WAN_MODEL = "wan-1.3B"  # plan.py's key of the Wan2.1 transformer measured
 WAN_VIDEO = (81, 480, 832)  # Wan2.1's 480p: the latent (16, 21, 60, 104), 21 x 30 x 52 tokens
+# wan_train: whole GRPO iterations of the 1.3B through train.py at the peers' training size (flow_grpo, Pref-GRPO:
+# 33 x 240 x 416 -> 9 x 15 x 26 = 3,510 tokens), one group of 2 videos, 4 steps, 2 iterations: ~1 minute of GPU
+# after a ~1 minute build (plan.py: 23 GiB); a timeout of its own, as the build and load of 5 GB take longer
+WAN_TRAIN_VIDEO = (33, 240, 416)
+WAN_TRAIN_VIDEOS, WAN_TRAIN_STEPS = 2, 4
+WAN_TRAIN_FLAGS = ("--num_steps", str(WAN_TRAIN_STEPS), "--group_size", str(WAN_TRAIN_VIDEOS), "--videos_per_rank",
+                   str(WAN_TRAIN_VIDEOS), "--max_iterations", "2")
+WAN_TRAIN_TIMEOUT_S = 240.0
 CFG_BATCH = 2  # one video's conditional and unconditional rows: model.cfg_velocity's batch, plan.py's "2·videos"
 INIT_STD = 0.02  # random weights: matrices N(0, 0.02²) (the usual transformer init), norm scales 1, biases 0
 # --tiny: the model sections' sizes (the tiny transformer is 16 wide; 192 video tokens = 3 x 8 x 8 latents)
@@ -215,15 +228,18 @@ class Context:
         return self.models
 
 
-def run_train(ctx, *extra):
-    """torchrun, 1 rank, train.py on the tiny models with TRAIN_FLAGS and `extra`: (exit status, wall seconds,
-    output_dir, the last 3,000 characters of its output, the command). Raises TimeoutError if it was stopped."""
+def run_train(ctx, *extra, model_path=None, size=None, flags=TRAIN_FLAGS, timeout_s=None):
+    """torchrun, 1 rank, train.py on the tiny models (or the policy at `model_path`, at `size`) with `flags` and
+    `extra`: (exit status, wall seconds, output_dir, the last 3,000 characters of its output, the command). Raises
+    TimeoutError if it was stopped (past the budget or timeout_s, default --train_timeout_s)."""
     models = ctx.tiny_models()
     output_dir = tempfile.mkdtemp(prefix="run_", dir=ctx.work_dir)
-    num_frames, height, width = config.video_size(tiny=True)
+    num_frames, height, width = size or tiny.TINY_VIDEO_SIZES["hunyuan"]
+    timeout_s = timeout_s or ctx.args.train_timeout_s
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-               os.path.join(REPO, "train.py"), "--model_path", models["hunyuan"], "--reward_path", models["videoalign"],
-               "--num_frames", str(num_frames), "--height", str(height), "--width", str(width), *TRAIN_FLAGS,
+               os.path.join(REPO, "train.py"), "--model_path", model_path or models["hunyuan"],
+               "--reward_path", models["videoalign"],
+               "--num_frames", str(num_frames), "--height", str(height), "--width", str(width), *flags,
                "--output_dir", output_dir, *extra]
     env = dict(os.environ)
     if ctx.tiny:  # the CPU, whatever the machine has: gloo and fp32, as a CPU-only machine runs it
@@ -236,7 +252,7 @@ def run_train(ctx, *extra):
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
         try:
-            status = process.wait(timeout=max(min(ctx.remaining(), ctx.args.train_timeout_s), 1.0))
+            status = process.wait(timeout=max(min(ctx.remaining(), timeout_s), 1.0))
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
@@ -245,7 +261,7 @@ def run_train(ctx, *extra):
     with open(log_path, errors="replace") as log:
         tail = log.read()[-3000:]
     if status is None:
-        raise TimeoutError(f"train.py still running after {wall:.0f} s (--train_timeout_s {ctx.args.train_timeout_s:g}, "
+        raise TimeoutError(f"train.py still running after {wall:.0f} s (timeout {timeout_s:g} s, "
                            f"--budget_s {ctx.args.budget_s:g}): stopped; its output ends: {' '.join(tail.split()[-40:])}")
     return status, wall, output_dir, tail, " ".join(command[2:])
 
@@ -473,8 +489,74 @@ def check_wan_forward(ctx):
     return report
 
 
+def wan_train_setup():
+    """plan.py's Setup of the wan_train run: what the planner predicts for the same flags on one GPU."""
+    frames, height, width = WAN_TRAIN_VIDEO
+    return plan.Setup("1xH100 Wan2.1-1.3B gpu_check", world_size=1, family="wan", model_size="1.3B",
+                      videos_per_rank=WAN_TRAIN_VIDEOS, group_size=WAN_TRAIN_VIDEOS, num_frames=frames, height=height,
+                      width=width, num_steps=WAN_TRAIN_STEPS)
+
+
+def build_wan_policy(ctx):
+    """A Wan2.1 directory in the diffusers layout with the REAL 1.3B transformer (plan.WAN21_CONFIGS, random
+    weights; the tiny one with --tiny), the tiny UMT5 (as wide as the transformer's text_dim) and the tiny VAE
+    (the real 4x / 8x compression). tiny.build_tiny_wan builds the transformer once, in float32 on the CPU with
+    diffusers' own init, and save_pretrained writes it: one allocation (5.2 GB for 1.3B), no copy; train.py then
+    reads it as any checkpoint (rank 0 reads, FSDP2 shards). Returns the directory."""
+    path = os.path.join(ctx.work_dir, "wan_policy")
+    if not os.path.isdir(path):
+        config = {} if ctx.tiny else plan.WAN21_CONFIGS[WAN_MODEL.split("-")[1]]
+        tiny.build_tiny_wan(path + ".tmp", transformer_config=config)
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def check_wan_train(ctx):
+    """train.py end to end on Wan2.1-1.3B (real transformer config, random weights; the tiny Wan with --tiny), a tiny
+    text encoder and the tiny VideoAlign: seconds of rollout, reward and update (metrics.jsonl time_*) and peak
+    memory of the last iteration, beside plan.py's prediction for the same setup. plan.py's memory counts the
+    real UMT5-XXL, VAE and VideoAlign; these are tiny here, so the prediction compared leaves them out."""
+    begin = time.monotonic()
+    policy = build_wan_policy(ctx)
+    build_s = time.monotonic() - begin
+    size = tiny.TINY_VIDEO_SIZES["wan"] if ctx.tiny else WAN_TRAIN_VIDEO
+    status, wall, output_dir, tail, command = run_train(ctx, model_path=policy, size=size, flags=WAN_TRAIN_FLAGS,
+                                                        timeout_s=WAN_TRAIN_TIMEOUT_S)
+    rows = []
+    if os.path.isfile(os.path.join(output_dir, "metrics.jsonl")):
+        with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+    rows = [{k: v for k, v in row.items() if k in ("iteration", "reward_mean", "grad_norm", "peak_memory_gb")
+             or k.startswith("time_")} for row in rows if "reward_mean" in row]
+    report = {"command": command, "exit_status": status, "build_s": build_s, "wall_s": wall, "video": list(size),
+              "rows": rows}
+    expected = int(WAN_TRAIN_FLAGS[WAN_TRAIN_FLAGS.index("--max_iterations") + 1])
+    finite = all(math.isfinite(v) for row in rows for v in row.values())
+    report["status"] = "ok" if status == 0 and len(rows) == expected and finite else "fail"
+    if report["status"] != "ok":
+        report["output_tail"] = tail
+        return report
+    setup = wan_train_setup()
+    predicted = plan.plan(setup)
+    last = rows[-1]  # the first iteration also compiles kernels and fills the prompt cache
+    per_second = plan.H100_PEAK_TFLOPS * 1e12 * plan.MFU
+    basis = f"plan.py {setup.flags()} --family wan --world_size 1: FLOPs / (H100 peak x MFU {plan.MFU:g})"
+    tiny_parts = [k for k in predicted["memory_gib"] if k.startswith(("text encoder", "VAE", "reward model"))]
+    memory = predicted["total_gib"] - sum(predicted["memory_gib"][k] for k in tiny_parts)
+    report["figures"] = {
+        "rollout_s": figure(last["time_rollout"], "s", predicted["flops"]["rollout"] / per_second, basis),
+        "reward_s": figure(last["time_reward"], "s", None, reason="plan.py does not predict the reward's time"),
+        "update_s": figure(last["time_update"], "s", predicted["flops"]["update"] / per_second, basis),
+        "peak_memory_gib": figure(last["peak_memory_gb"] if ctx.device.type == "cuda" else None,  # GiB (meters.py)
+                                  "GiB", memory, f"plan.py total less {', '.join(tiny_parts)} (tiny here)",
+                                  reason=None if ctx.device.type == "cuda" else NO_MEMORY)}
+    report["plan"] = {"total_gib": predicted["total_gib"], "seconds_per_iteration": predicted["seconds"],
+                      "flags": setup.flags()}
+    return report
+
+
 CHECKS = {"train": check_train, "self_check": check_self_check, "forward": check_forward, "block": check_block,
-          "muon": check_muon, "wan_forward": check_wan_forward}
+          "muon": check_muon, "wan_forward": check_wan_forward, "wan_train": check_wan_train}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -519,6 +601,9 @@ def summary(report):
         note = section.get("error") or section.get("reason") or ""
         if name == "train" and "device" in section:
             note = f"{section['device']}, {section['backend']}, {section['compute_dtype']}"
+        if name == "wan_train" and "build_s" in section:
+            note = f"{section['video'][0]}x{section['video'][1]}x{section['video'][2]}: build {section['build_s']:.0f} s, " \
+                   f"train.py {section['wall_s']:.0f} s"
         if name == "self_check" and section.get("lines"):
             statuses = list(section["lines"].values())
             note = ", ".join(f"{s} {statuses.count(s)}" for s in ("PASS", "WARN", "FAIL", "SKIP") if s in statuses)

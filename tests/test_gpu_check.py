@@ -1,7 +1,7 @@
 """benchmarks/gpu_check.py: the first GPU's command works the first time, because every code path ran here.
 
-`--tiny` runs the whole script on the CPU (tiny models, gloo, fp32 train.py runs; the tiny transformer in
-place of the 8.3B one): every section must come back "ok" with finite, positive figures. A section that
+`--tiny` runs the whole script on the CPU (tiny models, gloo, fp32 train.py runs; the tiny transformers in
+place of the 8.3B and Wan2.1-1.3B ones, wan_train's train.py run on the tiny Wan): every section must come back "ok" with finite, positive figures. A section that
 raises must be recorded and must not stop the next one; past the budget the rest is skipped. The
 Newton-Schulz FLOPs the Muon section reports are re-counted with torch's FLOP counter.
 """
@@ -42,7 +42,7 @@ def test_tiny_run_measures_every_section_with_finite_positive_figures(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     report = json.loads(out.read_text())
     sections = report["sections"]
-    assert list(sections) == ["train", "self_check", "forward", "block", "muon", "wan_forward"]
+    assert list(sections) == ["train", "self_check", "forward", "block", "muon", "wan_forward", "wan_train"]
     assert all(s["status"] == "ok" and finite_positive(s["seconds"]) for s in sections.values()), sections
 
     # train.py on the CPU: gloo and fp32, as it decided itself; 2 iterations, every logged number finite
@@ -56,9 +56,9 @@ def test_tiny_run_measures_every_section_with_finite_positive_figures(tmp_path):
     assert len(lines) == 7 and "FAIL" not in lines.values() and set(lines.values()) <= {"PASS", "WARN", "SKIP"}
 
     # every figure: measured, predicted and their ratio finite and positive where present; memory is None on a CPU
-    for name in ("forward", "block", "muon", "wan_forward"):
+    for name in ("forward", "block", "muon", "wan_forward", "wan_train"):
         figures = sections[name]["figures"]
-        assert finite_positive(figures["time_s"]["measured"])
+        assert name == "wan_train" or finite_positive(figures["time_s"]["measured"])
         for key, entry in figures.items():
             for field in ("measured", "prediction", "ratio"):
                 assert entry[field] is None or finite_positive(entry[field]), (name, key, field, entry)
@@ -68,6 +68,19 @@ def test_tiny_run_measures_every_section_with_finite_positive_figures(tmp_path):
     assert saved["ratio"] == pytest.approx(1.0, rel=0.02)
     assert sections["forward"]["video_tokens"] == 3 * 8 * 8
     assert sections["wan_forward"]["output_finite"] and sections["wan_forward"]["video_tokens"] == 3 * 8 * 8
+    # Wan2.1 end to end through train.py (the tiny Wan here, at its own size): 2 iterations, every phase timed, and
+    # each figure the last row's own number beside plan.py's prediction for the 1-GPU Wan2.1-1.3B setup
+    wan_train = sections["wan_train"]
+    assert wan_train["exit_status"] == 0 and wan_train["video"] == [9, 32, 32]
+    assert [row["iteration"] for row in wan_train["rows"]] == [1, 2]
+    last = wan_train["rows"][-1]
+    figures = wan_train["figures"]
+    assert [figures[k]["measured"] for k in ("rollout_s", "reward_s", "update_s")] == \
+        [last["time_rollout"], last["time_reward"], last["time_update"]]
+    assert all(finite_positive(figures[k]["prediction"]) for k in ("rollout_s", "update_s", "peak_memory_gib"))
+    assert figures["peak_memory_gib"]["measured"] is None and figures["reward_s"]["prediction"] is None
+    # the planner was asked about the setup the GPU run uses (its flags beside train.py's defaults, typed here)
+    assert wan_train["plan"]["flags"] == "--group_size 2 --num_frames 33 --height 240 --width 416 --num_steps 4"
     assert "| section | figure | measured | plan.py | measured / plan.py | unit |" in done.stdout
 
 

@@ -198,7 +198,7 @@ def test_the_held_out_eval_of_a_two_rank_run_scores_the_weights_it_had_like_a_si
     pipe = model.load_hunyuan(tiny_models[0], dtype=torch.float32)
     scorer = reward.load_training_rewards({"videoalign": 1.0}, {"videoalign": tiny_models[1]})
     sigmas = sde.shifted_sigmas(2, pipe.shift)
-    shape = pipe.latent_shape(*config.video_size(tiny=True))
+    shape = pipe.latent_shape(*tiny.TINY_VIDEO_SIZES["hunyuan"])
     embeds = model.encode_prompts(pipe, list(HELD_OUT))
     seeds = [train.EVAL_SEED + p for p in range(len(HELD_OUT))]
     rows = metrics(two_rank_run, eval_rows=True)
@@ -667,15 +667,6 @@ def test_the_vae_tiling_flag_reaches_the_vae_that_decodes_the_rollouts(tiny_mode
     for run_dir, used in (("on", True), ("auto", False)):  # the checkpoint stores the value used, not None
         with open(tmp_path / run_dir / "checkpoint-000001" / "trainer_state.json") as f:
             assert json.load(f)["config"]["vae_tiling"] is used
-
-
-@pytest.mark.slow
-def test_the_video_size_is_each_flag_given_else_the_tiny_or_the_official_default():
-    import tiny
-    assert config.video_size(tiny=False) == (81, 352, 624)
-    assert config.video_size(tiny=True) == (tiny.TINY_NUM_FRAMES, tiny.TINY_HEIGHT, tiny.TINY_WIDTH)
-    assert config.video_size(9, None, 32, tiny=True) == (9, tiny.TINY_HEIGHT, 32)
-    assert config.video_size(None, 480, None, tiny=False) == (81, 480, 624)
 
 
 # ------------------------------------------------------------------------------------------------
