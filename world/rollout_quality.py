@@ -58,7 +58,8 @@ KERNELS = ("sage", "cps", "flow_grpo", "dance_grpo")
 ETAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 STEPS = (8, 20)             # the world's (video_world.WORLD_NUM_STEPS) and the paper's
 GROUP_SIZE = 8              # world/runs.py's --group_size
-SEEDS = 8                   # run seeds 0 … SEEDS−1 (each: 8 prompts x G videos)
+# run seeds 0 … n−1 per step count (each: 8 prompts x G videos); 20 steps cost 2.5x as much per seed
+SEEDS = {8: 8, 20: 5}
 # SAGE's η whose untrained off-manifold distance the other kernels are matched to: 0.5 is the official η (the
 # matched grid); 0.25 and 0.75 add a lower and a higher noise level for the frontier grid.
 SAGE_REFERENCE_ETAS = (0.25, 0.5, 0.75)
@@ -250,23 +251,25 @@ def match_injected_std(cache, world, kernel, num_steps, sage_eta, seeds):
 # ----------------------------------------------------------------------------------------------
 # Table and picture.
 
-def summarise(cache, world, seeds):
-    """{(kernel, η, steps): {measure: (mean, half-width)}} of every setting measured (ETAS and verifications)."""
+def summarise(cache, world, seeds_of, steps):
+    """{(kernel, η, steps): {measure: (mean, half-width)}} of every setting measured (ETAS and verifications) at
+    the given step counts; seeds_of: {steps: seeds}."""
     out = {}
     for name in sorted(cache.entries):
-        kernel, eta, steps, _ = name.split("|")
-        key = (kernel, float(eta[4:]), int(steps[6:]))
-        if key in out or key[0] not in KERNELS + ("ode",):
+        kernel, eta, num_steps, _ = name.split("|")
+        key = (kernel, float(eta[4:]), int(num_steps[6:]))
+        if key in out or key[0] not in KERNELS + ("ode",) or key[2] not in steps:
             continue
-        rows = per_seed(cache, world, *key, seeds)
+        rows = per_seed(cache, world, *key, seeds_of[key[2]])
         out[key] = {m: runs.interval(r[m] for r in rows if math.isfinite(r[m]))
                     for m in ("off_manifold", "on_manifold_reward", "reliability", "reward")}
         out[key]["std_rms"], out[key]["std_total"] = rows[0]["std_rms"], rows[0]["std_total"]
     return out
 
 
-def table(summary, seeds, matched):
-    lines = [f"Rollout quality of the pretrained world policy, before training ({len(seeds)} seeds x 8 prompts x "
+def table(summary, seeds_of, matched):
+    seeds = ", ".join(f"{len(s)} seeds at {n} steps" for n, s in seeds_of.items())
+    lines = [f"Rollout quality of the pretrained world policy, before training ({seeds}; each seed 8 prompts x "
              f"G = {GROUP_SIZE} videos per setting; mean ± 95 % t-interval over seeds). Injected std: "
              "√(mean over steps of std²) and √(Σ std²) of sde.step_std. Reliability: within-group Spearman ρ between "
              "the training reward and the on-manifold reward.\n",
@@ -281,13 +284,14 @@ def table(summary, seeds, matched):
     lines += ["", "Matched η: each kernel's η whose untrained off-manifold distance equals SAGE's at the reference "
               "η (linear interpolation on the measured curve, then measured there; the paired difference is kernel − "
               "sage over the same seeds, 95 % t-interval).\n",
-              "| steps | SAGE η | target distance | kernel | matched η | measured distance | paired difference "
-              "to sage | rounds |", "|---|---|---|---|---|---|---|---|"]
+              "| steps | SAGE η | target distance | kernel | matched η | measured distance | Δ distance (kernel − sage) | "
+              "rounds | Δ on-manifold reward | Δ reliability ρ |", "|---|---|---|---|---|---|---|---|---|---|"]
+    delta = lambda d: f"{d[0]:+.4f} ± {d[1]:.4f} ({'not significant' if abs(d[0]) <= d[1] else 'significant'})"  # noqa: E731
     for entry in matched:
         result = entry["result"]
         if result["eta"] is None:
             lines.append(f"| {entry['steps']} | {entry['sage_eta']:g} | {result['target']:.3f} | {entry['kernel']} | "
-                         f"— | — | {result['note']} | — |")
+                         f"— | — | {result['note']} | — | — | — |")
             continue
         last = result["history"][-1]
         diff = last["paired_difference"]
@@ -297,7 +301,8 @@ def table(summary, seeds, matched):
                        f"{last['target_std_total']:.3f} instead)")
         rounds = len(result["history"]) if result["criterion"] == "off-manifold distance" else "std"
         lines.append(f"| {entry['steps']} | {entry['sage_eta']:g} | {target} | {entry['kernel']} | {result['eta']:g} | "
-                     f"{last['measured']:.3f} | {diff[0]:+.4f} ± {diff[1]:.4f} ({verdict}) | {rounds} |")
+                     f"{last['measured']:.3f} | {diff[0]:+.4f} ± {diff[1]:.4f} ({verdict}) | {rounds} | "
+                     f"{delta(entry['paired']['on_manifold_reward'])} | {delta(entry['paired']['reliability'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -328,16 +333,17 @@ def picture(summary, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=SEEDS, help="run seeds 0 … n−1 per setting")
+    parser.add_argument("--seeds", type=int, default=None, help=f"run seeds 0 … n−1 per setting (default {SEEDS})")
     parser.add_argument("--steps", type=int, nargs="+", default=list(STEPS), help="sampling steps to measure")
     args = parser.parse_args(argv)
     import torch
     torch.set_num_threads(1)
     world = World()
     cache = Cache(world.key)
-    seeds = range(args.seeds)
+    seeds_of = {n: range(args.seeds or SEEDS.get(n, max(SEEDS.values()))) for n in args.steps}
     matched = []
     for num_steps in args.steps:
+        seeds = seeds_of[num_steps]
         per_seed(cache, world, "ode", 0.0, num_steps, seeds)
         for kernel in KERNELS:
             for eta in ETAS:
@@ -351,12 +357,24 @@ def main(argv=None):
                     if fallback is not None:
                         result.update(eta=fallback["eta"], criterion="total injected std (no η reaches the distance)",
                                       history=[fallback])
-                matched.append({"steps": num_steps, "sage_eta": sage_eta, "kernel": kernel, "result": result})
-    MATCHED.write_text(json.dumps({"world": world.key, "seeds": len(seeds), "group_size": GROUP_SIZE,
+                entry = {"steps": num_steps, "sage_eta": sage_eta, "kernel": kernel, "seeds": len(seeds), "result": result}
+                if kernel != "sage" and result["eta"] is not None:   # the other measures, paired with SAGE's
+                    own = per_seed(cache, world, kernel, result["eta"], num_steps, seeds)
+                    sage = per_seed(cache, world, "sage", sage_eta, num_steps, seeds)
+                    entry["paired"] = {m: runs.interval([a[m] - b[m] for a, b in zip(own, sage)
+                                                         if math.isfinite(a[m]) and math.isfinite(b[m])])
+                                       for m in ("on_manifold_reward", "reliability", "reward")}
+                matched.append(entry)
+    if MATCHED.exists():   # keep the other step counts' matches (a run with --steps 20 leaves 8's alone)
+        saved = json.loads(MATCHED.read_text())
+        if saved.get("world") == world.key:
+            matched = [m for m in saved["matched"] if m["steps"] not in args.steps] + matched
+    matched.sort(key=lambda m: (m["steps"], m["sage_eta"], KERNELS.index(m["kernel"])))
+    MATCHED.write_text(json.dumps({"world": world.key, "group_size": GROUP_SIZE,
                                    "method": __doc__.split("Matched noise. ")[1].split("\n\n")[0],
                                    "matched": matched}, indent=1))
-    summary = summarise(cache, world, seeds)
-    text = table(summary, seeds, [m for m in matched if m["kernel"] != "sage"])
+    summary = summarise(cache, world, seeds_of, args.steps)
+    text = table(summary, seeds_of, [m for m in matched if m["kernel"] != "sage" and m["steps"] in args.steps])
     TABLE.write_text(text)
     picture(summary, PICTURE)
     print(text)
