@@ -306,6 +306,29 @@ def table(summary, seeds_of, matched):
     return "\n".join(lines) + "\n"
 
 
+def same_eta_table(cache, world, seeds_of):
+    """Each kernel against SAGE at the same η and the same seeds: paired differences (kernel − sage) of the three
+    measures, with the two kernels' injected std (rms over steps)."""
+    import sde
+    lines = ["\nThe same η, paired by seed (kernel − sage, 95 % t-interval): how much farther from the manifold each "
+             "kernel's rollouts lie for the same η, against how much noise each injects.\n",
+             "| steps | η | kernel | injected std rms: kernel / sage | Δ off-manifold distance | Δ on-manifold reward | "
+             "Δ reliability ρ |", "|---|---|---|---|---|---|---|"]
+    delta = lambda d: f"{d[0]:+.4f} ± {d[1]:.4f} ({'not significant' if abs(d[0]) <= d[1] else 'significant'})"  # noqa: E731
+    for num_steps, seeds in seeds_of.items():
+        sigmas = sde.shifted_sigmas(num_steps, world.policy.shift)
+        for eta in ETAS:
+            sage = per_seed(cache, world, "sage", eta, num_steps, seeds)
+            for kernel in KERNELS[1:]:
+                own = per_seed(cache, world, kernel, eta, num_steps, seeds)
+                cells = [delta(runs.interval([a[m] - b[m] for a, b in zip(own, sage)
+                                              if math.isfinite(a[m]) and math.isfinite(b[m])]))
+                         for m in ("off_manifold", "on_manifold_reward", "reliability")]
+                lines.append(f"| {num_steps} | {eta:g} | {kernel} | {injected_std(kernel, eta, sigmas)[0]:.3f} / "
+                             f"{injected_std('sage', eta, sigmas)[0]:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def picture(summary, path):
     """Rows: 8 steps against η, 8 steps against injected std, the same for 20; columns: the three measures."""
     plt = runs.pyplot()
@@ -375,6 +398,7 @@ def main(argv=None):
                                    "matched": matched}, indent=1))
     summary = summarise(cache, world, seeds_of, args.steps)
     text = table(summary, seeds_of, [m for m in matched if m["kernel"] != "sage" and m["steps"] in args.steps])
+    text += same_eta_table(cache, world, seeds_of)
     TABLE.write_text(text)
     picture(summary, PICTURE)
     print(text)
