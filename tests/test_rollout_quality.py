@@ -99,3 +99,16 @@ def test_a_method_at_the_official_eta_and_8_steps_is_the_same_run_as_before():
     assert runs.name(other).endswith(", η 0.73, 20 steps")
     assert runs.flags(other, 0, 150, 1)[-8:-4] == ["--eta", "0.73", "--num_steps", "20"]
     assert runs.run_dir(runs.OUT, method, 0) != runs.run_dir(runs.OUT, other, 0)
+
+
+def test_paired_table_says_not_significant_plainly_and_how_many_seeds_would_resolve_it():
+    def run(value):
+        return {"after": {k: value for k in runs.KEYS}}
+    results = {"ref": [run(1.0), run(1.0), run(1.0)], "noisy": [run(1.01), run(0.98), run(1.02)],
+               "clear": [run(1.5), run(1.51), run(1.49)]}
+    seeds_of = {name: [0, 1, 2] for name in results}
+    text = runs.paired_table(results, "ref", seeds_of, plan=True)
+    noisy, clear = (next(line for line in text.splitlines() if line.startswith(f"| {m} ")) for m in ("noisy", "clear"))
+    needed = runs.seeds_needed([0.01, -0.02, 0.02])
+    assert f"(not significant, ~{needed} seeds to resolve)" in noisy
+    assert "(significant)" in clear and "seeds to resolve" not in clear
