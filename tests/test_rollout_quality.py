@@ -85,10 +85,14 @@ def test_sage_injects_the_same_total_variance_at_any_number_of_steps():
         assert total ** 2 == pytest.approx(0.25 * (-math.log(1 - sde.SAGE_SIGMA_MAX) - 1), rel=1e-9)
 
 
-def test_seeds_needed_follows_the_normal_power_formula():
-    diffs = [0.01, 0.03, -0.01, 0.02, 0.0]   # mean 0.01, sd = √(0.00025)
-    expected = math.ceil(((1.960 + 0.8416) * math.sqrt(0.00025) / 0.01) ** 2)
-    assert runs.seeds_needed(diffs) == expected
+def test_seeds_needed_is_the_smallest_n_whose_t_power_bound_reaches_the_mean():
+    diffs = [0.01, 0.03, -0.01, 0.02, 0.0]   # mean 0.01, sd = √(0.00025): sd/mean = 1.581
+    # by hand: n = 21 gives (2.086 + 0.860)/√21 = 0.643 > 1/1.581 = 0.632; n = 22 gives (2.080 + 0.859)/√22 = 0.627
+    assert runs.seeds_needed(diffs) == 22
+    # many seeds: t -> z, the normal formula ((1.96 + 0.8416)·sd/mean)² within a seed or two
+    wide = [0.01 + 0.1 * (-1) ** i for i in range(10)]
+    normal = ((1.960 + 0.8416) * statistics.stdev(wide) / statistics.fmean(wide)) ** 2
+    assert abs(runs.seeds_needed(wide) - normal) < 0.02 * normal + 2
     assert runs.seeds_needed([0.1, -0.1]) == math.inf
 
 
