@@ -1,0 +1,118 @@
+"""The rollout-quality measurements (world/rollout_quality.py) and the matched grids' statistics (world/runs.py),
+against closed forms: no model, no sampling (fast tier)."""
+import math
+import statistics
+
+import pytest
+import torch
+
+import sde
+from world import rollout_quality as rq
+from world import runs
+
+
+def spearman_closed_form(a, b):
+    """ρ = 1 − 6·Σd²/(n(n²−1)) for values without ties, d the rank differences (ranks from sorting)."""
+    rank = lambda v: {x: i + 1 for i, x in enumerate(sorted(v))}  # noqa: E731
+    ra, rb = rank(a), rank(b)
+    n = len(a)
+    return 1 - 6 * sum((ra[x] - rb[y]) ** 2 for x, y in zip(a, b)) / (n * (n * n - 1))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_spearman_equals_the_closed_form_without_ties(seed):
+    generator = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(8, generator=generator).tolist(), torch.randn(8, generator=generator).tolist()
+    assert rq.spearman(a, b) == pytest.approx(spearman_closed_form(a, b), abs=1e-12)
+
+
+def test_spearman_of_monotone_maps_is_plus_or_minus_one():
+    a = [0.3, -1.0, 2.5, 0.0, 7.0]
+    assert rq.spearman(a, [math.exp(x) for x in a]) == pytest.approx(1.0)
+    assert rq.spearman(a, [-x ** 3 for x in a]) == pytest.approx(-1.0)
+
+
+def test_tied_values_share_their_mean_rank():
+    # 1.0 twice occupies ranks 2 and 3 -> 2.5 each; ρ is then the Pearson correlation of the ranks
+    assert rq.ranks([0.0, 1.0, 1.0, 5.0]) == [1.0, 2.5, 2.5, 4.0]
+    x, y = [1, 2.5, 2.5, 4], [1, 2, 3, 4]
+    mx, my = statistics.fmean(x), statistics.fmean(y)
+    pearson = sum((u - mx) * (v - my) for u, v in zip(x, y)) / math.sqrt(
+        sum((u - mx) ** 2 for u in x) * sum((v - my) ** 2 for v in y))
+    assert rq.spearman([0.0, 1.0, 1.0, 5.0], [10, 20, 30, 40]) == pytest.approx(pearson)
+
+
+def test_constant_group_has_no_ranking_and_is_left_out():
+    assert math.isnan(rq.spearman([1.0] * 4, [1, 2, 3, 4]))
+    # two groups of 4: the first constant (left out), the second perfectly reversed
+    rho, groups = rq.group_reliability([1.0] * 4 + [1, 2, 3, 4], [1, 2, 3, 4] + [4, 3, 2, 1], group_size=4)
+    assert (rho, groups) == (pytest.approx(-1.0), 1)
+
+
+def test_group_reliability_rejects_a_batch_that_groups_do_not_divide():
+    with pytest.raises(ValueError, match="divisible by group_size"):
+        rq.group_reliability([1, 2, 3], [1, 2, 3], group_size=2)
+
+
+def test_matched_eta_inverts_a_linear_curve_exactly():
+    etas = [0.1, 0.3, 0.5, 1.0]
+    line = lambda e: 0.2 + 0.4 * e  # noqa: E731
+    for target in (0.25, 0.33, 0.5):
+        assert rq.matched_eta(etas, [line(e) for e in etas], target) == pytest.approx((target - 0.2) / 0.4)
+
+
+def test_matched_eta_interpolates_a_monotone_curve_between_its_bracketing_points():
+    etas = [1.0, 0.0, 0.5, 0.25, 0.75]        # unsorted on purpose
+    values = [e ** 2 for e in etas]
+    # target 0.1 lies between η 0.25 (0.0625) and 0.5 (0.25): the chord's η
+    assert rq.matched_eta(etas, values, 0.1) == pytest.approx(0.25 + (0.1 - 0.0625) * 0.25 / (0.25 - 0.0625))
+    assert rq.matched_eta(etas, values, 0.25) == pytest.approx(0.5)       # a measured point is returned as is
+    assert rq.matched_eta(etas, values, 2.0) is None                     # not bracketed: no answer, no guess
+
+
+def test_injected_std_is_the_rms_and_the_root_sum_of_the_step_stds():
+    sigmas = sde.shifted_sigmas(8, 3.0)
+    stds = [float(sde.step_std("flow_grpo", sigmas[i], sigmas[i + 1], 0.7)) for i in range(8)]
+    rms, total = rq.injected_std("flow_grpo", 0.7, sigmas)
+    assert rms == pytest.approx(math.sqrt(sum(s * s for s in stds) / 8))
+    assert total == pytest.approx(math.sqrt(sum(s * s for s in stds)))
+
+
+def test_sage_injects_the_same_total_variance_at_any_number_of_steps():
+    # Σ_i V(σ_i, σ_{i+1}) telescopes to η²·[ln(1 − 0) − ln(1 − σ_max) − (1 − 0)] whatever the schedule
+    for steps in (8, 20):
+        _, total = rq.injected_std("sage", 0.5, sde.shifted_sigmas(steps, 3.0))
+        assert total ** 2 == pytest.approx(0.25 * (-math.log(1 - sde.SAGE_SIGMA_MAX) - 1), rel=1e-9)
+
+
+def test_seeds_needed_is_the_smallest_n_whose_t_power_bound_reaches_the_mean():
+    diffs = [0.01, 0.03, -0.01, 0.02, 0.0]   # mean 0.01, sd = √(0.00025): sd/mean = 1.581
+    # by hand: n = 21 gives (2.086 + 0.860)/√21 = 0.643 > 1/1.581 = 0.632; n = 22 gives (2.080 + 0.859)/√22 = 0.627
+    assert runs.seeds_needed(diffs) == 22
+    # many seeds: t -> z, the normal formula ((1.96 + 0.8416)·sd/mean)² within a seed or two
+    wide = [0.01 + 0.1 * (-1) ** i for i in range(10)]
+    normal = ((1.960 + 0.8416) * statistics.stdev(wide) / statistics.fmean(wide)) ** 2
+    assert abs(runs.seeds_needed(wide) - normal) < 0.02 * normal + 2
+    assert runs.seeds_needed([0.1, -0.1]) == math.inf
+
+
+def test_a_method_at_the_official_eta_and_8_steps_is_the_same_run_as_before():
+    method = runs.at_eta(dict(runs.CALIBRATED, kernel="sage"), runs.ETA)
+    assert runs.name(method) == runs.name(runs.KERNELS[0])
+    other = runs.at_eta(dict(runs.CALIBRATED, kernel="cps"), 0.73, num_steps=20)
+    assert runs.name(other).endswith(", η 0.73, 20 steps")
+    assert runs.flags(other, 0, 150, 1)[-8:-4] == ["--eta", "0.73", "--num_steps", "20"]
+    assert runs.run_dir(runs.OUT, method, 0) != runs.run_dir(runs.OUT, other, 0)
+
+
+def test_paired_table_says_not_significant_plainly_and_how_many_seeds_would_resolve_it():
+    def run(value):
+        return {"after": {k: value for k in runs.KEYS}}
+    results = {"ref": [run(1.0), run(1.0), run(1.0)], "noisy": [run(1.01), run(0.98), run(1.02)],
+               "clear": [run(1.5), run(1.51), run(1.49)]}
+    seeds_of = {name: [0, 1, 2] for name in results}
+    text = runs.paired_table(results, "ref", seeds_of, plan=True)
+    noisy, clear = (next(line for line in text.splitlines() if line.startswith(f"| {m} ")) for m in ("noisy", "clear"))
+    needed = runs.seeds_needed([0.01, -0.02, 0.02])
+    assert f"(not significant, ~{needed} seeds to resolve)" in noisy
+    assert "(significant)" in clear and "seeds to resolve" not in clear
