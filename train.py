@@ -1,4 +1,4 @@
-"""SAGE-GRPO post-training of HunyuanVideo-1.5 against the VideoAlign reward.
+"""SAGE-GRPO post-training of a text-to-video model (HunyuanVideo-1.5, or Wan2.1) against the VideoAlign reward.
 
 One iteration, straight through (the banners in `train` follow it):
 
