@@ -577,9 +577,10 @@ def pair_betas(beta_schedule, kl, world_size):
     """β of each (sample, step) pair of this rank's batch, (B,). The schedule is fed each pair's L_KL averaged over
     the ranks (position b of every rank together), so that β is the same on every rank (the official code feeds
     each rank its own KL, and its β drifts apart across ranks). A schedule that does not read the KLs
-    (reads_pair_kls False: all but the official one) is handed them unaveraged, which saves an all-reduce per step."""
-    kl_mean = distributed.all_reduce(kl.float()) / world_size if beta_schedule.reads_pair_kls else kl  # (B,)
-    return torch.tensor(beta_schedule.betas(kl_mean.cpu()), dtype=torch.float32, device=kl.device)
+    (reads_pair_kls False: all but the official one) is handed them as they are, on their device: no all-reduce and
+    no host copy per step."""
+    kl_mean = (distributed.all_reduce(kl.float()) / world_size).cpu() if beta_schedule.reads_pair_kls else kl  # (B,)
+    return torch.tensor(beta_schedule.betas(kl_mean), dtype=torch.float32, device=kl.device)
 
 
 def policy_step_weights(cfg, sigmas, window, device):
