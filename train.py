@@ -311,7 +311,8 @@ def train(cfg, prompts, rank, world_size, device, mesh, stop_request, on_exit):
         grad_norms, skipped_now, refreshed = [], 0, False
         anchor_means = {}  # μ_anchor per trained step k, reused by every update of this rollout until a refresh
         for _ in range(cfg.updates_per_rollout if num_pairs else 0):
-            loss_finite, update_kl = True, 0.0  # update_kl: this rank's sum of L_KL over the update's valid pairs
+            # each step's loss sum and its L_KL over the valid pairs, 0-d tensors: read once, after the last step
+            loss_values, step_kls = [], []
             # Gradient accumulation over the trained steps. Gradients are reduce-scattered after every
             # step (not only the last): FSDP2's no-sync mode would hold full unsharded bf16 gradients
             # (16.6 GB for 8.3B) and sum 20 steps in bf16; this way they accumulate sharded, in fp32.
@@ -332,19 +333,21 @@ def train(cfg, prompts, rank, world_size, device, mesh, stop_request, on_exit):
                 # mean over the global valid pairs of  loss_it + β_i·L_KL;  × W undoes FSDP's gradient averaging over
                 # all W ranks (with --sp_size the group's ranks each hold part of a video's gradient: they sum)
                 loss, policy_sum, kl_sum = trust_region.total_loss(policy_loss, kl, beta, mask, num_pairs, world_size)
-                update_kl += kl.detach()[mask].sum().item()
+                step_kls.append(kl.detach()[mask].sum())
                 # before the backward (it reads the graph): the trust region's push, the KL terms, ρ
-                loss_value = diagnostics.record(policy_sum, kl_sum, mean, stats, kl_terms, mask, log_prob,
-                                                step.log_prob, steps[:, k], beta)
+                loss_values.append(diagnostics.record(policy_sum, kl_sum, mean, stats, kl_terms, mask, log_prob,
+                                                      step.log_prob, steps[:, k], beta))
                 loss.backward()
-                loss_finite &= math.isfinite(loss_value)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-            finite = int(distributed.all_reduce(torch.tensor(int(loss_finite), device=device))) == world_size
+            loss_finite = torch.isfinite(torch.stack(loss_values)).all().int()  # this rank's every step
+            finite = int(distributed.all_reduce(loss_finite)) == world_size
             if finite and math.isfinite(grad_norm):  # a non-finite loss or gradient never reaches the weights
                 optim.step()
                 state["update_step"] += 1
-                # the schedule is told the update's mean L_KL per valid pair over all ranks (adaptive decides on it)
+                # the schedule is told the update's mean L_KL per valid pair over all ranks (adaptive decides on it);
+                # update_kl: this rank's sum over the steps, in float64 and in step order
+                update_kl = sum(torch.stack(step_kls).double().tolist())
                 beta_schedule.observe(distributed.all_reduce(torch.tensor(update_kl, dtype=torch.float64,
                                                                           device=device)) / num_pairs)
                 if ema is not None:
@@ -573,9 +576,11 @@ class PromptSampler:
 def pair_betas(beta_schedule, kl, world_size):
     """β of each (sample, step) pair of this rank's batch, (B,). The schedule is fed each pair's L_KL averaged over
     the ranks (position b of every rank together), so that β is the same on every rank (the official code feeds
-    each rank its own KL, and its β drifts apart across ranks)."""
-    kl_mean = distributed.all_reduce(kl.float()) / world_size  # (B,)
-    return torch.tensor(beta_schedule.betas(kl_mean.cpu()), dtype=torch.float32, device=kl.device)
+    each rank its own KL, and its β drifts apart across ranks). A schedule that does not read the KLs
+    (reads_pair_kls False: all but the official one) is handed them as they are, on their device: no all-reduce and
+    no host copy per step."""
+    kl_mean = (distributed.all_reduce(kl.float()) / world_size).cpu() if beta_schedule.reads_pair_kls else kl  # (B,)
+    return torch.tensor(beta_schedule.betas(kl_mean), dtype=torch.float32, device=kl.device)
 
 
 def policy_step_weights(cfg, sigmas, window, device):

@@ -223,7 +223,9 @@ def total_loss(policy_loss, kl, beta, valid, num_pairs, scale=1.0):
 #                  over ranks (so that β is the same on every rank)
 #     observe(kl)  after each optimizer update that was taken: its mean L_KL per valid pair, averaged over ranks
 #
-# and state_dict() / load_state_dict() for exact resume. Units: the official schedule counts (sample, step) pairs,
+# and state_dict() / load_state_dict() for exact resume. `reads_pair_kls` says whether betas() reads the KLs it is
+# given (only the official schedule's does; the others read only how many there are), so that the loop skips the
+# all-reduce that averages them over the ranks when nothing reads them. Units: the official schedule counts (sample, step) pairs,
 # as the official controller does (its ramp is 100 pairs, about 3 iterations of 8 ranks x 2 videos x 20 steps);
 # the others count optimizer updates taken.
 
@@ -233,6 +235,8 @@ class OfficialBeta:
     Each pair's loss uses β as it was before that pair's step; the pairs of one call to `betas` are stepped in
     order. kl_target is the official `kl_weight` passed as the target (1e-5); KL_BAND and the factors are the
     official ones."""
+
+    reads_pair_kls = True  # betas() reads the pairs' KLs: steps its controller on each pair's KL
 
     def __init__(self, beta_start=BETA_START, beta_end=BETA_END, kl_target=KL_TARGET, ramp_updates=RAMP_UPDATES,
                  window=KL_WINDOW):
@@ -291,6 +295,8 @@ class TwoStageBeta:
     """The paper's description: beta_start (small, for exploration) before `switch_step` optimizer updates,
     beta_end from then on (`kl_coefficient`)."""
 
+    reads_pair_kls = False  # betas() ignores the pairs' KLs: β follows the updates taken
+
     def __init__(self, beta_start=BETA_START, beta_end=BETA_END, switch_step=None):
         kl_coefficient(0, beta_start, beta_end, switch_step)  # checks the arguments
         self.beta_start, self.beta_end, self.switch_step = beta_start, beta_end, switch_step
@@ -316,6 +322,8 @@ class TwoStageBeta:
 
 class ConstantBeta:
     """β = beta throughout."""
+
+    reads_pair_kls = False  # betas() ignores the pairs' KLs: a fixed β
 
     def __init__(self, beta=BETA_START):
         if not beta >= 0:
@@ -344,6 +352,8 @@ class AdaptiveBeta:
     growing until the next), so a per-update rule halves β at every refresh and doubles it in between: the window
     of one anchor period sees the sawtooth's mean instead (measured in the synthetic world: README, docs/world.md).
     """
+
+    reads_pair_kls = False  # betas() ignores the pairs' KLs: β changes on observe(), per update
 
     def __init__(self, beta_init, kl_target, beta_min, beta_max, window=1, band=ADAPTIVE_BAND, factor=ADAPTIVE_FACTOR):
         if not (0 < beta_min <= beta_init <= beta_max):

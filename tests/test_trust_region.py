@@ -219,6 +219,21 @@ def test_betas_returns_each_pairs_beta_before_its_step():
     assert batched.state_dict() == one.state_dict()
 
 
+SCHEDULES = {"official": {}, "two_stage": {"switch_step": 2},
+             "constant": {}, "adaptive": {"beta_init": 1e-3, "kl_target": 1e-4, "beta_min": 1e-5, "beta_max": 1e-1}}
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+def test_reads_pair_kls_is_false_only_where_betas_ignore_the_kls(schedule):
+    """train.pair_betas skips the all-reduce of the KLs where reads_pair_kls is False: the β there must not depend
+    on the KLs' values (nor may their values move the schedule's state); the official schedule's does."""
+    runs = []
+    for kls in (torch.zeros(40), torch.full((40,), 1.0)):
+        beta = tr.beta_schedule(schedule, **SCHEDULES[schedule])
+        runs.append((beta.betas(kls[:20]) + beta.betas(kls[20:]), beta.state_dict()))
+    assert (runs[0] != runs[1]) == tr.beta_schedule(schedule, **SCHEDULES[schedule]).reads_pair_kls
+
+
 def test_beta_schedules_reject_bad_arguments():
     with pytest.raises(ValueError, match="unknown beta schedule 'ppo'"):
         tr.beta_schedule("ppo")
