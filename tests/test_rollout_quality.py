@@ -116,3 +116,53 @@ def test_paired_table_says_not_significant_plainly_and_how_many_seeds_would_reso
     needed = runs.seeds_needed([0.01, -0.02, 0.02])
     assert f"(not significant, ~{needed} seeds to resolve)" in noisy
     assert "(significant)" in clear and "seeds to resolve" not in clear
+
+
+def test_grid_jobs_run_block_after_block_seed_major_within_each_and_a_shared_method_once():
+    a, b, c = (dict(runs.CALIBRATED, kernel=k) for k in ("sage", "cps", "flow_grpo"))
+    order = [(runs.name(m).split(",")[0], s) for m, s in runs.job_order([[a, b], [a, c]], (0, 1, 2))]
+    assert order == [("sage", 0), ("cps", 0), ("sage", 1), ("cps", 1), ("sage", 2), ("cps", 2),
+                     ("flow_grpo", 0), ("flow_grpo", 1), ("flow_grpo", 2)]
+
+
+def test_kernel_and_eta_are_read_back_from_a_methods_name():
+    for kernel, eta, steps in (("cps", 0.384, 8), ("flow_grpo", 0.499, 20), ("sage", runs.ETA, 8)):
+        method = runs.at_eta(dict(runs.CALIBRATED, kernel=kernel), eta, steps)
+        assert runs.kernel_of(runs.name(method)) == (kernel, eta)
+
+
+def test_kernel_frontier_points_are_the_per_seed_gain_and_the_distance_after_with_their_intervals():
+    def run(before, after, distance):
+        keys = dict.fromkeys(runs.KEYS, 0.0)
+        return {"before": dict(keys, on_manifold_reward=before),
+                "after": dict(keys, on_manifold_reward=after, off_manifold=distance)}
+    cps = runs.name(runs.at_eta(dict(runs.CALIBRATED, kernel="cps"), 0.384))
+    seeds = [run(1.5, 1.9, 0.15), run(1.6, 1.9, 0.16), run(1.4, 1.9, 0.14)]
+    (eta, gain, distance, n), = runs.kernel_points({cps: seeds})["cps"]
+    gains = [0.4, 0.3, 0.5]   # after − before per seed; t_0.975,2 = 4.303
+    assert (eta, n) == (0.384, 3)
+    assert gain[0] == pytest.approx(0.4) and gain[1] == pytest.approx(4.303 * statistics.stdev(gains) / math.sqrt(3))
+    assert distance[0] == pytest.approx(0.15) and distance[1] == pytest.approx(4.303 * 0.01 / math.sqrt(3))
+
+
+class FakeCache:
+    """rq.per_seed's cache with SAGE's off-manifold distance given per η and seed (nothing is measured)."""
+
+    def __init__(self, distances):
+        self.distances = distances
+
+    def get(self, world, kernel, eta, num_steps, seed):
+        return {"off_manifold": self.distances[eta][seed]}
+
+
+def test_the_distance_matches_noise_only_where_sages_own_distance_rises_significantly_with_eta():
+    low, high = min(rq.ETAS), max(rq.ETAS)
+    rising = FakeCache({low: [0.24, 0.25, 0.23, 0.26, 0.24], high: [0.34, 0.36, 0.33, 0.35, 0.35]})
+    flat = FakeCache({low: [0.21, 0.23, 0.20, 0.22, 0.21], high: [0.20, 0.24, 0.19, 0.22, 0.21]})
+    falling = FakeCache({low: [0.24, 0.25, 0.23, 0.26, 0.24], high: [0.14, 0.16, 0.13, 0.15, 0.15]})
+    for cache, expected in ((rising, True), (flat, False), (falling, False)):
+        yes, (mean, half) = rq.distance_identifies_eta(cache, None, 20, range(5))
+        differences = [h - lo for h, lo in zip(cache.distances[high], cache.distances[low])]
+        assert mean == pytest.approx(statistics.fmean(differences))
+        assert half == pytest.approx(2.776 * statistics.stdev(differences) / math.sqrt(5))   # t_0.975,4
+        assert yes is expected

@@ -23,12 +23,15 @@ Matched noise. For each kernel, the η whose untrained rollouts lie as far from 
 reference η (SAGE_REFERENCE_ETAS; 0.5 is the official η): the measured curve off_manifold(η) (mean over seeds)
 is interpolated linearly between the two measured η that bracket the target, that η is then measured, and the
 interpolation repeated with the new point included, until the measured distance at the interpolated η lies
-within the target's own 95 % interval (at most MATCH_ROUNDS rounds). A kernel whose measured curve never reaches
-the target (CPS: its rollouts lie nearer the manifold than the ODE's at every η) has no distance-matched η; it
-is then matched on the second criterion, the total injected std √(Σ std²) (exact, from sde.step_std, on a grid
-of η steps of 1e-3 within ETAS' range), and measured there, and the record says which criterion was used. The result, with the verification's paired
-difference to SAGE, goes to assets/world_matched_eta.json, which world/runs.py --grid matched | matched20 |
-frontier reads.
+within the target's own 95 % interval (at most MATCH_ROUNDS rounds). The distance is the criterion only where it
+can tell noise levels apart: where SAGE's own distance does not rise with η (paired over seeds, from the lowest
+to the highest ETAS; at 20 steps it is flat), every kernel is matched on the second criterion instead. So is a
+kernel whose measured curve never reaches the target (CPS at 8 steps: its rollouts lie nearer the manifold than
+the ODE's at every η). The second criterion is the total injected std √(Σ std²) (exact, from sde.step_std, on a
+grid of η steps of 1e-3 within ETAS' range), measured there; a kernel that cannot inject SAGE's total std within
+that range (DanceGRPO at 20 steps) has no matched η. The record says which criterion was used and why. The
+result, with the verification's paired difference to SAGE, goes to assets/world_matched_eta.json, which
+world/runs.py --grid matched | matched20 | frontier reads.
 
 Every measurement is cached per (kernel, η, steps, seed) in assets/world_rollout_quality.json, keyed by the
 world's pretrained weights, so a rerun computes only what is missing:
@@ -238,14 +241,27 @@ def match_injected_std(cache, world, kernel, num_steps, sage_eta, seeds):
     sigmas = sde.shifted_sigmas(num_steps, world.policy.shift)
     target = injected_std("sage", sage_eta, sigmas)[1]
     grid = [i / 1000 for i in range(1, round(max(ETAS) * 1000) + 1)]   # η = 0.001 … max(ETAS)
-    eta = matched_eta(grid, [injected_std(kernel, e, sigmas)[1] for e in grid], target)
+    totals = [injected_std(kernel, e, sigmas)[1] for e in grid]
+    eta = matched_eta(grid, totals, target)
     if eta is None:
-        return None
+        return {"eta": None, "target_std_total": target,
+                "note": f"no η ≤ {grid[-1]:g} injects SAGE's total std {target:.3f} ({kernel}: {min(totals):.3f}-"
+                        f"{max(totals):.3f})"}
     eta = round(eta, 3)
     reference = [r["off_manifold"] for r in per_seed(cache, world, "sage", sage_eta, num_steps, seeds)]
     measured = [r["off_manifold"] for r in per_seed(cache, world, kernel, eta, num_steps, seeds)]
     return {"eta": eta, "target_std_total": target, "measured": statistics.fmean(measured),
             "paired_difference": runs.interval([m - r for m, r in zip(measured, reference)])}
+
+
+def distance_identifies_eta(cache, world, num_steps, seeds):
+    """Whether the untrained distance can match noise at `num_steps`: SAGE's off-manifold distance at the highest
+    ETAS minus at the lowest, paired over seeds, is positive with a 95 % interval that excludes 0. Where it is not
+    (20 steps in this world: SAGE's curve is flat within seed noise from η 0.1 to 1), another kernel's curve crosses
+    SAGE's anywhere or nowhere, and every kernel is matched on the total injected std. Returns (yes, (mean, half))."""
+    low, high = (per_seed(cache, world, "sage", e, num_steps, seeds) for e in (min(ETAS), max(ETAS)))
+    rise = runs.interval([h["off_manifold"] - lo["off_manifold"] for h, lo in zip(high, low)])
+    return rise[0] > rise[1], rise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,14 +299,16 @@ def table(summary, seeds_of, matched):
                      f"{fmt(s['reward'])} |")
     lines += ["", "Matched η: each kernel's η whose untrained off-manifold distance equals SAGE's at the reference "
               "η (linear interpolation on the measured curve, then measured there; the paired difference is kernel − "
-              "sage over the same seeds, 95 % t-interval).\n",
+              "sage over the same seeds, 95 % t-interval); where no η reaches that distance, or where SAGE's distance "
+              "does not rise with η (then for every kernel), the η whose total injected std equals SAGE's.\n",
               "| steps | SAGE η | target distance | kernel | matched η | measured distance | Δ distance (kernel − sage) | "
               "rounds | Δ on-manifold reward | Δ reliability ρ |", "|---|---|---|---|---|---|---|---|---|---|"]
     delta = lambda d: f"{d[0]:+.4f} ± {d[1]:.4f} ({'not significant' if abs(d[0]) <= d[1] else 'significant'})"  # noqa: E731
     for entry in matched:
         result = entry["result"]
         if result["eta"] is None:
-            lines.append(f"| {entry['steps']} | {entry['sage_eta']:g} | {result['target']:.3f} | {entry['kernel']} | "
+            distance = "—" if result["target"] is None else f"{result['target']:.3f}"
+            lines.append(f"| {entry['steps']} | {entry['sage_eta']:g} | {distance} | {entry['kernel']} | "
                          f"— | — | {result['note']} | — | — | — |")
             continue
         last = result["history"][-1]
@@ -298,7 +316,8 @@ def table(summary, seeds_of, matched):
         verdict = "not significant" if abs(diff[0]) <= diff[1] else "significant"
         target = (f"{result['target']:.3f} ± {result['target_half_width']:.3f}" if "target_half_width" in result
                   else f"{result['target']:.3f} (not reached: {result['note']}; matched on the total injected std "
-                       f"{last['target_std_total']:.3f} instead)")
+                       f"{last['target_std_total']:.3f} instead)" if result["target"] is not None
+                  else f"— ({result['note']}; matched on the total injected std {last['target_std_total']:.3f})")
         rounds = len(result["history"]) if result["criterion"] == "off-manifold distance" else "std"
         lines.append(f"| {entry['steps']} | {entry['sage_eta']:g} | {target} | {entry['kernel']} | {result['eta']:g} | "
                      f"{last['measured']:.3f} | {diff[0]:+.4f} ± {diff[1]:.4f} ({verdict}) | {rounds} | "
@@ -371,15 +390,24 @@ def main(argv=None):
         for kernel in KERNELS:
             for eta in ETAS:
                 per_seed(cache, world, kernel, eta, num_steps, seeds)
+        by_distance, rise = distance_identifies_eta(cache, world, num_steps, seeds)
         for sage_eta in SAGE_REFERENCE_ETAS:
             for kernel in KERNELS:
-                result = ({"eta": sage_eta, "target": None, "history": []} if kernel == "sage"
-                          else match(cache, world, kernel, num_steps, sage_eta, seeds))
-                if result["eta"] is None:   # no η reaches SAGE's distance: match the injected std instead
+                if kernel == "sage":
+                    result = {"eta": sage_eta, "target": None, "history": []}
+                elif by_distance:
+                    result = match(cache, world, kernel, num_steps, sage_eta, seeds)
+                    why = "no η reaches the distance"
+                else:
+                    why = (f"the distance does not identify η at {num_steps} steps: SAGE's rises by {rise[0]:+.3f} ± "
+                           f"{rise[1]:.3f} from η {min(ETAS):g} to {max(ETAS):g}")
+                    result = {"eta": None, "target": None, "history": [], "note": why}
+                if result["eta"] is None:   # match the total injected std instead
                     fallback = match_injected_std(cache, world, kernel, num_steps, sage_eta, seeds)
-                    if fallback is not None:
-                        result.update(eta=fallback["eta"], criterion="total injected std (no η reaches the distance)",
-                                      history=[fallback])
+                    if fallback["eta"] is None:
+                        result["note"] = f"{result['note']}; {fallback['note']}"
+                    else:
+                        result.update(eta=fallback["eta"], criterion=f"total injected std ({why})", history=[fallback])
                 entry = {"steps": num_steps, "sage_eta": sage_eta, "kernel": kernel, "seeds": len(seeds), "result": result}
                 if kernel != "sage" and result["eta"] is not None:   # the other measures, paired with SAGE's
                     own = per_seed(cache, world, kernel, result["eta"], num_steps, seeds)

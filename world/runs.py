@@ -11,7 +11,7 @@ script only launches runs, reads their metrics.jsonl and draws pictures:
     python world/runs.py --grid kernels   # the four kernels at the calibrated β, 8 seeds, paired
     python world/runs.py --grid matched --nproc 1   # the kernels at matched noise (η from rollout_quality.py), 8 seeds
     python world/runs.py --grid matched20 --nproc 1 # the same at 20 sampling steps
-    python world/runs.py --grid frontier --nproc 1  # each kernel at 3 matched noise levels, 5 seeds
+    python world/runs.py --grid frontier --nproc 1  # each kernel at 3-4 noise levels, 5 seeds: its frontier
     python world/runs.py --grid window    # SDE windows of 2, 4 and all 8 steps: reward against cost
     python world/runs.py --grid eval      # --eval_every 10 at the official and the calibrated β
     python world/runs.py --grid beta --jobs 2 --nproc 1   # two 1-rank runs at a time (same maths)
@@ -122,8 +122,11 @@ def matched_methods(num_steps, sage_eta=ETA):
 
 
 def frontier_methods():
-    """Every kernel at each of SAGE's FRONTIER_LEVELS' matched η, 8 steps."""
-    return [m for level in FRONTIER_LEVELS for m in matched_methods(8, level)]
+    """The frontier grid's runs as blocks, run in this order (seed-major within a block), so that a grid stopped
+    midway has whole blocks: every kernel at η 0.5 (the kernels grid's runs) and at SAGE's 0.5 level (the matched
+    grid's), which exist; then the 0.75 level; then SAGE at 0.25, its third η; then the other kernels at 0.25."""
+    low = matched_methods(8, FRONTIER_LEVELS[0])
+    return [KERNELS, matched_methods(8, 0.5), matched_methods(8, FRONTIER_LEVELS[2]), low[:1], low[1:]]
 # The SDE window (--sde_window K, a new random start every iteration) at the calibrated setting. K = 8 is every
 # step, the same runs as CALIBRATED (train.py treats K = N as no window), rerun in the same sitting so that the
 # wall times compare.
@@ -141,8 +144,7 @@ GRIDS = {"headline": ([HEADLINE], (0, 1, 2), None),
          "eval": (EVALS, (0,), None),
          # resolved when the grid is run (they read MATCHED_ETA); the reference is SAGE at η 0.5
          "matched": (lambda: matched_methods(8), tuple(range(8)), lambda: matched_methods(8)[0]),
-         # 20 steps: the untrained distance is flat in η there, so its matched η are not identified (docs/world.md);
-         # defined for when the 20-step matching is settled, not to be run on today's η
+         # 20 steps: the untrained distance is flat in η there, so every kernel is matched on its total injected std
          "matched20": (lambda: matched_methods(20), tuple(range(8)), lambda: matched_methods(20)[0]),
          "frontier": (frontier_methods, (0, 1, 2, 3, 4), None)}
 KEYS = ("reward_mean", "on_manifold_reward", "off_manifold", "brightness")
@@ -394,6 +396,53 @@ def frontier(results, path):
     save(figure, path)
 
 
+def kernel_of(method):
+    """(kernel, η) of a method's name: 'cps, …, η 0.384' -> ('cps', 0.384); no η in the name is train.py's ETA."""
+    return method.split(",")[0], float(method.rsplit("η ", 1)[1].split(",")[0]) if ", η " in method else ETA
+
+
+def kernel_points(results):
+    """{kernel: [(η, gain, distance), …]} sorted by η: gain = the on-manifold reward's after − before per seed and
+    distance = the off-manifold distance after, each (mean, 95 % half-width) over the seeds."""
+    points = {}
+    for method, runs in results.items():
+        kernel, eta = kernel_of(method)
+        gain = interval(r["after"]["on_manifold_reward"] - r["before"]["on_manifold_reward"] for r in runs)
+        distance = interval(r["after"]["off_manifold"] for r in runs)
+        points.setdefault(kernel, []).append((eta, gain, distance, len(runs)))
+    return {k: sorted(v) for k, v in points.items()}
+
+
+def kernel_frontier_table(results):
+    lines = ["Each kernel's frontier: the on-manifold reward gained (after − before, per seed) and the off-manifold "
+             "distance after training, at each η (mean ± 95 % t-interval over seeds):\n",
+             "| kernel | η | seeds | on-manifold reward gained ↑ | off-manifold distance after ↓ |", "|---|---|---|---|---|"]
+    for kernel, points in kernel_points(results).items():
+        for eta, (g, dg), (d, dd), n in points:
+            lines.append(f"| {kernel} | {eta:g} | {n} | {g:+.3f} ± {dg:.3f} | {d:.3f} ± {dd:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def kernel_frontier(results, path):
+    """The kernels' frontiers: on-manifold reward gained against off-manifold distance after training, one line
+    per kernel through its η (labelled), with 95 % intervals over seeds both ways. Up and to the left is better."""
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(7.5, 5.2))
+    for kernel, points in kernel_points(results).items():
+        etas, gains, distances, _ = zip(*points)
+        line = axis.errorbar([d[0] for d in distances], [g[0] for g in gains], xerr=[d[1] for d in distances],
+                             yerr=[g[1] for g in gains], marker="o", capsize=3, label=kernel)
+        for eta, g, d in zip(etas, gains, distances):
+            axis.annotate(f"η {eta:g}", (d[0], g[0]), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                          color=line[0].get_color())
+    axis.set_xlabel("off-manifold distance after training ↓ (mean of the last 10 iterations)")
+    axis.set_ylabel("on-manifold reward gained ↑ (after − before)")
+    axis.set_title("each kernel's frontier over η at the calibrated β (8 steps), mean ± 95 % CI over seeds",
+                   fontsize=9)
+    axis.legend(fontsize=8)
+    save(figure, path)
+
+
 def curves(all_rows, path):
     """Reward, on-manifold reward and off-manifold distance per iteration, one line per seed."""
     plt = pyplot()
@@ -518,6 +567,15 @@ def before_after(checkpoint, path, seeds=(0, 1, 2, 3)):
     video_world.render_latents(torch.cat(rows), str(path), prompts=prompts * 2, titles=titles)
 
 
+def job_order(blocks, seeds):
+    """[(method, seed)] in the order they run: block after block, seed-major within a block (after each round every
+    method of the block has the same number of seeds, so a grid stopped midway is balanced); a method in two blocks
+    (SAGE at η 0.5 is in several) runs once, in the first."""
+    order = dict.fromkeys((name(m), s) for block in blocks for s in seeds for m in block)
+    by_name = {name(m): m for block in blocks for m in block}
+    return [(by_name[n], s) for n, s in order]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--comparison", action="store_true", help="the headline and the paper's comparison (--grid "
@@ -534,13 +592,14 @@ def main(argv=None):
     grid = args.grid or ("comparison" if args.comparison else "headline")
     methods, seeds, reference = GRIDS[grid]
     methods = methods() if callable(methods) else methods
+    blocks = methods if isinstance(methods[0], list) else [methods]   # a grid's runs in blocks, run in order
+    methods = list({name(m): m for block in blocks for m in block}.values())
     reference = reference() if callable(reference) else reference
     seeds = seeds if args.seeds is None else tuple(range(args.seeds))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    # seed-major order: after each round every method has the same number of seeds (a grid stopped midway is balanced)
-    jobs = [(method, seed) for seed in seeds for method in methods]
+    jobs = job_order(blocks, seeds)
     todo = [(m, s) for m, s in jobs if args.rerun or finished_rows(run_dir(out, m, s), args.iterations) is None]
     if todo and not args.report_only:
         print(f"{grid}: {len(jobs) - len(todo)} of {len(jobs)} runs done, running {len(todo)} "
@@ -577,6 +636,7 @@ def main(argv=None):
             if level_methods and level_methods[0].startswith("sage"):
                 text += f"\nNoise level of SAGE's η {level:g}:\n" + paired_table(
                     {m: results[m] for m in level_methods}, level_methods[0], seeds_of, plan=True)
+        text += "\n" + kernel_frontier_table(results)
     walls = [r["wall_seconds"] for runs in results.values() for r in runs]
     text += f"\nWall time per run: median {statistics.median(walls):.0f} s (2 shared CPU cores).\n"
     (out / f"{grid}_table.md").write_text(text)
@@ -585,6 +645,9 @@ def main(argv=None):
     if grid == "beta":
         pictures.append(out / "beta_frontier.png")
         frontier(results, pictures[-1])
+    if grid == "frontier":
+        pictures.append(out / "kernel_frontier.png")
+        kernel_frontier(results, pictures[-1])
     if grid == "window":
         text += "\n" + cost_table(rows_of)
         (out / f"{grid}_table.md").write_text(text)
