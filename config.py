@@ -250,6 +250,10 @@ class Config:
     HunyuanVideo-1.5 example): far less decoder memory at 81x352x624, frames differ slightly at the tile seams
     (measured in docs/measurements.md). Default: on with CUDA, off on CPU, where videos are smaller than a tile anyway;
     --no-vae_tiling / --vae_tiling force it. Checkpoints store the value used"""
+    vae_precision: str = "model"
+    """the rollouts' VAE decode: "model" in the VAE's dtype (the pipeline's: bf16 on GPU; float32 for Wan), "fp16"
+    under autocast to float16 as the official trainer (model.vae_autocast); the frames the reward scores differ by
+    round-off"""
     # --- logging and tracking
     sample_every: int = 50
     """iterations between saved sample videos (official validation_interval 50); 0 = never"""
@@ -397,7 +401,8 @@ def choices():
             "kl_step_estimator": module_constant("trust_region", "STEP_ESTIMATORS"),
             "equalizer_median": module_constant("equalizer", "MEDIANS"), "sde_window_placement": SDE_WINDOW_PLACEMENTS,
             "reward_input": ("frames", "mp4"), "report_to": module_constant("tracking", "TRACKERS"),
-            "reward_normalization": ("per_reward", "total"), "tiny_family": TINY_FAMILIES}
+            "reward_normalization": ("per_reward", "total"), "tiny_family": TINY_FAMILIES,
+            "vae_precision": module_constant("model", "VAE_PRECISIONS")}
 
 
 def check_flags(cfg, world_size):

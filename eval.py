@@ -129,6 +129,9 @@ class EvalConfig:
     vae_tiling: typing.Optional[bool] = None
     """decode in overlapping 256-pixel tiles (model.set_vae_tiling), as train.py: default on with CUDA, off on CPU;
     results.json stores the value used"""
+    vae_precision: str = "model"
+    """the VAE decode, as train.py's --vae_precision: "model" (the VAE's dtype) or "fp16" (autocast to float16, as the
+    official trainer; model.vae_autocast)"""
 
 
 class EvalError(RuntimeError):
@@ -223,12 +226,15 @@ def markdown_table(results, columns=COLUMNS):
 # What must match for rows to sit in one table (with the prompts and the seeds): what changes a video or its scores.
 # Not compared: checkpoints (what is added), output_dir, batch_size, verbose.
 SETTINGS = ("model_path", "reward_path", "clip_path", "pickscore_path", "pickscore_processor_path", "tiny", "tiny_family",
-            "world", "seed", "videos_per_prompt", "num_steps", "shift", "cfg_scale", "num_frames", "height", "width", "vae_tiling")
+            "world", "seed", "videos_per_prompt", "num_steps", "shift", "cfg_scale", "num_frames", "height", "width", "vae_tiling",
+            "vae_precision")
+# Settings added after results.json files were first written: the value every earlier eval.py used.
+EARLIER_DEFAULTS = {"vae_precision": "model"}
 
 
 def settings_of(config, prompts):
     """The settings an evaluation's rows depend on: {setting: value} of a config (dict) and the prompt texts."""
-    return {"prompts": list(prompts), **{name: config.get(name) for name in SETTINGS}}
+    return {"prompts": list(prompts), **{name: config.get(name, EARLIER_DEFAULTS.get(name)) for name in SETTINGS}}
 
 
 def earlier_results(output_dir, settings):
@@ -246,6 +252,7 @@ def earlier_results(output_dir, settings):
     except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
         raise ValueError(f"{path} exists but is not an eval.py results file ({type(error).__name__}: {error}): move it "
                          f"away or give another --output_dir") from None
+    earlier = {**EARLIER_DEFAULTS, **earlier}
     for name, value in settings.items():
         if earlier.get(name) != value:
             if name == "prompts":
@@ -292,6 +299,9 @@ def video_folder(name, results):
 def main(cfg):
     if cfg.world and cfg.tiny:
         raise ValueError("--world and --tiny are two different small worlds: give one of them")
+    if cfg.vae_precision not in config.choices()["vae_precision"]:
+        raise ValueError(f"unknown --vae_precision {cfg.vae_precision!r}: expected one of "
+                         f"{list(config.choices()['vae_precision'])}")
     if cfg.tiny_family not in config.TINY_FAMILIES:
         raise ValueError(f"unknown --tiny_family {cfg.tiny_family!r}: expected one of {list(config.TINY_FAMILIES)}")
     if cfg.world:  # the world's prompts and video size unless given (its model below, its sampling in its configs)
@@ -361,9 +371,10 @@ def evaluate(cfg, prompts, paths):
     pipe.set_vae_tiling(cfg.vae_tiling)
     print(f"eval: shift {cfg.shift:g} ({sources['shift']}), CFG scale {cfg.cfg_scale:g} ({sources['cfg_scale']}), "
           f"{cfg.num_steps} ODE steps, {cfg.num_frames} frames at {cfg.height}x{cfg.width}, "
-          f"VAE tiling {'on' if cfg.vae_tiling else 'off'}", flush=True)
+          f"VAE tiling {'on' if cfg.vae_tiling else 'off'}, VAE decode {cfg.vae_precision}", flush=True)
     score = (world_scorer() if cfg.world else
-             video_scorer(pipe, reward_path, clip_path, pick_path, cfg.pickscore_processor_path, device, dtype))
+             video_scorer(pipe, reward_path, clip_path, pick_path, cfg.pickscore_processor_path, device, dtype,
+                          cfg.vae_precision))
     columns = WORLD_COLUMNS if cfg.world else COLUMNS
     embeds = pipe.encode_prompts(prompts, device=device, dtype=dtype)
     samples = [(i, j, cfg.seed + 1000 * i + j) for i in range(len(prompts)) for j in range(cfg.videos_per_prompt)]
@@ -399,7 +410,7 @@ def evaluate(cfg, prompts, paths):
     return results
 
 
-def video_scorer(pipe, reward_path, clip_path, pick_path, processor_path, device, dtype):
+def video_scorer(pipe, reward_path, clip_path, pick_path, processor_path, device, dtype, vae_precision):
     """score(final latents, prompts) -> ({column: (B,)}, save(b, path) -> file written): decoded once, VideoAlign
     (overall = VQ + MQ + TA), CLIPScore, PickScore; each video saved as mp4 (or a PNG frame grid)."""
     videoalign = reward.VideoAlignReward.from_pretrained(reward_path, device=device, dtype=dtype)
@@ -408,7 +419,8 @@ def video_scorer(pipe, reward_path, clip_path, pick_path, processor_path, device
                                                    device=device, dtype=dtype)
 
     def score(latents, prompts):
-        frames = pipe.decode(latents)  # (B, F, 3, H, W) in [0, 1]
+        with model.vae_autocast(pipe.vae, vae_precision):
+            frames = pipe.decode(latents)  # (B, F, 3, H, W) in [0, 1]
         scores = dict(videoalign(frames, prompts))
         scores["overall"] = scores["vq"] + scores["mq"] + scores["ta"]
         scores["clip_score"], scores["pick_score"] = clip_score(frames, prompts), pick_score(frames, prompts)

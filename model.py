@@ -81,6 +81,7 @@ in tests/test_model.py; in bf16 the different batch shapes and token counts roun
 Known library issue: the HunyuanVideo-1.5 VAE of diffusers 0.42 fails on batch > 1, so
 `decode_latents` decodes one sample at a time.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -773,6 +774,23 @@ def set_vae_tiling(vae, enabled=None, tile_size=VAE_TILE_SIZE, overlap=VAE_TILE_
                       tile_latent_min_height=latent_tile, tile_latent_min_width=latent_tile,
                       tile_overlap_factor=overlap)
     return True
+
+
+# The VAE decode's precision (train.py / eval.py --vae_precision). "model": the VAE's own dtype, the pipeline's (bf16
+# on GPU for HunyuanVideo-1.5; float32 for Wan, as WanPipeline). "fp16": under autocast to float16, as the official
+# trainer decodes its rollouts (its vae_precision "fp16"): fp16 keeps 10 mantissa bits to bf16's 7, so the frames the
+# reward scores carry less round-off (README, "The official recipe").
+VAE_PRECISIONS = ("model", "fp16")
+
+
+def vae_autocast(vae, precision):
+    """The context a decode runs in for `precision` (VAE_PRECISIONS): nothing, or autocast to float16 on the VAE's
+    device (the weights stay in their dtype; convolutions and matmuls compute in float16, norms in float32)."""
+    if precision not in VAE_PRECISIONS:
+        raise ValueError(f"unknown VAE precision {precision!r}: expected one of {list(VAE_PRECISIONS)}")
+    if precision == "model":
+        return contextlib.nullcontext()
+    return torch.autocast(vae.device.type, dtype=torch.float16)
 
 
 @torch.no_grad()

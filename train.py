@@ -244,7 +244,7 @@ def train(cfg, prompts, rank, world_size, device, mesh, stop_request, on_exit):
               f"of {group_size}, latent {tuple(latent_shape)}, {sum(p.numel() for p in trainable) / 1e6:.3g}M trainable, "
               f"{'resuming ' + checkpoint if checkpoint else 'from ' + model_path}\n"
               f"  shift {cfg.shift:g} ({sources['shift']}), CFG scale {cfg.cfg_scale:g} ({sources['cfg_scale']}), "
-              f"VAE tiling {'on' if cfg.vae_tiling else 'off'}, {describe_sde_window(cfg)}, "
+              f"VAE tiling {'on' if cfg.vae_tiling else 'off'}, VAE decode {cfg.vae_precision}, {describe_sde_window(cfg)}, "
               f"reward = {reward_model.formula()}" + (f" ({cfg.reward_normalization} normalisation)"
                                                       if len(reward_specs) > 1 else ""), flush=True)
 
@@ -454,7 +454,8 @@ def score_videos(cfg, pipe, reward_model, latents, prompts):
     encoded: it stays non-finite and every reward scores it NaN. Returns (frames or None, scores)."""
     frames = None
     if reward_model.needs_frames:
-        frames = pipe.decode(latents)
+        with model.vae_autocast(pipe.vae, cfg.vae_precision):
+            frames = pipe.decode(latents)
         if cfg.reward_input == "mp4":
             frames = torch.stack([reward.mp4_round_trip(video) if torch.isfinite(video).all() else video
                                   for video in frames.cpu()]).to(frames.device)

@@ -66,17 +66,19 @@ def test_eval_writes_a_side_by_side_table_of_deterministic_scores(tiny, tmp_path
     assert sum(line.startswith("| checkpoint-000007 |") for line in table) == 1
 
 
-def test_the_vae_tiling_flag_reaches_the_vae_that_decodes_the_samples(tiny, tmp_path, monkeypatch):
+def test_the_vae_tiling_and_precision_flags_reach_the_vae_that_decodes_the_samples(tiny, tmp_path, monkeypatch):
     import model
     seen, decode = [], model.decode_latents
     def recording_decode(vae, latents):
-        seen.append(vae.use_tiling)
+        seen.append((vae.use_tiling, torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16))
         return decode(vae, latents)
     monkeypatch.setattr(model, "decode_latents", recording_decode)
-    evaluate.main(config.parse_config(eval_args(tiny, tmp_path, []) + ["--vae_tiling"], cls=evaluate.EvalConfig))
-    assert seen == [True]  # one batch of 2 prompts, one model
+    evaluate.main(config.parse_config(eval_args(tiny, tmp_path, []) + ["--vae_tiling", "--vae_precision", "fp16"],
+                                      cls=evaluate.EvalConfig))
+    assert seen == [(True, True)]  # one batch of 2 prompts, one model; decoded under autocast to float16
     with open(tmp_path / "results.json") as f:
-        assert json.load(f)["config"]["vae_tiling"] is True
+        saved = json.load(f)["config"]
+    assert saved["vae_tiling"] is True and saved["vae_precision"] == "fp16"
 
 
 def test_eval_rejects_a_checkpoint_in_the_wrong_layout(tiny, tmp_path):

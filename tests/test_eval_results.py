@@ -104,3 +104,12 @@ def test_help_reads_whole_and_says_what_a_second_evaluation_does(capsys):
     assert text.count("options:") == 1, text
     assert "--verbose" in text
     assert "a model evaluated again: a new row with its date" in " ".join(text.split())
+
+
+def test_a_setting_added_later_reads_as_what_every_earlier_eval_used(tmp_path):
+    # results.json files written before --vae_precision existed decoded in the VAE's own dtype ("model")
+    write_by_hand(tmp_path, SETTINGS, [row("base", 0.1)])
+    assert evaluate.earlier_results(str(tmp_path), {**SETTINGS, "vae_precision": "model"}) == [row("base", 0.1)]
+    with pytest.raises(ValueError, match="vae_precision is 'model' there, 'fp16' here"):
+        evaluate.earlier_results(str(tmp_path), {**SETTINGS, "vae_precision": "fp16"})
+    assert evaluate.settings_of({}, [])["vae_precision"] == "model"

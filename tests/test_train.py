@@ -654,19 +654,21 @@ def test_two_rewards_are_logged_by_name_and_their_advantages_follow_the_normaliz
 
 
 @pytest.mark.slow
-def test_the_vae_tiling_flag_reaches_the_vae_that_decodes_the_rollouts(tiny_models, tmp_path, monkeypatch):
+def test_the_vae_tiling_and_precision_flags_reach_the_vae_that_decodes_the_rollouts(tiny_models, tmp_path, monkeypatch):
     import model
     seen, decode = [], model.decode_latents
     def recording_decode(vae, latents):
-        seen.append((vae.use_tiling, vae.tile_latent_min_height))
+        fp16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16
+        seen.append((vae.use_tiling, vae.tile_latent_min_height, fp16))
         return decode(vae, latents)
     monkeypatch.setattr(model, "decode_latents", recording_decode)
-    run(tiny_models, tmp_path / "on", "--vae_tiling")
-    run(tiny_models, tmp_path / "auto")  # the default: on with CUDA only, so off here
-    assert seen == [(True, model.VAE_TILE_SIZE // 4), (False, seen[1][1])]  # the tiny VAE compresses 4x
-    for run_dir, used in (("on", True), ("auto", False)):  # the checkpoint stores the value used, not None
+    run(tiny_models, tmp_path / "on", "--vae_tiling", "--vae_precision", "fp16")
+    run(tiny_models, tmp_path / "auto")  # the default: on with CUDA only, so off here; the VAE's own dtype
+    assert seen == [(True, model.VAE_TILE_SIZE // 4, True), (False, seen[1][1], False)]  # the tiny VAE compresses 4x
+    for run_dir, used, precision in (("on", True, "fp16"), ("auto", False, "model")):  # the values used, not None
         with open(tmp_path / run_dir / "checkpoint-000001" / "trainer_state.json") as f:
-            assert json.load(f)["config"]["vae_tiling"] is used
+            saved = json.load(f)["config"]
+        assert saved["vae_tiling"] is used and saved["vae_precision"] == precision
 
 
 # ------------------------------------------------------------------------------------------------
