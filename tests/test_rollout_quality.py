@@ -166,3 +166,18 @@ def test_the_distance_matches_noise_only_where_sages_own_distance_rises_signific
         assert mean == pytest.approx(statistics.fmean(differences))
         assert half == pytest.approx(2.776 * statistics.stdev(differences) / math.sqrt(5))   # t_0.975,4
         assert yes is expected
+
+
+def test_the_noise_table_pairs_each_eta_with_the_lowest_eta_of_the_same_kernel_and_seed():
+    measures = ("off_manifold", "on_manifold_reward", "reliability", "reward")
+
+    class Cache:
+        def get(self, world, kernel, eta, num_steps, seed):   # a value that differs per kernel, η and seed
+            base = {"sage": 0.0, "cps": 10.0, "flow_grpo": 20.0, "dance_grpo": 30.0}[kernel] + seed * seed
+            return {m: base + eta * (i + 1) * (1 + 0.1 * seed) for i, m in enumerate(measures)}
+    text = rq.noise_table(Cache(), None, {8: range(3)})
+    row = next(line for line in text.splitlines() if line.startswith("| 8 | cps | 1 |"))
+    for i, cell in enumerate(row.split(" | ")[3:]):
+        differences = [(1.0 - min(rq.ETAS)) * (i + 1) * (1 + 0.1 * seed) for seed in range(3)]  # the seed's base cancels
+        assert cell.startswith(f"{statistics.fmean(differences):+.4f} ± "
+                               f"{4.303 * statistics.stdev(differences) / math.sqrt(3):.4f}")   # t_0.975,2

@@ -348,6 +348,26 @@ def same_eta_table(cache, world, seeds_of):
     return "\n".join(lines) + "\n"
 
 
+def noise_table(cache, world, seeds_of):
+    """The paper's mechanism within each kernel: the three measures at the highest and a middle η against the lowest,
+    paired by seed (the same initial noise and noise streams at every η), 95 % t-interval."""
+    lines = ["\nMore noise within one kernel, paired by seed (measure at η − measure at the lowest η, 95 % t-interval): "
+             "does excess noise lower rollout quality and the reward's reliability?\n",
+             "| steps | kernel | η against " + f"{min(ETAS):g}" + " | Δ off-manifold distance | Δ on-manifold reward | "
+             "Δ reliability ρ | Δ reward |", "|---|---|---|---|---|---|---|"]
+    delta = lambda d: f"{d[0]:+.4f} ± {d[1]:.4f} ({'not significant' if abs(d[0]) <= d[1] else 'significant'})"  # noqa: E731
+    for num_steps, seeds in seeds_of.items():
+        for kernel in KERNELS:
+            low = per_seed(cache, world, kernel, min(ETAS), num_steps, seeds)
+            for eta in (0.5, max(ETAS)):
+                high = per_seed(cache, world, kernel, eta, num_steps, seeds)
+                cells = [delta(runs.interval([a[m] - b[m] for a, b in zip(high, low)
+                                              if math.isfinite(a[m]) and math.isfinite(b[m])]))
+                         for m in ("off_manifold", "on_manifold_reward", "reliability", "reward")]
+                lines.append(f"| {num_steps} | {kernel} | {eta:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def picture(summary, path):
     """Rows: 8 steps against η, 8 steps against injected std, the same for 20; columns: the three measures."""
     plt = runs.pyplot()
@@ -427,6 +447,7 @@ def main(argv=None):
     summary = summarise(cache, world, seeds_of, args.steps)
     text = table(summary, seeds_of, [m for m in matched if m["kernel"] != "sage" and m["steps"] in args.steps])
     text += same_eta_table(cache, world, seeds_of)
+    text += noise_table(cache, world, seeds_of)
     TABLE.write_text(text)
     picture(summary, PICTURE)
     print(text)
