@@ -299,9 +299,8 @@ def video_folder(name, results):
 def main(cfg):
     if cfg.world and cfg.tiny:
         raise ValueError("--world and --tiny are two different small worlds: give one of them")
-    if cfg.vae_precision not in config.choices()["vae_precision"]:
-        raise ValueError(f"unknown --vae_precision {cfg.vae_precision!r}: expected one of "
-                         f"{list(config.choices()['vae_precision'])}")
+    if cfg.vae_precision not in model.VAE_PRECISIONS:
+        raise ValueError(f"unknown --vae_precision {cfg.vae_precision!r}: expected one of {list(model.VAE_PRECISIONS)}")
     if cfg.tiny_family not in config.TINY_FAMILIES:
         raise ValueError(f"unknown --tiny_family {cfg.tiny_family!r}: expected one of {list(config.TINY_FAMILIES)}")
     if cfg.world:  # the world's prompts and video size unless given (its model below, its sampling in its configs)

@@ -593,7 +593,6 @@ def main(argv=None):
     methods, seeds, reference = GRIDS[grid]
     methods = methods() if callable(methods) else methods
     blocks = methods if isinstance(methods[0], list) else [methods]   # a grid's runs in blocks, run in order
-    methods = list({name(m): m for block in blocks for m in block}.values())
     reference = reference() if callable(reference) else reference
     seeds = seeds if args.seeds is None else tuple(range(args.seeds))
     out = Path(args.out)
