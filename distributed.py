@@ -13,6 +13,12 @@ objects name it), then the root (embedders, token refiner, output head). A block
 while it runs. On CUDA the policy computes in bf16 with fp32 master weights and fp32 gradient
 reduction (MixedPrecisionPolicy); on CPU everything is fp32. The anchor (frozen, compute dtype) is
 sharded the same way and may live on CPU (`--anchor_offload`: CPUOffloadPolicy).
+One CPU process (`fsdp_needed` False: the world, `--tiny`, the tests) is not sharded: there FSDP2 would
+shard over a single rank and mix no precision, so its all-gathers and reduce-scatters are copies and its
+hooks pure overhead. The plain module
+trains the same weights up to the order of float additions (FSDP2's hooks regroup the sum of the
+gradients that the shared timestep embedding receives from every block); the 2-rank tests compare
+the sharded run against it.
 
 Loading (`load_policy`). The transformer class and LoRA targets are the checkpoint's family's
 (model.family_of: HunyuanVideo15Transformer3DModel or WanTransformer3DModel). Only rank 0 reads the fp32 transformer (33 GB for the 8.3B model); every
@@ -104,6 +110,13 @@ def family_blocks(transformer):
     return getattr(transformer, family.blocks)
 
 
+def fsdp_needed(mesh, device):
+    """Whether load_policy shards: on more than one rank, or on CUDA (whose one rank still needs FSDP2's
+    mixed precision: bf16 compute over fp32 master weights, and `--anchor_offload`). One CPU process is
+    left plain (module docstring)."""
+    return mesh.size() > 1 or device.type != "cpu"
+
+
 def shard(transformer, mesh, param_dtype, offload=False, glyph_whole=False):
     """FSDP2: one shard group per transformer block, then the root (embedders, refiner, head).
 
@@ -140,7 +153,8 @@ def load_policy(path, mesh, device, rank, compute_dtype, *, lora_rank=0, gradien
     built the same way, empty: trust_region.MovingAnchor fills it from the policy's shards, so host
     memory holds one full copy, on rank 0. lora_rank > 0 adds LoRA adapters (peft) and freezes the
     rest; train_glyph_projector=False freezes the byT5 glyph projector (`shard` then leaves it whole on
-    every rank). Returns (policy, anchor_module or None).
+    every rank). One CPU process (`fsdp_needed` False) skips the sharding: the same load, plain modules.
+    Returns (policy, anchor_module or None).
     """
     family = model.family_of_weights(path)  # a pipeline directory or a checkpoint (transformer/ alone)
     Transformer = family.transformer_class
@@ -172,15 +186,18 @@ def load_policy(path, mesh, device, rank, compute_dtype, *, lora_rank=0, gradien
     if uninitialised:
         raise NotImplementedError(f"non-persistent buffers {uninitialised[:5]} would not be initialised by the "
                                   f"rank-0 broadcast load")
+    sharded = fsdp_needed(mesh, device)
     anchor_module = None
     if with_anchor:  # same structure, compute dtype, sharded the same way (optionally on CPU)
         anchor_module = copy.deepcopy(policy).to(compute_dtype).requires_grad_(False).eval()
-        shard(anchor_module, mesh, None, offload=anchor_offload, glyph_whole=not train_glyph_projector)
+        if sharded:
+            shard(anchor_module, mesh, None, offload=anchor_offload, glyph_whole=not train_glyph_projector)
         anchor_module.to_empty(device="cpu" if anchor_offload else device)  # values: MovingAnchor.refresh
         _write_buffers(anchor_module, computed)
         if not train_glyph_projector:  # kept whole: not sharded, so not offloaded either
             glyph_projector(anchor_module).to(device)
-    shard(policy, mesh, compute_dtype if device.type == "cuda" else None, glyph_whole=not train_glyph_projector)
+    if sharded:
+        shard(policy, mesh, compute_dtype if device.type == "cuda" else None, glyph_whole=not train_glyph_projector)
     policy.to_empty(device=device)
     _write_buffers(policy, computed)
     set_model_state_dict(policy, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

@@ -175,7 +175,9 @@ def train(cfg, prompts, rank, world_size, device, mesh, stop_request, on_exit):
     if cfg.gradient_checkpointing is None:  # on with CUDA, off on CPU
         cfg = dataclasses.replace(cfg, gradient_checkpointing=device.type == "cuda")
     w_anchor, _ = trust_region.kl_weights(cfg.kl_mode, cfg.kl_anchor_weight, cfg.kl_step_weight)
-    print_rank0(f"setup: the policy from {policy_path} (FSDP2 over {world_size} rank(s)"
+    sharding = (f"FSDP2 over {world_size} rank(s)" if distributed.fsdp_needed(mesh, device)
+                else "one CPU process: not sharded")
+    print_rank0(f"setup: the policy from {policy_path} ({sharding}"
                 f"{', with its anchor' if w_anchor else ''})", flush=True)
     policy, anchor_module = distributed.load_policy(
         policy_path, mesh, device, rank, compute_dtype,

@@ -1,12 +1,12 @@
 """Overhead of train.py's machinery: one GRPO iteration vs the same transformer calls made bare.
 
-    python benchmarks/bench_train.py                  # tiny random models, CPU, 1 process (gloo, FSDP2)
+    python benchmarks/bench_train.py                  # tiny random models, CPU, 1 process (gloo, not sharded)
     python benchmarks/bench_train.py --runs 5 --steps 4 --kl_mode none
     python benchmarks/bench_train.py --frames 9 --height 64 --width 64   # more tokens per video
 
 The tiny model's transformer calls cost milliseconds, so the fixed per-iteration cost of the rest
-(optimizer step on sharded parameters, FSDP hooks, gradient clipping, log-probs, prompt encoding,
-logging) weighs far more than it will next to the real model's minutes of transformer work; a
+(optimizer step, gradient clipping, log-probs, the reward, prompt encoding, logging; one CPU process trains
+the plain modules, without FSDP2's hooks: distributed.fsdp_needed) weighs far more than it will next to the real model's minutes of transformer work; a
 larger tiny video (`--frames/--height/--width`) shows the ratio as transformer work grows.
 
 Numerator: the wall time of one train.py iteration on the tiny models (the time between two

@@ -243,8 +243,10 @@ def broadcast_load_worker(model_path, output_dir):
     import trust_region
     from diffusers import HunyuanVideo15Transformer3DModel as Transformer
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
     rank, world_size, device, mesh = distributed.setup(use_cuda=False)
     policy, anchor_module = distributed.load_policy(model_path, mesh, device, rank, torch.float32)
+    assert all(isinstance(p, DTensor) for m in (policy, anchor_module) for p in m.parameters())  # 2 ranks: sharded
     trust_region.MovingAnchor(policy, anchor=anchor_module)  # fills the anchor from the policy's shards
     disk = Transformer.from_pretrained(os.path.join(model_path, "transformer"), torch_dtype=torch.float32)
     reference = disk.state_dict()
@@ -276,9 +278,22 @@ def test_broadcast_load_gives_every_rank_the_weights_on_disk_and_the_plain_forwa
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
 
+def test_one_cpu_process_trains_the_plain_modules_unsharded(tiny_models, tmp_path, monkeypatch):
+    """One CPU process: FSDP2 would shard over a single rank (copies, hooks), so train.py loads plain modules."""
+    from torch.distributed.tensor import DTensor
+    loaded, load_policy = [], distributed.load_policy
+    monkeypatch.setattr(distributed, "load_policy", lambda *a, **k: loaded.append(load_policy(*a, **k)) or loaded[-1])
+    run(tiny_models, tmp_path)
+    (policy, anchor_module), = loaded
+    assert anchor_module is not None  # the default KL has an anchor
+    assert not any(isinstance(p, DTensor) for m in (policy, anchor_module) for p in m.parameters())
+    assert not any(isinstance(p.grad, DTensor) for p in policy.parameters())
+
+
 @pytest.mark.slow
 def test_two_ranks_update_like_one_rank_on_the_same_global_batch(two_rank_run, tiny_models, tmp_path):
-    # the same 4 videos (seeds are a function of the global sample index) on one rank, same 2 updates
+    # the same 4 videos (seeds are a function of the global sample index) on one rank, same 2 updates: FSDP2 over
+    # two ranks against the plain module of one process (distributed.fsdp_needed)
     run(tiny_models, tmp_path, group_size=4, videos_per_rank=4, max_iterations=2, optimizer="adamw",
         beta_schedule="two_stage", train_glyph_projector=True)
     one, two = (distributed.latest_checkpoint(str(d)) for d in (tmp_path, two_rank_run))
@@ -826,3 +841,29 @@ def test_help_and_a_flag_error_answer_before_torch_or_a_model_library_is_importe
     done = subprocess.run([sys.executable, "-c", code, *flags], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert f"EXIT {status} []" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
     assert says in done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_a_one_process_checkpoint_resumes_on_two_ranks_like_the_uninterrupted_run(tiny_models, tmp_path):
+    """One CPU process trains the plain module, two ranks shard it (distributed.fsdp_needed): a checkpoint written
+    by the first resumes in the second (torch.distributed.checkpoint reshards the optimizer and anchor) and ends
+    where the uninterrupted one-process run ends, up to the float noise of the 2-rank test above."""
+    options = {"group_size": 4, "max_iterations": 4, "checkpoint_every": 2, "optimizer": "adamw",
+               "anchor_period": 3, "beta_schedule": "two_stage"}
+    straight, moved = tmp_path / "straight", tmp_path / "moved"
+    run(tiny_models, straight, videos_per_rank=4, **options)
+    run(tiny_models, moved, videos_per_rank=4, **{**options, "max_iterations": 2})
+    torchrun(2, tiny_models, moved, "--resume", "--allow_config_change", videos_per_rank=2, **options)
+    a, b = (distributed.latest_checkpoint(str(d)) for d in (straight, moved))
+    assert os.path.basename(a) == os.path.basename(b) == "checkpoint-000004"
+    base = load_file(os.path.join(tiny_models[0], WEIGHTS))
+    params_a, params_b = load_file(os.path.join(a, WEIGHTS)), load_file(os.path.join(b, WEIGHTS))
+    flat = lambda params: torch.cat([params[k].flatten() for k in sorted(base)])  # noqa: E731
+    assert relative_error(flat(params_a), flat(base)) > 1e-3  # four updates moved the weights
+    assert relative_error(flat(params_b), flat(params_a)) < 1e-5
+    # Adam's moments carried over (a fresh optimizer after the move would differ at the size of the moments)
+    state_a, state_b = optimizer_state(a, tmp_path / "a"), optimizer_state(b, tmp_path / "b")
+    moment = lambda state, name: torch.cat([state[k][name].flatten() for k in sorted(state_a)])  # noqa: E731
+    assert relative_error(moment(state_b, "exp_avg"), moment(state_a, "exp_avg")) < 1e-4
+    assert relative_error(moment(state_b, "exp_avg_sq"), moment(state_a, "exp_avg_sq")) < 1e-4
+    assert [r["anchor_refreshed"] for r in metrics(moved)] == [r["anchor_refreshed"] for r in metrics(straight)]
