@@ -15,10 +15,9 @@ reduction (MixedPrecisionPolicy); on CPU everything is fp32. The anchor (frozen,
 sharded the same way and may live on CPU (`--anchor_offload`: CPUOffloadPolicy).
 One CPU process (`fsdp_needed` False: the world, `--tiny`, the tests) is not sharded: there FSDP2 would
 shard over a single rank and mix no precision, so its all-gathers and reduce-scatters are copies and its
-hooks pure overhead. The plain module
-trains the same weights up to the order of float additions (FSDP2's hooks regroup the sum of the
-gradients that the shared timestep embedding receives from every block); the 2-rank tests compare
-the sharded run against it.
+hooks pure overhead. The plain module trains the same weights up to the order of float additions (FSDP2's
+hooks regroup the sum of the gradients that the shared timestep embedding receives from every block); the
+2-rank tests compare the sharded run against it.
 
 Loading (`load_policy`). The transformer class and LoRA targets are the checkpoint's family's
 (model.family_of: HunyuanVideo15Transformer3DModel or WanTransformer3DModel). Only rank 0 reads the fp32 transformer (33 GB for the 8.3B model); every

@@ -5,9 +5,10 @@
     python benchmarks/bench_train.py --frames 9 --height 64 --width 64   # more tokens per video
 
 The tiny model's transformer calls cost milliseconds, so the fixed per-iteration cost of the rest
-(optimizer step, gradient clipping, log-probs, the reward, prompt encoding, logging; one CPU process trains
-the plain modules, without FSDP2's hooks: distributed.fsdp_needed) weighs far more than it will next to the real model's minutes of transformer work; a
-larger tiny video (`--frames/--height/--width`) shows the ratio as transformer work grows.
+(optimizer step, gradient clipping, log-probs, the reward, prompt encoding, logging; one CPU process
+trains the plain modules, without FSDP2's hooks: distributed.fsdp_needed) weighs far more than it will
+next to the real model's minutes of transformer work; a larger tiny video (`--frames/--height/--width`)
+shows the ratio as transformer work grows.
 
 Numerator: the wall time of one train.py iteration on the tiny models (the time between two
 consecutive rows of metrics.jsonl: every phase, no checkpoint write in between), median over
