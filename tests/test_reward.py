@@ -642,20 +642,24 @@ def test_a_long_prompt_costs_videoalign_and_clip_a_few_times_a_normal_one(models
     video = [videos()[0]]
     videoalign, clip = models["full"], reward.ClipScore.from_pretrained(clip_path)
     read = []
-    videoalign.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: read.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
     features = clip.model.get_text_features
     monkeypatch.setattr(clip.model, "get_text_features", lambda **text: read.append(text["input_ids"].shape[1])
                         or features(**text))
-    for name, score, limit in (("VideoAlign", videoalign, videoalign.max_length), ("CLIPScore", clip, 77)):
-        read.clear()
-        score(video, [PROMPTS[0]])
-        score(video, [LONG_PROMPT])
-        normal, long = read
-        assert normal < long <= limit, f"{name}: the normal prompt read as {normal} tokens, the long one as {long}, " \
-                                       f"expected at most {limit}"
-        if name == "VideoAlign":  # its sequence is the cost (CLIP's 77 text tokens are small beside its frames)
-            assert (long / normal) ** 2 < 6.0, f"{name}: a quadratic cost would be {(long / normal) ** 2:.1f}x"
+    hook = videoalign.model.language_model.register_forward_pre_hook(  # the module-scoped model: removed below
+        lambda module, args, kwargs: read.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+    try:
+        # quadratic bound: VideoAlign's sequence is its cost; CLIP's 77 text tokens are small beside its frames
+        for name, score, limit, bound in (("VideoAlign", videoalign, videoalign.max_length, 6.0),
+                                          ("CLIPScore", clip, 77, math.inf)):
+            read.clear()
+            score(video, [PROMPTS[0]])
+            score(video, [LONG_PROMPT])
+            normal, long = read
+            assert normal < long <= limit, f"{name}: the normal prompt read as {normal} tokens, the long one as " \
+                                           f"{long}, expected at most {limit}"
+            assert (long / normal) ** 2 < bound, f"{name}: a quadratic cost would be {(long / normal) ** 2:.1f}x"
+    finally:
+        hook.remove()
 
 
 def test_clip_reads_a_long_prompt_as_its_tokenizer_truncates_it_at_its_context(clip_path, monkeypatch):
